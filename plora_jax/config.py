@@ -1,0 +1,214 @@
+"""Frozen, hashable configuration dataclasses.
+
+Configs are plain values: they can be passed to `jax.jit` as static arguments, compared, hashed
+and written to JSON (the parameter cache stores the `ModelConfig` next to the weights). The CLI
+flags of the command-line tools are generated from these dataclasses (see `plora_jax.cli`), so a
+field added here becomes a flag without further wiring.
+
+Presets are functions (`tiny()`, `smollm2_135m()`, `llama3_8b()`) derived with
+`dataclasses.replace` where a variant is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ROPE_KINDS = ("default", "linear", "llama3", "freq_factors")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding: base frequency plus the scaling found in Llama configs.
+
+    kinds: `default` (plain RoPE), `linear` (positions divided by `factor`), `llama3` (the
+    wavelength-dependent scaling of Llama 3.1+ configs) and `freq_factors` (GGUF's
+    `rope_freqs.weight` tensor: one divisor per frequency, what llama.cpp stores for Llama 3).
+    """
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    freq_factors: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(f"rope_scaling.rope_type={self.kind!r} is not supported (supported: {ROPE_KINDS})")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+
+    def inv_freq(self, head_dim: int) -> np.ndarray:
+        """Inverse frequencies [head_dim // 2] (float32), scaling applied."""
+        exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+        inv = 1.0 / (self.theta**exponents)
+        if self.kind == "linear":
+            inv = inv / self.factor
+        elif self.kind == "llama3":
+            # Long wavelengths are slowed by `factor`, short ones kept, and the band between is
+            # interpolated smoothly (Llama 3.1 "rope_type": "llama3").
+            low_wavelen = self.original_max_position / self.low_freq_factor
+            high_wavelen = self.original_max_position / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+            mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+            inv = np.where(mid, (1 - smooth) * inv / self.factor + smooth * inv, scaled)
+        elif self.kind == "freq_factors":
+            if len(self.freq_factors) != head_dim // 2:
+                raise ValueError(
+                    f"rope freq_factors has {len(self.freq_factors)} entries, expected head_dim/2={head_dim // 2}"
+                )
+            inv = inv / np.asarray(self.freq_factors, dtype=np.float64)
+        return inv.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3, SmolLM, Mistral)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    architecture: str = "llama"
+    name: str = "llama"
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"model config field {f} must be > 0, got {getattr(self, f)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def num_params(self) -> int:
+        d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        attn = d * h * hd * 2 + d * kv * hd * 2
+        mlp = 3 * d * self.intermediate_size
+        per_layer = attn + mlp + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        data = json.loads(text)
+        rope = data.pop("rope")
+        rope["freq_factors"] = tuple(rope.get("freq_factors", ()))
+        return cls(rope=RopeConfig(**rope), **data)
+
+
+def tiny(**overrides: Any) -> ModelConfig:
+    """A 2-layer random model for tests where the model is not the point."""
+    cfg = ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        name="tiny",
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def smollm2_135m() -> ModelConfig:
+    """SmolLM2-135M-Instruct, the default model (shapes as in its GGUF metadata)."""
+    return ModelConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=100000.0),
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        name="smollm2-135m",
+    )
+
+
+def llama3_8b() -> ModelConfig:
+    """Llama-3.1-8B shapes: for benchmarks with random weights at real size."""
+    return ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position=8192),
+        max_position_embeddings=131072,
+        name="llama3-8b",
+    )
+
+
+PRESETS = {"tiny": tiny, "smollm2-135m": smollm2_135m, "llama3-8b": llama3_8b}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an `Engine` runs a model. Every field is also a CLI flag (see `plora_jax.cli`).
+
+    Sizes here are capacities (`max_*`) or bucket bounds; what changes per request is data.
+    """
+
+    model: str = "llama"  # "llama" (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face folder
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on accelerators) | "float32" | "bfloat16"
+    max_model_len: int = 4096  # capped by the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int = 1024  # KV blocks in the device cache, block 0 reserved
+    max_num_seqs: int = 16  # rows of the decode batch
+    max_num_batched_tokens: int = 512  # tokens per prefill step; longer prompts are chunked
+    min_prefill_bucket: int = 16  # smallest padded prompt length
+    seed: int = 0  # seeds requests that bring no seed of their own
+    cache_dir: str | None = None  # None: $PLORA_CACHE or ~/.cache/plora
+    param_cache: bool = True  # cache converted parameters with orbax
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        fields = (
+            "max_model_len",
+            "block_size",
+            "num_kv_blocks",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "min_prefill_bucket",
+        )
+        for f in fields:
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
+        if self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")

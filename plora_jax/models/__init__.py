@@ -1,0 +1,1 @@
+"""Model code (Flax Llama) and checkpoint loaders (GGUF, Hugging Face folders, orbax cache)."""

