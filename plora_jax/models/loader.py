@@ -1,0 +1,143 @@
+"""Load a model by name or path, caching the converted parameters with orbax-checkpoint.
+
+The first start of a GGUF model parses the file, dequantizes every tensor and converts the
+result to the Flax layout: seconds of work that do not change between starts. The converted
+tree is saved with orbax under `<cache>/params/<model>-<dtype>-<key>/`, next to the model config
+and the tokenizer, so a cached start restores arrays and never opens the source file. The key
+hashes the source files' paths, sizes and modification times, the dtype and `CACHE_FORMAT`:
+editing a checkpoint or changing the conversion invalidates the entry.
+
+The cache entry is written to a temporary folder and renamed into place, so a crash or a
+concurrent start never leaves a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from ..config import ModelConfig
+from ..tokenizer import Tokenizer
+from .convert import CheckpointError
+from .gguf_loader import load_gguf
+from .hf_loader import load_hf_folder
+from .llama import param_shapes
+from .registry import cache_root, resolve_model
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the conversion changes what is stored
+_HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict  # Flax params tree, numpy arrays in the compute dtype
+    tokenizer: Tokenizer
+    source: Path
+    from_cache: bool
+    load_seconds: float
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def cache_key(source: Path, dtype) -> str:
+    files = (
+        [source]
+        if source.is_file()
+        else sorted(
+            [p for p in source.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")]
+            + [source / f for f in _HF_FILES if (source / f).is_file()]
+        )
+    )
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{_dtype_name(dtype)}".encode())
+    for f in files:
+        st = f.stat()
+        digest.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _convert(source: Path, dtype) -> tuple[ModelConfig, dict, Tokenizer]:
+    if source.is_file():
+        return load_gguf(source, dtype)
+    config, params = load_hf_folder(source, dtype)
+    return config, params, Tokenizer.from_hf_folder(source)
+
+
+def _quiet_orbax():
+    import absl.logging
+
+    # orbax logs every save/restore step at INFO/WARNING through absl.
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+def _save_entry(entry: Path, config: ModelConfig, params: dict, tokenizer: Tokenizer) -> None:
+    import orbax.checkpoint as ocp
+
+    _quiet_orbax()
+    partial = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "model_config.json").write_text(config.to_json())
+    tokenizer.save(partial / "tokenizer")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((partial / "params").absolute(), params)
+    checkpointer.wait_until_finished()
+    (partial / "COMPLETE").write_text("ok\n")
+    try:
+        os.replace(partial, entry)
+    except OSError:  # another process finished the same entry first
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _restore_entry(entry: Path, dtype) -> tuple[ModelConfig, dict, Tokenizer]:
+    import orbax.checkpoint as ocp
+
+    _quiet_orbax()
+    config = ModelConfig.from_json((entry / "model_config.json").read_text())
+    target = param_shapes(config, dtype)
+    params = ocp.StandardCheckpointer().restore((entry / "params").absolute(), target)
+    return config, params, Tokenizer.load(entry / "tokenizer")
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype=jnp.float32,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> LoadedModel:
+    """Resolve, load (from the orbax cache when possible) and return a model on the host."""
+    source = resolve_model(name_or_path, cache_dir)
+    start = time.perf_counter()
+    entry = cache_root(cache_dir) / "params" / f"{source.stem}-{_dtype_name(dtype)}-{cache_key(source, dtype)}"
+    if use_cache and (entry / "COMPLETE").is_file():
+        try:
+            config, params, tokenizer = _restore_entry(entry, dtype)
+            seconds = time.perf_counter() - start
+            log.info("loaded %s from the parameter cache in %.2fs", source.name, seconds)
+            return LoadedModel(config, params, tokenizer, source, True, seconds)
+        except Exception as e:  # a damaged entry is rebuilt, never fatal
+            log.warning("parameter cache entry %s is unreadable (%s); converting again", entry, e)
+            shutil.rmtree(entry, ignore_errors=True)
+    config, params, tokenizer = _convert(source, dtype)
+    if use_cache:
+        try:
+            _save_entry(entry, config, params, tokenizer)
+        except OSError as e:
+            log.warning("could not write the parameter cache at %s (%s)", entry, e)
+    seconds = time.perf_counter() - start
+    log.info("converted %s in %.2fs", source.name, seconds)
+    return LoadedModel(config, params, tokenizer, source, False, seconds)
+
+
+__all__ = ["CheckpointError", "LoadedModel", "load_model"]
