@@ -1,0 +1,36 @@
+"""Bucket tables: every size that reaches a compiled shape is rounded up to one of a few values.
+
+Counts are data, sizes are buckets: a batch of 5 rows runs in the 8-row executable with 3
+padding rows, a 37-token prompt in the 64-token one. Each table is a short tuple, so warm-up
+can compile every entry and steady state never compiles. No jax import here: the scheduler and
+tests use these on the host.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+
+def pow2_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 2*smallest, 4*smallest, ... and finally `largest` itself (never rounded past it)."""
+    if smallest <= 0 or largest <= 0:
+        raise ValueError(f"bucket bounds must be > 0, got {smallest=} {largest=}")
+    sizes = []
+    size = min(smallest, largest)
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    sizes.append(largest)
+    return tuple(sizes)
+
+
+def pick_bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n."""
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"size {n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,80 @@
+"""Sampling parameters (host) and the vectorised sampler (device).
+
+Every row of a batch carries its own temperature, top-k, top-p and seed as arrays, so one
+compiled sampler serves any mix of requests. A row's random key is derived from its own seed
+and its own step count (`fold_in(key(seed), step)`), never from a batch-wide key: a seeded
+request draws the same tokens whatever else shares its batch. Rows with temperature 0 are
+greedy; when the whole batch is greedy the sort needed for top-k/top-p is skipped at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request (names as in vLLM)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass, in (0, 1]
+    top_k: int = -1  # -1 or 0 disables
+    seed: int | None = None  # None: drawn by the engine
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _filtered_logits(logits, temperature, top_k, top_p):
+    """Temperature-scaled logits with tokens outside top-k / top-p set to -inf."""
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ranks = jnp.arange(vocab)[None, :]
+    sorted_desc = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < top_p[:, None]) & (ranks < k[:, None])
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1)
+    return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+
+
+def sample_tokens(
+    logits: jax.Array,  # [batch, vocab] f32
+    temperature: jax.Array,  # [batch] f32, 0 = greedy
+    top_k: jax.Array,  # [batch] i32, <= 0 disables
+    top_p: jax.Array,  # [batch] f32
+    seeds: jax.Array,  # [batch] u32
+    steps: jax.Array,  # [batch] i32, tokens the row has generated so far
+) -> jax.Array:  # [batch] i32
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        filtered = _filtered_logits(logits, temperature, top_k, top_p)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
