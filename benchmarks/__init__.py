@@ -1,0 +1,1 @@
+"""Benchmarks: each prints ratios measured in one run (ours against a baseline) and takes --json OUT."""
