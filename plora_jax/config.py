@@ -109,9 +109,6 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
-    def kv_bytes_per_token(self, itemsize: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
@@ -172,9 +169,6 @@ def llama3_8b() -> ModelConfig:
         max_position_embeddings=131072,
         name="llama3-8b",
     )
-
-
-PRESETS = {"tiny": tiny, "smollm2-135m": smollm2_135m, "llama3-8b": llama3_8b}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False
+    has_gpu = jax.default_backend() == "gpu"
     skip_gpu = pytest.mark.skip(reason="needs a GPU")
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
