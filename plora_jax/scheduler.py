@@ -1,0 +1,248 @@
+"""Continuous-batching scheduler: host only (Python and numpy), owned by the engine's loop thread.
+
+Every step the scheduler decides which requests run and how: each request already prefilled
+decodes one token, and the remaining token budget (`max_num_batched_tokens` minus the decode
+rows) goes to prompt chunks, first of requests mid-prefill, then of waiting requests admitted
+in arrival order. It owns the KV `BlockAllocator` and the decode-batch rows (`seq_slot`s), and
+grows a request's blocks as its tokens are computed, never ahead of need.
+
+Tokens are read one step late. When step i is dispatched, step i-1's sampled tokens are still
+in flight, so a request carries `pending` tokens (sampled on the device, not yet seen here).
+Its next decode input comes from a device buffer indexed by `seq_slot`, not from the host; the
+invariant for a prefilled request is `num_computed == num_tokens - 1` (every token but the
+newest has its K/V in the cache). A request found finished when its tokens are read may have
+one more token in flight; that result is dropped.
+
+When a decode cannot get a block, the most recently admitted running request is preempted by
+recompute: its blocks and slot are freed and it returns to the front of the queue; when it is
+admitted again, its prompt plus the tokens generated so far are prefilled anew. Sampling keys
+depend only on a request's seed and token index, so preemption changes no output.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .buckets import cdiv, pick_bucket
+from .kv_blocks import BlockAllocator
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Host state of one request."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    max_total: int  # cap on prompt + generated tokens
+    adapter: str | None = None
+    prompt_text: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    prefill_ids: list[int] = field(default_factory=list)  # what the current admission prefills
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    prefilled: bool = False  # the newest token lives in the device buffer; decode may run
+    pending: int = 0  # tokens sampled on the device, not yet read
+    blocks: list[int] = field(default_factory=list)
+    seq_slot: int | None = None
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids) + self.pending
+
+    @property
+    def at_limit(self) -> bool:
+        """True once enough tokens are sampled (read or not) to reach max_tokens or max_total."""
+        return self.num_generated >= self.params.max_tokens or self.num_tokens >= self.max_total
+
+
+@dataclass
+class PrefillRow:
+    request: Request
+    start: int  # position of the chunk's first token
+    token_ids: list[int]
+    final: bool  # the chunk ends the prefill: its last token's logits are sampled
+    step: int  # index of the token sampled (len(outputs) before it)
+
+
+@dataclass
+class DecodeRow:
+    request: Request
+    position: int  # position whose K/V this step writes (the newest token's)
+    step: int
+
+
+@dataclass
+class StepPlan:
+    decode: list[DecodeRow]
+    prefill: list[PrefillRow]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        num_kv_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_prefill_seqs: int,
+        prefill_buckets: tuple[int, ...],
+        prefill_row_buckets: tuple[int, ...],
+    ):
+        self.blocks = BlockAllocator(num_kv_blocks)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_seqs = max_prefill_seqs
+        self.prefill_buckets = prefill_buckets
+        self.prefill_row_buckets = prefill_row_buckets
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order; the last is preempted first
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.num_preemptions = 0
+
+    # --- queue --------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """End a request (finished or aborted) and release its blocks and slot."""
+        if request.status is Status.FINISHED:
+            return
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        request.finished_at = time.perf_counter()
+
+    def _release(self, request: Request) -> None:
+        if request.blocks:
+            self.blocks.free(request.blocks)
+            request.blocks = []
+        if request.seq_slot is not None:
+            self._free_slots.append(request.seq_slot)
+            request.seq_slot = None
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.status = Status.WAITING
+        request.num_computed = 0
+        request.prefilled = False
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Make `request` own blocks for `num_tokens` tokens; False if the pool is short."""
+        need = cdiv(num_tokens, self.block_size) - len(request.blocks)
+        if need <= 0:
+            return True
+        if need > self.blocks.num_free:
+            return False
+        request.blocks += self.blocks.allocate(need)
+        return True
+
+    # --- planning -----------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        decode = self._schedule_decode()
+        prefill = self._schedule_prefill(self.max_num_batched_tokens - len(decode))
+        if not decode and not prefill and self.running and all(not r.pending for r in self.running):
+            # Every running request waits for blocks held by the others: free the newest.
+            self._preempt(self.running[-1])
+            prefill = self._schedule_prefill(self.max_num_batched_tokens)
+        if not decode and not prefill:
+            return None
+        now = time.perf_counter()
+        for row in decode:
+            row.request.num_computed += 1
+            row.request.pending += 1
+        for row in prefill:
+            req = row.request
+            req.num_computed += len(row.token_ids)
+            if req.first_scheduled is None:
+                req.first_scheduled = now
+            if row.final:
+                req.prefilled = True
+                req.pending += 1
+        return StepPlan(decode, prefill)
+
+    def _schedule_decode(self) -> list[DecodeRow]:
+        rows = []
+        for req in list(self.running):
+            if not req.prefilled or req.at_limit or req.status is not Status.RUNNING:
+                continue
+            while not self._grow(req, req.num_computed + 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                rows = [r for r in rows if r.request is not victim]
+                if victim is req:
+                    break
+            if req.status is Status.RUNNING:
+                rows.append(DecodeRow(req, req.num_computed, req.num_generated))
+        return rows
+
+    def _schedule_prefill(self, budget: int) -> list[PrefillRow]:
+        rows: list[PrefillRow] = []
+        width = 0  # padded tokens per row of this step's prefill call
+        candidates = [r for r in self.running if not r.prefilled]
+        candidates += [r for r in self.waiting if r.pending == 0]  # a preempted request waits for its tokens
+        for req in candidates:
+            if budget <= 0 or len(rows) >= self.max_prefill_seqs:
+                break
+            admitting = req.status is Status.WAITING
+            if admitting and not self._free_slots:
+                break
+            ids = req.prefill_ids if not admitting else req.prompt_ids + req.output_ids
+            chunk = min(len(ids) - req.num_computed, budget, self.prefill_buckets[-1])
+            if rows and (req.num_computed > 0 or rows[0].start > 0):
+                break  # several rows are packed only for first chunks (keeps compiled shapes few)
+            new_width = max(width, pick_bucket(chunk, self.prefill_buckets))
+            padded_rows = pick_bucket(len(rows) + 1, self.prefill_row_buckets)
+            if rows and padded_rows * new_width > self.max_num_batched_tokens:
+                break  # this row would make the padded call larger than the token budget
+            if not self._grow(req, req.num_computed + chunk):
+                if admitting:
+                    break  # keep arrival order: nobody overtakes a request waiting for blocks
+                continue
+            if admitting:
+                self.waiting.remove(req)
+                req.status = Status.RUNNING
+                req.prefill_ids = ids
+                req.seq_slot = self._free_slots.pop()
+                self.running.append(req)
+            start = req.num_computed
+            final = start + chunk == len(ids)
+            rows.append(PrefillRow(req, start, ids[start : start + chunk], final, req.num_generated))
+            budget -= chunk
+            width = new_width
+        return rows
