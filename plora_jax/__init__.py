@@ -8,9 +8,10 @@ Public API:
 """
 
 from .config import EngineConfig, ModelConfig, RopeConfig
-from .engine import Engine, RequestOutput
+from .engine import Engine
 from .models.convert import CheckpointError
 from .models.registry import ModelFetchError
+from .outputs import RequestFailed, RequestHandle, RequestMetrics, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -20,8 +21,12 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "ModelFetchError",
+    "RequestFailed",
+    "RequestHandle",
+    "RequestMetrics",
     "RequestOutput",
     "RopeConfig",
     "SamplingParams",
+    "StreamEvent",
     "Tokenizer",
 ]

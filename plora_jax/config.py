@@ -185,7 +185,10 @@ class EngineConfig:
     num_kv_blocks: int = 1024  # KV blocks in the device cache, block 0 reserved
     max_num_seqs: int = 16  # rows of the decode batch
     max_num_batched_tokens: int = 512  # tokens per prefill step; longer prompts are chunked
-    min_prefill_bucket: int = 16  # smallest padded prompt length
+    max_prefill_seqs: int = 4  # prompts prefilled together in one step
+    min_prefill_bucket: int = 16  # smallest padded prompt chunk
+    warmup: bool = True  # compile every bucket before serving
+    compilation_cache: bool = True  # persistent XLA cache under <cache>/xla: restarts skip compiling
     seed: int = 0  # seeds requests that bring no seed of their own
     cache_dir: str | None = None  # None: $PLORA_CACHE or ~/.cache/plora
     param_cache: bool = True  # cache converted parameters with orbax
@@ -199,6 +202,7 @@ class EngineConfig:
             "num_kv_blocks",
             "max_num_seqs",
             "max_num_batched_tokens",
+            "max_prefill_seqs",
             "min_prefill_bucket",
         )
         for f in fields:

@@ -1,82 +1,64 @@
-"""Engine: the public Python API over one model and its paged KV cache.
+"""Engine: the public Python API, and the one loop thread that owns all device state.
 
-    engine = Engine.from_pretrained("llama")          # or a .gguf path / HF folder
+    engine = Engine.from_pretrained("llama")              # or a .gguf path / HF folder
     engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
-    engine.logits(engine.tokenizer.encode("Hello"))   # [tokens, vocab] float32
+    for delta in engine.stream("Hello", SamplingParams(max_tokens=32)): ...
+    handle = engine.submit(prompt, params)                # async: `async for e in handle.events()`
 
-Device state (parameters, `KVCache`) is touched only through two jitted functions created once
-in `__init__`, both donating the cache: `_step_jit` (forward + sampling, one token per row) and
-`_logits_jit` (forward, logits of every token). Every input shape they see is a bucket: prompt
-chunks are padded to a power-of-two token count up to `max_num_batched_tokens`, decode batches
-to a power-of-two row count up to `max_num_seqs`, block tables to a power-of-two width. A long
-prompt is prefilled chunk by chunk, each chunk attending to the ones before it through the cache.
+Threads. Callers validate and tokenize on their own thread, then post to an inbox. One loop
+thread owns `EngineState` (paged KV cache + the per-slot token buffer) and is the only caller
+of the jitted steps. Each iteration: drain the inbox (requests, cancels, calls), ask the
+scheduler for a plan, dispatch the decode and prefill steps (JAX dispatch is asynchronous),
+then read the *previous* iteration's sampled tokens, which the device copied to host in the
+meantime. Stop checks, detokenization and streaming therefore overlap device work, and a
+decode step never waits on the host for its input token (it reads the device buffer).
 
-Generation here is a synchronous loop on the caller's thread: admit waiting requests while KV
-blocks last (a request reserves the blocks for prompt + max_tokens up front), prefill each new
-one, then decode all running rows in one batch per step. Calls are serialised by a lock.
+Compiled shapes. `_decode_jit` and `_prefill_jit` are defined once and donate the state. Every
+shape they see is a bucket: decode rows (powers of two up to `max_num_seqs`), prefill rows (up to
+`max_prefill_seqs`) times chunk length (powers of two up to `max_num_batched_tokens`), block-table
+width (powers of two, from 64 tokens up to `max_model_len`). Warm-up compiles every combination
+the scheduler can produce, so steady state never compiles (`stats()["compiles_after_warmup"]`);
+the persistent compilation cache makes a restart's warm-up a disk read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
+import queue
 import threading
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import compile_stats
 from .buckets import cdiv, pick_bucket, pow2_buckets
 from .config import EngineConfig, ModelConfig
-from .kv_blocks import BlockAllocator
+from .detokenizer import IncrementalDetokenizer
+from .kv_blocks import OutOfBlocks
 from .models.llama import Llama
 from .models.loader import LoadedModel, load_model
-from .sampling import SamplingParams, sample_tokens
-from .state import AttentionMetadata, KVCache
+from .models.registry import cache_root
+from .outputs import RequestFailed, RequestHandle, RequestMetrics, RequestOutput, StreamEvent
+from .sampling import SamplingInputs, SamplingParams, sample
+from .scheduler import Request, Scheduler, Status, StepPlan
+from .state import AttentionMetadata, EngineState, KVCache
 from .tokenizer import Tokenizer
 
-# Smallest block-table width: attention over a few padded blocks costs less than an extra
-# compiled variant per small width.
-_MIN_TABLE_TOKENS = 256
+log = logging.getLogger(__name__)
+
+_MIN_TABLE_TOKENS = 64  # smallest block-table width, in tokens
 
 
 def resolve_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
-
-
-@dataclass
-class RequestOutput:
-    """The result of one prompt."""
-
-    index: int  # position of the prompt in the generate() call
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # generated ids, including a final EOS / stop id
-    text: str  # generated text, special tokens removed
-    finish_reason: str  # "stop" (EOS or a stop token) | "length" (max_tokens or the context limit)
-
-
-@dataclass
-class _Sequence:
-    """Host state of one request while it runs."""
-
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    seed: int
-    stop_ids: frozenset[int]
-    max_total: int  # prompt + generated tokens allowed
-    blocks: list[int] = field(default_factory=list)
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
 
 
 class Engine:
@@ -92,27 +74,59 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype)
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         bs = config.block_size
-        self.max_blocks_per_seq = cdiv(self.max_model_len, bs)
-        if self.max_blocks_per_seq > config.num_kv_blocks - 1:
+        max_blocks = cdiv(self.max_model_len, bs)
+        if max_blocks > config.num_kv_blocks - 1:
             raise ValueError(
                 f"num_kv_blocks={config.num_kv_blocks} cannot hold one sequence of max_model_len="
-                f"{self.max_model_len} ({self.max_blocks_per_seq} blocks of {bs}); raise num_kv_blocks"
+                f"{self.max_model_len} ({max_blocks} blocks of {bs}); raise num_kv_blocks"
             )
         chunk = min(config.max_num_batched_tokens, self.max_model_len)
         self.prefill_buckets = pow2_buckets(min(config.min_prefill_bucket, chunk), chunk)
+        self.prefill_row_buckets = pow2_buckets(1, config.max_prefill_seqs)
         self.batch_buckets = pow2_buckets(1, config.max_num_seqs)
-        self.width_buckets = pow2_buckets(
-            min(cdiv(_MIN_TABLE_TOKENS, bs), self.max_blocks_per_seq), self.max_blocks_per_seq
-        )
+        self.width_buckets = pow2_buckets(min(cdiv(_MIN_TABLE_TOKENS, bs), max_blocks), max_blocks)
+        if config.compilation_cache and not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", str(cache_root(config.cache_dir) / "xla"))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
         self._model = Llama(self.model_config, self.dtype)
         self._params = jax.device_put(loaded.params)
-        self._kv = KVCache.zeros(self.model_config, config.num_kv_blocks, bs, self.dtype)
-        self._blocks = BlockAllocator(config.num_kv_blocks)
+        self._state = EngineState(
+            kv=KVCache.zeros(self.model_config, config.num_kv_blocks, bs, self.dtype),
+            last_tokens=jnp.zeros((config.max_num_seqs,), jnp.int32),
+        )
+        self._scheduler = Scheduler(
+            config.num_kv_blocks,
+            bs,
+            config.max_num_seqs,
+            chunk,
+            config.max_prefill_seqs,
+            self.prefill_buckets,
+            self.prefill_row_buckets,
+        )
+        # The sampler is its own executable: it then compiles once per row bucket instead of once
+        # per (rows, tokens, width), which halves warm-up (the vocabulary sort compiles slowly).
+        self._decode_jit = jax.jit(self._decode_step, donate_argnames=("kv",))
+        self._prefill_jit = jax.jit(self._prefill_step, donate_argnames=("kv",))
+        self._sample_jit = jax.jit(self._sample_step, donate_argnames=("last_tokens",))
+
         self._seed_rng = np.random.default_rng(config.seed)
-        self._lock = threading.Lock()
-        self._step_jit = jax.jit(self._step, donate_argnames=("kv",))
-        self._logits_jit = jax.jit(self._all_logits, donate_argnames=("kv",))
+        self._ids = itertools.count()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._handles: dict[str, RequestHandle] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._handles_lock = threading.Lock()
+        self._fatal: BaseException | None = None
+        self._steps = 0
+        self._warmup_s = 0.0
+        self._compiles_at_warmup = 0
+        self._ready = threading.Event()
+        compile_stats.install()
+        self._thread = threading.Thread(target=self._run, name="plora-engine-loop", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._fatal is not None:
+            raise RuntimeError(f"engine warm-up failed: {self._fatal}") from self._fatal
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -137,91 +151,317 @@ class Engine:
         config = EngineConfig(model=model_config.name, **overrides)
         return cls(config, LoadedModel(model_config, params, tokenizer, Path(model_config.name), False, 0.0))
 
-    # --- jitted device functions (defined once, donate the cache) -----------------------
-    def _step(self, params, kv, tokens, meta, logits_indices, temperature, top_k, top_p, seeds, steps):
+    def close(self) -> None:
+        """Abort what is left, stop the loop thread and release it."""
+        if self._thread.is_alive():
+            self._inbox.put(("stop",))
+            self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- jitted device functions (defined once; each donates the state) -----------------
+    def _decode_step(self, params, kv: KVCache, last_tokens, slots, meta):
+        # [batch, 1]: the newest token of each row (padding rows' out-of-range slots are clipped).
+        tokens = last_tokens.at[slots].get(mode="clip")[:, None]
+        logits, kv = self._model.apply({"params": params}, tokens, kv, meta, jnp.zeros_like(slots))
+        return kv, logits
+
+    def _prefill_step(self, params, kv: KVCache, tokens, meta, logits_indices):
+        """Logits [rows, vocab] at `logits_indices`, or of every token [rows, tokens, vocab] if None."""
         logits, kv = self._model.apply({"params": params}, tokens, kv, meta, logits_indices)
-        return sample_tokens(logits, temperature, top_k, top_p, seeds, steps), kv
+        return kv, logits
 
-    def _all_logits(self, params, kv, tokens, meta):
-        return self._model.apply({"params": params}, tokens, kv, meta)
+    def _sample_step(self, last_tokens, logits, write_slots, sampling):
+        new, logprobs = sample(logits, sampling)
+        # Rows that sample nothing (padding, non-final prompt chunks) carry an out-of-range slot.
+        return last_tokens.at[write_slots].set(new, mode="drop"), new, logprobs
 
-    # --- host helpers -------------------------------------------------------------------
-    def _layout(self, rows: list[tuple[list[int], int, list[int]]], num_rows: int, num_tokens: int):
-        """Padded step inputs for rows of (token ids, first position, KV blocks)."""
+    # --- step inputs (numpy; padded to buckets) -----------------------------------------
+    def _metadata(self, rows: list[tuple[int, int, list[int]]], num_rows: int, num_tokens: int):
+        """AttentionMetadata for rows of (first position, token count, KV blocks); padding rows are empty."""
         bs = self.config.block_size
-        ctx = max(start + len(ids) for ids, start, _ in rows)
+        ctx = max(start + n for start, n, _ in rows)
         width = pick_bucket(cdiv(ctx, bs), self.width_buckets)
-        tokens = np.zeros((num_rows, num_tokens), np.int32)
         positions = np.zeros((num_rows, num_tokens), np.int32)
         slots = np.zeros((num_rows, num_tokens), np.int32)  # padding writes into reserved block 0
         tables = np.zeros((num_rows, width), np.int32)
         context_lens = np.zeros((num_rows,), np.int32)
-        last = np.zeros((num_rows,), np.int32)
-        for r, (ids, start, blocks) in enumerate(rows):
-            n = len(ids)
+        for r, (start, n, blocks) in enumerate(rows):
             pos = np.arange(start, start + n)
-            tokens[r, :n] = ids
             positions[r, :n] = pos
             slots[r, :n] = np.asarray(blocks)[pos // bs] * bs + pos % bs
             used = cdiv(start + n, bs)
             tables[r, :used] = blocks[:used]
             context_lens[r] = start + n
-            last[r] = n - 1
-        meta = AttentionMetadata(
-            jnp.asarray(positions), jnp.asarray(slots), jnp.asarray(tables), jnp.asarray(context_lens)
+        return AttentionMetadata(positions, slots, tables, context_lens)
+
+    @staticmethod
+    def _sampling(requests: list[Request], steps: list[int], num_rows: int) -> SamplingInputs:
+        pad = num_rows - len(requests)
+        params = [r.params for r in requests]
+        return SamplingInputs(
+            temperature=np.array([p.temperature for p in params] + [0.0] * pad, np.float32),
+            top_k=np.array([p.top_k for p in params] + [0] * pad, np.int32),
+            top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
+            seeds=np.array([r.seed for r in requests] + [0] * pad, np.uint32),
+            steps=np.array(steps + [0] * pad, np.int32),
         )
-        return jnp.asarray(tokens), meta, jnp.asarray(last)
 
-    def _sample(self, seqs: list[_Sequence], rows, num_rows: int, num_tokens: int) -> np.ndarray:
-        tokens, meta, last = self._layout(rows, num_rows, num_tokens)
-        pad = num_rows - len(seqs)
-        temperature = np.array([s.params.temperature for s in seqs] + [0.0] * pad, np.float32)
-        top_k = np.array([s.params.top_k for s in seqs] + [0] * pad, np.int32)
-        top_p = np.array([s.params.top_p for s in seqs] + [1.0] * pad, np.float32)
-        seeds = np.array([s.seed for s in seqs] + [0] * pad, np.uint32)
-        steps = np.array([len(s.output_ids) for s in seqs] + [0] * pad, np.int32)
-        next_ids, self._kv = self._step_jit(
-            self._params, self._kv, tokens, meta, last, temperature, top_k, top_p, seeds, steps
+    def _dispatch(self, plan: StepPlan) -> list[tuple[list[Request | None], jax.Array, jax.Array]]:
+        """Launch the plan's device steps; returns (request per row, tokens, logprobs) still on device."""
+        launched = []
+        if plan.decode:
+            reqs = [row.request for row in plan.decode]
+            num_rows = pick_bucket(len(reqs), self.batch_buckets)
+            slots = np.full((num_rows,), self.config.max_num_seqs, np.int32)
+            slots[: len(reqs)] = [r.seq_slot for r in reqs]
+            meta = self._metadata([(row.position, 1, row.request.blocks) for row in plan.decode], num_rows, 1)
+            sampling = self._sampling(reqs, [row.step for row in plan.decode], num_rows)
+            kv, logits = self._decode_jit(self._params, self._state.kv, self._state.last_tokens, slots, meta)
+            last, new, logprobs = self._sample_jit(self._state.last_tokens, logits, slots, sampling)
+            self._state = EngineState(kv, last)
+            launched.append((reqs, new, logprobs))
+        if plan.prefill:
+            rows = plan.prefill
+            num_rows = pick_bucket(len(rows), self.prefill_row_buckets)
+            num_tokens = pick_bucket(max(len(row.token_ids) for row in rows), self.prefill_buckets)
+            tokens = np.zeros((num_rows, num_tokens), np.int32)
+            last = np.zeros((num_rows,), np.int32)
+            write_slots = np.full((num_rows,), self.config.max_num_seqs, np.int32)
+            for i, row in enumerate(rows):
+                tokens[i, : len(row.token_ids)] = row.token_ids
+                last[i] = len(row.token_ids) - 1
+                if row.final:
+                    write_slots[i] = row.request.seq_slot
+            meta = self._metadata(
+                [(row.start, len(row.token_ids), row.request.blocks) for row in rows], num_rows, num_tokens
+            )
+            sampling = self._sampling([row.request for row in rows], [row.step for row in rows], num_rows)
+            kv, logits = self._prefill_jit(self._params, self._state.kv, tokens, meta, last)
+            last_tokens, new, logprobs = self._sample_jit(self._state.last_tokens, logits, write_slots, sampling)
+            self._state = EngineState(kv, last_tokens)
+            launched.append(([row.request if row.final else None for row in rows], new, logprobs))
+        for _, new, logprobs in launched:
+            new.copy_to_host_async()
+            logprobs.copy_to_host_async()
+        self._steps += 1
+        return launched
+
+    # --- the loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        self._loop_ident = threading.get_ident()
+        try:
+            start = time.perf_counter()
+            if self.config.warmup:
+                self._warmup()
+            self._warmup_s = time.perf_counter() - start
+            self._compiles_at_warmup = compile_stats.compiles_on_thread()
+        except BaseException as e:
+            self._fatal = e
+        self._ready.set()
+        if self._fatal is not None:
+            return
+        try:
+            self._loop()
+        except BaseException as e:  # a device or programming error: fail fast, never half-serve
+            log.exception("engine loop failed")
+            self._fatal = e
+            with self._handles_lock:
+                handles = list(self._handles.values())
+                self._handles.clear()
+            for handle in handles:
+                handle._fail(e)
+
+    def _loop(self) -> None:
+        in_flight = None
+        scheduler = self._scheduler
+        while True:
+            idle = in_flight is None and not scheduler.has_work()
+            if not self._drain_inbox(block=idle):
+                break
+            plan = scheduler.schedule()
+            launched = self._dispatch(plan) if plan is not None else None
+            if in_flight is not None:
+                self._process(in_flight)
+            elif launched is None and scheduler.has_work():
+                time.sleep(0.001)  # work exists but cannot run yet (e.g. waiting for blocks)
+            in_flight = launched
+        if in_flight is not None:
+            self._process(in_flight)
+        for request in list(scheduler.running) + list(scheduler.waiting):
+            self._end(request, "abort")
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Handle every queued message (waiting for one if `block`); False on stop."""
+        while True:
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            kind = message[0]
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._scheduler.add(message[1])
+            elif kind == "cancel":
+                request = next(
+                    (
+                        r
+                        for r in itertools.chain(self._scheduler.running, self._scheduler.waiting)
+                        if r.request_id == message[1]
+                    ),
+                    None,
+                )
+                if request is not None:
+                    self._end(request, "abort")
+            elif kind == "call":
+                _, fn, done = message
+                try:
+                    done.put((True, fn()))
+                except Exception as e:
+                    done.put((False, e))
+
+    def _process(self, launched) -> None:
+        for requests, new, logprobs in launched:
+            new, logprobs = np.asarray(new), np.asarray(logprobs)
+            for i, request in enumerate(requests):
+                if request is None or request.status is Status.FINISHED:
+                    continue  # a chunk that samples nothing, or a token past the end
+                request.pending -= 1
+                self._append(request, int(new[i]), float(logprobs[i]))
+
+    def _append(self, request: Request, token: int, logprob: float) -> None:
+        now = time.perf_counter()
+        request.output_ids.append(token)
+        request.logprobs.append(logprob)
+        if request.first_token is None:
+            request.first_token = now
+        detok = self._detok.get(request.request_id)
+        if detok is not None:
+            detok.add_token(token)
+        reason, stop_reason = None, None
+        if token in request.stop_ids:
+            reason, stop_reason = "stop", token
+        elif detok is not None and detok.stop_string is not None:
+            reason, stop_reason = "stop", detok.stop_string
+        elif (
+            len(request.output_ids) >= request.params.max_tokens
+            or len(request.prompt_ids) + len(request.output_ids) >= request.max_total
+        ):
+            reason = "length"
+        if reason is not None:
+            self._end(request, reason, stop_reason)
+        else:
+            self._emit(request, StreamEvent(detok.take_delta(False) if detok else "", [token]))
+
+    def _end(self, request: Request, reason: str, stop_reason=None) -> None:
+        self._scheduler.finish(request, reason)
+        with self._handles_lock:
+            handle = self._handles.pop(request.request_id, None)
+        detok = self._detok.pop(request.request_id, None)
+        if handle is None:
+            return
+        last = [request.output_ids[-1]] if request.output_ids and reason != "abort" else []
+        delta = detok.take_delta(True) if detok else ""
+        handle._push(StreamEvent(delta, last, True, self._output(request, detok, stop_reason)))
+
+    def _emit(self, request: Request, event: StreamEvent) -> None:
+        with self._handles_lock:
+            handle = self._handles.get(request.request_id)
+        if handle is not None:
+            handle._push(event)
+
+    def _output(self, request: Request, detok, stop_reason) -> RequestOutput:
+        end = request.finished_at
+        first = request.first_token or end
+        n = len(request.output_ids)
+        metrics = RequestMetrics(
+            arrival_time=request.arrival,
+            queue_s=(request.first_scheduled or end) - request.arrival,
+            ttft_s=first - request.arrival,
+            tpot_s=(end - first) / (n - 1) if n > 1 else 0.0,
+            e2e_s=end - request.arrival,
+            num_preemptions=request.num_preemptions,
         )
-        return np.asarray(next_ids)[: len(seqs)]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_ids,
+            token_ids=list(request.output_ids),
+            text=detok.text if detok else "",
+            finish_reason=request.finish_reason,
+            stop_reason=stop_reason,
+            logprobs=list(request.logprobs) if request.params.logprobs else None,
+            metrics=metrics,
+            prompt=request.prompt_text,
+        )
 
-    def _prefill(self, seq: _Sequence) -> None:
-        chunk = self.prefill_buckets[-1]
-        prompt = seq.prompt_ids
-        for start in range(0, len(prompt), chunk):
-            ids = prompt[start : start + chunk]
-            next_id = self._sample([seq], [(ids, start, seq.blocks)], 1, pick_bucket(len(ids), self.prefill_buckets))
-        self._append(seq, int(next_id[0]))
+    def prefill_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens, table width) a prefill step can have (see Scheduler._schedule_prefill)."""
+        bs, limit = self.config.block_size, self.prefill_buckets[-1]
+        shapes = []
+        for previous, tokens in zip((0, *self.prefill_buckets[:-1]), self.prefill_buckets, strict=True):
+            # One row: a chunk of (previous, tokens] tokens starting anywhere.
+            smallest = pick_bucket(cdiv(previous + 1, bs), self.width_buckets)
+            shapes += [(1, tokens, w) for w in self.width_buckets if w >= smallest]
+            # Several rows: first chunks only, so the context is the chunk itself.
+            widths = sorted({pick_bucket(cdiv(n, bs), self.width_buckets) for n in range(previous + 1, tokens + 1)})
+            shapes += [(r, tokens, w) for r in self.prefill_row_buckets[1:] if r * tokens <= limit for w in widths]
+        return shapes
 
-    def _decode(self, running: list[_Sequence]) -> None:
-        rows = [([s.output_ids[-1]], s.num_tokens - 1, s.blocks) for s in running]
-        next_ids = self._sample(running, rows, pick_bucket(len(running), self.batch_buckets), 1)
-        for seq, token in zip(running, next_ids, strict=True):
-            self._append(seq, int(token))
+    def _warmup(self) -> None:
+        """Compile every shape the scheduler can produce, on dummy inputs that only touch reserved
+        block 0 and drop their token writes."""
+        drop = self.config.max_num_seqs
+        empty = lambda rows, tokens, width: AttentionMetadata(
+            np.zeros((rows, tokens), np.int32),
+            np.zeros((rows, tokens), np.int32),
+            np.zeros((rows, width), np.int32),
+            np.zeros((rows,), np.int32),
+        )
+        state = self._state
+        kv = state.kv
+        for rows, width in itertools.product(self.batch_buckets, self.width_buckets):
+            kv, _ = self._decode_jit(
+                self._params, kv, state.last_tokens, np.full((rows,), drop, np.int32), empty(rows, 1, width)
+            )
+        for rows, tokens, width in self.prefill_shapes():
+            kv, _ = self._prefill_jit(
+                self._params,
+                kv,
+                np.zeros((rows, tokens), np.int32),
+                empty(rows, tokens, width),
+                np.zeros((rows,), np.int32),
+            )
+        last = state.last_tokens
+        for rows in sorted(set(self.batch_buckets) | set(self.prefill_row_buckets)):
+            logits = np.zeros((rows, self.model_config.vocab_size), np.float32)
+            last, *_ = self._sample_jit(last, logits, np.full((rows,), drop, np.int32), self._sampling([], [], rows))
+        self._state = EngineState(kv, last)
+        jax.block_until_ready(self._state)
 
-    def _append(self, seq: _Sequence, token: int) -> None:
-        seq.output_ids.append(token)
-        if token in seq.stop_ids:
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_total:
-            seq.finish_reason = "length"
+    # --- running work on the loop thread ------------------------------------------------
+    def _call(self, fn):
+        """Run fn() on the loop thread between steps and return its result."""
+        self._check_alive()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("call", fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _check_alive(self) -> None:
+        if self._fatal is not None:
+            raise RuntimeError(f"the engine loop has stopped: {self._fatal}") from self._fatal
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine is closed")
 
     # --- validation ---------------------------------------------------------------------
-    def _prompt_ids(self, prompt, i: int) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"prompts[{i}]: this engine has no tokenizer; pass token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = self._token_ids(prompt, f"prompts[{i}]")
-        if not ids:
-            raise ValueError(f"prompts[{i}] is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompts[{i}] has {len(ids)} tokens, leaving no room to generate (max_model_len={self.max_model_len})"
-            )
-        return ids
-
     def _token_ids(self, ids, name: str) -> list[int]:
         try:
             ids = [int(t) for t in ids]
@@ -237,30 +477,77 @@ class Engine:
         if adapter is not None:
             raise ValueError(f"{name}={adapter!r}: no adapter with this name is loaded")
 
-    # --- public API ---------------------------------------------------------------------
-    def logits(self, token_ids: Sequence[int], adapter: str | None = None) -> np.ndarray:
-        """Logits [len(token_ids), vocab] (float32) of every position, as a causal LM scores them."""
-        self._check_adapter(adapter, "adapter")
-        ids = self._token_ids(token_ids, "token_ids")
+    def _make_request(self, prompt, params, adapter, name: str, request_id: str | None) -> Request:
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params for {name} must be a SamplingParams")
+        self._check_adapter(adapter, f"adapter of {name}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{name}: this engine has no tokenizer; pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self._token_ids(prompt, name)
         if not ids:
-            raise ValueError("token_ids is empty")
-        if len(ids) > self.max_model_len:
-            raise ValueError(f"token_ids has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
-        chunk = self.prefill_buckets[-1]
-        out = []
-        with self._lock:
-            blocks = self._blocks.allocate(cdiv(len(ids), self.config.block_size))
-            try:
-                for start in range(0, len(ids), chunk):
-                    part = ids[start : start + chunk]
-                    tokens, meta, _ = self._layout(
-                        [(part, start, blocks)], 1, pick_bucket(len(part), self.prefill_buckets)
-                    )
-                    logits, self._kv = self._logits_jit(self._params, self._kv, tokens, meta)
-                    out.append(np.asarray(logits[0, : len(part)]))
-            finally:
-                self._blocks.free(blocks)
-        return np.concatenate(out)
+            raise ValueError(f"{name} is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"{name} has {len(ids)} tokens, leaving no room to generate (max_model_len={self.max_model_len})"
+            )
+        eos = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer and not params.ignore_eos else frozenset()
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
+        return Request(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_ids=ids,
+            params=params,
+            seed=seed,
+            stop_ids=frozenset(params.stop_token_ids) | eos,
+            max_total=min(len(ids) + params.max_tokens, self.max_model_len),
+            adapter=adapter,
+            prompt_text=prompt if isinstance(prompt, str) else None,
+        )
+
+    def _enqueue(self, request: Request) -> RequestHandle:
+        handle = RequestHandle(request.request_id, self._cancel)
+        with self._handles_lock:
+            if request.request_id in self._handles:
+                raise ValueError(f"request_id {request.request_id!r} is already in use")
+            self._handles[request.request_id] = handle
+        if self.tokenizer is not None:
+            p = request.params
+            self._detok[request.request_id] = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_ids, p.stop, p.include_stop_str_in_output, p.skip_special_tokens
+            )
+        self._inbox.put(("add", request))
+        return handle
+
+    def _cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    # --- public API ---------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Queue one request; returns at once. Bad input raises ValueError naming the field."""
+        self._check_alive()
+        return self._enqueue(self._make_request(prompt, sampling_params, adapter, "prompt", request_id))
+
+    def stream(
+        self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None, adapter: str | None = None
+    ) -> Iterator[str]:
+        """Yield text deltas as they are generated; closing the generator early cancels the request."""
+        handle = self.submit(prompt, sampling_params, adapter)
+        try:
+            for event in handle:
+                if event.text:
+                    yield event.text
+        finally:
+            handle.cancel()
 
     def generate(
         self,
@@ -269,60 +556,84 @@ class Engine:
         adapters: Sequence[str | None] | None = None,
         progress: bool = False,
     ) -> list[RequestOutput]:
-        """Generate a continuation for every prompt (text or token ids); results in prompt order."""
+        """Generate for every prompt (text or token ids), continuously batched; results in prompt order.
+
+        Every prompt is validated before any is queued, so bad input rejects the call as a whole.
+        """
+        from tqdm.auto import tqdm
+
+        self._check_alive()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise ValueError("prompts must be a list of prompts (wrap a single prompt in a list)")
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts")
-        for i, a in enumerate(adapters or []):
-            self._check_adapter(a, f"adapters[{i}]")
-        eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ())
-        seqs = []
-        for i, (prompt, sp) in enumerate(zip(prompts, sampling_params, strict=True)):
-            if not isinstance(sp, SamplingParams):
-                raise ValueError(f"sampling_params[{i}] must be a SamplingParams")
-            ids = self._prompt_ids(prompt, i)
-            seed = sp.seed if sp.seed is not None else int(self._seed_rng.integers(2**32))
-            stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else eos)
-            max_total = min(len(ids) + sp.max_tokens, self.max_model_len)
-            seqs.append(_Sequence(i, ids, sp, seed, stop_ids, max_total))
-        with self._lock:
-            self._run(seqs, progress)
-        return [self._output(s) for s in seqs]
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"adapters has {len(adapters)} entries for {len(prompts)} prompts")
+        requests = [
+            self._make_request(p, sp, a, f"prompts[{i}]", None)
+            for i, (p, sp, a) in enumerate(zip(prompts, sampling_params, adapters, strict=True))
+        ]
+        handles = [self._enqueue(r) for r in requests]
+        outputs = []
+        with tqdm(total=len(handles), disable=not progress, desc="generate") as bar:
+            for handle in handles:
+                outputs.append(handle.result())
+                bar.update(1)
+        return outputs
 
-    def _run(self, seqs: list[_Sequence], progress: bool) -> None:
-        from tqdm.auto import tqdm
+    def logits(self, token_ids: Sequence[int], adapter: str | None = None) -> np.ndarray:
+        """Logits [len(token_ids), vocab] (float32) of every position, as a causal LM scores them.
 
-        waiting, running = deque(seqs), []
-        bar = tqdm(total=len(seqs), disable=not progress, desc="generate")
+        Runs on the loop thread between steps, in chunks of `max_num_batched_tokens`; its shapes
+        are compiled on first use (they are not part of the serving warm-up).
+        """
+        self._check_adapter(adapter, "adapter")
+        ids = self._token_ids(token_ids, "token_ids")
+        if not ids:
+            raise ValueError("token_ids is empty")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"token_ids has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
+        return self._call(lambda: self._score(ids))
+
+    def _score(self, ids: list[int]) -> np.ndarray:
+        allocator = self._scheduler.blocks
         try:
-            while waiting or running:
-                while waiting and len(running) < self.config.max_num_seqs:
-                    need = cdiv(waiting[0].max_total, self.config.block_size)
-                    if need > self._blocks.num_free:
-                        break  # running ones free blocks as they finish
-                    seq = waiting.popleft()
-                    seq.blocks = self._blocks.allocate(need)
-                    running.append(seq)
-                    self._prefill(seq)
-                if running:
-                    active = [s for s in running if s.finish_reason is None]
-                    if active:
-                        self._decode(active)
-                for seq in [s for s in running if s.finish_reason is not None]:
-                    running.remove(seq)
-                    self._blocks.free(seq.blocks)
-                    seq.blocks = []
-                    bar.update(1)
+            blocks = allocator.allocate(cdiv(len(ids), self.config.block_size))
+        except OutOfBlocks as e:
+            raise RuntimeError(f"logits: the KV cache is busy ({e}); retry when fewer requests run") from None
+        chunk, out = self.prefill_buckets[-1], []
+        try:
+            for start in range(0, len(ids), chunk):
+                part = ids[start : start + chunk]
+                num_tokens = pick_bucket(len(part), self.prefill_buckets)
+                tokens = np.zeros((1, num_tokens), np.int32)
+                tokens[0, : len(part)] = part
+                meta = self._metadata([(start, len(part), blocks)], 1, num_tokens)
+                kv, logits = self._prefill_jit(self._params, self._state.kv, tokens, meta, None)
+                self._state = EngineState(kv, self._state.last_tokens)
+                out.append(np.asarray(logits[0, : len(part)]))
         finally:
-            for seq in running:  # an exception mid-run must not leak blocks
-                self._blocks.free(seq.blocks)
-            bar.close()
+            allocator.free(blocks)
+        return np.concatenate(out)
 
-    def _output(self, seq: _Sequence) -> RequestOutput:
-        text = self.tokenizer.decode(seq.output_ids) if self.tokenizer else ""
-        return RequestOutput(seq.index, seq.prompt_ids, seq.output_ids, text, seq.finish_reason)
+    def stats(self) -> dict:
+        """Counters of the engine (read without stopping it)."""
+        scheduler = self._scheduler
+        total = compile_stats.compiles_on_thread(self._thread.ident)
+        return {
+            "compiles_total": total,
+            "compiles_after_warmup": total - self._compiles_at_warmup,
+            "warmup_s": self._warmup_s,
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+            "kv_blocks_used": scheduler.blocks.num_used,
+            "kv_blocks_total": scheduler.blocks.num_blocks - 1,
+            "num_preemptions": scheduler.num_preemptions,
+            "steps": self._steps,
+        }
+
+
+__all__ = ["Engine", "RequestFailed", "RequestOutput", "resolve_dtype"]

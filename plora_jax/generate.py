@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     add_dataclass_args(parser, EngineConfig, title="engine")
     add_dataclass_args(parser, SamplingParams, exclude=_SAMPLING_EXCLUDE, title="sampling")
-    parser.set_defaults(max_tokens=64, temperature=0.0)
+    # A one-shot demo compiles only the shapes it uses (--warmup compiles every serving bucket).
+    parser.set_defaults(max_tokens=64, temperature=0.0, warmup=False)
     return parser
 
 

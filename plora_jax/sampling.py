@@ -24,8 +24,12 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus mass, in (0, 1]
     top_k: int = -1  # -1 or 0 disables
     seed: int | None = None  # None: drawn by the engine
+    stop: tuple[str, ...] = ()  # stop strings; the text is cut before them
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: bool = False  # return the log-probability of each generated token
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -38,11 +42,30 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        try:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        except (TypeError, ValueError):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}") from None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingInputs:
+    """Per-row sampling settings of one step (padding rows: temperature 0)."""
+
+    temperature: jax.Array  # [batch] f32, 0 = greedy
+    top_k: jax.Array  # [batch] i32, <= 0 disables
+    top_p: jax.Array  # [batch] f32
+    seeds: jax.Array  # [batch] u32
+    steps: jax.Array  # [batch] i32, index of the token being sampled within its request
 
 
 def _filtered_logits(logits, temperature, top_k, top_p):
@@ -61,13 +84,20 @@ def _filtered_logits(logits, temperature, top_k, top_p):
     return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
 
 
+def sample(logits: jax.Array, inputs: SamplingInputs) -> tuple[jax.Array, jax.Array]:
+    """Tokens [batch] i32 and their log-probabilities under the model [batch] f32."""
+    tokens = sample_tokens(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.steps)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
 def sample_tokens(
     logits: jax.Array,  # [batch, vocab] f32
     temperature: jax.Array,  # [batch] f32, 0 = greedy
     top_k: jax.Array,  # [batch] i32, <= 0 disables
     top_p: jax.Array,  # [batch] f32
     seeds: jax.Array,  # [batch] u32
-    steps: jax.Array,  # [batch] i32, tokens the row has generated so far
+    steps: jax.Array,  # [batch] i32, index of the token being sampled within its request
 ) -> jax.Array:  # [batch] i32
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 

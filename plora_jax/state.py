@@ -59,3 +59,14 @@ class AttentionMetadata:
     slot_mapping: jax.Array  # [batch, tokens] i32, flat KV slot written by each token
     block_tables: jax.Array  # [batch, padded_blocks_per_seq] i32, KV blocks of each row, 0-padded
     context_lens: jax.Array  # [batch] i32, tokens of the sequence readable after this step's writes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EngineState:
+    """Everything the engine's steps update, donated to each step."""
+
+    kv: KVCache
+    # Newest sampled token of each seq_slot: the next decode reads its input here, so the host
+    # never waits for a token before dispatching the step that consumes it.
+    last_tokens: jax.Array  # [max_num_seqs] i32

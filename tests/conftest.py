@@ -32,7 +32,7 @@ def engine(smollm_path):
     from plora_jax import Engine
 
     return Engine.from_pretrained(
-        str(smollm_path), dtype="float32", max_model_len=1024, num_kv_blocks=512, max_num_seqs=4
+        str(smollm_path), dtype="float32", max_model_len=1024, num_kv_blocks=512, max_num_seqs=4, warmup=False
     )
 
 

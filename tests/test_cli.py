@@ -29,6 +29,7 @@ def test_every_config_field_is_a_flag():
     sampling = dataclass_from_args(SamplingParams, args, exclude=("seed",))
     assert sampling.top_p == 0.5 and sampling.stop_token_ids == (4, 7) and sampling.ignore_eos
     assert sampling.max_tokens == 64 and sampling.temperature == 0.0  # demo defaults
+    assert config.warmup is False
 
 
 def test_generate_demo_runs(tmp_path, capsys):

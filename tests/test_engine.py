@@ -1,5 +1,9 @@
-"""Engine API on tiny random models: validation, batching, seeds, KV-block accounting."""
+"""Engine on tiny random models: continuous batching, seeds, compiles, donation, blocks, preemption, errors."""
 
+import threading
+import time
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,75 +12,157 @@ from plora_jax import Engine, SamplingParams
 from plora_jax.config import tiny
 from plora_jax.models.llama import init_params
 
-PROMPTS = [[5, 9, 13], list(range(20, 57)), [7] * 12, list(range(100, 119))]
+CONFIG = tiny()
+PARAMS = init_params(CONFIG, jnp.float32, seed=3, scale=0.1)
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def make_engine(**overrides) -> Engine:
+    options = dict(
+        max_model_len=96, num_kv_blocks=40, block_size=8, max_num_seqs=4, max_num_batched_tokens=32, warmup=False
+    )
+    return Engine.from_params(CONFIG, PARAMS, **{**options, **overrides})
 
 
 @pytest.fixture(scope="module")
 def tiny_engine():
-    config = tiny()
-    return Engine.from_params(
-        config,
-        init_params(config, jnp.float32, seed=3, scale=0.1),
-        max_model_len=96,
-        num_kv_blocks=40,
-        block_size=8,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-    )
+    with make_engine() as engine:
+        yield engine
 
 
-def test_batched_greedy_equals_each_alone(tiny_engine):
-    sp = SamplingParams(max_tokens=12, temperature=0)
-    together = tiny_engine.generate(PROMPTS, sp)
-    for prompt, out in zip(PROMPTS, together, strict=True):
-        assert out.token_ids == tiny_engine.generate([prompt], sp)[0].token_ids
-        assert out.prompt_token_ids == prompt
-    assert [o.index for o in together] == [0, 1, 2, 3]
-    assert tiny_engine._blocks.num_used == 0
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 256, size=int(rng.integers(1, 70))).tolist() for _ in range(n)]
 
 
-def test_more_requests_than_rows_and_blocks(tiny_engine):
-    # 10 requests, 4 rows, 39 free blocks of 8 tokens: admission waits for blocks to come back.
-    prompts = [list(range(10 + i, 40 + i)) for i in range(10)]
-    outs = tiny_engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
-    assert all(len(o.token_ids) == 20 for o in outs)
-    assert (
-        outs[3].token_ids
-        == tiny_engine.generate([prompts[3]], SamplingParams(max_tokens=20, temperature=0))[0].token_ids
-    )
-    assert tiny_engine._blocks.num_used == 0
+def wait_steps(engine: Engine, n: int) -> None:
+    target = engine.stats()["steps"] + n
+    deadline = time.time() + 60
+    while engine.stats()["steps"] < target and time.time() < deadline:
+        time.sleep(0.002)
+
+
+def test_continuous_batching_is_exact(tiny_engine):
+    """12 requests of different lengths, arriving at different steps, equal each run alone."""
+    ps = prompts(12, seed=1)
+    params = [SamplingParams(max_tokens=int(n), temperature=0, ignore_eos=True) for n in np.arange(12) % 5 + 4]
+    handles = []
+    for i, (p, sp) in enumerate(zip(ps, params, strict=True)):
+        handles.append(tiny_engine.submit(p, sp))
+        if i % 3 == 2:
+            wait_steps(tiny_engine, 2)
+    together = [h.result(timeout=120) for h in handles]
+    alone = [tiny_engine.generate([p], sp)[0] for p, sp in zip(ps, params, strict=True)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert all(len(o.token_ids) == sp.max_tokens for o, sp in zip(together, params, strict=True))
+    assert tiny_engine.stats()["kv_blocks_used"] == 0
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_engine):
-    sp = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
-    alone = tiny_engine.generate([PROMPTS[1]], sp)[0].token_ids
-    mixed = tiny_engine.generate(
-        [PROMPTS[0], PROMPTS[1], PROMPTS[2]],
-        [SamplingParams(max_tokens=5, temperature=0.7), sp, SamplingParams(max_tokens=3)],
-    )
+    ps = prompts(3, seed=2)
+    sp = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = tiny_engine.generate([ps[1]], sp)[0].token_ids
+    mixed = tiny_engine.generate(ps, [SamplingParams(max_tokens=5, temperature=0.7), sp, SamplingParams(max_tokens=3)])
     assert mixed[1].token_ids == alone
-    other = tiny_engine.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=99))
+    other = tiny_engine.generate([ps[1]], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=99))
     assert other[0].token_ids != alone
 
 
-def test_stop_token_ids_and_context_limit(tiny_engine):
-    greedy = tiny_engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
-    stop = greedy[3]
-    out = tiny_engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop]))[0]
-    assert out.token_ids == greedy[: greedy.index(stop) + 1] and out.finish_reason == "stop"
-    long_prompt = list(range(1, 90))
-    out = tiny_engine.generate([long_prompt], SamplingParams(max_tokens=50, temperature=0))[0]
-    assert len(long_prompt) + len(out.token_ids) == 96 and out.finish_reason == "length"
+def test_logprobs_are_those_of_the_model(tiny_engine):
+    p = prompts(1, seed=4)[0]
+    out = tiny_engine.generate([p], SamplingParams(max_tokens=6, temperature=0.8, seed=5, logprobs=True))[0]
+    logits = tiny_engine.logits(p + out.token_ids[:-1])[len(p) - 1 :]
+    expected = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(out.token_ids)), out.token_ids]
+    np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+    assert tiny_engine.generate([p], SamplingParams(max_tokens=2))[0].logprobs is None
 
 
-def test_bad_input_names_the_field(tiny_engine):
+def test_no_compiles_after_warmup_over_mixed_steps():
+    """Arrivals, finishes, cancels and preemptions over 200+ steps trigger no compilation."""
+    with make_engine(
+        max_model_len=256, num_kv_blocks=41, max_num_seqs=4, max_num_batched_tokens=32, max_prefill_seqs=2, warmup=True
+    ) as engine:
+        warm = engine.stats()
+        assert warm["compiles_total"] > 0 and warm["compiles_after_warmup"] == 0
+        rng = np.random.default_rng(7)
+        handles, cancelled = [], []
+        while engine.stats()["steps"] < 200:
+            for _ in range(int(rng.integers(0, 3))):
+                prompt = rng.integers(1, 256, size=int(rng.integers(1, 120))).tolist()
+                sp = SamplingParams(
+                    max_tokens=int(rng.integers(1, 80)),
+                    temperature=float(rng.choice([0, 0.9])),
+                    top_k=int(rng.choice([-1, 5])),
+                    top_p=float(rng.choice([1.0, 0.8])),
+                    ignore_eos=True,
+                )
+                handles.append((prompt, sp, engine.submit(prompt, sp)))
+            if handles and rng.random() < 0.1:
+                victim = handles[int(rng.integers(len(handles)))][2]
+                victim.cancel()
+                cancelled.append(victim)
+            wait_steps(engine, int(rng.integers(1, 4)))
+        outputs = [h.result(timeout=300) for _, _, h in handles]
+        stats = engine.stats()
+        assert stats["steps"] >= 200 and stats["num_preemptions"] > 0
+        assert stats["compiles_after_warmup"] == 0, stats
+        assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
+        assert any(o.finish_reason == "abort" for o in outputs)
+        # Preempted and recomputed requests still give exactly their solo output.
+        solo = make_engine(max_model_len=256, num_kv_blocks=41)
+        checked = [
+            (p, sp, out)
+            for (p, sp, h), out in zip(handles, outputs, strict=True)
+            if h not in cancelled and sp.temperature == 0
+        ][:10]
+        assert len(checked) >= 3
+        for prompt, sp, out in checked:
+            assert out.token_ids == solo.generate([prompt], sp)[0].token_ids
+        solo.close()
+
+
+def test_donation_really_frees_the_previous_cache(tiny_engine):
+    before = tiny_engine._state.kv.k
+    tiny_engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3))
+    assert before.is_deleted()
+
+
+def test_preemption_under_block_pressure_completes_every_request():
+    ps = prompts(6, seed=9)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    with make_engine(num_kv_blocks=20) as small, make_engine(num_kv_blocks=200) as large:
+        pressured = small.generate(ps, sp)
+        reference = large.generate(ps, sp)
+        assert small.stats()["num_preemptions"] > 0
+        assert [o.token_ids for o in pressured] == [o.token_ids for o in reference]
+        assert any(o.metrics.num_preemptions for o in pressured)
+        assert small.stats()["kv_blocks_used"] == 0
+
+
+def test_cancel_frees_everything(tiny_engine):
+    handle = tiny_engine.submit(prompts(1)[0], SamplingParams(max_tokens=80, ignore_eos=True))
+    events = iter(handle)
+    next(events)
+    handle.cancel()
+    out = handle.result(timeout=30)
+    assert out.finish_reason == "abort" and len(out.token_ids) < 80
+    stream = tiny_engine.stream([5, 6, 7], SamplingParams(max_tokens=80, ignore_eos=True))
+    stream.close()  # closing a stream early cancels its request
+    deadline = time.time() + 30
+    while tiny_engine.stats()["running"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert tiny_engine.stats()["kv_blocks_used"] == 0
+
+
+def test_bad_input_names_the_field_and_others_keep_running(tiny_engine):
+    long_run = tiny_engine.submit([1, 2, 3], SamplingParams(max_tokens=60, ignore_eos=True))
     sp = SamplingParams(max_tokens=4)
     cases = [
         (([[]], sp), r"prompts\[0\] is empty"),
         (([list(range(96))], sp), r"prompts\[0\] has 96 tokens"),
         (([[1, 2], [300]], sp), r"prompts\[1\] holds token ids outside \[0, 256\)"),
         (([[1]], [sp, sp]), "sampling_params has 2 entries for 1 prompts"),
-        (([[1]], sp, ["my-adapter"]), r"adapters\[0\]='my-adapter': no adapter"),
+        (([[1]], sp, ["my-adapter"]), r"adapter of prompts\[0\]='my-adapter': no adapter"),
         ((["text"], sp), "no tokenizer"),
     ]
     for args, message in cases:
@@ -86,9 +172,11 @@ def test_bad_input_names_the_field(tiny_engine):
         tiny_engine.logits([])
     with pytest.raises(ValueError, match="adapter='x'"):
         tiny_engine.logits([1], adapter="x")
-    # the engine keeps serving after rejected input
+    with pytest.raises(ValueError, match="request_id 'dup' is already in use"):
+        tiny_engine.submit([1], SamplingParams(max_tokens=50), request_id="dup")
+        tiny_engine.submit([1], sp, request_id="dup")
+    assert len(long_run.result(timeout=60).token_ids) == 60  # kept serving
     assert len(tiny_engine.generate([[1, 2]], sp)[0].token_ids) == 4
-    assert tiny_engine._blocks.num_used == 0
 
 
 @pytest.mark.parametrize(
@@ -100,6 +188,7 @@ def test_bad_input_names_the_field(tiny_engine):
         ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
         ("top_k", -2, "top_k must be"),
         ("seed", -1, "seed must be"),
+        ("stop", [""], "stop must be"),
     ],
 )
 def test_sampling_params_validation(field, value, message):
@@ -108,14 +197,30 @@ def test_sampling_params_validation(field, value, message):
 
 
 def test_engine_options_are_checked():
-    config = tiny()
-    params = init_params(config, jnp.float32)
     with pytest.raises(ValueError, match=r"unknown engine option\(s\) \['max_batch'\]"):
         Engine.from_pretrained("llama", max_batch=3)
     with pytest.raises(ValueError, match="num_kv_blocks=4 cannot hold one sequence"):
-        Engine.from_params(config, params, max_model_len=128, num_kv_blocks=4)
+        Engine.from_params(CONFIG, PARAMS, max_model_len=128, num_kv_blocks=4)
     with pytest.raises(ValueError, match="dtype must be"):
-        Engine.from_params(config, params, dtype="float16")
+        Engine.from_params(CONFIG, PARAMS, dtype="float16")
+
+
+def test_stats_and_threads(tiny_engine):
+    stats = tiny_engine.stats()
+    for key in ("compiles_total", "compiles_after_warmup", "running", "waiting", "kv_blocks_used", "kv_blocks_total"):
+        assert key in stats
+    assert stats["kv_blocks_total"] == 39
+    # submit from several threads at once
+    results = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(tiny_engine.generate([[i + 1]], GREEDY)[0]))
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and all(r.token_ids for r in results)
 
 
 def test_logits_are_float32_per_position(tiny_engine):
@@ -123,3 +228,10 @@ def test_logits_are_float32_per_position(tiny_engine):
     logits = tiny_engine.logits(ids)
     assert logits.shape == (69, 256) and logits.dtype == np.float32
     np.testing.assert_allclose(tiny_engine.logits(ids[:10]), logits[:10], atol=1e-5)
+
+
+def test_closed_engine_refuses_work():
+    engine = make_engine()
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate([[1]], GREEDY)

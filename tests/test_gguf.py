@@ -19,7 +19,9 @@ def test_tiny_gguf_matches_transformers(tmp_path, qtype):
     path = tmp_path / f"tiny-{qtype}.gguf"
     write_tiny_gguf(path, qtype)
     config, params, tokenizer = load_gguf(path, jnp.float32)
-    engine = Engine.from_params(config, params, tokenizer, dtype="float32", max_model_len=128, num_kv_blocks=32)
+    engine = Engine.from_params(
+        config, params, tokenizer, dtype="float32", max_model_len=128, num_kv_blocks=32, warmup=False
+    )
     ids = tokenizer.encode(TEXT)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
@@ -84,7 +86,9 @@ def test_missing_file_and_engine_from_path(tmp_path):
         load_gguf(tmp_path / "nope.gguf", jnp.float32)
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, "Q8_0")
-    engine = Engine.from_pretrained(str(path), cache_dir=str(tmp_path / "cache"), max_model_len=64, num_kv_blocks=16)
+    engine = Engine.from_pretrained(
+        str(path), cache_dir=str(tmp_path / "cache"), max_model_len=64, num_kv_blocks=16, warmup=False
+    )
     out = engine.generate(["the cat"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 4 and out[0].finish_reason == "length"
     assert out[0].text == engine.tokenizer.decode(out[0].token_ids)

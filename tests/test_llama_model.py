@@ -60,7 +60,9 @@ def test_hf_folder_matches_transformers(tmp_path, kind):
     model.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards + an index
     assert (tmp_path / "model.safetensors.index.json").is_file()
     config, params = load_hf_folder(tmp_path, jnp.float32)
-    engine = Engine.from_params(config, params, max_model_len=128, num_kv_blocks=32, max_num_batched_tokens=16)
+    engine = Engine.from_params(
+        config, params, max_model_len=128, num_kv_blocks=32, max_num_batched_tokens=16, warmup=False
+    )
     with torch.no_grad():
         ref = model(torch.tensor([TOKENS])).logits[0].numpy()
     assert np.abs(engine.logits(TOKENS) - ref).max() < 1e-5
@@ -70,7 +72,7 @@ def test_hf_folder_matches_transformers(tmp_path, kind):
 def test_tiny_random_model_runs(dtype):
     config = tiny()
     params = init_params(config, jnp.dtype(dtype), seed=1, scale=0.1)
-    engine = Engine.from_params(config, params, dtype=dtype, max_model_len=128, num_kv_blocks=32)
+    engine = Engine.from_params(config, params, dtype=dtype, max_model_len=128, num_kv_blocks=32, warmup=False)
     logits = engine.logits(TOKENS[:20])
     assert logits.dtype == np.float32 and logits.shape == (20, 256) and np.isfinite(logits).all()
     out = engine.generate([TOKENS[:5]], SamplingParams(max_tokens=6, temperature=0))[0]
@@ -82,6 +84,7 @@ def test_tiny_random_model_runs(dtype):
             dtype="float32",
             max_model_len=128,
             num_kv_blocks=32,
+            warmup=False,
         )
         assert np.abs(f32.logits(TOKENS[:20]) - logits).max() < 0.1
 
@@ -90,8 +93,10 @@ def test_chunked_prefill_and_decode_agree_with_one_pass():
     """Logits in chunks of 16 equal one pass; each greedy token is the argmax of a full re-score."""
     config = tiny()
     params = init_params(config, jnp.float32, seed=2, scale=0.1)
-    one_pass = Engine.from_params(config, params, max_model_len=128, num_kv_blocks=32)
-    chunked = Engine.from_params(config, params, max_model_len=128, num_kv_blocks=32, max_num_batched_tokens=16)
+    one_pass = Engine.from_params(config, params, max_model_len=128, num_kv_blocks=32, warmup=False)
+    chunked = Engine.from_params(
+        config, params, max_model_len=128, num_kv_blocks=32, max_num_batched_tokens=16, warmup=False
+    )
     np.testing.assert_allclose(chunked.logits(TOKENS), one_pass.logits(TOKENS), atol=1e-5)
     out = chunked.generate([TOKENS[:21]], SamplingParams(max_tokens=10, temperature=0))[0]
     rescored = one_pass.logits(TOKENS[:21] + out.token_ids[:-1])

@@ -67,7 +67,7 @@ def test_same_model_as_hf_folder(engine, hf_model, hf_tokenizer, tmp_path, promp
     save_file(state, str(tmp_path / "model.safetensors"))
     hf_tokenizer.save_pretrained(tmp_path)
     folder = Engine.from_pretrained(
-        str(tmp_path), dtype="float32", max_model_len=512, num_kv_blocks=64, param_cache=False
+        str(tmp_path), dtype="float32", max_model_len=512, num_kv_blocks=64, param_cache=False, warmup=False
     )
     assert folder.model_config.tie_word_embeddings
     assert folder.tokenizer.encode(PROMPTS[1]) == prompt_ids[1]
