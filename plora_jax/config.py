@@ -192,6 +192,14 @@ class EngineConfig:
     seed: int = 0  # seeds requests that bring no seed of their own
     cache_dir: str | None = None  # None: $PLORA_CACHE or ~/.cache/plora
     param_cache: bool = True  # cache converted parameters with orbax
+    # Multi-LoRA (0 max_loras: no adapter pool, no LoRA code in the compiled steps).
+    max_loras: int = 8  # adapters resident on the device at once (adapter slots)
+    max_lora_rank: int = 128  # adapters of higher rank are refused
+    page_rows: int = 8  # rank rows per adapter page
+    lora_pool_pages: int = 0  # pages in the adapter pool (0: size it from lora_pool_mb)
+    lora_pool_mb: float = 256.0  # device memory for adapter pages when lora_pool_pages is 0
+    layout: str = "paged"  # "paged" (pages through a page table) | "contiguous" (slots padded to max rank)
+    lora_implementation: str = "auto"  # "auto" | "xla" | "pallas_gpu" | "pallas_tpu"
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -208,5 +216,17 @@ class EngineConfig:
         for f in fields:
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
+        if self.layout not in ("paged", "contiguous"):
+            raise ValueError(f"layout must be 'paged' or 'contiguous', got {self.layout!r}")
+        if self.lora_implementation not in ("auto", "xla", "pallas_gpu", "pallas_tpu"):
+            raise ValueError(
+                "lora_implementation must be 'auto', 'xla', 'pallas_gpu' or 'pallas_tpu', "
+                f"got {self.lora_implementation!r}"
+            )
+        for f in ("max_lora_rank", "page_rows"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
+        if self.max_loras < 0 or self.lora_pool_pages < 0 or self.lora_pool_mb <= 0:
+            raise ValueError("max_loras and lora_pool_pages must be >= 0 and lora_pool_mb > 0")
         if self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")

@@ -37,14 +37,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import compile_stats
+from .adapters import AdapterError
 from .buckets import cdiv, pick_bucket, pow2_buckets
 from .config import EngineConfig, ModelConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_blocks import OutOfBlocks
+from .lora_manager import LoraManager
+from .lora_pool import LoraBatch
 from .models.llama import Llama
 from .models.loader import LoadedModel, load_model
 from .models.registry import cache_root
 from .outputs import RequestFailed, RequestHandle, RequestMetrics, RequestOutput, StreamEvent
+from .pallas import lora_ops
 from .sampling import SamplingInputs, SamplingParams, sample
 from .scheduler import Request, Scheduler, Status, StepPlan
 from .state import AttentionMetadata, EngineState, KVCache
@@ -89,11 +93,13 @@ class Engine:
             jax.config.update("jax_compilation_cache_dir", str(cache_root(config.cache_dir) / "xla"))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-        self._model = Llama(self.model_config, self.dtype)
+        self._model = Llama(self.model_config, self.dtype, lora_ops.resolve(config.lora_implementation))
         self._params = jax.device_put(loaded.params)
+        self._lora = LoraManager(self.model_config, config, self.dtype) if config.max_loras > 0 else None
         self._state = EngineState(
             kv=KVCache.zeros(self.model_config, config.num_kv_blocks, bs, self.dtype),
             last_tokens=jnp.zeros((config.max_num_seqs,), jnp.int32),
+            lora=self._lora.zeros() if self._lora else None,
         )
         self._scheduler = Scheduler(
             config.num_kv_blocks,
@@ -103,6 +109,8 @@ class Engine:
             config.max_prefill_seqs,
             self.prefill_buckets,
             self.prefill_row_buckets,
+            acquire_adapter=self._acquire_adapter,
+            release_adapter=self._release_adapter,
         )
         # The sampler is its own executable: it then compiles once per row bucket instead of once
         # per (rows, tokens, width), which halves warm-up (the vocabulary sort compiles slowly).
@@ -164,16 +172,23 @@ class Engine:
         self.close()
 
     # --- jitted device functions (defined once; each donates the state) -----------------
-    def _decode_step(self, params, kv: KVCache, last_tokens, slots, meta):
+    def _decode_step(self, params, kv: KVCache, last_tokens, slots, meta, lora: LoraBatch | None):
         # [batch, 1]: the newest token of each row (padding rows' out-of-range slots are clipped).
         tokens = last_tokens.at[slots].get(mode="clip")[:, None]
-        logits, kv = self._model.apply({"params": params}, tokens, kv, meta, jnp.zeros_like(slots))
+        logits, kv = self._model.apply({"params": params}, tokens, kv, meta, jnp.zeros_like(slots), lora)
         return kv, logits
 
-    def _prefill_step(self, params, kv: KVCache, tokens, meta, logits_indices):
+    def _prefill_step(self, params, kv: KVCache, tokens, meta, logits_indices, lora: LoraBatch | None):
         """Logits [rows, vocab] at `logits_indices`, or of every token [rows, tokens, vocab] if None."""
-        logits, kv = self._model.apply({"params": params}, tokens, kv, meta, logits_indices)
+        logits, kv = self._model.apply({"params": params}, tokens, kv, meta, logits_indices, lora)
         return kv, logits
+
+    def _lora_batch(self, adapter_slots: list[int], num_rows: int) -> LoraBatch | None:
+        if self._lora is None:
+            return None
+        row_slot = np.zeros((num_rows,), np.int32)  # padding rows: no adapter
+        row_slot[: len(adapter_slots)] = adapter_slots
+        return LoraBatch(self._state.lora, row_slot)
 
     def _sample_step(self, last_tokens, logits, write_slots, sampling):
         new, logprobs = sample(logits, sampling)
@@ -221,9 +236,10 @@ class Engine:
             slots[: len(reqs)] = [r.seq_slot for r in reqs]
             meta = self._metadata([(row.position, 1, row.request.blocks) for row in plan.decode], num_rows, 1)
             sampling = self._sampling(reqs, [row.step for row in plan.decode], num_rows)
-            kv, logits = self._decode_jit(self._params, self._state.kv, self._state.last_tokens, slots, meta)
+            lora = self._lora_batch([r.adapter_slot for r in reqs], num_rows)
+            kv, logits = self._decode_jit(self._params, self._state.kv, self._state.last_tokens, slots, meta, lora)
             last, new, logprobs = self._sample_jit(self._state.last_tokens, logits, slots, sampling)
-            self._state = EngineState(kv, last)
+            self._state = dataclasses.replace(self._state, kv=kv, last_tokens=last)
             launched.append((reqs, new, logprobs))
         if plan.prefill:
             rows = plan.prefill
@@ -241,9 +257,10 @@ class Engine:
                 [(row.start, len(row.token_ids), row.request.blocks) for row in rows], num_rows, num_tokens
             )
             sampling = self._sampling([row.request for row in rows], [row.step for row in rows], num_rows)
-            kv, logits = self._prefill_jit(self._params, self._state.kv, tokens, meta, last)
+            lora = self._lora_batch([row.request.adapter_slot for row in rows], num_rows)
+            kv, logits = self._prefill_jit(self._params, self._state.kv, tokens, meta, last, lora)
             last_tokens, new, logprobs = self._sample_jit(self._state.last_tokens, logits, write_slots, sampling)
-            self._state = EngineState(kv, last_tokens)
+            self._state = dataclasses.replace(self._state, kv=kv, last_tokens=last_tokens)
             launched.append(([row.request if row.final else None for row in rows], new, logprobs))
         for _, new, logprobs in launched:
             new.copy_to_host_async()
@@ -387,6 +404,7 @@ class Engine:
             tpot_s=(end - first) / (n - 1) if n > 1 else 0.0,
             e2e_s=end - request.arrival,
             num_preemptions=request.num_preemptions,
+            adapter_wait_s=request.adapter_wait,
         )
         return RequestOutput(
             request_id=request.request_id,
@@ -423,11 +441,18 @@ class Engine:
             np.zeros((rows, width), np.int32),
             np.zeros((rows,), np.int32),
         )
+        if self._lora is not None:
+            self._state = dataclasses.replace(self._state, lora=self._lora.warmup(self._state.lora))
         state = self._state
         kv = state.kv
         for rows, width in itertools.product(self.batch_buckets, self.width_buckets):
             kv, _ = self._decode_jit(
-                self._params, kv, state.last_tokens, np.full((rows,), drop, np.int32), empty(rows, 1, width)
+                self._params,
+                kv,
+                state.last_tokens,
+                np.full((rows,), drop, np.int32),
+                empty(rows, 1, width),
+                self._lora_batch([], rows),
             )
         for rows, tokens, width in self.prefill_shapes():
             kv, _ = self._prefill_jit(
@@ -436,12 +461,13 @@ class Engine:
                 np.zeros((rows, tokens), np.int32),
                 empty(rows, tokens, width),
                 np.zeros((rows,), np.int32),
+                self._lora_batch([], rows),
             )
         last = state.last_tokens
         for rows in sorted(set(self.batch_buckets) | set(self.prefill_row_buckets)):
             logits = np.zeros((rows, self.model_config.vocab_size), np.float32)
             last, *_ = self._sample_jit(last, logits, np.full((rows,), drop, np.int32), self._sampling([], [], rows))
-        self._state = EngineState(kv, last)
+        self._state = dataclasses.replace(self._state, kv=kv, last_tokens=last)
         jax.block_until_ready(self._state)
 
     # --- running work on the loop thread ------------------------------------------------
@@ -474,8 +500,70 @@ class Engine:
         return ids
 
     def _check_adapter(self, adapter, name: str) -> None:
-        if adapter is not None:
-            raise ValueError(f"{name}={adapter!r}: no adapter with this name is loaded")
+        if adapter is None:
+            return
+        if self._lora is None:
+            raise ValueError(f"{name}={adapter!r}: this engine serves no adapters (max_loras=0)")
+        if adapter not in self._lora.entries:
+            raise ValueError(f"{name}={adapter!r}: no adapter with this name is registered (see add_adapter)")
+
+    # --- adapters (residency changes run on the loop thread) ----------------------------
+    def _acquire_adapter(self, request: Request) -> bool:
+        """Scheduler callback: put the request's adapter on the device and pin it; False: wait."""
+        now = time.perf_counter()
+        if request.adapter_wait_start is None:
+            request.adapter_wait_start = now
+        slot, pool = self._lora.acquire(request.adapter, self._state.lora)
+        self._state = dataclasses.replace(self._state, lora=pool)
+        if slot is None:
+            return False
+        request.adapter_slot = slot
+        request.adapter_wait += time.perf_counter() - request.adapter_wait_start
+        request.adapter_wait_start = None
+        return True
+
+    def _release_adapter(self, request: Request) -> None:
+        self._lora.release(request.adapter)
+        request.adapter_slot = 0
+
+    def add_adapter(self, name: str, path: str | Path) -> dict:
+        """Register a PEFT adapter folder under `name`; it is read and validated now (AdapterError
+        names the file and field) and loaded onto the device when a request first uses it."""
+        if self._lora is None:
+            raise ValueError("this engine serves no adapters (max_loras=0)")
+
+        def add():
+            entry = self._lora.add(name, path)
+            capacity = self._lora.pages.max_pages if self.config.layout == "contiguous" else self._lora.num_pages - 1
+            if entry.num_pages > capacity:
+                self._lora.remove(name)
+                raise AdapterError(f"{path}: adapter needs {entry.num_pages} pages, the pool holds {capacity}")
+            return next(d for d in self._lora.describe() if d["name"] == name)
+
+        return self._call(add)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister an adapter and free its device pages; refused while requests use it."""
+        if self._lora is None:
+            raise ValueError("this engine serves no adapters (max_loras=0)")
+
+        def remove():
+            users = [
+                r.request_id
+                for r in itertools.chain(self._scheduler.running, self._scheduler.waiting)
+                if r.adapter == name
+            ]
+            if users:
+                raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
+            self._lora.remove(name)
+
+        self._call(remove)
+
+    def adapters(self) -> list[dict]:
+        """Every registered adapter: name, path, rank, target_modules, residency (device/host/disk), pages, bytes."""
+        if self._lora is None:
+            return []
+        return self._call(self._lora.describe)
 
     def _make_request(self, prompt, params, adapter, name: str, request_id: str | None) -> Request:
         if params is None:
@@ -590,34 +678,68 @@ class Engine:
         Runs on the loop thread between steps, in chunks of `max_num_batched_tokens`; its shapes
         are compiled on first use (they are not part of the serving warm-up).
         """
-        self._check_adapter(adapter, "adapter")
-        ids = self._token_ids(token_ids, "token_ids")
-        if not ids:
-            raise ValueError("token_ids is empty")
-        if len(ids) > self.max_model_len:
-            raise ValueError(f"token_ids has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
-        return self._call(lambda: self._score(ids))
+        return self.logits_batch([token_ids], [adapter])[0]
 
-    def _score(self, ids: list[int]) -> np.ndarray:
+    def logits_batch(
+        self, token_ids: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None
+    ) -> list[np.ndarray]:
+        """`logits` of several sequences in one batch (one row each, each with its own adapter)."""
+        adapters = [None] * len(token_ids) if adapters is None else list(adapters)
+        if len(adapters) != len(token_ids):
+            raise ValueError(f"adapters has {len(adapters)} entries for {len(token_ids)} sequences")
+        seqs = []
+        for i, (ids, adapter) in enumerate(zip(token_ids, adapters, strict=True)):
+            self._check_adapter(adapter, f"adapters[{i}]")
+            ids = self._token_ids(ids, f"token_ids[{i}]")
+            if not ids:
+                raise ValueError(f"token_ids[{i}] is empty")
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"token_ids[{i}] has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
+            seqs.append(ids)
+        if not seqs:
+            return []
+        return self._call(lambda: self._score(seqs, adapters))
+
+    def _score(self, seqs: list[list[int]], adapters: list[str | None]) -> list[np.ndarray]:
         allocator = self._scheduler.blocks
+        probes, tables = [], []
         try:
-            blocks = allocator.allocate(cdiv(len(ids), self.config.block_size))
-        except OutOfBlocks as e:
-            raise RuntimeError(f"logits: the KV cache is busy ({e}); retry when fewer requests run") from None
-        chunk, out = self.prefill_buckets[-1], []
-        try:
-            for start in range(0, len(ids), chunk):
-                part = ids[start : start + chunk]
-                num_tokens = pick_bucket(len(part), self.prefill_buckets)
-                tokens = np.zeros((1, num_tokens), np.int32)
-                tokens[0, : len(part)] = part
-                meta = self._metadata([(start, len(part), blocks)], 1, num_tokens)
-                kv, logits = self._prefill_jit(self._params, self._state.kv, tokens, meta, None)
-                self._state = EngineState(kv, self._state.last_tokens)
-                out.append(np.asarray(logits[0, : len(part)]))
+            for ids, adapter in zip(seqs, adapters, strict=True):
+                try:
+                    tables.append(allocator.allocate(cdiv(len(ids), self.config.block_size)))
+                except OutOfBlocks as e:
+                    raise RuntimeError(f"logits: the KV cache is busy ({e}); retry when fewer requests run") from None
+                probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
+                if adapter is not None and not self._acquire_adapter(probe):
+                    raise RuntimeError(f"logits: the adapter pool is busy; {adapter!r} cannot be loaded now")
+                probes.append(probe)
+            chunk = self.prefill_buckets[-1]
+            num_rows = pick_bucket(len(seqs), pow2_buckets(1, max(len(seqs), 1)))
+            out: list[list[np.ndarray]] = [[] for _ in seqs]
+            for start in range(0, max(len(ids) for ids in seqs), chunk):
+                parts = [ids[start : start + chunk] for ids in seqs]
+                num_tokens = pick_bucket(max(len(p) for p in parts), self.prefill_buckets)
+                tokens = np.zeros((num_rows, num_tokens), np.int32)
+                for r, part in enumerate(parts):
+                    tokens[r, : len(part)] = part
+                rows = [
+                    (min(start, len(ids)), len(part), blocks)
+                    for ids, part, blocks in zip(seqs, parts, tables, strict=True)
+                ]
+                meta = self._metadata(rows, num_rows, num_tokens)
+                lora = self._lora_batch([p.adapter_slot for p in probes], num_rows)
+                kv, logits = self._prefill_jit(self._params, self._state.kv, tokens, meta, None, lora)
+                self._state = dataclasses.replace(self._state, kv=kv)
+                logits = np.asarray(logits)
+                for r, part in enumerate(parts):
+                    out[r].append(logits[r, : len(part)])
+            return [np.concatenate(o) for o in out]
         finally:
-            allocator.free(blocks)
-        return np.concatenate(out)
+            for blocks in tables:
+                allocator.free(blocks)
+            for probe in probes:
+                if probe.adapter_slot:
+                    self._release_adapter(probe)
 
     def stats(self) -> dict:
         """Counters of the engine (read without stopping it)."""
@@ -633,6 +755,7 @@ class Engine:
             "kv_blocks_total": scheduler.blocks.num_blocks - 1,
             "num_preemptions": scheduler.num_preemptions,
             "steps": self._steps,
+            **(self._lora.stats() if self._lora else {}),
         }
 
 

@@ -49,6 +49,9 @@ class Request:
     max_total: int  # cap on prompt + generated tokens
     adapter: str | None = None
     prompt_text: str | None = None
+    adapter_slot: int = 0  # the adapter's slot in the device pool while admitted (0: none)
+    adapter_wait: float = 0.0  # seconds spent waiting for the adapter (loads, full pool)
+    adapter_wait_start: float | None = None
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -111,6 +114,8 @@ class Scheduler:
         max_prefill_seqs: int,
         prefill_buckets: tuple[int, ...],
         prefill_row_buckets: tuple[int, ...],
+        acquire_adapter=None,
+        release_adapter=None,
     ):
         self.blocks = BlockAllocator(num_kv_blocks)
         self.block_size = block_size
@@ -123,6 +128,9 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order; the last is preempted first
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.num_preemptions = 0
+        # Adapter residency is the engine's (it owns the device pool); these pin and unpin.
+        self._acquire_adapter = acquire_adapter
+        self._release_adapter = release_adapter
 
     # --- queue --------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -151,6 +159,8 @@ class Scheduler:
         if request.seq_slot is not None:
             self._free_slots.append(request.seq_slot)
             request.seq_slot = None
+        if request.adapter_slot:
+            self._release_adapter(request)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -230,8 +240,12 @@ class Scheduler:
             padded_rows = pick_bucket(len(rows) + 1, self.prefill_row_buckets)
             if rows and padded_rows * new_width > self.max_num_batched_tokens:
                 break  # this row would make the padded call larger than the token budget
+            if admitting and req.adapter is not None and not self._acquire_adapter(req):
+                break  # its adapter cannot be placed until pinned ones are released: wait in order
             if not self._grow(req, req.num_computed + chunk):
                 if admitting:
+                    if req.adapter_slot:
+                        self._release_adapter(req)
                     break  # keep arrival order: nobody overtakes a request waiting for blocks
                 continue
             if admitting:

@@ -15,6 +15,7 @@ elsewhere; nothing here is mutated in place. Every array field carries its shape
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +65,10 @@ class AttentionMetadata:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class EngineState:
-    """Everything the engine's steps update, donated to each step."""
+    """Everything the engine's jitted functions update, each piece donated to its updater."""
 
-    kv: KVCache
+    kv: KVCache  # donated to every decode and prefill step
     # Newest sampled token of each seq_slot: the next decode reads its input here, so the host
     # never waits for a token before dispatching the step that consumes it.
-    last_tokens: jax.Array  # [max_num_seqs] i32
+    last_tokens: jax.Array  # [max_num_seqs] i32, donated to the sampler
+    lora: Any = None  # LoraPool (donated to adapter commits; read by steps), None without LoRA

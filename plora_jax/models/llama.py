@@ -17,6 +17,7 @@ and softmax run in float32, and logits are returned in float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
+from ..lora_pool import LoraBatch
+from ..pallas.lora_ops import lora_delta_apply
 from ..state import AttentionMetadata, KVCache
 
 # A large finite negative instead of -inf: a fully masked padding row then softmaxes to a
@@ -64,6 +67,24 @@ def _dense(features: int, dtype, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype, name=name)
 
 
+def _proj(features: int, dtype, name: str, x, lora: LoraBatch | None, layer, implementation: str):
+    """x @ W for a projection, plus each row's LoRA delta through the paged adapter pool.
+
+    The pool holds all layers; it is viewed as one `[layers * pages, ...]` pool and this layer's
+    page ids are offset by `layer * pages`, so no per-layer slice of the pool is ever copied.
+    """
+    base = _dense(features, dtype, name)(x)
+    if lora is None:
+        return base
+    pool = lora.pool
+    a, b = pool.a[name], pool.b[name]
+    layers, pages = a.shape[:2]
+    table = pool.page_table + layer * pages
+    flat_a = a.reshape(layers * pages, *a.shape[2:])
+    flat_b = b.reshape(layers * pages, *b.shape[2:])
+    return lora_delta_apply(x, base, lora.row_slot, flat_a, flat_b, table, pool.num_pages, implementation)
+
+
 def paged_attention(
     q: jax.Array,  # [batch, tokens, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim] (one layer)
@@ -93,14 +114,16 @@ def paged_attention(
 class Attention(nn.Module):
     config: ModelConfig
     dtype: Any
+    lora_implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, x, kv: KVCache, layer, meta: AttentionMetadata, cos, sin):
+    def __call__(self, x, kv: KVCache, layer, meta: AttentionMetadata, cos, sin, lora=None):
         cfg = self.config
         batch, tokens, _ = x.shape
-        q = _dense(cfg.num_heads * cfg.head_dim, self.dtype, "q_proj")(x)
-        k = _dense(cfg.num_kv_heads * cfg.head_dim, self.dtype, "k_proj")(x)
-        v = _dense(cfg.num_kv_heads * cfg.head_dim, self.dtype, "v_proj")(x)
+        proj = functools.partial(_proj, lora=lora, layer=layer, implementation=self.lora_implementation)
+        q = proj(cfg.num_heads * cfg.head_dim, self.dtype, "q_proj", x)
+        k = proj(cfg.num_kv_heads * cfg.head_dim, self.dtype, "k_proj", x)
+        v = proj(cfg.num_kv_heads * cfg.head_dim, self.dtype, "v_proj", x)
         q = apply_rope(q.reshape(batch, tokens, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -116,35 +139,39 @@ class Attention(nn.Module):
         kv = KVCache(k=new_k, v=new_v)
 
         out = paged_attention(q, kv.k[layer], kv.v[layer], meta, cfg.sliding_window)
-        out = _dense(cfg.hidden_size, self.dtype, "o_proj")(out.reshape(batch, tokens, -1).astype(self.dtype))
+        out = proj(cfg.hidden_size, self.dtype, "o_proj", out.reshape(batch, tokens, -1).astype(self.dtype))
         return out, kv
 
 
 class MLP(nn.Module):
     config: ModelConfig
     dtype: Any
+    lora_implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, layer, lora=None):
         cfg = self.config
-        gate = _dense(cfg.intermediate_size, self.dtype, "gate_proj")(x)
-        up = _dense(cfg.intermediate_size, self.dtype, "up_proj")(x)
-        return _dense(cfg.hidden_size, self.dtype, "down_proj")(nn.silu(gate) * up)
+        proj = functools.partial(_proj, lora=lora, layer=layer, implementation=self.lora_implementation)
+        gate = proj(cfg.intermediate_size, self.dtype, "gate_proj", x)
+        up = proj(cfg.intermediate_size, self.dtype, "up_proj", x)
+        return proj(cfg.hidden_size, self.dtype, "down_proj", nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any
+    lora_implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, carry, layer, meta: AttentionMetadata, cos, sin):
+    def __call__(self, carry, layer, meta: AttentionMetadata, cos, sin, lora):
         x, kv = carry
         cfg = self.config
+        impl = self.lora_implementation
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        attn_out, kv = Attention(cfg, self.dtype, name="self_attn")(h, kv, layer, meta, cos, sin)
+        attn_out, kv = Attention(cfg, self.dtype, impl, name="self_attn")(h, kv, layer, meta, cos, sin, lora)
         x = x + attn_out
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        x = x + MLP(cfg, self.dtype, name="mlp")(h)
+        x = x + MLP(cfg, self.dtype, impl, name="mlp")(h, layer, lora)
         return (x, kv), None
 
 
@@ -158,6 +185,7 @@ class Llama(nn.Module):
 
     config: ModelConfig
     dtype: Any = jnp.float32
+    lora_implementation: str = "auto"
 
     @nn.compact
     def __call__(
@@ -166,6 +194,7 @@ class Llama(nn.Module):
         kv: KVCache,
         meta: AttentionMetadata,
         logits_indices: jax.Array | None = None,  # [batch] i32
+        lora: LoraBatch | None = None,
     ):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype, name="embed_tokens")
@@ -175,10 +204,10 @@ class Llama(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-        )(cfg, self.dtype, name="layers")
-        (x, kv), _ = layers((x, kv), jnp.arange(cfg.num_layers), meta, cos, sin)
+        )(cfg, self.dtype, self.lora_implementation, name="layers")
+        (x, kv), _ = layers((x, kv), jnp.arange(cfg.num_layers), meta, cos, sin, lora)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if logits_indices is not None:
             x = jnp.take_along_axis(x, logits_indices[:, None, None], axis=1)[:, 0]

@@ -1,0 +1,217 @@
+"""Paged adapter memory: the device pool (a pytree), its one donated commit, and the host page
+allocator that decides where adapters live.
+
+Device (`LoraPool`). For every projection, pages of A^T rows and of B rows for all layers;
+page 0 is all zeros and never allocated. The page table maps an `adapter_slot` to its page ids
+(0-padded) and its page count; slot 0 means "no adapter". A rank-r adapter uses
+ceil(r / page_rows) pages, and any free page serves any adapter, so adapters of mixed ranks
+leave no holes and the pool never fragments.
+
+Loading an adapter is one call of `commit_adapter`, jitted once with the pool donated: it
+scatters the adapter's pages (padded to a power-of-two page count, the padding aimed at an
+out-of-range page id and dropped) and writes its page-table row. Page counts are buckets and
+everything else is data, so loading, evicting and reloading adapters of any rank never
+recompiles once each bucket has run (the engine warms them up).
+
+Host (`PagePool`, numpy-free plain Python). Free pages, free slots, the resident adapters in
+least-recently-used order, and pins (in-flight requests using an adapter). `allocate` evicts
+unpinned adapters, least recently used first, only when that makes the new one fit; if
+nothing can be evicted yet it returns None and the request waits.
+
+Two layouts behind the same interface:
+- `paged`: the above.
+- `contiguous`: the fixed-slot baseline (vLLM's design): slot s owns the `max_pages` pages
+  starting at 1 + (s - 1) * max_pages, i.e. every adapter reserves the maximum rank. It uses
+  the same page table and kernels; only the allocation differs, which is the point of the
+  memory comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from .adapters import module_dims
+from .buckets import pick_bucket, pow2_buckets
+from .config import ModelConfig
+
+LAYOUTS = ("paged", "contiguous")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraPool:
+    """Adapter weights in pages, shared by all adapters on the device."""
+
+    a: dict  # projection -> [num_layers, num_pages, page_rows, in_features] (A^T rows)
+    b: dict  # projection -> [num_layers, num_pages, page_rows, out_features] (B rows, scaling folded in)
+    page_table: jax.Array  # [max_slots, max_pages] i32, page ids of each adapter_slot, 0-padded
+    num_pages: jax.Array  # [max_slots] i32, pages of each adapter_slot (0 for slot 0 and free slots)
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, num_pages: int, page_rows: int, max_slots: int, max_pages: int, dtype):
+        layers = config.num_layers
+        dims = module_dims(config)
+        return cls(
+            a={m: jnp.zeros((layers, num_pages, page_rows, d_in), dtype) for m, (d_in, _) in dims.items()},
+            b={m: jnp.zeros((layers, num_pages, page_rows, d_out), dtype) for m, (_, d_out) in dims.items()},
+            page_table=jnp.zeros((max_slots, max_pages), jnp.int32),
+            num_pages=jnp.zeros((max_slots,), jnp.int32),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraBatch:
+    """What a model step needs for LoRA: the pool and the adapter slot of each batch row."""
+
+    pool: LoraPool
+    row_slot: jax.Array  # [batch] i32, adapter_slot of each row (0: base model only)
+
+
+def page_bytes(config: ModelConfig, page_rows: int, itemsize: int) -> int:
+    """Device bytes of one page across every projection and layer."""
+    widths = sum(d_in + d_out for d_in, d_out in module_dims(config).values())
+    return config.num_layers * page_rows * widths * itemsize
+
+
+def _commit(pool: LoraPool, slot, page_ids, table_row, count, a_pages: dict, b_pages: dict) -> LoraPool:
+    # page_ids [bucket]: real ids, then an out-of-range id for the padding (dropped, never written).
+    a = {m: pool.a[m].at[:, page_ids].set(a_pages[m].astype(pool.a[m].dtype), mode="drop") for m in pool.a}
+    b = {m: pool.b[m].at[:, page_ids].set(b_pages[m].astype(pool.b[m].dtype), mode="drop") for m in pool.b}
+    return LoraPool(a, b, pool.page_table.at[slot].set(table_row), pool.num_pages.at[slot].set(count))
+
+
+commit_adapter = jax.jit(_commit, donate_argnames=("pool",))
+
+
+def commit_buckets(max_pages: int) -> tuple[int, ...]:
+    return pow2_buckets(1, max_pages)
+
+
+def commit_bucket(num_pages: int, max_pages: int) -> int:
+    return pick_bucket(num_pages, commit_buckets(max_pages))
+
+
+@dataclass
+class Resident:
+    slot: int
+    pages: list[int]
+    live_bytes: int  # bytes of the adapter's weights at their true rank
+    pins: int = 0
+
+
+class PagePool:
+    """Host bookkeeping of the device pool. Owned by the engine loop thread."""
+
+    def __init__(self, num_pages: int, max_slots: int, max_pages: int, layout: str = "paged"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"lora layout must be one of {LAYOUTS}, got {layout!r}")
+        if num_pages < 2 or max_slots < 2:
+            raise ValueError(
+                f"the adapter pool needs >= 2 pages and >= 2 slots (page 0 and slot 0 are reserved), "
+                f"got {num_pages} pages, {max_slots} slots"
+            )
+        self.num_pages, self.max_slots, self.max_pages, self.layout = num_pages, max_slots, max_pages, layout
+        if layout == "paged":
+            self._free_pages = list(range(num_pages - 1, 0, -1))
+            usable_slots = max_slots - 1
+        else:
+            usable_slots = min(max_slots - 1, (num_pages - 1) // max_pages)
+            if usable_slots < 1:
+                raise ValueError(f"a contiguous pool of {num_pages} pages cannot hold one adapter of {max_pages} pages")
+            self._free_pages = []
+        self._free_slots = list(range(usable_slots, 0, -1))
+        self.resident: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
+        self.loads = 0
+        self.evictions = 0
+
+    # --- queries ------------------------------------------------------------------------
+    def get(self, name: str) -> Resident | None:
+        return self.resident.get(name)
+
+    @property
+    def pages_used(self) -> int:
+        return sum(len(r.pages) for r in self.resident.values())
+
+    @property
+    def pages_reserved(self) -> int:
+        """Pages that adapters hold (all of a slot's region in the contiguous layout)."""
+        if self.layout == "contiguous":
+            return len(self.resident) * self.max_pages
+        return self.pages_used
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(r.live_bytes for r in self.resident.values())
+
+    # --- pins and recency ---------------------------------------------------------------
+    def pin(self, name: str) -> Resident:
+        res = self.resident[name]
+        res.pins += 1
+        self.resident.move_to_end(name)
+        return res
+
+    def unpin(self, name: str) -> None:
+        res = self.resident.get(name)
+        if res is not None and res.pins > 0:
+            res.pins -= 1
+
+    # --- allocation ---------------------------------------------------------------------
+    def _fits(self, num_pages: int, free_slots: int, free_pages: int) -> bool:
+        return free_slots > 0 and (self.layout == "contiguous" or free_pages >= num_pages)
+
+    def allocate(self, name: str, num_pages: int, live_bytes: int) -> tuple[Resident, list[str]] | None:
+        """Place `name` (evicting least-recently-used unpinned adapters if needed); None if it
+        cannot fit until pinned adapters are released. Returns (placement, evicted names)."""
+        if name in self.resident:
+            raise ValueError(f"adapter {name!r} is already resident")
+        if num_pages > self.max_pages:
+            raise ValueError(f"adapter {name!r} needs {num_pages} pages, more than max_pages={self.max_pages}")
+        free_slots, free_pages, victims = len(self._free_slots), len(self._free_pages), []
+        for other, res in self.resident.items():
+            if self._fits(num_pages, free_slots, free_pages):
+                break
+            if res.pins == 0:
+                victims.append(other)
+                free_slots += 1
+                free_pages += len(res.pages)
+        if not self._fits(num_pages, free_slots, free_pages):
+            return None
+        for other in victims:
+            self.evict(other)
+        slot = self._free_slots.pop()
+        if self.layout == "paged":
+            pages = [self._free_pages.pop() for _ in range(num_pages)]
+        else:
+            first = 1 + (slot - 1) * self.max_pages
+            pages = list(range(first, first + num_pages))
+        res = Resident(slot, pages, live_bytes)
+        self.resident[name] = res
+        self.loads += 1
+        return res, victims
+
+    def evict(self, name: str) -> None:
+        res = self.resident.pop(name)
+        if res.pins:
+            self.resident[name] = res
+            raise ValueError(f"adapter {name!r} is in use by {res.pins} request(s)")
+        self._free_slots.append(res.slot)
+        if self.layout == "paged":
+            self._free_pages.extend(reversed(res.pages))
+        self.evictions += 1
+
+    def check(self) -> None:
+        """Invariants (tests): every page and slot is either free or owned by exactly one adapter."""
+        owned_pages = [p for r in self.resident.values() for p in r.pages]
+        owned_slots = [r.slot for r in self.resident.values()]
+        assert len(set(owned_slots)) == len(owned_slots) and not set(owned_slots) & set(self._free_slots)
+        assert 0 not in owned_slots and 0 not in owned_pages
+        assert len(set(owned_pages)) == len(owned_pages)
+        if self.layout == "paged":
+            assert not set(owned_pages) & set(self._free_pages)
+            assert len(owned_pages) + len(self._free_pages) == self.num_pages - 1
