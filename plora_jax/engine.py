@@ -565,12 +565,14 @@ class Engine:
             return []
         return self._call(self._lora.describe)
 
-    def _make_request(self, prompt, params, adapter, name: str, request_id: str | None) -> Request:
+    def _make_request(
+        self, prompt, params, adapter, name: str, request_id: str | None, adapter_field: str = "adapter"
+    ) -> Request:
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params for {name} must be a SamplingParams")
-        self._check_adapter(adapter, f"adapter of {name}")
+        self._check_adapter(adapter, adapter_field)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{name}: this engine has no tokenizer; pass token ids")
@@ -661,7 +663,7 @@ class Engine:
         if len(adapters) != len(prompts):
             raise ValueError(f"adapters has {len(adapters)} entries for {len(prompts)} prompts")
         requests = [
-            self._make_request(p, sp, a, f"prompts[{i}]", None)
+            self._make_request(p, sp, a, f"prompts[{i}]", None, f"adapters[{i}]")
             for i, (p, sp, a) in enumerate(zip(prompts, sampling_params, adapters, strict=True))
         ]
         handles = [self._enqueue(r) for r in requests]

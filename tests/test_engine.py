@@ -162,7 +162,7 @@ def test_bad_input_names_the_field_and_others_keep_running(tiny_engine):
         (([list(range(96))], sp), r"prompts\[0\] has 96 tokens"),
         (([[1, 2], [300]], sp), r"prompts\[1\] holds token ids outside \[0, 256\)"),
         (([[1]], [sp, sp]), "sampling_params has 2 entries for 1 prompts"),
-        (([[1]], sp, ["my-adapter"]), r"adapter of prompts\[0\]='my-adapter': no adapter"),
+        (([[1]], sp, ["my-adapter"]), r"adapters\[0\]='my-adapter': no adapter"),
         ((["text"], sp), "no tokenizer"),
     ]
     for args, message in cases:
