@@ -44,11 +44,22 @@ class AdapterError(ValueError):
     """A LoRA adapter that cannot be served; the message names the file and field."""
 
 
-def module_dims(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each projection of `config`."""
+def parse_target_modules(spec: str) -> tuple[str, ...]:
+    """ "all" or a comma-separated subset of TARGET_MODULES, in canonical order."""
+    if spec.strip() == "all":
+        return TARGET_MODULES
+    names = {n.strip() for n in spec.split(",") if n.strip()}
+    bad = sorted(names - set(TARGET_MODULES))
+    if bad or not names:
+        raise ValueError(f"lora_target_modules={spec!r}: use 'all' or a comma list of {list(TARGET_MODULES)}")
+    return tuple(m for m in TARGET_MODULES if m in names)
+
+
+def module_dims(config: ModelConfig, modules: tuple[str, ...] = TARGET_MODULES) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection in `modules` of `config`."""
     h, i = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    return {
+    dims = {
         "q_proj": (h, q),
         "k_proj": (h, kv),
         "v_proj": (h, kv),
@@ -57,6 +68,7 @@ def module_dims(config: ModelConfig) -> dict[str, tuple[int, int]]:
         "up_proj": (h, i),
         "down_proj": (i, h),
     }
+    return {m: dims[m] for m in modules}
 
 
 @dataclass
@@ -131,8 +143,10 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_adapter(name: str, path: str | Path, model_config: ModelConfig, max_rank: int) -> LoraAdapter:
-    """Read and validate a PEFT adapter folder for `model_config`."""
+def load_adapter(
+    name: str, path: str | Path, model_config: ModelConfig, max_rank: int, modules: tuple[str, ...] = TARGET_MODULES
+) -> LoraAdapter:
+    """Read and validate a PEFT adapter folder for `model_config` (projections limited to `modules`)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -162,6 +176,11 @@ def load_adapter(name: str, path: str | Path, model_config: ModelConfig, max_ran
             raise AdapterError(
                 f"{weights_file}: tensor {key!r} targets {parent}.{module}, not supported; "
                 f"supported: {list(TARGET_MODULES)}"
+            )
+        if module not in modules:
+            raise AdapterError(
+                f"{weights_file}: tensor {key!r} targets {module}, which this engine's lora_target_modules "
+                f"({','.join(modules)}) leaves out"
             )
         if layer >= model_config.num_layers:
             raise AdapterError(
@@ -204,7 +223,9 @@ def load_adapter(name: str, path: str | Path, model_config: ModelConfig, max_ran
     return LoraAdapter(name, path, weights, model_config.num_layers, config)
 
 
-def layout_pages(adapter: LoraAdapter, model_config: ModelConfig, page_rows: int, dtype) -> tuple[dict, dict, int]:
+def layout_pages(
+    adapter: LoraAdapter, model_config: ModelConfig, page_rows: int, dtype, modules: tuple[str, ...] = TARGET_MODULES
+) -> tuple[dict, dict, int]:
     """(a_pages, b_pages, num_pages): per module, [num_layers, num_pages, page_rows, width] arrays.
 
     Every module of the pool gets pages (zeros where the adapter leaves a module or layer out),
@@ -214,7 +235,7 @@ def layout_pages(adapter: LoraAdapter, model_config: ModelConfig, page_rows: int
     rows = num_pages * page_rows
     layers = model_config.num_layers
     a_pages, b_pages = {}, {}
-    for module, (d_in, d_out) in module_dims(model_config).items():
+    for module, (d_in, d_out) in module_dims(model_config, modules).items():
         a_full = np.zeros((layers, rows, d_in), np.float32)
         b_full = np.zeros((layers, rows, d_out), np.float32)
         for layer in range(layers):
@@ -226,3 +247,40 @@ def layout_pages(adapter: LoraAdapter, model_config: ModelConfig, page_rows: int
         a_pages[module] = a_full.reshape(layers, num_pages, page_rows, d_in).astype(dtype)
         b_pages[module] = b_full.reshape(layers, num_pages, page_rows, d_out).astype(dtype)
     return a_pages, b_pages, num_pages
+
+
+def save_random_adapter(
+    path: str | Path,
+    config: ModelConfig,
+    rank: int,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    alpha: float | None = None,
+    scale: float = 0.1,
+    dtype=np.float32,
+    **extra_config,
+) -> Path:
+    """Write a PEFT-format LoRA folder with random (non-zero) A and B: tests and benchmarks."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    dims = module_dims(config, tuple(targets))
+    tensors = {}
+    for layer in range(config.num_layers):
+        for module, (d_in, d_out) in dims.items():
+            prefix = f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, d_in)) * scale).astype(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((d_out, rank)) * scale).astype(dtype)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha if alpha is not None else 2 * rank,
+        "target_modules": list(targets),
+        "bias": "none",
+        **extra_config,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return path

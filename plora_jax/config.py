@@ -198,6 +198,7 @@ class EngineConfig:
     page_rows: int = 8  # rank rows per adapter page
     lora_pool_pages: int = 0  # pages in the adapter pool (0: size it from lora_pool_mb)
     lora_pool_mb: float = 256.0  # device memory for adapter pages when lora_pool_pages is 0
+    lora_target_modules: str = "all"  # projections with adapter pages: "all" or e.g. "q_proj,v_proj"
     layout: str = "paged"  # "paged" (pages through a page table) | "contiguous" (slots padded to max rank)
     lora_implementation: str = "auto"  # "auto" | "xla" | "pallas_gpu" | "pallas_tpu"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import AdapterError, LoraAdapter, layout_pages, load_adapter
+from .adapters import AdapterError, LoraAdapter, layout_pages, load_adapter, parse_target_modules
 from .buckets import cdiv
 from .config import EngineConfig, ModelConfig
 from .lora_pool import LoraPool, PagePool, commit_adapter, commit_bucket, commit_buckets, page_bytes
@@ -42,7 +42,8 @@ class LoraManager:
         self.page_rows = config.page_rows
         self.max_rank = config.max_lora_rank
         self.max_pages = cdiv(config.max_lora_rank, config.page_rows)
-        self.page_bytes = page_bytes(model_config, config.page_rows, self.dtype.itemsize)
+        self.modules = parse_target_modules(config.lora_target_modules)
+        self.page_bytes = page_bytes(model_config, config.page_rows, self.dtype.itemsize, self.modules)
         num_pages = config.lora_pool_pages or max(2, int(config.lora_pool_mb * 2**20) // self.page_bytes)
         self.pages = PagePool(num_pages, config.max_loras + 1, self.max_pages, config.layout)
         self.entries: dict[str, AdapterEntry] = {}
@@ -61,7 +62,13 @@ class LoraManager:
 
     def zeros(self) -> LoraPool:
         return LoraPool.zeros(
-            self.model_config, self.num_pages, self.page_rows, self.pages.max_slots, self.max_pages, self.dtype
+            self.model_config,
+            self.num_pages,
+            self.page_rows,
+            self.pages.max_slots,
+            self.max_pages,
+            self.dtype,
+            self.modules,
         )
 
     # --- registry -----------------------------------------------------------------------
@@ -77,10 +84,10 @@ class LoraManager:
         return entry
 
     def _read(self, entry: AdapterEntry) -> None:
-        adapter = load_adapter(entry.name, entry.path, self.model_config, self.max_rank)
+        adapter = load_adapter(entry.name, entry.path, self.model_config, self.max_rank, self.modules)
         entry.adapter = adapter
         entry.a_pages, entry.b_pages, entry.num_pages = layout_pages(
-            adapter, self.model_config, self.page_rows, self.dtype
+            adapter, self.model_config, self.page_rows, self.dtype, self.modules
         )
         entry.live_bytes = adapter.live_elements() * self.dtype.itemsize
 
@@ -149,7 +156,7 @@ class LoraManager:
             out = {}
             for m, arr in arrays.items():
                 padded = np.zeros((arr.shape[0], bucket, *arr.shape[2:]), arr.dtype)
-                padded[:, :n] = arr
+                padded[:, : arr.shape[1]] = arr  # contiguous slots: zeros up to the maximum rank
                 out[m] = padded
             return out
 
@@ -190,7 +197,7 @@ class LoraManager:
         return {
             "adapters_registered": len(self.entries),
             "adapters_on_device": len(self.pages.resident),
-            "adapter_pages_used": self.pages.pages_reserved,
+            "adapter_pages_used": self.pages.pages_used,
             "adapter_pages_total": self.num_pages - 1,
             "adapter_mem_util": self.memory_util(),
             "adapter_loads": self.pages.loads,

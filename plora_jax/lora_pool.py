@@ -53,9 +53,9 @@ class LoraPool:
     num_pages: jax.Array  # [max_slots] i32, pages of each adapter_slot (0 for slot 0 and free slots)
 
     @classmethod
-    def zeros(cls, config: ModelConfig, num_pages: int, page_rows: int, max_slots: int, max_pages: int, dtype):
+    def zeros(cls, config: ModelConfig, num_pages: int, page_rows: int, max_slots: int, max_pages: int, dtype, modules):
         layers = config.num_layers
-        dims = module_dims(config)
+        dims = module_dims(config, modules)
         return cls(
             a={m: jnp.zeros((layers, num_pages, page_rows, d_in), dtype) for m, (d_in, _) in dims.items()},
             b={m: jnp.zeros((layers, num_pages, page_rows, d_out), dtype) for m, (_, d_out) in dims.items()},
@@ -73,9 +73,9 @@ class LoraBatch:
     row_slot: jax.Array  # [batch] i32, adapter_slot of each row (0: base model only)
 
 
-def page_bytes(config: ModelConfig, page_rows: int, itemsize: int) -> int:
-    """Device bytes of one page across every projection and layer."""
-    widths = sum(d_in + d_out for d_in, d_out in module_dims(config).values())
+def page_bytes(config: ModelConfig, page_rows: int, itemsize: int, modules) -> int:
+    """Device bytes of one page across every projection in `modules` and every layer."""
+    widths = sum(d_in + d_out for d_in, d_out in module_dims(config, modules).values())
     return config.num_layers * page_rows * widths * itemsize
 
 
@@ -136,14 +136,8 @@ class PagePool:
 
     @property
     def pages_used(self) -> int:
+        """Pages adapters hold (in the contiguous layout, each slot's whole region)."""
         return sum(len(r.pages) for r in self.resident.values())
-
-    @property
-    def pages_reserved(self) -> int:
-        """Pages that adapters hold (all of a slot's region in the contiguous layout)."""
-        if self.layout == "contiguous":
-            return len(self.resident) * self.max_pages
-        return self.pages_used
 
     @property
     def live_bytes(self) -> int:
@@ -172,14 +166,10 @@ class PagePool:
             raise ValueError(f"adapter {name!r} is already resident")
         if num_pages > self.max_pages:
             raise ValueError(f"adapter {name!r} needs {num_pages} pages, more than max_pages={self.max_pages}")
-        free_slots, free_pages, victims = len(self._free_slots), len(self._free_pages), []
-        for other, res in self.resident.items():
-            if self._fits(num_pages, free_slots, free_pages):
-                break
-            if res.pins == 0:
-                victims.append(other)
-                free_slots += 1
-                free_pages += len(res.pages)
+        free_slots, free_pages = len(self._free_slots), len(self._free_pages)
+        victims = [] if self._fits(num_pages, free_slots, free_pages) else self._victims(num_pages)
+        free_slots += len(victims)
+        free_pages += sum(len(self.resident[v].pages) for v in victims)
         if not self._fits(num_pages, free_slots, free_pages):
             return None
         for other in victims:
@@ -187,13 +177,34 @@ class PagePool:
         slot = self._free_slots.pop()
         if self.layout == "paged":
             pages = [self._free_pages.pop() for _ in range(num_pages)]
-        else:
+        else:  # the whole fixed region: the adapter is padded to the maximum rank, in memory and compute
             first = 1 + (slot - 1) * self.max_pages
-            pages = list(range(first, first + num_pages))
+            pages = list(range(first, first + self.max_pages))
         res = Resident(slot, pages, live_bytes)
         self.resident[name] = res
         self.loads += 1
         return res, victims
+
+    def _victims(self, num_pages: int) -> list[str]:
+        """Unpinned adapters to evict so that `num_pages` fit: least recently used first, but
+        size-aware within the older half: if one adapter there frees enough pages on its own,
+        the smallest such goes (evicting a rank-128 adapter to make room for a rank-8 one would
+        leave most of its pages idle). The contiguous layout only needs a slot: plain LRU."""
+        candidates = [name for name, res in self.resident.items() if res.pins == 0]
+        if self.layout == "paged":
+            deficit = num_pages - len(self._free_pages)
+            window = candidates[: max(1, len(candidates) // 2)]
+            single = [n for n in window if len(self.resident[n].pages) >= deficit]
+            if single:
+                return [min(single, key=lambda n: len(self.resident[n].pages))]
+        victims, free_slots, free_pages = [], len(self._free_slots), len(self._free_pages)
+        for name in candidates:
+            if self._fits(num_pages, free_slots, free_pages):
+                break
+            victims.append(name)
+            free_slots += 1
+            free_pages += len(self.resident[name].pages)
+        return victims
 
     def evict(self, name: str) -> None:
         res = self.resident.pop(name)

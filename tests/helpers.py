@@ -143,42 +143,7 @@ def write_tiny_gguf(
     return config, tensors
 
 
-def write_peft_adapter(
-    path: Path,
-    config: ModelConfig,
-    rank: int,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
-    seed: int = 0,
-    alpha: float | None = None,
-    scale: float = 0.1,
-    **extra_config,
-) -> Path:
-    """A PEFT-format LoRA folder (adapter_config.json + adapter_model.safetensors), random A and B."""
-    import json
+def write_peft_adapter(path: Path, config: ModelConfig, rank: int, targets=("q_proj", "v_proj"), **kwargs) -> Path:
+    from plora_jax.adapters import save_random_adapter
 
-    from safetensors.numpy import save_file
-
-    from plora_jax.adapters import module_dims
-
-    rng = np.random.default_rng(seed)
-    dims = module_dims(config)
-    tensors = {}
-    for layer in range(config.num_layers):
-        for module in targets:
-            d_in, d_out = dims[module]
-            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, d_in)) * scale).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((d_out, rank)) * scale).astype(np.float32)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    cfg = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": alpha if alpha is not None else 2 * rank,
-        "target_modules": list(targets),
-        "bias": "none",
-        **extra_config,
-    }
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
-    return path
+    return save_random_adapter(path, config, rank, targets, **kwargs)

@@ -135,6 +135,12 @@ def test_unknown_adapter_and_duplicate_name(small_engine, tmp_path):
     small_engine.remove_adapter("dup")
 
 
+def test_target_modules_outside_the_pool_are_refused(tmp_path):
+    path = write_peft_adapter(tmp_path / "mlp", CFG, rank=8, targets=("q_proj", "up_proj"))
+    with pytest.raises(AdapterError, match="lora_target_modules"):
+        load_adapter("mlp", path, CFG, max_rank=64, modules=("q_proj", "v_proj"))
+
+
 # --- host allocator -----------------------------------------------------------------------
 def test_page_pool_lru_pins_and_no_fragmentation():
     pool = PagePool(num_pages=11, max_slots=5, max_pages=4)  # 10 usable pages, 4 slots
@@ -164,8 +170,8 @@ def test_contiguous_layout_reserves_max_rank():
     pool = PagePool(num_pages=17, max_slots=9, max_pages=4, layout="contiguous")  # 4 regions of 4 pages
     for i in range(4):
         res, _ = pool.allocate(f"a{i}", 1, 1)
-        assert res.pages == [1 + (res.slot - 1) * 4]
-    assert pool.pages_used == 4 and pool.pages_reserved == 16
+        assert res.pages == list(range(1 + (res.slot - 1) * 4, 1 + res.slot * 4))  # the whole region
+    assert pool.pages_used == 16
     res, evicted = pool.allocate("big", 4, 1)
     assert evicted == ["a0"]
     pool.check()
@@ -233,12 +239,22 @@ def test_churn_loads_evicts_reloads_without_compiles_or_leaks(small_engine, tmp_
     lora.pages.check()
 
 
-def test_requests_wait_for_a_full_pool_and_mix_in_one_batch(tmp_path):
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_requests_wait_for_a_full_pool_and_mix_in_one_batch(tmp_path, layout):
     """A pool that fits two rank-64 adapters, four running rows: the others wait, none fail,
     and outputs equal each request run alone."""
     params = init_params(CFG, jnp.float32, seed=1, scale=0.2)
     engine = Engine.from_params(
-        CFG, params, warmup=False, max_model_len=64, max_num_seqs=4, num_kv_blocks=64, lora_pool_pages=17, page_rows=8
+        CFG,
+        params,
+        warmup=False,
+        max_model_len=64,
+        max_num_seqs=4,
+        num_kv_blocks=64,
+        lora_pool_pages=17,
+        page_rows=8,
+        max_lora_rank=64,
+        layout=layout,
     )
     try:
         for i in range(4):

@@ -74,7 +74,7 @@ def _proj(features: int, dtype, name: str, x, lora: LoraBatch | None, layer, imp
     page ids are offset by `layer * pages`, so no per-layer slice of the pool is ever copied.
     """
     base = _dense(features, dtype, name)(x)
-    if lora is None:
+    if lora is None or name not in lora.pool.a:
         return base
     pool = lora.pool
     a, b = pool.a[name], pool.b[name]
