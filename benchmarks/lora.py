@@ -230,9 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--churn-adapters", type=int, default=48)
     parser.add_argument("--churn-requests", type=int, default=600)
     parser.add_argument(
-        "--churn-dtype", default="bfloat16", help="pool dtype of the churn run (bytes ratio is dtype-free)"
+        "--churn-dtype", default="float32", help="pool dtype of the churn run (the ratio is dtype-free)"
     )
-    parser.add_argument("--pool-mb", type=float, default=256.0, help="adapter pool budget of the churn run")
+    parser.add_argument("--pool-mb", type=float, default=512.0, help="adapter pool budget of the churn run")
     parser.add_argument("--hold", type=int, default=3, help="mean ticks a request pins its adapter")
     parser.add_argument("--zipf", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -680,7 +680,8 @@ class Engine:
         Runs on the loop thread between steps, in chunks of `max_num_batched_tokens`; its shapes
         are compiled on first use (they are not part of the serving warm-up).
         """
-        return self.logits_batch([token_ids], [adapter])[0]
+        ids = self._score_input(token_ids, adapter, "token_ids", "adapter")
+        return self._call(lambda: self._score([ids], [adapter]))[0]
 
     def logits_batch(
         self, token_ids: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None
@@ -689,18 +690,22 @@ class Engine:
         adapters = [None] * len(token_ids) if adapters is None else list(adapters)
         if len(adapters) != len(token_ids):
             raise ValueError(f"adapters has {len(adapters)} entries for {len(token_ids)} sequences")
-        seqs = []
-        for i, (ids, adapter) in enumerate(zip(token_ids, adapters, strict=True)):
-            self._check_adapter(adapter, f"adapters[{i}]")
-            ids = self._token_ids(ids, f"token_ids[{i}]")
-            if not ids:
-                raise ValueError(f"token_ids[{i}] is empty")
-            if len(ids) > self.max_model_len:
-                raise ValueError(f"token_ids[{i}] has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
-            seqs.append(ids)
+        seqs = [
+            self._score_input(ids, adapter, f"token_ids[{i}]", f"adapters[{i}]")
+            for i, (ids, adapter) in enumerate(zip(token_ids, adapters, strict=True))
+        ]
         if not seqs:
             return []
         return self._call(lambda: self._score(seqs, adapters))
+
+    def _score_input(self, token_ids, adapter, field: str, adapter_field: str) -> list[int]:
+        self._check_adapter(adapter, adapter_field)
+        ids = self._token_ids(token_ids, field)
+        if not ids:
+            raise ValueError(f"{field} is empty")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"{field} has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
+        return ids
 
     def _score(self, seqs: list[list[int]], adapters: list[str | None]) -> list[np.ndarray]:
         allocator = self._scheduler.blocks

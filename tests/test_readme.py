@@ -7,7 +7,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_example_runs(capsys, smollm_path):
-    (block,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[0]
     namespace: dict = {}
     exec(compile(block, str(README), "exec"), namespace)
     assert "Paris" in capsys.readouterr().out
@@ -20,3 +20,20 @@ def test_readme_commands_match_ci():
     assert 'pip install -e ".[test]" && python -m pytest -q' in text
     assert 'pip install -e ".[test]" && python -m pytest -q' in ci
     assert "python -m plora_jax.generate --model llama" in text
+
+
+def test_readme_adapter_example_runs(tmp_path, monkeypatch, smollm_path):
+    """The adapter example, with two PEFT folders where it expects them."""
+    from plora_jax.adapters import save_random_adapter
+    from plora_jax.config import smollm2_135m
+
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[1]
+    save_random_adapter(tmp_path / "adapters/sql-lora", smollm2_135m(), 16, ("q_proj", "v_proj"))
+    save_random_adapter(tmp_path / "adapters/chat-lora", smollm2_135m(), 8, ("o_proj",), seed=1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    assert [len(o.token_ids) for o in namespace["outs"]] and len(namespace["outs"]) == 3
+    names = [a["name"] for a in namespace["engine"].adapters()]
+    assert names == ["chat"]
+    namespace["engine"].close()

@@ -11,6 +11,10 @@ so compile time does not grow with depth. The KV cache travels in the scan carry
 `[num_layers, ...]` array, updated at the layer index) rather than as a scanned input: XLA then
 updates the donated buffer in place instead of re-stacking per-layer slices.
 
+LoRA: with a `LoraBatch` (the paged adapter pool and each row's `adapter_slot`), every
+projection adds its row's adapter delta through `plora_jax.pallas.lora_ops` (see `_proj`).
+Without one, the forward has no LoRA code at all.
+
 Precision: matmuls run in the parameter dtype (float32 or bfloat16); RMSNorm statistics, RoPE
 and softmax run in float32, and logits are returned in float32.
 """
