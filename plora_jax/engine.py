@@ -164,6 +164,8 @@ class Engine:
         if self._thread.is_alive():
             self._inbox.put(("stop",))
             self._thread.join()
+        if self._lora is not None:
+            self._lora.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -300,6 +302,8 @@ class Engine:
             idle = in_flight is None and not scheduler.has_work()
             if not self._drain_inbox(block=idle):
                 break
+            if self._lora is not None:
+                self._poll_adapters()
             plan = scheduler.schedule()
             launched = self._dispatch(plan) if plan is not None else None
             if in_flight is not None:
@@ -522,6 +526,27 @@ class Engine:
         request.adapter_wait_start = None
         return True
 
+    def _poll_adapters(self, wait_for: str | None = None) -> None:
+        """Commit finished adapter transfers (optionally waiting for `wait_for`'s); fail the
+        requests whose adapter could not be loaded."""
+        if wait_for is not None:
+            pool, failures = self._lora.wait_for(wait_for, self._state.lora)
+        else:
+            pool, failures = self._lora.poll(self._state.lora)
+        self._state = dataclasses.replace(self._state, lora=pool)
+        for name, error in failures:
+            for request in list(self._scheduler.waiting):
+                if request.adapter == name:
+                    self._fail_request(request, AdapterError(f"adapter {name!r} could not be loaded: {error}"))
+
+    def _fail_request(self, request: Request, error: BaseException) -> None:
+        self._scheduler.finish(request, "abort")
+        with self._handles_lock:
+            handle = self._handles.pop(request.request_id, None)
+        self._detok.pop(request.request_id, None)
+        if handle is not None:
+            handle._fail(error)
+
     def _release_adapter(self, request: Request) -> None:
         self._lora.release(request.adapter)
         request.adapter_slot = 0
@@ -717,8 +742,13 @@ class Engine:
                 except OutOfBlocks as e:
                     raise RuntimeError(f"logits: the KV cache is busy ({e}); retry when fewer requests run") from None
                 probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
-                if adapter is not None and not self._acquire_adapter(probe):
-                    raise RuntimeError(f"logits: the adapter pool is busy; {adapter!r} cannot be loaded now")
+                while adapter is not None and not self._acquire_adapter(probe):
+                    if not self._lora.is_loading(adapter):
+                        error = self._lora.entries[adapter].error
+                        if error is not None:
+                            raise AdapterError(f"adapter {adapter!r} could not be loaded: {error}") from error
+                        raise RuntimeError(f"logits: the adapter pool is busy; {adapter!r} cannot be loaded now")
+                    self._poll_adapters(wait_for=adapter)
                 probes.append(probe)
             chunk = self.prefill_buckets[-1]
             num_rows = pick_bucket(len(seqs), pow2_buckets(1, max(len(seqs), 1)))

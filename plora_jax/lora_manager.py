@@ -7,14 +7,30 @@ validated and laid out in pages in host memory), `device` (pages committed to th
 issue loads on demand (S-LoRA's reactive behaviour): `acquire` puts an adapter on the device
 when a request needing it is admitted, evicting least-recently-used unpinned adapters, and pins
 it until `release`. The prefetch issue adds tiers' budgets and loading ahead of demand.
+
+Loads are asynchronous. `acquire` on an adapter that is not on the device reserves its pages at
+once (so the decision is the loop's) and hands a job to a transfer thread, which reads the
+adapter from disk if the host copy is missing, pads it to the commit bucket and copies it to
+the device (`device_put` into fresh staging arrays). The loop calls `poll` at every step
+boundary and commits finished jobs with the donated `commit_adapter`, which on the device is a
+scatter of already-resident arrays. The loop therefore never waits on disk or host-to-device
+copies; requests for a loading adapter wait in the queue while others keep decoding. Each
+placement has a generation number: a job whose placement was evicted (its pages possibly
+reassigned) before it finished is dropped, never committed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import queue
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from .adapters import AdapterError, LoraAdapter, layout_pages, load_adapter, parse_target_modules
@@ -32,7 +48,26 @@ class AdapterEntry:
     b_pages: dict | None = None
     num_pages: int = 0
     live_bytes: int = 0
-    load_s: float = 0.0  # time of the last host -> device commit
+    load_s: float = 0.0  # time of the last load, from its request to its commit
+    error: BaseException | None = None  # why the last load failed
+
+
+@dataclass(eq=False)
+class _Load:
+    """One adapter load in flight: placed by the loop, staged by the transfer thread."""
+
+    name: str
+    entry: AdapterEntry
+    slot: int
+    pages: list[int]
+    generation: int
+    started: float = field(default_factory=time.perf_counter)
+    staged: tuple | None = None  # commit_adapter's arguments after the pool, on the device
+    error: BaseException | None = None
+    bytes_disk: int = 0
+
+
+log = logging.getLogger(__name__)
 
 
 class LoraManager:
@@ -48,6 +83,14 @@ class LoraManager:
         self.pages = PagePool(num_pages, config.max_loras + 1, self.max_pages, config.layout)
         self.entries: dict[str, AdapterEntry] = {}
         self.load_seconds_total = 0.0
+        self.counters = dict.fromkeys(
+            ("cold_starts", "device_hits", "host_hits", "stale_dropped", "load_failures"), 0
+        ) | {"bytes_disk_to_host": 0, "bytes_host_to_device": 0}
+        self._loading: dict[str, _Load] = {}
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._read_lock = threading.Lock()  # the transfer thread and `add` both read adapters
         # Time-weighted memory utilisation since the last reset (for benchmarks).
         self._util_area = 0.0
         self._util_since = self._util_last = time.perf_counter()
@@ -84,6 +127,10 @@ class LoraManager:
         return entry
 
     def _read(self, entry: AdapterEntry) -> None:
+        with self._read_lock:
+            self._read_locked(entry)
+
+    def _read_locked(self, entry: AdapterEntry) -> None:
         adapter = load_adapter(entry.name, entry.path, self.model_config, self.max_rank, self.modules)
         entry.adapter = adapter
         entry.a_pages, entry.b_pages, entry.num_pages = layout_pages(
@@ -95,11 +142,15 @@ class LoraManager:
         if name not in self.entries:
             raise ValueError(f"adapter {name!r} is not registered")
         if self.pages.get(name) is not None:
+            if self._loading.pop(name, None) is not None:
+                self.pages.unpin(name)  # the transfer in flight becomes stale and is dropped
             self._account()
             self.pages.evict(name)  # raises if requests still use it
         del self.entries[name]
 
     def residency(self, name: str) -> str:
+        if name in self._loading:
+            return "loading"
         if self.pages.get(name) is not None:
             return "device"
         return "host" if self.entries[name].a_pages is not None else "disk"
@@ -122,29 +173,114 @@ class LoraManager:
         return out
 
     # --- residency (loop thread) --------------------------------------------------------
+    def is_loading(self, name: str) -> bool:
+        return name in self._loading
+
     def acquire(self, name: str, pool: LoraPool) -> tuple[int | None, LoraPool]:
-        """(adapter_slot, pool) with `name` on the device and pinned; slot None if it must wait."""
+        """(adapter_slot, pool) with `name` on the device and pinned; slot None: not yet (its load
+        is in flight, or the pool has no room until pinned adapters are released)."""
         res = self.pages.get(name)
-        if res is None:
-            entry = self.entries[name]
-            if entry.a_pages is None:
-                self._read(entry)
-            self._account()
-            placed = self.pages.allocate(name, entry.num_pages, entry.live_bytes)
-            if placed is None:
-                return None, pool
-            res, _ = placed
-            start = time.perf_counter()
-            pool = self._commit(pool, res.slot, res.pages, entry.a_pages, entry.b_pages)
-            entry.load_s = time.perf_counter() - start
-            self.load_seconds_total += entry.load_s
-        self.pages.pin(name)
-        return res.slot, pool
+        if res is not None and name not in self._loading:
+            self.counters["device_hits"] += 1
+            self.pages.pin(name)
+            return res.slot, pool
+        if name in self._loading:
+            return None, pool
+        self.start_load(name)
+        return None, pool
+
+    def start_load(self, name: str) -> bool:
+        """Place `name` in the pool and queue its transfer; False if nothing can be evicted yet."""
+        entry = self.entries[name]
+        if entry.a_pages is None and entry.num_pages == 0:
+            self._read(entry)  # the page count decides the placement; a registered adapter is read at add
+        self._account()
+        placed = self.pages.allocate(name, entry.num_pages, entry.live_bytes)
+        if placed is None:
+            return False
+        res, evicted = placed
+        for other in evicted:
+            self._loading.pop(other, None)  # its staged copy, if any, is now stale
+        self.counters["cold_starts"] += 1
+        if entry.a_pages is not None:
+            self.counters["host_hits"] += 1
+        job = _Load(name, entry, res.slot, list(res.pages), res.generation)
+        self._loading[name] = job
+        self.pages.pin(name)  # a loading adapter is never evicted to make room (that would thrash)
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._transfer_loop, name="plora-adapter-transfer", daemon=True)
+            self._worker.start()
+        self._jobs.put(job)
+        return True
+
+    def poll(self, pool: LoraPool, block: bool = False) -> tuple[LoraPool, list[tuple[str, BaseException]]]:
+        """Commit the finished transfers (at a step boundary); returns the pool and failed loads.
+
+        With `block`, wait for at least one job to finish if any is in flight."""
+        failures = []
+        while True:
+            try:
+                job = self._done.get(block=block and bool(self._loading))
+            except queue.Empty:
+                return pool, failures
+            block = False
+            res = self.pages.get(job.name)
+            current = res is not None and res.generation == job.generation
+            if current:
+                self._loading.pop(job.name, None)
+                self.pages.unpin(job.name)
+            if job.error is not None:
+                self.counters["load_failures"] += 1
+                job.entry.error = job.error
+                if current:
+                    self._account()
+                    self.pages.evict(job.name)
+                    failures.append((job.name, job.error))
+                continue
+            if not current:
+                self.counters["stale_dropped"] += 1  # placement evicted meanwhile: never commit
+                continue
+            self.counters["bytes_disk_to_host"] += job.bytes_disk
+            self.counters["bytes_host_to_device"] += sum(a.nbytes for a in jax.tree_util.tree_leaves(job.staged))
+            pool = commit_adapter(pool, *job.staged)
+            job.entry.load_s = time.perf_counter() - job.started
+            job.entry.error = None
+            self.load_seconds_total += job.entry.load_s
+
+    def wait_for(self, name: str, pool: LoraPool) -> tuple[LoraPool, list[tuple[str, BaseException]]]:
+        """Block until `name`'s load is committed or failed (for calls such as `logits`)."""
+        failures = []
+        while name in self._loading:
+            pool, failed = self.poll(pool, block=True)
+            failures += failed
+        return pool, failures
 
     def release(self, name: str) -> None:
         self.pages.unpin(name)
 
-    def _commit(self, pool: LoraPool, slot: int, pages: list[int], a_pages: dict, b_pages: dict) -> LoraPool:
+    # --- transfer thread ----------------------------------------------------------------
+    def _transfer_loop(self) -> None:
+        # Below the loop's priority: on a host with few cores, reading and laying out an adapter
+        # would otherwise take CPU from the running steps (it only has to finish before it is needed).
+        with contextlib.suppress(AttributeError, OSError):  # not on this platform or not permitted
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                entry = job.entry
+                if entry.a_pages is None:
+                    self._read(entry)
+                    job.bytes_disk = entry.live_bytes
+                job.staged = self._stage(job.slot, job.pages, entry.a_pages, entry.b_pages)
+            except Exception as e:
+                log.warning("loading adapter %r failed: %s", job.name, e)
+                job.error = e
+            self._done.put(job)
+
+    def _stage(self, slot: int, pages: list[int], a_pages: dict, b_pages: dict) -> tuple:
+        """commit_adapter's arguments, padded to the commit bucket and copied to the device."""
         n = len(pages)
         bucket = commit_bucket(n, self.max_pages)
         page_ids = np.full((bucket,), self.num_pages, np.int32)  # padding: out of range, dropped
@@ -160,9 +296,13 @@ class LoraManager:
                 out[m] = padded
             return out
 
-        pool = commit_adapter(pool, np.int32(slot), page_ids, table_row, np.int32(n), pad(a_pages), pad(b_pages))
-        pool.num_pages.block_until_ready()  # the load completes here: its time is the cold start
-        return pool
+        staged = jax.device_put((np.int32(slot), page_ids, table_row, np.int32(n), pad(a_pages), pad(b_pages)))
+        return jax.block_until_ready(staged)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join(timeout=30)
 
     def warmup(self, pool: LoraPool) -> LoraPool:
         """Compile the commit for every page-count bucket (writes nothing: all ids dropped, slot 0 kept empty)."""
@@ -203,5 +343,7 @@ class LoraManager:
             "adapter_loads": self.pages.loads,
             "adapter_evictions": self.pages.evictions,
             "adapter_load_s_total": self.load_seconds_total,
+            "adapters_loading": len(self._loading),
+            **self.counters,
             "lora_layout": self.pages.layout,
         }

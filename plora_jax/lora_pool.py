@@ -103,6 +103,7 @@ class Resident:
     pages: list[int]
     live_bytes: int  # bytes of the adapter's weights at their true rank
     pins: int = 0
+    generation: int = 0  # which placement this is: a staged copy for an older one is stale
 
 
 class PagePool:
@@ -129,6 +130,7 @@ class PagePool:
         self.resident: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
         self.loads = 0
         self.evictions = 0
+        self._generation = 0
 
     # --- queries ------------------------------------------------------------------------
     def get(self, name: str) -> Resident | None:
@@ -180,7 +182,8 @@ class PagePool:
         else:  # the whole fixed region: the adapter is padded to the maximum rank, in memory and compute
             first = 1 + (slot - 1) * self.max_pages
             pages = list(range(first, first + self.max_pages))
-        res = Resident(slot, pages, live_bytes)
+        self._generation += 1
+        res = Resident(slot, pages, live_bytes, generation=self._generation)
         self.resident[name] = res
         self.loads += 1
         return res, victims

@@ -241,7 +241,7 @@ class Scheduler:
             if rows and padded_rows * new_width > self.max_num_batched_tokens:
                 break  # this row would make the padded call larger than the token budget
             if admitting and req.adapter is not None and not self._acquire_adapter(req):
-                break  # its adapter cannot be placed until pinned ones are released: wait in order
+                continue  # its adapter is loading (or waits for room): later requests may go first
             if not self._grow(req, req.num_computed + chunk):
                 if admitting:
                     if req.adapter_slot:
