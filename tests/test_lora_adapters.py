@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import write_peft_adapter
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from plora_jax import Engine, SamplingParams
@@ -272,3 +274,47 @@ def test_requests_wait_for_a_full_pool_and_mix_in_one_batch(tmp_path, layout):
         assert engine.stats()["adapter_evictions"] >= 2
     finally:
         engine.close()
+
+
+# --- allocator invariants under random operations ------------------------------------------
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["load", "pin", "unpin", "evict"]), st.integers(0, 11), st.integers(1, 8)),
+    max_size=120,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS, layout=st.sampled_from(["paged", "contiguous"]))
+def test_page_pool_invariants_under_random_operations(ops, layout):
+    """Random loads (some failing for lack of room), pins, unpins and evictions: page 0 is never
+    handed out, no page or slot is owned twice, pinned adapters are never evicted, and free +
+    used = total."""
+    pool = PagePool(num_pages=25, max_slots=7, max_pages=8, layout=layout)
+    pins: dict[str, int] = {}
+    for op, key, size in ops:
+        name = f"a{key}"
+        if op == "load" and pool.get(name) is None:
+            pinned_before = {n for n, c in pins.items() if c}
+            placed = pool.allocate(name, size, size)
+            if placed is not None:
+                _, evicted = placed
+                assert not set(evicted) & pinned_before, "a pinned adapter was evicted"
+                for gone in evicted:
+                    pins.pop(gone, None)
+        elif op == "pin" and pool.get(name) is not None:
+            pool.pin(name)
+            pins[name] = pins.get(name, 0) + 1
+        elif op == "unpin" and pins.get(name):
+            pool.unpin(name)
+            pins[name] -= 1
+        elif op == "evict" and pool.get(name) is not None:
+            if pins.get(name):
+                with pytest.raises(ValueError, match="in use"):
+                    pool.evict(name)
+            else:
+                pool.evict(name)
+        pool.check()
+        for n, count in pins.items():
+            if count:
+                assert pool.get(n) is not None and pool.get(n).pins == count
