@@ -91,9 +91,6 @@ class LoraManager:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._read_lock = threading.Lock()  # the transfer thread and `add` both read adapters
-        # Time-weighted memory utilisation since the last reset (for benchmarks).
-        self._util_area = 0.0
-        self._util_since = self._util_last = time.perf_counter()
 
     @property
     def num_pages(self) -> int:
@@ -128,15 +125,12 @@ class LoraManager:
 
     def _read(self, entry: AdapterEntry) -> None:
         with self._read_lock:
-            self._read_locked(entry)
-
-    def _read_locked(self, entry: AdapterEntry) -> None:
-        adapter = load_adapter(entry.name, entry.path, self.model_config, self.max_rank, self.modules)
-        entry.adapter = adapter
-        entry.a_pages, entry.b_pages, entry.num_pages = layout_pages(
-            adapter, self.model_config, self.page_rows, self.dtype, self.modules
-        )
-        entry.live_bytes = adapter.live_elements() * self.dtype.itemsize
+            adapter = load_adapter(entry.name, entry.path, self.model_config, self.max_rank, self.modules)
+            entry.adapter = adapter
+            entry.a_pages, entry.b_pages, entry.num_pages = layout_pages(
+                adapter, self.model_config, self.page_rows, self.dtype, self.modules
+            )
+            entry.live_bytes = adapter.live_elements() * self.dtype.itemsize
 
     def remove(self, name: str) -> None:
         if name not in self.entries:
@@ -144,7 +138,6 @@ class LoraManager:
         if self.pages.get(name) is not None:
             if self._loading.pop(name, None) is not None:
                 self.pages.unpin(name)  # the transfer in flight becomes stale and is dropped
-            self._account()
             self.pages.evict(name)  # raises if requests still use it
         del self.entries[name]
 
@@ -191,10 +184,7 @@ class LoraManager:
 
     def start_load(self, name: str) -> bool:
         """Place `name` in the pool and queue its transfer; False if nothing can be evicted yet."""
-        entry = self.entries[name]
-        if entry.a_pages is None and entry.num_pages == 0:
-            self._read(entry)  # the page count decides the placement; a registered adapter is read at add
-        self._account()
+        entry = self.entries[name]  # read at `add`, so its page count is known
         placed = self.pages.allocate(name, entry.num_pages, entry.live_bytes)
         if placed is None:
             return False
@@ -233,7 +223,6 @@ class LoraManager:
                 self.counters["load_failures"] += 1
                 job.entry.error = job.error
                 if current:
-                    self._account()
                     self.pages.evict(job.name)
                     failures.append((job.name, job.error))
                 continue
@@ -279,10 +268,9 @@ class LoraManager:
                 job.error = e
             self._done.put(job)
 
-    def _stage(self, slot: int, pages: list[int], a_pages: dict, b_pages: dict) -> tuple:
-        """commit_adapter's arguments, padded to the commit bucket and copied to the device."""
+    def _commit_args(self, slot: int, pages: list[int], a_pages: dict, b_pages: dict, bucket: int) -> tuple:
+        """commit_adapter's arguments after the pool (numpy), padded to `bucket` pages."""
         n = len(pages)
-        bucket = commit_bucket(n, self.max_pages)
         page_ids = np.full((bucket,), self.num_pages, np.int32)  # padding: out of range, dropped
         page_ids[:n] = pages
         table_row = np.zeros((self.max_pages,), np.int32)
@@ -291,13 +279,17 @@ class LoraManager:
         def pad(arrays):
             out = {}
             for m, arr in arrays.items():
-                padded = np.zeros((arr.shape[0], bucket, *arr.shape[2:]), arr.dtype)
+                padded = np.zeros((arr.shape[0], bucket, *arr.shape[2:]), self.dtype)
                 padded[:, : arr.shape[1]] = arr  # contiguous slots: zeros up to the maximum rank
                 out[m] = padded
             return out
 
-        staged = jax.device_put((np.int32(slot), page_ids, table_row, np.int32(n), pad(a_pages), pad(b_pages)))
-        return jax.block_until_ready(staged)
+        return np.int32(slot), page_ids, table_row, np.int32(n), pad(a_pages), pad(b_pages)
+
+    def _stage(self, slot: int, pages: list[int], a_pages: dict, b_pages: dict) -> tuple:
+        """The commit's arguments, copied to the device (transfer thread)."""
+        args = self._commit_args(slot, pages, a_pages, b_pages, commit_bucket(len(pages), self.max_pages))
+        return jax.block_until_ready(jax.device_put(args))
 
     def close(self) -> None:
         if self._worker is not None:
@@ -306,32 +298,15 @@ class LoraManager:
 
     def warmup(self, pool: LoraPool) -> LoraPool:
         """Compile the commit for every page-count bucket (writes nothing: all ids dropped, slot 0 kept empty)."""
-        dims = {m: (a.shape, b.shape) for m, a, b in zip(pool.a, pool.a.values(), pool.b.values(), strict=True)}
+        no_pages = lambda pools: {m: np.zeros((x.shape[0], 0, *x.shape[2:]), self.dtype) for m, x in pools.items()}
         for bucket in commit_buckets(self.max_pages):
-            page_ids = np.full((bucket,), self.num_pages, np.int32)
-            a = {m: np.zeros((s[0], bucket, *s[2:]), self.dtype) for m, (s, _) in dims.items()}
-            b = {m: np.zeros((s[0], bucket, *s[2:]), self.dtype) for m, (_, s) in dims.items()}
-            pool = commit_adapter(pool, np.int32(0), page_ids, np.zeros((self.max_pages,), np.int32), np.int32(0), a, b)
+            pool = commit_adapter(pool, *self._commit_args(0, [], no_pages(pool.a), no_pages(pool.b), bucket))
         return pool
 
     # --- accounting ---------------------------------------------------------------------
     def memory_util(self) -> float:
         """Bytes of live adapter weights (true ranks) / bytes of the device pool."""
         return self.pages.live_bytes / self.pool_bytes
-
-    def _account(self) -> None:
-        now = time.perf_counter()
-        self._util_area += self.memory_util() * (now - self._util_last)
-        self._util_last = now
-
-    def reset_util_average(self) -> None:
-        self._util_area, self._util_since = 0.0, time.perf_counter()
-        self._util_last = self._util_since
-
-    def util_average(self) -> float:
-        self._account()
-        span = self._util_last - self._util_since
-        return self._util_area / span if span > 0 else self.memory_util()
 
     def stats(self) -> dict:
         return {
