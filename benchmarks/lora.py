@@ -191,7 +191,10 @@ def run_churn(args, model_config, adapters: list[Path], ranks: list[int], layout
             holding.remove((release, name))
         queue.append(f"c{order[rng.choice(len(adapters), p=popularity)]}")
         while queue:
-            slot, pool = manager.acquire(queue[0], pool)
+            slot = manager.acquire(queue[0])
+            if slot is None and manager.is_loading(queue[0]):  # the churn measures memory, not time:
+                pool, _ = manager.wait_for(queue[0], pool)  # let the load finish at once
+                slot = manager.acquire(queue[0], first=False)
             if slot is None:
                 waits += 1
                 break

@@ -143,15 +143,16 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_adapter(
-    name: str, path: str | Path, model_config: ModelConfig, max_rank: int, modules: tuple[str, ...] = TARGET_MODULES
-) -> LoraAdapter:
-    """Read and validate a PEFT adapter folder for `model_config` (projections limited to `modules`)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter needs on the device, known from its config and tensor header alone."""
 
-    path = Path(path)
-    config = _read_config(path)
+    rank: int  # the largest rank of any module (sets the page count)
+    target_modules: tuple[str, ...]
+    live_elements: int  # weight elements at their true rank (A and B of every module and layer)
+
+
+def _weights_file(path: Path) -> Path:
     weights_file = path / "adapter_model.safetensors"
     if not weights_file.is_file():
         if (path / "adapter_model.bin").is_file():
@@ -160,14 +161,21 @@ def load_adapter(
                 "save the adapter with safetensors (PEFT's default)"
             )
         raise AdapterError(f"{weights_file}: missing")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{weights_file}: cannot be read ({e})") from None
+    return weights_file
 
+
+def _plan(
+    weights_file: Path,
+    config: dict,
+    shapes: dict[str, tuple[int, ...]],
+    model_config: ModelConfig,
+    max_rank: int,
+    modules: tuple[str, ...],
+) -> dict[tuple[int, str], tuple[str, str, int, float]]:
+    """Validate tensor names and shapes: (layer, module) -> (A key, B key, rank, scaling)."""
     dims = module_dims(model_config)
-    parts: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    for key, tensor in tensors.items():
+    parts: dict[tuple[int, str], dict[str, str]] = {}
+    for key in shapes:
         match = _KEY.match(key)
         if match is None:
             raise AdapterError(f"{weights_file}: tensor {key!r} is not a LoRA A/B weight of a supported projection")
@@ -186,30 +194,27 @@ def load_adapter(
             raise AdapterError(
                 f"{weights_file}: tensor {key!r} is for layer {layer}, the model has {model_config.num_layers}"
             )
-        parts.setdefault((layer, module), {})[which] = tensor
+        parts.setdefault((layer, module), {})[which] = key
     if not parts:
         raise AdapterError(f"{weights_file}: holds no LoRA weights")
 
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    weights = {}
+    plan = {}
     for (layer, module), pair in sorted(parts.items()):
         where = f"{weights_file}: layer {layer} {module}"
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"{where}: has lora_{'A' if 'A' in pair else 'B'} without its partner")
-        a, b = pair["A"], pair["B"]
+        a, b = shapes[pair["A"]], shapes[pair["B"]]
         d_in, d_out = dims[module]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+        if len(a) != 2 or len(b) != 2 or a[1] != d_in or b[0] != d_out or a[0] != b[1]:
             raise AdapterError(
-                f"{where}: shapes lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit the base model "
+                f"{where}: shapes lora_A {list(a)} and lora_B {list(b)} do not fit the base model "
                 f"(expected [r, {d_in}] and [{d_out}, r])"
             )
-        rank = a.shape[0]
+        rank = a[0]
         if rank > max_rank:
             raise AdapterError(f"{where}: rank r={rank} is above the configured max_lora_rank={max_rank}")
-        a32, b32 = a.astype(np.float32), b.astype(np.float32)
-        if not (np.isfinite(a32).all() and np.isfinite(b32).all()):
-            raise AdapterError(f"{where}: weights hold NaN or Inf")
         full_name = f"model.layers.{layer}.{_PARENT[module]}.{module}"
         r = _pattern_value(rank_pattern, full_name, config.get("r", rank))
         if r != rank:
@@ -219,6 +224,54 @@ def load_adapter(
             )
         alpha = _pattern_value(alpha_pattern, full_name, config.get("lora_alpha", r))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        plan[(layer, module)] = (pair["A"], pair["B"], rank, scaling)
+    return plan
+
+
+def inspect_adapter(
+    path: str | Path, model_config: ModelConfig, max_rank: int, modules: tuple[str, ...] = TARGET_MODULES
+) -> AdapterInfo:
+    """Validate a PEFT adapter folder from its config and the safetensors header only (no weight
+    is read: registering thousands of adapters stays cheap). NaN/Inf are found when it loads."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    config = _read_config(path)
+    weights_file = _weights_file(path)
+    try:
+        with safe_open(str(weights_file), framework="numpy") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{weights_file}: cannot be read ({e})") from None
+    plan = _plan(weights_file, config, shapes, model_config, max_rank, modules)
+    dims = module_dims(model_config)
+    return AdapterInfo(
+        rank=max(rank for _, _, rank, _ in plan.values()),
+        target_modules=tuple(m for m in TARGET_MODULES if any(module == m for _, module in plan)),
+        live_elements=sum(rank * sum(dims[module]) for (_, module), (_, _, rank, _) in plan.items()),
+    )
+
+
+def load_adapter(
+    name: str, path: str | Path, model_config: ModelConfig, max_rank: int, modules: tuple[str, ...] = TARGET_MODULES
+) -> LoraAdapter:
+    """Read and validate a PEFT adapter folder for `model_config` (projections limited to `modules`)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    config = _read_config(path)
+    weights_file = _weights_file(path)
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{weights_file}: cannot be read ({e})") from None
+    plan = _plan(weights_file, config, {k: t.shape for k, t in tensors.items()}, model_config, max_rank, modules)
+    weights = {}
+    for (layer, module), (key_a, key_b, _, scaling) in plan.items():
+        a32, b32 = tensors[key_a].astype(np.float32, copy=False), tensors[key_b].astype(np.float32, copy=False)
+        if not (np.isfinite(a32).all() and np.isfinite(b32).all()):
+            raise AdapterError(f"{weights_file}: layer {layer} {module}: weights hold NaN or Inf")
         weights[(layer, module)] = (a32, b32 * np.float32(scaling))
     return LoraAdapter(name, path, weights, model_config.num_layers, config)
 
@@ -244,8 +297,8 @@ def layout_pages(
                 a, b = pair
                 a_full[layer, : a.shape[0]] = a
                 b_full[layer, : b.shape[1]] = b.T
-        a_pages[module] = a_full.reshape(layers, num_pages, page_rows, d_in).astype(dtype)
-        b_pages[module] = b_full.reshape(layers, num_pages, page_rows, d_out).astype(dtype)
+        a_pages[module] = a_full.reshape(layers, num_pages, page_rows, d_in).astype(dtype, copy=False)
+        b_pages[module] = b_full.reshape(layers, num_pages, page_rows, d_out).astype(dtype, copy=False)
     return a_pages, b_pages, num_pages
 
 

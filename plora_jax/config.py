@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 ROPE_KINDS = ("default", "linear", "llama3", "freq_factors")
+POLICY_NAMES = ("reactive", "lru", "lookahead", "histogram", "predictive")  # plora_jax.policies
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,11 @@ class EngineConfig:
     lora_target_modules: str = "all"  # projections with adapter pages: "all" or e.g. "q_proj,v_proj"
     layout: str = "paged"  # "paged" (pages through a page table) | "contiguous" (slots padded to max rank)
     lora_implementation: str = "auto"  # "auto" | "xla" | "pallas_gpu" | "pallas_tpu"
+    # Tiers and prefetch.
+    host_cache_mb: float = 4096.0  # host memory for page-laid-out adapter copies (0: read from disk each load)
+    policy: str = "predictive"  # reactive | lru | lookahead | histogram | predictive (oracle: set_policy)
+    policy_interval_s: float = 60.0  # seconds between policy decisions and forecaster runs
+    max_prefetch_inflight: int = 2  # device prefetches queued on the transfer thread at once
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -229,5 +235,12 @@ class EngineConfig:
                 raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
         if self.max_loras < 0 or self.lora_pool_pages < 0 or self.lora_pool_mb <= 0:
             raise ValueError("max_loras and lora_pool_pages must be >= 0 and lora_pool_mb > 0")
+        if self.policy not in POLICY_NAMES:
+            hint = (
+                " (the oracle needs future arrivals: Engine.set_policy(Oracle(...)))" if self.policy == "oracle" else ""
+            )
+            raise ValueError(f"policy must be one of {list(POLICY_NAMES)}, got {self.policy!r}{hint}")
+        if self.policy_interval_s <= 0 or self.host_cache_mb < 0 or self.max_prefetch_inflight < 1:
+            raise ValueError("policy_interval_s must be > 0, host_cache_mb >= 0 and max_prefetch_inflight >= 1")
         if self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")

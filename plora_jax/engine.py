@@ -49,6 +49,7 @@ from .models.loader import LoadedModel, load_model
 from .models.registry import cache_root
 from .outputs import RequestFailed, RequestHandle, RequestMetrics, RequestOutput, StreamEvent
 from .pallas import lora_ops
+from .policies import Decision, Policy, make_policy
 from .sampling import SamplingInputs, SamplingParams, sample
 from .scheduler import Request, Scheduler, Status, StepPlan
 from .state import AttentionMetadata, EngineState, KVCache
@@ -96,6 +97,12 @@ class Engine:
         self._model = Llama(self.model_config, self.dtype, lora_ops.resolve(config.lora_implementation))
         self._params = jax.device_put(loaded.params)
         self._lora = LoraManager(self.model_config, config, self.dtype) if config.max_loras > 0 else None
+        self._policy: Policy | None = None
+        self._policy_time_s = 0.0  # time spent in policy decisions on the loop thread
+        self._policy_fallbacks = 0  # decisions that failed and fell back to reactive loading
+        self._policy_warned = False
+        self._next_decision = 0.0  # time.monotonic() of the next interval decision
+        self._unservable: list[Request] = []  # requests whose adapter was removed before admission
         self._state = EngineState(
             kv=KVCache.zeros(self.model_config, config.num_kv_blocks, bs, self.dtype),
             last_tokens=jnp.zeros((config.max_num_seqs,), jnp.int32),
@@ -130,6 +137,8 @@ class Engine:
         self._compiles_at_warmup = 0
         self._ready = threading.Event()
         compile_stats.install()
+        if self._lora is not None:
+            self._adopt_policy(make_policy(config.policy, config.policy_interval_s))
         self._thread = threading.Thread(target=self._run, name="plora-engine-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -164,6 +173,8 @@ class Engine:
         if self._thread.is_alive():
             self._inbox.put(("stop",))
             self._thread.join()
+        if self._policy is not None:
+            self._policy.close()
         if self._lora is not None:
             self._lora.close()
 
@@ -304,7 +315,11 @@ class Engine:
                 break
             if self._lora is not None:
                 self._poll_adapters()
+                if time.monotonic() >= self._next_decision:
+                    self._decide()
             plan = scheduler.schedule()
+            if self._unservable:
+                self._fail_unservable()
             launched = self._dispatch(plan) if plan is not None else None
             if in_flight is not None:
                 self._process(in_flight)
@@ -317,10 +332,12 @@ class Engine:
             self._end(request, "abort")
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Handle every queued message (waiting for one if `block`); False on stop."""
+        """Handle every queued message (waiting for one if `block`, but not past the next policy
+        decision); False on stop."""
         while True:
+            timeout = max(0.0, self._next_decision - time.monotonic()) if self._policy is not None else None
             try:
-                message = self._inbox.get(block=block)
+                message = self._inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return True
             block = False
@@ -328,7 +345,12 @@ class Engine:
             if kind == "stop":
                 return False
             if kind == "add":
-                self._scheduler.add(message[1])
+                request = message[1]
+                self._scheduler.add(request)
+                if self._policy is not None and request.adapter is not None:
+                    now = time.monotonic()
+                    self._policy.observe(request.adapter, now)
+                    self._decide(now)
             elif kind == "cancel":
                 request = next(
                     (
@@ -514,17 +536,27 @@ class Engine:
     # --- adapters (residency changes run on the loop thread) ----------------------------
     def _acquire_adapter(self, request: Request) -> bool:
         """Scheduler callback: put the request's adapter on the device and pin it; False: wait."""
+        if request.adapter not in self._lora.entries:  # removed after the request was accepted
+            if request not in self._unservable:
+                self._unservable.append(request)
+            return False
         now = time.perf_counter()
         if request.adapter_wait_start is None:
             request.adapter_wait_start = now
-        slot, pool = self._lora.acquire(request.adapter, self._state.lora)
-        self._state = dataclasses.replace(self._state, lora=pool)
+        slot = self._lora.acquire(request.adapter, first=not request.adapter_counted)
+        request.adapter_counted = True
         if slot is None:
             return False
         request.adapter_slot = slot
         request.adapter_wait += time.perf_counter() - request.adapter_wait_start
         request.adapter_wait_start = None
         return True
+
+    def _fail_unservable(self) -> None:
+        for request in self._unservable:
+            if request.status is not Status.FINISHED:
+                self._fail_request(request, AdapterError(f"adapter {request.adapter!r} was removed"))
+        self._unservable.clear()
 
     def _poll_adapters(self, wait_for: str | None = None) -> None:
         """Commit finished adapter transfers (optionally waiting for `wait_for`'s); fail the
@@ -548,38 +580,82 @@ class Engine:
             handle._fail(error)
 
     def _release_adapter(self, request: Request) -> None:
-        self._lora.release(request.adapter)
+        name = request.adapter
+        wanted = any(r.adapter == name and r is not request for r in self._scheduler.waiting)
+        self._lora.release(name, wanted)
         request.adapter_slot = 0
+
+    # --- residency policy (loop thread) -------------------------------------------------
+    def _adopt_policy(self, policy: Policy) -> None:
+        if self._policy is not None:
+            self._policy.close()
+        self._policy = policy
+        self._lora.free_when_unused = policy.free_when_unused
+        self._policy_warned = False
+        self._next_decision = 0.0
+        policy.start()
+
+    def _decide(self, now: float | None = None) -> None:
+        """Ask the policy (at an arrival or an interval) and apply its decision. A policy that
+        raises (a failed or stalled forecaster) leaves reactive loading in place, logged once."""
+        now = time.monotonic() if now is None else now
+        start = time.perf_counter()
+        view = self._lora.view(now, tuple(r.adapter for r in self._scheduler.waiting if r.adapter is not None))
+        try:
+            decision = self._policy.decide(view)
+        except Exception as e:
+            self._policy_fallbacks += 1
+            if not self._policy_warned:
+                self._policy_warned = True
+                log.warning("policy %r failed (%s); falling back to reactive loading", self._policy.name, e)
+            decision = Decision()
+        self._lora.apply(decision)
+        self._policy_time_s += time.perf_counter() - start
+        self._next_decision = now + self._policy.interval_s
+
+    def set_policy(self, policy: Policy | str) -> None:
+        """Replace the residency policy (a name from `plora_jax.policies.POLICIES`, or a policy
+        object such as `Oracle(arrivals)`); the old one is closed."""
+        if self._lora is None:
+            raise ValueError("this engine serves no adapters (max_loras=0)")
+        if isinstance(policy, str):
+            policy = make_policy(policy, self.config.policy_interval_s)
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a policy name or a plora_jax.policies.Policy, got {type(policy)}")
+        self._call(lambda: self._adopt_policy(policy))
 
     def add_adapter(self, name: str, path: str | Path) -> dict:
         """Register a PEFT adapter folder under `name`; it is read and validated now (AdapterError
-        names the file and field) and loaded onto the device when a request first uses it."""
+        names the file and field) and loaded onto the device when a request first uses it (or
+        earlier, if the policy prefetches it)."""
         if self._lora is None:
             raise ValueError("this engine serves no adapters (max_loras=0)")
+        return self._call(lambda: self._describe(self._lora.add(name, path).name))
 
-        def add():
-            entry = self._lora.add(name, path)
-            capacity = self._lora.pages.max_pages if self.config.layout == "contiguous" else self._lora.num_pages - 1
-            if entry.num_pages > capacity:
-                self._lora.remove(name)
-                raise AdapterError(f"{path}: adapter needs {entry.num_pages} pages, the pool holds {capacity}")
-            return next(d for d in self._lora.describe() if d["name"] == name)
+    def add_adapter_dir(self, folder: str | Path) -> dict:
+        """Register every subfolder of `folder` that holds adapter_config.json, named after the
+        subfolder, validated from config and tensor header only (weights are read when needed).
+        Returns {"added": [names], "errors": {name: why}}; already registered ones are skipped."""
+        if self._lora is None:
+            raise ValueError("this engine serves no adapters (max_loras=0)")
+        added, errors = self._call(lambda: self._lora.scan(folder))
+        return {"added": added, "errors": errors}
 
-        return self._call(add)
+    def _describe(self, name: str) -> dict:
+        return next(d for d in self._lora.describe() if d["name"] == name)
 
     def remove_adapter(self, name: str) -> None:
-        """Unregister an adapter and free its device pages; refused while requests use it."""
+        """Unregister an adapter. Waiting requests for it fail with an error naming it; running
+        ones finish, and its device pages are freed when the last of them does."""
         if self._lora is None:
             raise ValueError("this engine serves no adapters (max_loras=0)")
 
         def remove():
-            users = [
-                r.request_id
-                for r in itertools.chain(self._scheduler.running, self._scheduler.waiting)
-                if r.adapter == name
-            ]
-            if users:
-                raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
+            if name not in self._lora.entries:
+                raise ValueError(f"adapter {name!r} is not registered")
+            for request in list(self._scheduler.waiting):
+                if request.adapter == name:
+                    self._fail_request(request, AdapterError(f"adapter {name!r} was removed"))
             self._lora.remove(name)
 
         self._call(remove)
@@ -743,6 +819,9 @@ class Engine:
                     raise RuntimeError(f"logits: the KV cache is busy ({e}); retry when fewer requests run") from None
                 probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
                 while adapter is not None and not self._acquire_adapter(probe):
+                    if adapter not in self._lora.entries:
+                        self._unservable.clear()
+                        raise ValueError(f"adapter {adapter!r} is not registered (it was removed)")
                     if not self._lora.is_loading(adapter):
                         error = self._lora.entries[adapter].error
                         if error is not None:
@@ -793,6 +872,15 @@ class Engine:
             "num_preemptions": scheduler.num_preemptions,
             "steps": self._steps,
             **(self._lora.stats() if self._lora else {}),
+            **(self._policy_stats() if self._policy else {}),
+        }
+
+    def _policy_stats(self) -> dict:
+        return {
+            "policy": self._policy.name,
+            "policy_time_s": self._policy_time_s,
+            "policy_fallbacks": self._policy_fallbacks,
+            **self._policy.stats(),
         }
 
 

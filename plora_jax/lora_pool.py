@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from .adapters import module_dims
 from .buckets import pick_bucket, pow2_buckets
@@ -80,9 +82,25 @@ def page_bytes(config: ModelConfig, page_rows: int, itemsize: int, modules) -> i
 
 
 def _commit(pool: LoraPool, slot, page_ids, table_row, count, a_pages: dict, b_pages: dict) -> LoraPool:
-    # page_ids [bucket]: real ids, then an out-of-range id for the padding (dropped, never written).
-    a = {m: pool.a[m].at[:, page_ids].set(a_pages[m].astype(pool.a[m].dtype), mode="drop") for m in pool.a}
-    b = {m: pool.b[m].at[:, page_ids].set(b_pages[m].astype(pool.b[m].dtype), mode="drop") for m in pool.b}
+    # page_ids [bucket]: real ids, then an out-of-range id for the padding, which writes nothing.
+    # One dynamic_update_slice per page in a loop: on XLA:CPU that is a copy of the page in place,
+    # 2.7x faster than the equivalent scatter (20 ms against 56 ms for 75 MB of pages).
+    num_pool_pages = next(iter(pool.a.values())).shape[1]
+
+    def write_page(i, pools):
+        page_id = page_ids[i]
+        target = jnp.minimum(page_id, num_pool_pages - 1)
+        padding = page_id >= num_pool_pages
+
+        def one(dst, src):
+            new = lax.dynamic_slice_in_dim(src, i, 1, axis=1).astype(dst.dtype)
+            old = lax.dynamic_slice_in_dim(dst, target, 1, axis=1)
+            return lax.dynamic_update_slice_in_dim(dst, jnp.where(padding, old, new), target, axis=1)
+
+        a, b = pools
+        return {m: one(a[m], a_pages[m]) for m in a}, {m: one(b[m], b_pages[m]) for m in b}
+
+    a, b = lax.fori_loop(0, page_ids.shape[0], write_page, (pool.a, pool.b))
     return LoraPool(a, b, pool.page_table.at[slot].set(table_row), pool.num_pages.at[slot].set(count))
 
 
@@ -126,8 +144,10 @@ class PagePool:
             if usable_slots < 1:
                 raise ValueError(f"a contiguous pool of {num_pages} pages cannot hold one adapter of {max_pages} pages")
             self._free_pages = []
+        self.usable_slots = usable_slots
         self._free_slots = list(range(usable_slots, 0, -1))
         self.resident: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
+        self.priority: Callable[[str], float] = lambda name: 0.0  # eviction priority (the policy's)
         self.loads = 0
         self.evictions = 0
         self._generation = 0
@@ -161,15 +181,19 @@ class PagePool:
     def _fits(self, num_pages: int, free_slots: int, free_pages: int) -> bool:
         return free_slots > 0 and (self.layout == "contiguous" or free_pages >= num_pages)
 
-    def allocate(self, name: str, num_pages: int, live_bytes: int) -> tuple[Resident, list[str]] | None:
-        """Place `name` (evicting least-recently-used unpinned adapters if needed); None if it
-        cannot fit until pinned adapters are released. Returns (placement, evicted names)."""
+    def allocate(
+        self, name: str, num_pages: int, live_bytes: int, evict_below: float | None = None
+    ) -> tuple[Resident, list[str]] | None:
+        """Place `name`, evicting unpinned adapters if needed (lowest priority first, least
+        recently used among equals; with `evict_below`, only those of lower priority). None if
+        it cannot fit until pinned adapters are released. Returns (placement, evicted names)."""
         if name in self.resident:
             raise ValueError(f"adapter {name!r} is already resident")
         if num_pages > self.max_pages:
             raise ValueError(f"adapter {name!r} needs {num_pages} pages, more than max_pages={self.max_pages}")
         free_slots, free_pages = len(self._free_slots), len(self._free_pages)
-        victims = [] if self._fits(num_pages, free_slots, free_pages) else self._victims(num_pages)
+        fits = self._fits(num_pages, free_slots, free_pages)
+        victims = [] if fits else self._victims(num_pages, evict_below)
         free_slots += len(victims)
         free_pages += sum(len(self.resident[v].pages) for v in victims)
         if not self._fits(num_pages, free_slots, free_pages):
@@ -188,12 +212,15 @@ class PagePool:
         self.loads += 1
         return res, victims
 
-    def _victims(self, num_pages: int) -> list[str]:
-        """Unpinned adapters to evict so that `num_pages` fit: least recently used first, but
-        size-aware within the older half: if one adapter there frees enough pages on its own,
-        the smallest such goes (evicting a rank-128 adapter to make room for a rank-8 one would
-        leave most of its pages idle). The contiguous layout only needs a slot: plain LRU."""
+    def _victims(self, num_pages: int, evict_below: float | None) -> list[str]:
+        """Unpinned adapters to evict so that `num_pages` fit: lowest priority and least recently
+        used first, but size-aware within the first half: if one adapter there frees enough pages
+        on its own, the smallest such goes (evicting a rank-128 adapter to make room for a rank-8
+        one would leave most of its pages idle). The contiguous layout only needs a slot."""
         candidates = [name for name, res in self.resident.items() if res.pins == 0]
+        candidates.sort(key=self.priority)  # stable: least recently used first among equals
+        if evict_below is not None:
+            candidates = [name for name in candidates if self.priority(name) < evict_below]
         if self.layout == "paged":
             deficit = num_pages - len(self._free_pages)
             window = candidates[: max(1, len(candidates) // 2)]

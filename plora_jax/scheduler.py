@@ -52,6 +52,7 @@ class Request:
     adapter_slot: int = 0  # the adapter's slot in the device pool while admitted (0: none)
     adapter_wait: float = 0.0  # seconds spent waiting for the adapter (loads, full pool)
     adapter_wait_start: float | None = None
+    adapter_counted: bool = False  # its first acquisition was counted (hit or cold start)
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

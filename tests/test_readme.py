@@ -37,3 +37,24 @@ def test_readme_adapter_example_runs(tmp_path, monkeypatch, smollm_path):
     names = [a["name"] for a in namespace["engine"].adapters()]
     assert names == ["chat"]
     namespace["engine"].close()
+
+
+def test_readme_tiers_example_runs(tmp_path, monkeypatch, capsys, smollm_path):
+    """The tiers example, with two PEFT folders (and one broken) under adapters/."""
+    from plora_jax.adapters import save_random_adapter
+    from plora_jax.config import smollm2_135m
+
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[2]
+    save_random_adapter(tmp_path / "adapters/sql-lora", smollm2_135m(), 16, ("q_proj", "v_proj"))
+    save_random_adapter(tmp_path / "adapters/chat-lora", smollm2_135m(), 8, ("o_proj",), seed=1)
+    (tmp_path / "adapters/broken").mkdir()
+    (tmp_path / "adapters/broken/adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    try:
+        assert namespace["found"]["added"] == ["chat-lora", "sql-lora"]
+        assert "peft_type" in namespace["found"]["errors"]["broken"]
+        assert "lookahead [('chat-lora', 'disk'), ('sql-lora', 'disk')]" in capsys.readouterr().out
+    finally:
+        namespace["engine"].close()

@@ -1,0 +1,38 @@
+"""Adapter-residency policies behind one interface (`base.Policy`), one module each."""
+
+from __future__ import annotations
+
+from .base import Decision, Policy, PoolView
+from .histogram import Histogram
+from .lookahead import Lookahead
+from .lru import Lru
+from .oracle import Oracle
+from .predictive import EwmaForecaster, Forecaster, Predictive, PredictorUnavailable
+from .reactive import Reactive
+
+POLICIES = {cls.name: cls for cls in (Reactive, Lru, Lookahead, Histogram, Predictive, Oracle)}
+
+
+def make_policy(name: str, interval_s: float = 60.0, **options) -> Policy:
+    """A policy by name; `oracle` needs `arrivals=` (the future), which only a benchmark knows."""
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {name!r}")
+    return POLICIES[name](interval_s=interval_s, **options)
+
+
+__all__ = [
+    "POLICIES",
+    "Decision",
+    "EwmaForecaster",
+    "Forecaster",
+    "Histogram",
+    "Lookahead",
+    "Lru",
+    "Oracle",
+    "Policy",
+    "PoolView",
+    "Predictive",
+    "PredictorUnavailable",
+    "Reactive",
+    "make_policy",
+]

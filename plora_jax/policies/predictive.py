@@ -1,0 +1,194 @@
+"""`predictive`: P-LoRA. A forecaster scores every adapter's demand for the next interval; the
+adapters with the highest scores that fit the device pool are prefetched, and eviction takes
+the lowest forecast demand per byte first.
+
+The forecaster runs on its own thread, once per interval: it bins the arrivals `observe` saw
+into one count per adapter, feeds them to the forecaster and stores the new scores with the time
+they took. `decide` (on the engine loop, at every arrival and interval) only reads the latest
+scores, so the loop never waits on a forecast. If the forecaster raised at its last run, or has
+not produced scores for `stall_intervals` intervals, `decide` raises `PredictorUnavailable` and
+the engine falls back to reactive loading (and logs it once) until scores flow again.
+
+Any object with `update(counts)` and `predict()` is a forecaster (`Forecaster` below). The LSTM
+of `train_predictor` is one; `EwmaForecaster` (an exponentially weighted rate turned into the
+probability of at least one request) is the dependency-free default until a checkpoint is given.
+
+Decisions, at each call:
+1. adapters of queued requests come first (their demand is certain), then the rest by score,
+   with resident adapters' scores raised by `hysteresis` so that near-equal scores do not swap
+   adapters in and out every interval; adapters scoring under `min_score` are never prefetched;
+2. the greedy prefix that fits the device pool (bytes and slots) is the wanted set; what it holds
+   that is not resident is prefetched, most wanted first; the next ones that fit the host budget
+   are read into the host cache;
+3. eviction priority: wanted adapters 1 + demand per byte (normalised), the rest demand per byte
+   alone, so a prefetch only ever displaces an adapter outside the wanted set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from .base import Decision, Policy, PoolView, rank_to_fit
+
+log = logging.getLogger(__name__)
+
+
+class Forecaster(Protocol):
+    def update(self, counts: Mapping[str, int]) -> None:
+        """One interval's request counts (adapters absent from `counts` had none)."""
+
+    def predict(self) -> dict[str, float]:
+        """Per adapter seen so far, the probability of at least one request in the next interval."""
+
+
+class EwmaForecaster:
+    """Per adapter an exponentially weighted request rate r; P(>= 1 request) = 1 - exp(-r)."""
+
+    def __init__(self, alpha: float = 0.3):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.rates: dict[str, float] = {}
+
+    def update(self, counts: Mapping[str, int]) -> None:
+        for name in self.rates.keys() - counts.keys():
+            self.rates[name] *= 1.0 - self.alpha
+        for name, count in counts.items():
+            self.rates[name] = self.alpha * count + (1.0 - self.alpha) * self.rates.get(name, 0.0)
+
+    def predict(self) -> dict[str, float]:
+        return {name: 1.0 - math.exp(-rate) for name, rate in self.rates.items()}
+
+
+class PredictorUnavailable(RuntimeError):
+    """The forecaster failed or stalled; the engine falls back to reactive loading."""
+
+
+class Predictive(Policy):
+    name = "predictive"
+
+    def __init__(
+        self,
+        forecaster: Forecaster | None = None,
+        interval_s: float = 60.0,
+        hysteresis: float = 0.25,
+        min_score: float = 0.05,
+        stall_intervals: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.forecaster = forecaster if forecaster is not None else EwmaForecaster()
+        super().__init__(interval_s)
+        self.hysteresis, self.min_score, self.stall_intervals = hysteresis, min_score, stall_intervals
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pending: Counter = Counter()  # arrivals of the interval in progress
+        self._scores: dict[str, float] = {}
+        self._scored_at: float | None = None  # when the last successful forecast finished
+        self._error: BaseException | None = None  # the last forecast's failure, until one succeeds
+        self._latencies: list[float] = []
+        self._failures = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._started_at = clock()
+
+    # --- the forecaster side (its own thread, or a simulator calling `step`) ---------------------
+    def observe(self, adapter: str | None, now: float) -> None:
+        if adapter is not None:
+            with self._lock:
+                self._pending[adapter] += 1
+
+    def step(self) -> None:
+        """Close the current interval: feed its counts to the forecaster and store new scores."""
+        with self._lock:
+            counts, self._pending = self._pending, Counter()
+        start = time.perf_counter()
+        try:
+            self.forecaster.update(counts)
+            scores = self.forecaster.predict()
+        except Exception as e:
+            with self._lock:
+                self._error = e
+                self._failures += 1
+            raise
+        latency = time.perf_counter() - start
+        with self._lock:
+            self._scores, self._scored_at, self._error = dict(scores), self.clock(), None
+            self._latencies.append(latency)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._started_at = self.clock()
+        self._thread = threading.Thread(target=self._run, name="plora-predictor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_run = self.clock() + self.interval_s
+        while not self._stop.wait(max(0.0, next_run - self.clock())):
+            next_run += self.interval_s
+            try:
+                self.step()
+            except Exception:
+                log.debug("forecaster failed", exc_info=True)  # the engine reports it once
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # --- the decision side (engine loop) ---------------------------------------------------------
+    def scores(self, now: float) -> dict[str, float]:
+        with self._lock:
+            error, scored_at, scores = self._error, self._scored_at, self._scores
+        if error is not None:
+            raise PredictorUnavailable(f"the forecaster raised {type(error).__name__}: {error}") from error
+        last = scored_at if scored_at is not None else self._started_at
+        if self._thread is not None and now - last > self.stall_intervals * self.interval_s:
+            raise PredictorUnavailable(f"no forecast for {now - last:.1f} s (interval {self.interval_s} s)")
+        return scores
+
+    def decide(self, view: PoolView) -> Decision:
+        scores = self.scores(view.now)
+        sizes = view.adapter_bytes
+
+        def key(name: str) -> float:
+            score = scores.get(name, 0.0)
+            return score * (1.0 + self.hysteresis) if name in view.on_device else score
+
+        queued = [n for n in dict.fromkeys(view.queued) if n in sizes]
+        queued_set = set(queued)
+        forecast = sorted(
+            (n for n, s in scores.items() if s >= self.min_score and n in sizes and n not in queued_set),
+            key=key,
+            reverse=True,
+        )
+        wanted = rank_to_fit(queued + forecast, view, view.device_bytes, view.device_slots)
+        wanted_set = set(wanted)
+        rest = [n for n in forecast if n not in wanted_set and n not in view.on_host]
+        per_byte = {n: scores.get(n, 0.0) / max(1, sizes[n]) for n in scores if n in sizes}
+        top = max(per_byte.values(), default=0.0) or 1.0
+        priority = {n: v / top for n, v in per_byte.items()}
+        for n in wanted:
+            priority[n] = 1.0 + priority.get(n, 0.0)
+        return Decision(
+            device=[n for n in wanted if n not in view.on_device],
+            host=rank_to_fit(rest, view, view.host_bytes, len(rest)),
+            priority=priority,
+        )
+
+    def stats(self) -> dict:
+        with self._lock:
+            latencies = list(self._latencies)
+            failures = self._failures
+        return {
+            "predictor_runs": len(latencies),
+            "predictor_failures": failures,
+            "predictor_latency_mean_s": sum(latencies) / len(latencies) if latencies else 0.0,
+            "predictor_latency_max_s": max(latencies, default=0.0),
+        }

@@ -1,0 +1,291 @@
+"""Tiers and prefetch on a tiny random model: the folder registry, the host cache's budget and
+eviction, prefetch accounting, and fault injection (a predictor that raises, a load whose file
+went away, an adapter removed while in use). Also the manager's invariants under random
+arrivals, finishes, prefetches, evictions and failed loads (hypothesis)."""
+
+import logging
+import shutil
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import write_peft_adapter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from plora_jax import Engine, SamplingParams
+from plora_jax.adapters import AdapterError
+from plora_jax.config import EngineConfig, tiny
+from plora_jax.lora_manager import LoraManager
+from plora_jax.models.llama import init_params
+from plora_jax.outputs import RequestFailed
+from plora_jax.policies import Decision, Oracle, Predictive
+
+CFG = tiny()
+PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
+GREEDY = SamplingParams(max_tokens=4, temperature=0)
+
+
+def make_engine(**overrides):
+    params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
+    options = dict(warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40)
+    return Engine.from_params(CFG, params, **(options | overrides))
+
+
+@pytest.fixture
+def engine():
+    engine = make_engine(policy="lru")
+    yield engine
+    engine.close()
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
+
+
+def test_scan_registers_a_thousand_adapters_without_reading_weights(engine, tmp_path):
+    root = tmp_path / "adapters"
+    for i in range(1000):
+        write_peft_adapter(root / f"fn{i:04d}", CFG, rank=8 * (1 + i % 4), seed=i)
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    (root / "not-an-adapter").mkdir()
+    result = engine.add_adapter_dir(root)
+    assert len(result["added"]) == 1000 and list(result["errors"]) == ["broken"]
+    assert "adapter_config.json" in result["errors"]["broken"]
+    assert engine.add_adapter_dir(root)["added"] == []  # a rescan skips what is registered
+    stats = engine.stats()
+    assert stats["adapters_registered"] == 1000 and stats["adapters_on_host"] == 0
+    listed = {a["name"]: a for a in engine.adapters()}
+    assert listed["fn0003"]["rank"] == 32 and listed["fn0003"]["residency"] == "disk"
+    # A scanned adapter serves the same logits as one read at registration.
+    reference = engine.logits(PROMPT, adapter="fn0999")
+    engine.add_adapter("copy", root / "fn0999")
+    np.testing.assert_allclose(engine.logits(PROMPT, adapter="copy"), reference, atol=1e-5)
+    assert engine.stats()["bytes_disk_to_host"] > 0
+    with pytest.raises(AdapterError, match="not found"):
+        engine.add_adapter_dir(tmp_path / "nowhere")
+
+
+def test_host_cache_keeps_its_budget_and_evicts_least_recently_used(tmp_path):
+    manager = LoraManager(CFG, EngineConfig(lora_pool_pages=40, host_cache_mb=1.0), np.float32)
+    paths = [write_peft_adapter(tmp_path / f"a{i}", CFG, rank=64, seed=i) for i in range(4)]
+    manager.add("a0", paths[0])
+    one = manager.entries["a0"].host_bytes
+    manager.host_budget = 2 * one + one // 2  # room for two copies
+    for i in (1, 2):
+        manager.add(f"a{i}", paths[i])
+    assert [manager.residency(f"a{i}") for i in range(3)] == ["disk", "host", "host"]
+    assert manager.stats()["host_evictions"] == 1 and manager.stats()["host_cache_bytes"] == 2 * one
+    # Priorities from the policy decide which copy goes: a1 outranks a2 now.
+    manager.apply(Decision(priority={"a1": 1.0}))
+    manager.add("a3", paths[3])
+    assert manager.residency("a1") == "host" and manager.residency("a2") == "disk"
+    # A host prefetch reads a copy in when the budget allows it (by evicting a lower priority).
+    pool = manager.zeros()
+    manager.apply(Decision(host=["a0"], priority={"a0": 2.0, "a1": 1.0}))
+    while manager._host_jobs:
+        pool, _ = manager.poll(pool)
+        time.sleep(0.01)
+    assert manager.residency("a0") == "host" and manager.residency("a3") == "disk"
+    assert manager.stats()["host_cache_bytes"] <= manager.host_budget
+    manager.check()
+    manager.close()
+
+
+def test_zero_host_budget_reads_from_disk_at_each_load(tmp_path):
+    engine = make_engine(policy="reactive", host_cache_mb=0.0)
+    try:
+        engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=16))
+        assert engine.adapters()[0]["residency"] == "disk"
+        first = engine.generate([PROMPT], GREEDY, adapters=["a"])[0]
+        second = engine.generate([PROMPT], GREEDY, adapters=["a"])[0]
+        assert first.token_ids == second.token_ids
+        stats = engine.stats()
+        # reactive frees the adapter when its request ends: two cold starts, both from disk.
+        assert stats["cold_starts"] == 2 and stats["host_hits"] == 0 and stats["adapters_on_device"] == 0
+        assert stats["bytes_disk_to_host"] == 2 * engine.adapters()[0]["bytes"]
+    finally:
+        engine.close()
+
+
+def test_oracle_prefetch_turns_a_cold_start_into_a_device_hit(engine, tmp_path):
+    engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=16))
+    engine.add_adapter("b", write_peft_adapter(tmp_path / "b", CFG, rank=16, seed=1))
+    reference = engine.logits(PROMPT, adapter="a")
+    engine._call(lambda: engine._lora.remove("a") or engine._lora.add("a", tmp_path / "a"))  # off the device
+    before = engine.stats()
+    oracle = Oracle([(0.3, "a")], interval_s=0.05, horizon_s=1.0)
+    oracle.set_origin(time.monotonic())
+    engine.set_policy(oracle)
+    wait_until(lambda: {d["name"]: d["residency"] for d in engine.adapters()}["a"] == "device")
+    out = engine.generate([PROMPT], GREEDY, adapters=["a"])[0]
+    stats = engine.stats()
+    delta = {k: stats[k] - before[k] for k in ("prefetch_issued", "prefetch_used", "cold_starts", "device_hits")}
+    assert delta == {"prefetch_issued": 1, "prefetch_used": 1, "cold_starts": 0, "device_hits": 1}
+    assert stats["prefetch_wasted"] == 0 and stats["policy"] == "oracle"
+    assert out.metrics.adapter_wait_s < 0.05
+    np.testing.assert_allclose(engine.logits(PROMPT, adapter="a"), reference, atol=1e-5)
+
+
+def test_prefetched_but_unused_adapter_counts_as_wasted(tmp_path):
+    forecaster = type("F", (), {"update": lambda self, c: None, "predict": lambda self: {"b": 0.9}})()
+    engine = make_engine(policy="lru", max_loras=1)
+    try:
+        engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=16))
+        engine.add_adapter("b", write_peft_adapter(tmp_path / "b", CFG, rank=16, seed=1))
+        policy = Predictive(forecaster, interval_s=0.05)
+        engine.set_policy(policy)
+        wait_until(lambda: engine.stats()["prefetch_issued"] == 1 and engine.stats()["adapters_loading"] == 0)
+        assert {d["name"]: d["residency"] for d in engine.adapters()}["b"] == "device"
+        engine.generate([PROMPT], GREEDY, adapters=["a"])  # one slot: "a" displaces the unused "b"
+        stats = engine.stats()
+        assert stats["prefetch_wasted"] == 1 and stats["prefetch_used"] == 0 and stats["predictor_runs"] >= 1
+    finally:
+        engine.close()
+
+
+def test_a_predictor_that_raises_falls_back_to_reactive_and_logs_once(tmp_path, caplog):
+    class Broken:
+        def update(self, counts):
+            raise RuntimeError("forecaster exploded")
+
+        def predict(self):
+            return {}
+
+    engine = make_engine(policy="lru")
+    try:
+        for name in "ab":
+            engine.add_adapter(name, write_peft_adapter(tmp_path / name, CFG, rank=8, seed=ord(name)))
+        engine.set_policy(Predictive(Broken(), interval_s=0.02))
+        with caplog.at_level(logging.WARNING, logger="plora_jax.engine"):
+            wait_until(lambda: engine.stats()["predictor_failures"] >= 3)
+            outs = engine.generate([PROMPT] * 6, GREEDY, adapters=["a", "b", None, "a", "b", "a"])
+        assert all(len(o.token_ids) == 4 for o in outs)
+        stats = engine.stats()
+        assert stats["policy_fallbacks"] >= 3 and stats["prefetch_issued"] == 0 and stats["waiting"] == 0
+        warnings = [r for r in caplog.records if "falling back to reactive" in r.getMessage()]
+        assert len(warnings) == 1 and "forecaster exploded" in warnings[0].getMessage()
+        engine._lora.check()
+    finally:
+        engine.close()
+
+
+def test_a_load_whose_folder_was_removed_fails_only_its_requests(engine, tmp_path):
+    root = tmp_path / "adapters"
+    write_peft_adapter(root / "gone", CFG, rank=8)
+    engine.add_adapter_dir(root)  # registered from the header only: no host copy
+    shutil.rmtree(root / "gone")
+    bad = engine.submit(PROMPT, GREEDY, adapter="gone")
+    good = engine.submit(PROMPT, GREEDY)
+    with pytest.raises(RequestFailed, match="could not be loaded"):
+        bad.result(60)
+    assert len(good.result(60).token_ids) == 4
+    stats = engine.stats()
+    assert stats["load_failures"] == 1 and stats["adapter_pages_used"] == 0 and stats["waiting"] == 0
+    engine._lora.check()
+
+
+def test_an_adapter_removed_while_in_use(tmp_path):
+    """The running request finishes; the waiting one fails naming the adapter; the name cannot be
+    registered again until the pages are free; nothing leaks."""
+    engine = make_engine(policy="lru", max_num_seqs=1)
+    try:
+        path = write_peft_adapter(tmp_path / "a", CFG, rank=16)
+        engine.add_adapter("a", path)
+        running = engine.submit(PROMPT, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), adapter="a")
+        first = threading.Event()
+        tokens = []
+
+        def consume():
+            for event in running:
+                tokens.extend(event.token_ids)
+                first.set()
+
+        threading.Thread(target=consume, daemon=True).start()
+        assert first.wait(60)
+        waiting = engine.submit(PROMPT, GREEDY, adapter="a")  # one decode row: it waits
+        engine.remove_adapter("a")
+        with pytest.raises(RequestFailed, match="'a' was removed"):
+            waiting.result(60)
+        with pytest.raises(AdapterError, match="still used by running requests"):
+            engine.add_adapter("a", path)
+        with pytest.raises(ValueError, match="no adapter with this name"):
+            engine.submit(PROMPT, GREEDY, adapter="a")
+        assert len(running.result(60).token_ids) == 60
+        wait_until(lambda: engine.stats()["running"] == 0)
+        stats = engine.stats()
+        assert stats["adapter_pages_used"] == 0 and stats["adapters_on_device"] == 0 and stats["kv_blocks_used"] == 0
+        engine.add_adapter("a", path)  # free again
+        assert len(engine.generate([PROMPT], GREEDY, adapters=["a"])[0].token_ids) == 4
+        engine._lora.check()
+    finally:
+        engine.close()
+
+
+# --- manager invariants under random operations ------------------------------------------------
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["arrive", "finish", "prefetch", "evict", "fail", "poll"]),
+        st.integers(0, 7),
+        st.floats(0, 2),
+    ),
+    max_size=60,
+)
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("random-ops")
+    return [write_peft_adapter(root / f"a{i}", CFG, rank=8 * (1 + i % 4), seed=i) for i in range(8)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, layout=st.sampled_from(["paged", "contiguous"]))
+def test_manager_invariants_under_random_operations(adapter_paths, tmp_path, ops, layout):
+    """Page 0 never handed out, no page owned twice, pinned adapters never evicted, free + used =
+    total, host cache within accounting; at the end every load drains and every pin returns."""
+    config = EngineConfig(lora_pool_pages=17, max_loras=4, max_lora_rank=32, layout=layout, host_cache_mb=0.05)
+    manager = LoraManager(CFG, config, np.float32)
+    pool = manager.zeros()
+    for i, path in enumerate(adapter_paths):
+        manager.add(f"a{i}", path, read=i % 2 == 0)
+    held: dict[str, int] = {}  # pins held by "requests"
+    try:
+        for op, key, priority in ops:
+            name = f"a{key}"
+            if op == "arrive":
+                if manager.acquire(name) is not None:
+                    held[name] = held.get(name, 0) + 1
+            elif op == "finish" and held.get(name):
+                manager.release(name)
+                held[name] -= 1
+            elif op == "prefetch":
+                manager.apply(Decision(device=[name], host=[name], priority={name: priority}))
+            elif op == "evict":
+                manager.apply(Decision(evict=[name]))
+            elif op == "fail" and name not in manager._loading and name not in manager._host_jobs:
+                manager._host_drop(name)
+                manager.entries[name].path = tmp_path / "missing"  # the next read fails
+            elif op == "poll":
+                pool, _ = manager.poll(pool, block=True)
+            manager.check()
+            for n, count in held.items():
+                if count:
+                    assert manager.pages.get(n) is not None and manager.pages.get(n).pins >= count, n
+        for name, count in held.items():
+            for _ in range(count):
+                manager.release(name)
+        while manager._loading or manager._host_jobs:
+            pool, _ = manager.poll(pool, block=True)
+            time.sleep(0.005)
+        manager.check()
+        assert all(r.pins == 0 for r in manager.pages.resident.values())
+    finally:
+        manager.close()

@@ -1,0 +1,206 @@
+"""Each residency policy on a small hand-made arrival sequence, with the prefetch and eviction
+decisions it must take (pure: no engine, time given explicitly)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from plora_jax.policies import (
+    POLICIES,
+    EwmaForecaster,
+    Histogram,
+    Lookahead,
+    Lru,
+    Oracle,
+    Predictive,
+    PredictorUnavailable,
+    Reactive,
+    make_policy,
+)
+from plora_jax.policies.base import PoolView, rank_to_fit
+
+SIZE = 100
+
+
+def view(now=0.0, on_device=(), queued=(), names="abcd", device_bytes=2 * SIZE, slots=4, host_bytes=0, **kw):
+    sizes = dict.fromkeys(names, SIZE) | kw.pop("sizes", {})
+    return PoolView(
+        now=now,
+        registered=tuple(sizes),
+        on_device=frozenset(on_device),
+        on_host=frozenset(kw.pop("on_host", ())),
+        pinned=frozenset(kw.pop("pinned", ())),
+        queued=tuple(queued),
+        adapter_bytes=sizes,
+        device_bytes=device_bytes,
+        device_slots=slots,
+        host_bytes=host_bytes,
+    )
+
+
+def test_registry_and_rank_to_fit():
+    assert set(POLICIES) == {"reactive", "lru", "lookahead", "histogram", "predictive", "oracle"}
+    assert make_policy("lru", interval_s=2.0).interval_s == 2.0
+    with pytest.raises(ValueError, match="policy must be one of"):
+        make_policy("fifo")
+    with pytest.raises(ValueError, match="interval_s"):
+        make_policy("reactive", interval_s=0)
+    v = view(sizes={"big": 3 * SIZE}, names="ab")
+    # "big" does not fit what is left, the smaller one after it still does; the count caps it.
+    assert rank_to_fit(["a", "big", "b"], v, 2 * SIZE, 4) == ["a", "b"]
+    assert rank_to_fit(["a", "b"], v, 2 * SIZE, 1) == ["a"]
+
+
+def test_reactive_and_lru_prefetch_nothing():
+    reactive, lru = Reactive(), Lru()
+    for t, name in enumerate("abca"):
+        reactive.observe(name, float(t))
+        lru.observe(name, float(t))
+    for policy in (reactive, lru):
+        decision = policy.decide(view(now=4.0, on_device="ab", queued="cd"))
+        assert decision.device == [] and decision.host == [] and decision.evict == [] and decision.priority == {}
+    assert reactive.free_when_unused and not lru.free_when_unused
+
+
+def test_lookahead_prefetches_queued_adapters_in_queue_order():
+    decision = Lookahead().decide(view(queued=["c", "a", "c", "b"], on_device="a"))
+    assert decision.device == ["c", "b"]  # "a" is resident already; "c" once
+    assert decision.priority == {"c": 1.0, "a": 1.0, "b": 1.0}  # queued adapters are kept
+    assert Lookahead().decide(view()).device == []
+
+
+def test_histogram_prewarms_at_the_head_and_keeps_alive_to_the_tail():
+    policy = Histogram(interval_s=60.0)
+    # "p" is periodic: a request every 5 minutes, 10 idle times all in bin 5 (a representative,
+    # high-CV histogram). Window: pre-warm 5 * 60 * 0.9 = 270 s, keep alive to 6 * 60 * 1.1 = 396 s.
+    for k in range(11):
+        policy.observe("p", 300.0 * k)
+    # "q" has 2 requests: too few idle times, so the fixed keep-alive (the histogram's range).
+    policy.observe("q", 2900.0)
+    policy.observe("q", 2950.0)
+    # "r" has idle times spread evenly over 100 bins: CV < 2, not representative, fixed keep-alive.
+    t = 0.0
+    for k in range(100):
+        t += 60.0 * k + 1.0
+        policy.observe("r", t)
+    assert policy.window("p") == pytest.approx((270.0, 396.0))
+    assert policy.window("q") == (0.0, 240 * 60.0)
+    assert policy.window("r") == (0.0, 240 * 60.0)
+    last_p = 3000.0
+    names = "pq"  # r's clock runs far ahead; it is left out of the views below (not registered)
+    # Just after p's request: p is unloaded (before its pre-warm point), q stays (fixed keep-alive).
+    d = policy.decide(view(now=last_p + 100, on_device="pq", names=names))
+    assert d.evict == ["p"] and d.device == [] and d.priority == {"q": 1.0}
+    # Past the pre-warm point: p is loaded ahead of its expected request.
+    d = policy.decide(view(now=last_p + 280, on_device="q", names=names))
+    assert d.device == ["p"] and d.evict == [] and d.priority["p"] == 1.0
+    # Past the keep-alive end: p goes again.
+    d = policy.decide(view(now=last_p + 400, on_device="pq", names=names))
+    assert d.evict == ["p"]
+    # Beyond the range, q expires too.
+    d = policy.decide(view(now=last_p + 240 * 60 + 1, on_device="pq", names=names))
+    assert sorted(d.evict) == ["p", "q"] and d.priority == {}
+
+
+class FixedForecaster:
+    """A forecaster whose scores are set by the test."""
+
+    def __init__(self, scores):
+        self.scores, self.updates = dict(scores), []
+
+    def update(self, counts):
+        self.updates.append(dict(counts))
+
+    def predict(self):
+        return dict(self.scores)
+
+
+def test_ewma_forecaster_is_exact():
+    f = EwmaForecaster(alpha=0.5)
+    f.update({"a": 2})
+    assert f.predict() == pytest.approx({"a": 1 - np.exp(-1.0)})
+    f.update({"b": 1})
+    assert f.predict() == pytest.approx({"a": 1 - np.exp(-0.5), "b": 1 - np.exp(-0.5)})
+
+
+def test_predictive_takes_the_top_forecast_that_fits_with_hysteresis():
+    forecaster = FixedForecaster({"a": 0.9, "b": 0.5, "c": 0.2, "d": 0.01})
+    policy = Predictive(forecaster, interval_s=1.0)
+    for name in "aab":
+        policy.observe(name, 0.0)
+    policy.step()
+    assert forecaster.updates == [{"a": 2, "b": 1}]
+    d = policy.decide(view(on_device="c", host_bytes=SIZE))
+    assert d.device == ["a", "b"]  # two fit the pool
+    assert d.host == ["c"]  # the next one goes to the host cache; "d" is under min_score
+    assert d.priority["a"] == pytest.approx(2.0) and d.priority["b"] == pytest.approx(1 + 0.5 / 0.9)
+    assert d.priority["c"] == pytest.approx(0.2 / 0.9) and d.priority["d"] == pytest.approx(0.01 / 0.9)
+    # Demand per byte: a large adapter with the same score ranks lower for eviction.
+    d = policy.decide(view(sizes={"b": 4 * SIZE}, device_bytes=SIZE))
+    assert d.priority["b"] == pytest.approx(0.5 / 4 / 0.9)
+    # Hysteresis: a resident adapter is not swapped for one scoring slightly higher.
+    forecaster.scores = {"a": 0.5, "b": 0.45}
+    policy.step()
+    assert policy.decide(view(on_device="b", slots=1)).device == []
+    assert policy.decide(view(on_device="", slots=1)).device == ["a"]
+    # Queued requests' adapters come first, whatever their score.
+    assert policy.decide(view(queued="d")).device == ["d", "a"]
+
+
+def test_predictive_raises_when_the_forecaster_fails_and_recovers():
+    forecaster = FixedForecaster({"a": 0.9})
+    policy = Predictive(forecaster, interval_s=1.0)
+    broken = forecaster.update
+    forecaster.update = lambda counts: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        policy.step()
+    with pytest.raises(PredictorUnavailable, match="ZeroDivisionError"):
+        policy.decide(view())
+    forecaster.update = broken
+    policy.step()
+    assert policy.decide(view()).device == ["a"]
+    assert policy.stats()["predictor_failures"] == 1 and policy.stats()["predictor_runs"] == 1
+
+
+def test_predictive_thread_runs_each_interval_and_a_stall_is_reported():
+    gate = threading.Event()
+    forecaster = FixedForecaster({"a": 0.9})
+    policy = Predictive(forecaster, interval_s=0.05, stall_intervals=3)
+    policy.start()
+    try:
+        deadline = time.monotonic() + 10
+        while policy.stats()["predictor_runs"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert policy.stats()["predictor_runs"] >= 3
+        assert policy.decide(view(now=time.monotonic())).device == ["a"]
+        forecaster.update = lambda counts: gate.wait(10)  # the forecaster hangs
+        time.sleep(0.4)
+        with pytest.raises(PredictorUnavailable, match="no forecast"):
+            policy.decide(view(now=time.monotonic()))
+        gate.set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                policy.decide(view(now=time.monotonic()))
+                break
+            except PredictorUnavailable:
+                time.sleep(0.02)
+        else:
+            pytest.fail("the predictor did not recover")
+    finally:
+        gate.set()
+        policy.close()
+
+
+def test_oracle_prefetches_the_next_arrivals_and_evicts_the_furthest():
+    arrivals = [(10.0, "a"), (12.0, "b"), (50.0, "c"), (11.0, "a"), (13.0, "d")]
+    policy = Oracle(arrivals, interval_s=1.0, horizon_s=5.0)
+    policy.set_origin(100.0)
+    d = policy.decide(view(now=108.0, on_device="c"))
+    assert d.device == ["a", "b"]  # next in 2 s and 4 s; "d" (5 s) does not fit two slots' bytes
+    assert d.priority == pytest.approx({"a": 1 / 3, "b": 1 / 5, "c": 1 / 43, "d": 1 / 6})
+    assert policy.next_arrival("a", 110.5) == pytest.approx(0.5)
+    d = policy.decide(view(now=113.5, on_device="ab"))
+    assert d.device == [] and d.priority == pytest.approx({"c": 1 / 37.5})  # a, b, d: never again
