@@ -103,6 +103,10 @@ class LoraManager:
         self.pages.priority = lambda name: self.priority.get(name, 0.0)
         self.host_budget = int(config.host_cache_mb * 2**20)
         self.max_prefetch_inflight = config.max_prefetch_inflight
+        device = jax.devices()[0]
+        self.stage_via_pinned = device.platform == "gpu" and "pinned_host" in {
+            m.kind for m in device.addressable_memories()
+        }
         self.entries: dict[str, AdapterEntry] = {}
         self.priority: dict[str, float] = {}  # eviction priority from the policy's last decision
         self.free_when_unused = False  # reactive: free an adapter when its last request finishes
@@ -504,8 +508,13 @@ class LoraManager:
         return np.int32(slot), page_ids, table_row, np.int32(n), pad(a_pages), pad(b_pages)
 
     def _stage(self, slot: int, pages: list[int], a_pages: dict, b_pages: dict) -> tuple:
-        """The commit's arguments, copied to the device (transfer thread)."""
+        """The commit's arguments, copied to the device (transfer thread). Through pinned host
+        memory where the backend offers it (GPU): the copy to the device is then a DMA."""
         args = self._commit_args(slot, pages, a_pages, b_pages, commit_bucket(len(pages), self.max_pages))
+        if self.stage_via_pinned:
+            device = jax.devices()[0]
+            args = jax.device_put(args, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
+            args = jax.device_put(args, jax.sharding.SingleDeviceSharding(device, memory_kind="device"))
         return jax.block_until_ready(jax.device_put(args))
 
     def close(self) -> None:

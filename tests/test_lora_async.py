@@ -106,3 +106,12 @@ def test_failed_load_fails_only_its_requests(engine, tmp_path):
     stats = engine.stats()
     assert stats["load_failures"] == 1 and stats["adapter_pages_used"] == 0 and stats["waiting"] == 0
     engine._lora.pages.check()
+
+
+def test_staging_through_pinned_host_memory_gives_the_same_weights(engine, tmp_path):
+    """The GPU staging path (numpy -> pinned host -> device) runs on CPU too: same logits."""
+    engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=24))
+    engine.add_adapter("b", write_peft_adapter(tmp_path / "b", CFG, rank=24))  # same weights (seed 0)
+    reference = engine.logits(PROMPT, adapter="a")
+    engine._lora.stage_via_pinned = True
+    np.testing.assert_allclose(engine.logits(PROMPT, adapter="b"), reference, atol=1e-6)
