@@ -207,6 +207,7 @@ class EngineConfig:
     policy: str = "predictive"  # reactive | lru | lookahead | histogram | predictive (oracle: set_policy)
     policy_interval_s: float = 60.0  # seconds between policy decisions and forecaster runs
     max_prefetch_inflight: int = 2  # device prefetches queued on the transfer thread at once
+    predictor_checkpoint: str = ""  # predictive's forecaster: "" shipped LSTM, a checkpoint folder, or "ewma"
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -138,7 +138,7 @@ class Engine:
         self._ready = threading.Event()
         compile_stats.install()
         if self._lora is not None:
-            self._adopt_policy(make_policy(config.policy, config.policy_interval_s))
+            self._adopt_policy(make_policy(config.policy, config.policy_interval_s, config.predictor_checkpoint))
         self._thread = threading.Thread(target=self._run, name="plora-engine-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -619,7 +619,7 @@ class Engine:
         if self._lora is None:
             raise ValueError("this engine serves no adapters (max_loras=0)")
         if isinstance(policy, str):
-            policy = make_policy(policy, self.config.policy_interval_s)
+            policy = make_policy(policy, self.config.policy_interval_s, self.config.predictor_checkpoint)
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a policy name or a plora_jax.policies.Policy, got {type(policy)}")
         self._call(lambda: self._adopt_policy(policy))

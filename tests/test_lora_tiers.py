@@ -289,3 +289,18 @@ def test_manager_invariants_under_random_operations(adapter_paths, tmp_path, ops
         assert all(r.pins == 0 for r in manager.pages.resident.values())
     finally:
         manager.close()
+
+
+def test_default_policy_runs_the_shipped_lstm(tmp_path):
+    engine = make_engine(policy_interval_s=0.05)  # policy "predictive" with the shipped checkpoint
+    try:
+        engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=8))
+        for _ in range(3):
+            engine.generate([PROMPT], GREEDY, adapters=["a"])
+        wait_until(lambda: engine.stats()["predictor_runs"] >= 3)
+        stats = engine.stats()
+        assert stats["policy"] == "predictive" and stats["policy_fallbacks"] == 0
+        assert type(engine._policy.forecaster).__name__ == "LstmForecaster"
+        assert 0.0 < engine._policy.forecaster.predict()["a"] < 1.0
+    finally:
+        engine.close()

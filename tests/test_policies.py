@@ -167,7 +167,7 @@ def test_predictive_raises_when_the_forecaster_fails_and_recovers():
 def test_predictive_thread_runs_each_interval_and_a_stall_is_reported():
     gate = threading.Event()
     forecaster = FixedForecaster({"a": 0.9})
-    policy = Predictive(forecaster, interval_s=0.05, stall_intervals=3)
+    policy = Predictive(forecaster, interval_s=0.05, stall_intervals=3, min_stall_s=0.0)
     policy.start()
     try:
         deadline = time.monotonic() + 10

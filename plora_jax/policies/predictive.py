@@ -6,12 +6,13 @@ The forecaster runs on its own thread, once per interval: it bins the arrivals `
 into one count per adapter, feeds them to the forecaster and stores the new scores with the time
 they took. `decide` (on the engine loop, at every arrival and interval) only reads the latest
 scores, so the loop never waits on a forecast. If the forecaster raised at its last run, or has
-not produced scores for `stall_intervals` intervals, `decide` raises `PredictorUnavailable` and
-the engine falls back to reactive loading (and logs it once) until scores flow again.
+not produced scores for `stall_intervals` intervals (and at least `min_stall_s`), `decide`
+raises `PredictorUnavailable` and the engine falls back to reactive loading (and logs it once)
+until scores flow again.
 
 Any object with `update(counts)` and `predict()` is a forecaster (`Forecaster` below). The LSTM
-of `train_predictor` is one; `EwmaForecaster` (an exponentially weighted rate turned into the
-probability of at least one request) is the dependency-free default until a checkpoint is given.
+of `train_predictor` is what the engine uses (`make_forecaster`); `EwmaForecaster` (an exponentially
+weighted rate turned into the probability of at least one request) is the dependency-free one.
 
 Decisions, at each call:
 1. adapters of queued requests come first (their demand is certain), then the rest by score,
@@ -66,6 +67,16 @@ class EwmaForecaster:
         return {name: 1.0 - math.exp(-rate) for name, rate in self.rates.items()}
 
 
+def make_forecaster(checkpoint: str = "", interval_s: float = 60.0) -> Forecaster:
+    """The LSTM of `train_predictor` ("": the checkpoint shipped with it, or a checkpoint
+    folder), or "ewma" for `EwmaForecaster`."""
+    if checkpoint == "ewma":
+        return EwmaForecaster()
+    from train_predictor.forecaster import LstmForecaster  # flax and orbax: only when used
+
+    return LstmForecaster(checkpoint or None, interval_minutes=interval_s / 60.0)
+
+
 class PredictorUnavailable(RuntimeError):
     """The forecaster failed or stalled; the engine falls back to reactive loading."""
 
@@ -80,11 +91,14 @@ class Predictive(Policy):
         hysteresis: float = 0.25,
         min_score: float = 0.05,
         stall_intervals: float = 3.0,
+        min_stall_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.forecaster = forecaster if forecaster is not None else EwmaForecaster()
         super().__init__(interval_s)
-        self.hysteresis, self.min_score, self.stall_intervals = hysteresis, min_score, stall_intervals
+        self.hysteresis, self.min_score = hysteresis, min_score
+        # A forecast later than this is a stall (never sooner than min_stall_s: the first run compiles).
+        self.stall_s = max(stall_intervals * interval_s, min_stall_s)
         self.clock = clock
         self._lock = threading.Lock()
         self._pending: Counter = Counter()  # arrivals of the interval in progress
@@ -149,7 +163,7 @@ class Predictive(Policy):
         if error is not None:
             raise PredictorUnavailable(f"the forecaster raised {type(error).__name__}: {error}") from error
         last = scored_at if scored_at is not None else self._started_at
-        if self._thread is not None and now - last > self.stall_intervals * self.interval_s:
+        if self._thread is not None and now - last > self.stall_s:
             raise PredictorUnavailable(f"no forecast for {now - last:.1f} s (interval {self.interval_s} s)")
         return scores
 
