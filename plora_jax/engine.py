@@ -660,6 +660,10 @@ class Engine:
 
         self._call(remove)
 
+    def has_adapter(self, name: str) -> bool:
+        """Whether `name` is registered (a read without a round trip to the loop thread)."""
+        return self._lora is not None and name in self._lora.entries
+
     def adapters(self) -> list[dict]:
         """Every registered adapter: name, path, rank, target_modules, residency (device/host/disk), pages, bytes."""
         if self._lora is None:

@@ -1,0 +1,225 @@
+"""The OpenAI-compatible HTTP API over one `Engine` (FastAPI).
+
+Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events in
+OpenAI's chunk format ending with `data: [DONE]`), GET /v1/models (the base model and every
+adapter, with rank and residency), POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+(vLLM's bodies; paths must lie inside a configured adapter folder), GET /health and GET
+/metrics (Prometheus).
+
+The handlers never block the event loop on the engine: requests are submitted (validation and
+tokenization happen in the caller, which is cheap) and their events awaited through the
+handle's asyncio interface. A streaming client that disconnects cancels its request, which
+frees its KV blocks and adapter pin at the engine's next step. Admission control is one rule:
+when `max_queue` requests already wait, a new one gets 429 with Retry-After. Errors are OpenAI's
+error JSON with the status the issue asks for (404 unknown model, 400 bad parameters or
+malformed JSON, 401 bad key, 429 full queue).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from plora_jax.adapters import AdapterError
+from plora_jax.outputs import RequestFailed
+
+from .metrics import ServerMetrics
+from .protocol import ApiError, GenerationRequest, chunk, new_id, parse_request, response, usage_chunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    engine: object
+    model_name: str  # the base model's name in `model` fields
+    adapter_roots: list[Path] = field(default_factory=list)  # load_lora_adapter paths must lie inside one
+    api_key: str | None = None
+    max_queue: int = 256
+
+
+def _error(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="P-LoRA", version="0.1.0")
+    metrics = ServerMetrics(state.engine)
+    app.state.plora = state
+    app.state.metrics = metrics
+    engine = state.engine
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError):
+        return _error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        status = e.status_code
+        return _error(ApiError(status, str(e.detail) if status != 404 else "no such endpoint"))
+
+    def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {state.api_key}":
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+    async def json_body(request: Request):
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+
+    def resolve_model(name: str) -> str | None:
+        if name == state.model_name:
+            return None
+        if engine.has_adapter(name):
+            return name
+        raise ApiError(404, f"the model '{name}' does not exist", "model", "model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        created = int(time.time())
+        data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "plora", "root": None}]
+        for a in engine.adapters():
+            data.append(
+                {
+                    "id": a["name"],
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "plora",
+                    "root": str(a["path"]),
+                    "parent": state.model_name,
+                    "rank": a["rank"],
+                    "residency": a["residency"],
+                }
+            )
+        return {"object": "list", "data": data}
+
+    def inside_roots(path: str) -> Path:
+        resolved = Path(path).expanduser().resolve()
+        if not state.adapter_roots:
+            raise ApiError(400, "loading adapters at run time needs --adapter-dir (no adapter folder is configured)")
+        if not any(resolved.is_relative_to(root) for root in state.adapter_roots):
+            raise ApiError(400, f"lora_path {path!r} is outside the configured adapter folders", "lora_path")
+        return resolved
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request):
+        authorize(request)
+        body = await json_body(request)
+        name, path = (body.get("lora_name"), body.get("lora_path")) if isinstance(body, dict) else (None, None)
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ApiError(400, "'lora_name' and 'lora_path' are required strings")
+        resolved = inside_roots(path)
+        try:
+            engine.add_adapter(name, resolved)
+        except (AdapterError, ValueError) as e:
+            raise ApiError(400, str(e), "lora_path") from None
+        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request):
+        authorize(request)
+        body = await json_body(request)
+        name = body.get("lora_name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "'lora_name' is a required string", "lora_name")
+        if not engine.has_adapter(name):
+            raise ApiError(404, f"the adapter '{name}' does not exist", "lora_name", "model_not_found")
+        engine.remove_adapter(name)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+
+    async def generate(request: Request, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        authorize(request)
+        body = await json_body(request)
+        req = parse_request(body, chat, lambda messages: engine.tokenizer.apply_chat_template(messages))
+        req.adapter = resolve_model(req.model)
+        if engine.stats()["waiting"] >= state.max_queue:
+            metrics.finished(endpoint, "429")
+            raise ApiError(429, f"the waiting queue is full ({state.max_queue} requests); retry later")
+        try:
+            handle = engine.submit(req.prompt, req.params, req.adapter)
+        except ValueError as e:
+            metrics.finished(endpoint, "400")
+            raise ApiError(400, str(e)) from None
+        rid = new_id(chat)
+        if req.stream:
+            return StreamingResponse(_stream(req, rid, handle, endpoint), media_type="text/event-stream")
+        try:
+            output = await handle.aresult()
+        except RequestFailed as e:
+            metrics.finished(endpoint, "500")
+            raise ApiError(500, str(e)) from None
+        finally:
+            handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
+        metrics.finished(endpoint, "200", output)
+        return response(
+            req, rid, output.text, output.finish_reason, len(output.prompt_token_ids), len(output.token_ids)
+        )
+
+    async def _stream(req: GenerationRequest, rid: str, handle, endpoint: str):
+        created = int(time.time())
+        first = True
+        status = "disconnected"
+        try:
+            if req.chat:
+                yield _sse(chunk(req, rid, created, "", None, first=True))
+                first = False
+            async for event in handle.events():
+                if event.finished:
+                    out = event.output
+                    if event.text:
+                        yield _sse(chunk(req, rid, created, event.text, None, first))
+                    yield _sse(chunk(req, rid, created, None if req.chat else "", out.finish_reason))
+                    if req.include_usage:
+                        yield _sse(usage_chunk(req, rid, created, len(out.prompt_token_ids), len(out.token_ids)))
+                    yield "data: [DONE]\n\n"
+                    status = "200"
+                    metrics.finished(endpoint, status, out)
+                    return
+                if event.text:
+                    yield _sse(chunk(req, rid, created, event.text, None, first))
+                    first = False
+        except RequestFailed as e:
+            status = "500"
+            metrics.finished(endpoint, status)
+            yield _sse(ApiError(500, str(e)).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            if status == "disconnected":
+                metrics.finished(endpoint, status)
+            handle.cancel()  # the client went away (or we are done): free the request's resources
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

@@ -1,0 +1,114 @@
+"""The OpenAI-compatible server: `python -m serving.main --model llama`.
+
+Starts one engine on the model (warming it up first, so /health answers only when every shape
+is compiled), registers the adapters given with `--adapter NAME=PATH` and `--adapter-dir DIR`,
+and serves the API of `serving.app` with uvicorn on 127.0.0.1:8000 by default. Every
+`EngineConfig` field is a flag, generated from the dataclass, as are the server's own
+(`ServerConfig`). SIGTERM or Ctrl-C stops accepting connections, lets requests in flight finish
+for up to `--grace-s` seconds, closes the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from plora_jax.cli import add_dataclass_args, dataclass_from_args
+from plora_jax.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # address to bind (0.0.0.0 exposes the server to the network)
+    port: int = 8000
+    adapter: tuple[str, ...] = ()  # NAME=PATH of a PEFT adapter folder (repeatable)
+    adapter_dir: tuple[str, ...] = ()  # a folder whose subfolders are adapters; load_lora_adapter paths must lie in one
+    served_model_name: str = ""  # the base model's name in the API ("" : the --model value)
+    max_queue: int = 256  # waiting requests beyond which new ones get 429
+    api_key: str | None = None  # if set, /v1 requires "Authorization: Bearer <key>"
+    log_level: str = "info"
+    grace_s: float = 30.0  # seconds in-flight requests may take to finish after SIGTERM
+
+    def __post_init__(self):
+        for spec in self.adapter:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+
+
+_REPEATABLE = ("adapter", "adapter_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serving.main", description=__doc__.splitlines()[0])
+    add_dataclass_args(parser, ServerConfig, exclude=_REPEATABLE, title="server")
+    group = parser.add_argument_group("adapters")
+    group.add_argument("--adapter", dest="adapter", action="append", default=[], help="NAME=PATH (repeatable)")
+    group.add_argument("--adapter-dir", dest="adapter_dir", action="append", default=[], help="DIR (repeatable)")
+    add_dataclass_args(parser, EngineConfig, title="engine")
+    return parser
+
+
+def register_adapters(engine, config: ServerConfig) -> list[Path]:
+    """Register --adapter and --adapter-dir adapters; returns the folders load_lora_adapter may use."""
+    for spec in config.adapter:
+        name, _, path = spec.partition("=")
+        engine.add_adapter(name, path)
+    roots = []
+    for folder in config.adapter_dir:
+        result = engine.add_adapter_dir(folder)
+        for name, why in result["errors"].items():
+            logging.getLogger("serving").warning("adapter %r refused: %s", name, why)
+        roots.append(Path(folder).expanduser().resolve())
+    return roots
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from plora_jax import Engine
+
+    from .app import ServerState, build_app
+
+    args = build_parser().parse_args(argv)
+    try:
+        server_config = dataclass_from_args(
+            ServerConfig, args, exclude=_REPEATABLE, adapter=tuple(args.adapter), adapter_dir=tuple(args.adapter_dir)
+        )
+        engine_config = dataclass_from_args(EngineConfig, args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=server_config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = Engine.from_pretrained(**dataclasses.asdict(engine_config))
+    try:
+        roots = register_adapters(engine, server_config)
+        state = ServerState(
+            engine,
+            server_config.served_model_name or engine_config.model,
+            roots,
+            server_config.api_key,
+            server_config.max_queue,
+        )
+        uvicorn.run(
+            build_app(state),
+            host=server_config.host,
+            port=server_config.port,
+            log_level=server_config.log_level,
+            timeout_graceful_shutdown=server_config.grace_s,
+        )
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Prometheus metrics of the server, in their own registry (one per app, so tests can run several).
+
+Request-level series are updated by the handlers as requests end; engine-level series (adapter
+residency per tier, pool utilisation, cold starts, prefetch precision and recall, queue depth)
+are read from `engine.stats()` when /metrics is scraped, so they are never stale and the
+handlers do no extra work.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class EngineCollector:
+    """Engine gauges computed at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        adapters = self.engine.adapters() if stats.get("adapters_registered") else []
+        tiers = {"disk": 0, "host": 0, "loading": 0, "device": 0}
+        for a in adapters:
+            tiers[a["residency"]] += 1
+        residency = GaugeMetricFamily("plora_adapters", "Registered adapters by residency tier", labels=["tier"])
+        for tier, count in tiers.items():
+            residency.add_metric([tier], count)
+        yield residency
+        issued = stats.get("prefetch_issued", 0)
+        cold = stats.get("cold_starts", 0)
+        used = stats.get("prefetch_used", 0)
+        values = {
+            "plora_queue_depth": ("Requests waiting for admission", stats["waiting"]),
+            "plora_running_requests": ("Requests running", stats["running"]),
+            "plora_kv_blocks_used": ("KV cache blocks in use", stats["kv_blocks_used"]),
+            "plora_adapter_pool_utilisation": (
+                "Live adapter bytes / device adapter pool bytes",
+                stats.get("adapter_mem_util", 0.0),
+            ),
+            "plora_cold_starts": ("Requests whose adapter was not on the device", cold),
+            "plora_device_hits": ("Requests whose adapter was on the device", stats.get("device_hits", 0)),
+            "plora_prefetch_issued": ("Device prefetches started by the policy", issued),
+            "plora_prefetch_precision": (
+                "Prefetches used by a request / prefetches issued",
+                used / issued if issued else 0.0,
+            ),
+            "plora_prefetch_recall": (
+                "Requests served by a prefetch / requests that needed a load",
+                used / (used + cold) if used + cold else 0.0,
+            ),
+            "plora_compiles_after_warmup": (
+                "XLA compiles on the loop thread after warm-up",
+                stats["compiles_after_warmup"],
+            ),
+        }
+        for name, (help_text, value) in values.items():
+            yield GaugeMetricFamily(name, help_text, value=float(value))
+
+
+class ServerMetrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "plora_requests", "Requests by endpoint and final status", ["endpoint", "status"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(
+            "plora_prompt_tokens", "Prompt tokens of finished requests", registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "plora_generation_tokens", "Generated tokens of finished requests", registry=self.registry
+        )
+        self.ttft = Histogram(
+            "plora_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.e2e = Histogram(
+            "plora_e2e_seconds", "Request arrival to last token", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.registry.register(EngineCollector(engine))
+
+    def finished(self, endpoint: str, status: str, output=None) -> None:
+        self.requests.labels(endpoint, status).inc()
+        if output is not None:
+            self.prompt_tokens.inc(len(output.prompt_token_ids))
+            self.generation_tokens.inc(len(output.token_ids))
+            if output.metrics is not None:
+                self.ttft.observe(output.metrics.ttft_s)
+                self.e2e.observe(output.metrics.e2e_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,215 @@
+"""The OpenAI wire format: parsing completion and chat requests into engine calls, and building
+responses, stream chunks and error bodies.
+
+Parsing is strict where a wrong value would silently change the answer (types, ranges, unknown
+roles) and lenient where clients commonly send fields we do not act on (`user`, `logit_bias`
+when empty, `n` = 1). Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error
+JSON, with `param` naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from plora_jax.sampling import SamplingParams
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's `{"error": {...}}` JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def type(self) -> str:
+        return {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+            429: "rate_limit_error",
+        }.get(self.status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenerationRequest:
+    """A parsed completion or chat request."""
+
+    model: str
+    adapter: str | None  # None: the base model
+    prompt: str
+    params: SamplingParams
+    stream: bool
+    include_usage: bool  # stream_options.include_usage
+    chat: bool
+
+
+_IGNORED_FIELDS = {"user", "logit_bias", "n", "stream_options", "frequency_penalty", "presence_penalty", "echo"}
+
+
+def _number(body: dict, name: str, default, kind=float, low=None, high=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        raise ApiError(400, f"'{name}' must be a {'an integer' if kind is int else 'number'}, got {value!r}", name)
+    value = kind(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(400, f"'{name}' must be in [{low}, {high}], got {value!r}", name)
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    return tuple(stop)
+
+
+def _check_unsupported(body: dict) -> None:
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "'n' must be 1 (one choice per request)", "n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name, 0) not in (0, None):
+            raise ApiError(400, f"'{name}' is not supported (only 0)", name)
+    if body.get("echo"):
+        raise ApiError(400, "'echo' is not supported", "echo")
+    if body.get("logit_bias"):
+        raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
+
+
+def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
+    """`render_chat(messages) -> str` applies the model's chat template."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required: the base model's name or an adapter's", "model")
+    _check_unsupported(body)
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list", "messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise ApiError(400, f"messages[{i}]: 'role' must be system, user or assistant", f"messages[{i}].role")
+            content = m.get("content")
+            if isinstance(content, list):  # OpenAI's content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                    raise ApiError(400, f"messages[{i}]: only text content parts are supported", f"messages[{i}]")
+                m = {**m, "content": "".join(p.get("text", "") for p in content)}
+                messages[i] = m
+            if not isinstance(m.get("content"), str):
+                raise ApiError(400, f"messages[{i}]: 'content' must be a string", f"messages[{i}].content")
+        prompt = render_chat(messages)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+    max_name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+        raise ApiError(400, f"'seed' must be an integer in [0, 2**32), got {seed!r}", "seed")
+    try:
+        params = SamplingParams(
+            max_tokens=_number(body, max_name, 16, int, 1),
+            temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, float, 1e-9, 1.0),
+            seed=seed,
+            stop=_stop(body),
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    return GenerationRequest(model, None, prompt, params, stream, bool(options.get("include_usage")), chat)
+
+
+def new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    return {"abort": "stop"}.get(reason, reason)
+
+
+def response(req: GenerationRequest, rid: str, text: str, finish_reason: str, prompt_tokens: int, tokens: int) -> dict:
+    created = int(time.time())
+    if req.chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": openai_finish_reason(finish_reason),
+            "logprobs": None,
+        }
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": openai_finish_reason(finish_reason), "logprobs": None}
+        kind = "text_completion"
+    return {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": req.model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, tokens),
+    }
+
+
+def chunk(req: GenerationRequest, rid: str, created: int, text: str | None, finish_reason: str | None, first=False):
+    if req.chat:
+        delta: dict = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "finish_reason": openai_finish_reason(finish_reason), "logprobs": None}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {
+            "index": 0,
+            "text": text or "",
+            "finish_reason": openai_finish_reason(finish_reason),
+            "logprobs": None,
+        }
+        kind = "text_completion"
+    return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": [choice]}
+
+
+def usage_chunk(req: GenerationRequest, rid: str, created: int, prompt_tokens: int, tokens: int) -> dict:
+    kind = "chat.completion.chunk" if req.chat else "text_completion"
+    return {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": req.model,
+        "choices": [],
+        "usage": usage(prompt_tokens, tokens),
+    }
