@@ -1,0 +1,255 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client: texts
+equal the engine's with the same seed, streaming and not, on the base model and adapters;
+adapters listed, loaded and unloaded; 32 concurrent streams over 6 adapters; a disconnect frees
+its resources; a full queue answers 429; every error is OpenAI's error JSON with its status."""
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from plora_jax import Engine, SamplingParams  # noqa: E402
+from plora_jax.adapters import save_random_adapter  # noqa: E402
+from plora_jax.config import smollm2_135m  # noqa: E402
+from serving.app import ServerState, build_app  # noqa: E402
+
+PROMPT = "The three primary colours are"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i in range(6):
+        save_random_adapter(root / f"lora{i}", smollm2_135m(), 8 * (1 + i % 2), ("q_proj", "v_proj"), seed=i)
+    extra = tmp_path_factory.mktemp("elsewhere")
+    save_random_adapter(extra / "outside", smollm2_135m(), 8, ("q_proj",), seed=9)
+    engine = Engine.from_pretrained(
+        str(smollm_path),
+        dtype="float32",
+        max_model_len=512,
+        num_kv_blocks=256,
+        max_num_seqs=8,
+        warmup=False,
+        max_loras=4,
+        policy="lru",
+    )
+    engine.add_adapter_dir(root)
+    state = ServerState(engine, "llama", [root.resolve()], None, max_queue=64)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, engine=engine, state=state, root=root, extra=extra)
+    server.should_exit = True
+    thread.join(30)
+    engine.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def reference(engine, prompt, params, adapter):
+    return engine.generate([prompt], params, adapters=[adapter])[0].text
+
+
+@pytest.mark.parametrize("model", ["llama", "lora0", "lora1"])
+def test_texts_equal_engine_generate(server, client, model):
+    adapter = None if model == "llama" else model
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+    expected = reference(server.engine, PROMPT, params, adapter)
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+    assert out.choices[0].text == expected and out.usage.completion_tokens >= 1
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    stream = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=12, temperature=0.8, top_p=0.9, seed=7, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == expected
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat_prompt = server.engine.tokenizer.apply_chat_template(messages)
+    expected = reference(server.engine, chat_prompt, params, adapter)
+    out = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=12, temperature=0.8, top_p=0.9, seed=7
+    )
+    assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=12,
+        temperature=0.8,
+        top_p=0.9,
+        seed=7,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_stop_strings_and_max_tokens(server, client):
+    out = client.completions.create(model="llama", prompt="1, 2, 3,", max_tokens=20, temperature=0, stop=[" 6"])
+    assert " 6" not in out.choices[0].text and out.choices[0].finish_reason == "stop"
+    out = client.completions.create(model="llama", prompt="1, 2, 3,", max_tokens=3, temperature=0)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+
+
+def test_models_and_load_unload_round_trip(server, client):
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {"llama", *(f"lora{i}" for i in range(6))}
+    assert listed["lora1"].model_extra["rank"] == 16 and listed["lora1"].model_extra["residency"] in (
+        "disk",
+        "host",
+        "loading",
+        "device",
+    )
+    with httpx.Client(base_url=server.url) as http:
+        copy = server.root / "lora0"
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(copy)})
+        assert r.status_code == 200, r.text
+        assert "again" in {m.id for m in client.models.list().data}
+        assert client.completions.create(model="again", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "again"})
+        assert r.status_code == 200 and "again" not in {m.id for m in client.models.list().data}
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(server.extra / "outside")})
+        assert r.status_code == 400 and "outside the configured adapter folders" in r.json()["error"]["message"]
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(server.root / ".." / "x")})
+        assert r.status_code == 400
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "never"})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def metric(text: str, name: str, **labels) -> float:
+    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name + ("{" + label + "}" if label else "")) + r" ([0-9.e+-]+)"
+    match = re.search(pattern, text)
+    return float(match[1]) if match else 0.0
+
+
+def test_32_concurrent_streams_over_6_adapters(server):
+    before = httpx.get(server.url + "/metrics").text
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+    async def one(i):
+        stream = await client.completions.create(
+            model=f"lora{i % 6}", prompt=f"{PROMPT} {i}", max_tokens=4, temperature=0, stream=True
+        )
+        ids, pieces, reasons = set(), [], []
+        async for c in stream:
+            ids.add(c.id)
+            pieces.append(c.choices[0].text)
+            reasons.append(c.choices[0].finish_reason)
+        return ids, "".join(pieces), reasons
+
+    async def run():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(run())
+    ids = [next(iter(r[0])) for r in results]
+    assert all(len(r[0]) == 1 for r in results) and len(set(ids)) == 32  # one id each, none shared
+    assert all(r[2][-1] in ("length", "stop") and r[2].count(None) == len(r[2]) - 1 for r in results)
+    after = httpx.get(server.url + "/metrics").text
+    ok = metric(after, "plora_requests_total", endpoint="completions", status="200") - metric(
+        before, "plora_requests_total", endpoint="completions", status="200"
+    )
+    assert ok == 32
+    assert metric(after, "plora_queue_depth") == 0 and metric(after, "plora_running_requests") == 0
+    assert metric(after, "plora_adapters", tier="device") >= 1
+
+
+def wait_idle(engine, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()
+        if s["running"] == 0 and s["waiting"] == 0 and s["kv_blocks_used"] == 0:
+            return s
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+
+
+def test_disconnect_mid_stream_frees_the_request(server):
+    body = {"model": "lora2", "prompt": PROMPT, "max_tokens": 400, "stream": True, "temperature": 0}
+    with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    stats = wait_idle(server.engine)
+    assert all(r.pins == 0 for r in server.engine._lora.pages.resident.values())
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
+    server.state.max_queue = 0
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "llama", "prompt": PROMPT})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="llama", prompt=PROMPT, max_tokens=2)
+    finally:
+        server.state.max_queue = 64
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=2).choices[0].finish_reason
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "nope", "prompt": "x"}, 404, "model"),
+        ({"model": "llama", "prompt": "word " * 600}, 400, None),
+        ({"model": "llama", "prompt": "x", "temperature": 5}, 400, "temperature"),
+        ({"model": "llama", "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": "llama", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "llama", "prompt": "x", "seed": -1}, 400, "seed"),
+        ({"model": "llama", "prompt": "x", "stop": [1]}, 400, "stop"),
+        ({"model": "llama", "prompt": "x", "n": 2}, 400, "n"),
+        ({"model": "llama"}, 400, "prompt"),
+        ({"prompt": "x"}, 400, "model"),
+    ],
+)
+def test_errors_are_openai_json(server, body, status, param):
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+
+
+def test_malformed_json_unknown_route_and_api_key(server, client):
+    r = httpx.post(
+        server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "llama", "messages": [{"role": "robot"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    server.state.api_key = "secret"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+        r = httpx.get(server.url + "/v1/models", headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        keyed = openai.OpenAI(base_url=server.url + "/v1", api_key="secret", max_retries=0)
+        assert keyed.models.list().data
+        assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
+    finally:
+        server.state.api_key = None
