@@ -7,7 +7,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_example_runs(capsys, smollm_path):
-    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[0]
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[1]
     namespace: dict = {}
     exec(compile(block, str(README), "exec"), namespace)
     assert "Paris" in capsys.readouterr().out
@@ -19,7 +19,7 @@ def test_readme_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'pip install -e ".[test]" && python -m pytest -q' in text
     assert 'pip install -e ".[test]" && python -m pytest -q' in ci
-    assert "python -m plora_jax.generate --model llama" in text
+    assert 'pip install -e ".[serve]" && python -m serving.main --model llama' in text
 
 
 def test_readme_adapter_example_runs(tmp_path, monkeypatch, smollm_path):
@@ -27,7 +27,7 @@ def test_readme_adapter_example_runs(tmp_path, monkeypatch, smollm_path):
     from plora_jax.adapters import save_random_adapter
     from plora_jax.config import smollm2_135m
 
-    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[1]
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[2]
     save_random_adapter(tmp_path / "adapters/sql-lora", smollm2_135m(), 16, ("q_proj", "v_proj"))
     save_random_adapter(tmp_path / "adapters/chat-lora", smollm2_135m(), 8, ("o_proj",), seed=1)
     monkeypatch.chdir(tmp_path)
@@ -44,7 +44,7 @@ def test_readme_tiers_example_runs(tmp_path, monkeypatch, capsys, smollm_path):
     from plora_jax.adapters import save_random_adapter
     from plora_jax.config import smollm2_135m
 
-    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[2]
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[3]
     save_random_adapter(tmp_path / "adapters/sql-lora", smollm2_135m(), 16, ("q_proj", "v_proj"))
     save_random_adapter(tmp_path / "adapters/chat-lora", smollm2_135m(), 8, ("o_proj",), seed=1)
     (tmp_path / "adapters/broken").mkdir()

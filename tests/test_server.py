@@ -253,3 +253,13 @@ def test_malformed_json_unknown_route_and_api_key(server, client):
         assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
     finally:
         server.state.api_key = None
+
+
+def test_readme_client_example_runs_against_the_server(server, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
+    assert "http://127.0.0.1:8000/v1" in block
+    exec(compile(block.replace("http://127.0.0.1:8000/v1", server.url + "/v1"), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
