@@ -128,6 +128,9 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension, for benchmarks and tests
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
         raise ApiError(400, f"'seed' must be an integer in [0, 2**32), got {seed!r}", "seed")
@@ -138,6 +141,7 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
             top_p=_number(body, "top_p", 1.0, float, 1e-9, 1.0),
             seed=seed,
             stop=_stop(body),
+            ignore_eos=ignore_eos,
         )
     except ValueError as e:
         raise ApiError(400, str(e)) from None

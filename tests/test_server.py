@@ -263,3 +263,45 @@ def test_readme_client_example_runs_against_the_server(server, capsys):
     assert "http://127.0.0.1:8000/v1" in block
     exec(compile(block.replace("http://127.0.0.1:8000/v1", server.url + "/v1"), "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
+    """`python -m serving.main` on a tiny GGUF: a stream in flight when SIGTERM arrives still ends
+    with [DONE], new connections are refused, and the process exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import write_tiny_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    port = free_port()
+    command = [sys.executable, "-m", "serving.main", "--model", str(gguf), "--port", str(port)]
+    command += ["--no-warmup", "--max-model-len", "256", "--num-kv-blocks", "64", "--max-loras", "0"]
+    command += ["--cache-dir", str(tmp_path / "cache"), "--log-level", "warning", "--grace-s", "60"]
+    proc = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "the server exited early"
+            assert time.monotonic() < deadline, "no /health"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": str(gguf), "prompt": "the cat", "max_tokens": 120, "stream": True, "ignore_eos": True}
+        lines = []
+        with httpx.Client(timeout=120) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    lines.append(line)
+                    if len(lines) == 2:
+                        proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]" and len(lines) > 3
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
