@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             server_config.api_key,
             server_config.max_queue,
         )
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
+        # handler it found installed; this one lets main() close the engine and exit 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         uvicorn.run(
             build_app(state),
             host=server_config.host,
