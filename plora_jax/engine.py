@@ -581,7 +581,10 @@ class Engine:
 
     def _release_adapter(self, request: Request) -> None:
         name = request.adapter
-        wanted = any(r.adapter == name and r is not request for r in self._scheduler.waiting)
+        # Only reactive freeing asks whether a waiting request needs the adapter: skip the queue scan otherwise.
+        wanted = self._lora.free_when_unused and any(
+            r.adapter == name and r is not request for r in self._scheduler.waiting
+        )
         self._lora.release(name, wanted)
         request.adapter_slot = 0
 

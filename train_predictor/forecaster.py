@@ -92,8 +92,8 @@ def score_trace(predictor: Predictor, trace: Trace, chunk: int = 512) -> np.ndar
     when = time_features(trace.minute_of_day(np.arange(1, t + 1)))  # the step observing j predicts j + 1
     features = np.concatenate([trace_features(trace.counts), np.broadcast_to(when, (n, t, 2))], axis=-1)
     scores = np.zeros((n, t), np.float32)
-    idle = np.concatenate([trace_features(np.zeros((n, 1), np.int64)), np.broadcast_to(when[:1] * 0, (n, 1, 2))], -1)
-    idle[:, 0, 4:] = time_features(trace.minute_of_day(0))
+    start_time = np.broadcast_to(time_features(trace.minute_of_day(0)), (n, 1, 2))
+    idle = np.concatenate([trace_features(np.zeros((n, 1), np.int64)), start_time], -1)
     scores[:, 0] = np.asarray(predictor.run(idle, buckets)[0])[:, 0]
     carry = zero_carry(predictor.model_config, n)
     for start in range(0, t - 1, chunk):
