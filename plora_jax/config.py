@@ -207,6 +207,7 @@ class EngineConfig:
     policy: str = "predictive"  # reactive | lru | lookahead | histogram | predictive (oracle: set_policy)
     policy_interval_s: float = 60.0  # seconds between policy decisions and forecaster runs
     max_prefetch_inflight: int = 2  # device prefetches queued on the transfer thread at once
+    adapter_loads: str = "async"  # "async": loads overlap steps | "sync": a step waits for its missing adapter (S-LoRA)
     predictor_checkpoint: str = ""  # predictive's forecaster: "" shipped LSTM, a checkpoint folder, or "ewma"
 
     def __post_init__(self):
@@ -243,5 +244,7 @@ class EngineConfig:
             raise ValueError(f"policy must be one of {list(POLICY_NAMES)}, got {self.policy!r}{hint}")
         if self.policy_interval_s <= 0 or self.host_cache_mb < 0 or self.max_prefetch_inflight < 1:
             raise ValueError("policy_interval_s must be > 0, host_cache_mb >= 0 and max_prefetch_inflight >= 1")
+        if self.adapter_loads not in ("async", "sync"):
+            raise ValueError(f"adapter_loads must be 'async' or 'sync', got {self.adapter_loads!r}")
         if self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")

@@ -103,6 +103,7 @@ class Engine:
         self._policy_warned = False
         self._next_decision = 0.0  # time.monotonic() of the next interval decision
         self._unservable: list[Request] = []  # requests whose adapter was removed before admission
+        self._load_failures: list = []  # (adapter, error) of synchronous loads, failed at the next poll
         self._state = EngineState(
             kv=KVCache.zeros(self.model_config, config.num_kv_blocks, bs, self.dtype),
             last_tokens=jnp.zeros((config.max_num_seqs,), jnp.int32),
@@ -431,6 +432,7 @@ class Engine:
             e2e_s=end - request.arrival,
             num_preemptions=request.num_preemptions,
             adapter_wait_s=request.adapter_wait,
+            cold_start=request.adapter_cold,
         )
         return RequestOutput(
             request_id=request.request_id,
@@ -543,8 +545,17 @@ class Engine:
         now = time.perf_counter()
         if request.adapter_wait_start is None:
             request.adapter_wait_start = now
+        if not request.adapter_counted:
+            request.adapter_cold = self._lora.residency(request.adapter) != "device"
         slot = self._lora.acquire(request.adapter, first=not request.adapter_counted)
         request.adapter_counted = True
+        if slot is None and self.config.adapter_loads == "sync" and self._lora.is_loading(request.adapter):
+            # S-LoRA as released: the load happens inside the step, so the whole batch waits for it.
+            pool, failures = self._lora.wait_for(request.adapter, self._state.lora)
+            self._state = dataclasses.replace(self._state, lora=pool)
+            self._load_failures += failures  # failed after schedule(): the queue is not ours to edit here
+            if all(name != request.adapter for name, _ in failures):
+                slot = self._lora.acquire(request.adapter, first=False)
         if slot is None:
             return False
         request.adapter_slot = slot
@@ -566,6 +577,7 @@ class Engine:
         else:
             pool, failures = self._lora.poll(self._state.lora)
         self._state = dataclasses.replace(self._state, lora=pool)
+        failures, self._load_failures = self._load_failures + failures, []
         for name, error in failures:
             for request in list(self._scheduler.waiting):
                 if request.adapter == name:
@@ -626,6 +638,24 @@ class Engine:
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a policy name or a plora_jax.policies.Policy, got {type(policy)}")
         self._call(lambda: self._adopt_policy(policy))
+
+    def reset_adapters(self, adapter_loads: str | None = None) -> None:
+        """Empty the adapter device pool and host cache (adapters stay registered), so that a
+        benchmark replays policies one after another on one warm engine from the same cold
+        start; `adapter_loads` switches between "async" and "sync" (S-LoRA) loads. Call it idle."""
+        if self._lora is None:
+            raise ValueError("this engine serves no adapters (max_loras=0)")
+        if adapter_loads not in (None, "async", "sync"):
+            raise ValueError(f"adapter_loads must be 'async' or 'sync', got {adapter_loads!r}")
+
+        def reset():
+            if self._scheduler.has_work():
+                raise RuntimeError("reset_adapters needs an idle engine (requests are running or waiting)")
+            self._state = dataclasses.replace(self._state, lora=self._lora.clear(self._state.lora))
+            if adapter_loads is not None:
+                self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
+
+        self._call(reset)
 
     def add_adapter(self, name: str, path: str | Path) -> dict:
         """Register a PEFT adapter folder under `name`; it is read and validated now (AdapterError

@@ -114,7 +114,7 @@ class LoraManager:
         self.counters = dict.fromkeys(
             (
                 *("cold_starts", "device_hits", "host_hits", "stale_dropped", "load_failures"),
-                *("prefetch_issued", "prefetch_used", "prefetch_wasted", "host_prefetch_issued", "host_evictions"),
+                *("prefetch_issued", "prefetch_used", "prefetch_hits", "prefetch_wasted", "host_prefetch_issued", "host_evictions"),
                 *("bytes_disk_to_host", "bytes_host_to_device"),
             ),
             0,
@@ -267,6 +267,7 @@ class LoraManager:
             if name in self._prefetched:
                 self._prefetched.discard(name)
                 self.counters["prefetch_used"] += 1
+                self.counters["prefetch_hits"] += on_device  # the prefetch finished in time
         if res is not None and name not in self._loading:
             self.pages.pin(name)
             return res.slot
@@ -408,6 +409,24 @@ class LoraManager:
         self._host_trim(self.host_budget - size)
         return self._host_used + size <= self.host_budget
 
+    def clear(self, pool: LoraPool) -> LoraPool:
+        """Empty the device pool and the host cache, adapters staying registered (benchmarks
+        replay one policy after another from the same cold state). Nothing may be in use."""
+        pinned = [n for n, r in self.pages.resident.items() if r.pins and n not in self._loading]
+        if pinned:
+            raise RuntimeError(f"adapters in use: {pinned}")
+        while self._loading or self._host_jobs:
+            pool, _ = self.poll(pool, block=bool(self._loading))
+            if self._host_jobs and not self._loading:
+                time.sleep(0.005)
+        for name in list(self.pages.resident):
+            self._evict(name)
+        for name in list(self._host):
+            self._host_drop(name)
+        self._prefetched.clear()
+        self.priority = {}
+        return pool
+
     # --- finished transfers (loop thread) -----------------------------------------------
     def poll(self, pool: LoraPool, block: bool = False) -> tuple[LoraPool, list[tuple[str, BaseException]]]:
         """Commit the finished transfers (at a step boundary); returns the pool and the failed
@@ -548,6 +567,8 @@ class LoraManager:
             "adapter_pages_used": self.pages.pages_used,
             "adapter_pages_total": self.num_pages - 1,
             "adapter_mem_util": self.memory_util(),
+            "adapter_live_bytes": self.pages.live_bytes,
+            "adapter_reserved_bytes": self.pages.pages_used * self.page_bytes,
             "host_cache_bytes": self._host_used,
             "host_cache_budget": self.host_budget,
             "adapter_loads": self.pages.loads,

@@ -26,6 +26,7 @@ class RequestMetrics:
     tpot_s: float  # mean time per output token after the first
     e2e_s: float  # arrival -> finished
     adapter_wait_s: float = 0.0  # time spent waiting for the request's adapter to load
+    cold_start: bool = False  # its adapter was not on the device when it first asked for it
     num_preemptions: int = 0
 
 

@@ -53,6 +53,7 @@ class Request:
     adapter_wait: float = 0.0  # seconds spent waiting for the adapter (loads, full pool)
     adapter_wait_start: float | None = None
     adapter_counted: bool = False  # its first acquisition was counted (hit or cold start)
+    adapter_cold: bool = False  # its adapter was not on the device when it first asked (a cold start)
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

@@ -115,3 +115,45 @@ def test_staging_through_pinned_host_memory_gives_the_same_weights(engine, tmp_p
     reference = engine.logits(PROMPT, adapter="a")
     engine._lora.stage_via_pinned = True
     np.testing.assert_allclose(engine.logits(PROMPT, adapter="b"), reference, atol=1e-6)
+
+
+def test_sync_loads_stall_every_running_request_as_s_lora_does(tmp_path):
+    """`adapter_loads="sync"` (the S-LoRA baseline): while an adapter loads, no step runs, so a
+    running request gets no token until the load is committed."""
+    params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
+    engine = Engine.from_params(
+        CFG, params, warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40,
+        adapter_loads="sync",
+    )  # fmt: skip
+    try:
+        engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=32))
+        engine.add_adapter("bad", write_peft_adapter(tmp_path / "bad", CFG, rank=8))
+        gate = threading.Event()
+        slow_transfers(engine, 0, gate)
+        base = engine.submit(PROMPT, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+        seen = []
+        threading.Thread(target=lambda: seen.extend(base), daemon=True).start()
+        while len(seen) < 3:
+            time.sleep(0.01)
+        lora = engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0), adapter="a")
+        while not engine._lora.is_loading("a"):
+            time.sleep(0.001)
+        time.sleep(0.05)  # a step already dispatched may still deliver its token
+        steps0, tokens0 = engine._steps, len(seen)
+        time.sleep(0.5)  # the load is held open
+        assert engine._lora.is_loading("a")
+        assert (engine._steps, len(seen)) == (steps0, tokens0), "a step ran while the adapter loaded"
+        gate.set()
+        out = lora.result(60)
+        assert len(out.token_ids) == 4 and out.metrics.cold_start and out.metrics.adapter_wait_s >= 0.5
+        # a synchronous load that fails ends only its request, and the engine keeps serving
+        engine._call(lambda: setattr(engine._lora.entries["bad"], "a_pages", None))
+        (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"corrupted after registration")
+        with pytest.raises(RequestFailed, match="could not be loaded"):
+            engine.submit(PROMPT, SamplingParams(max_tokens=4), adapter="bad").result(60)
+        assert not base.finished
+        base.cancel()
+        again = engine.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0), adapters=["a"])[0]
+        assert not again.metrics.cold_start and engine.stats()["load_failures"] == 1
+    finally:
+        engine.close()

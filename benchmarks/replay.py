@@ -1,0 +1,270 @@
+"""Azure-trace replay: every residency policy on the same requests, live or simulated, per layout.
+
+    python -m benchmarks.replay --mode live --adapters 24 --minutes 6 --seconds-per-minute 15 --json OUT --plot OUT.png
+    python -m benchmarks.replay --mode sim --adapters 1000 --minutes 120 --calibration CAL.json --json OUT
+
+One workload (`plora_jax.serverless.workload`) is generated from the traces; each policy in
+`--policies` then replays it, on fresh engines (`live`) or in the simulator (`sim`), once per
+layout in `--layout`. `reactive_sync` is `reactive` with synchronous adapter loads: S-LoRA as
+released, the baseline of the paper's claims. Prints one table per layout and the claims as
+ratios of predictive against reactive_sync; `--json` writes
+`{"layouts": {layout: {"policies": {...}}}, "claims": ..., "config": ..., "calibration": ...}`
+(with one layout, its `policies` block is also at the top level), `--plot` the TTFT CDF,
+cumulative cold starts and memory utilisation over time per policy.
+
+A live run measures the calibration the simulator uses (step, prefill, load and instance start
+costs; `plora_jax.serverless.live.calibrate`) and writes it into its JSON; `--calibration`
+reads it back for `sim` (from a replay JSON or a bare calibration JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import machine, write_json
+from plora_jax.cli import add_dataclass_args, dataclass_from_args
+
+ALL_POLICIES = "reactive_sync,reactive,lru,lookahead,histogram,predictive,oracle"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    mode: str = "sim"  # live (real engines on this machine) | sim (the calibrated simulator)
+    policies: str = ALL_POLICIES  # comma-separated, all on the same requests
+    layout: str = "paged,contiguous"  # comma-separated adapter memory layouts
+    instances: int = 1  # engine instances (live: started up front; sim: the most at once)
+    min_instances: int = 1  # sim: instances kept warm (0: scale to zero)
+    keep_alive_s: float = 600.0  # sim: an idle instance above min_instances stops after this long
+    model: str = "llama"  # live: model name or path; "tiny": a tiny random model (tests)
+    calibration: str = ""  # sim: replay or calibration JSON ("": the committed CPU calibration)
+    predictor_checkpoint: str = ""  # predictive's forecaster ("": the shipped LSTM; "ewma")
+    max_num_seqs: int = 16  # decode rows per instance
+    max_loras: int = 32  # adapter slots per instance
+    lora_pool_pages: int = 65  # adapter pages per instance (page 0 reserved)
+    page_rows: int = 8
+    max_lora_rank: int = 64
+    host_cache_mb: float = 4096.0
+    adapter_dir: str = ""  # live: folder for the random adapters ("": a temporary folder)
+    json: str = ""  # write the results here
+    plot: str = ""  # write the plots here (PNG)
+
+
+DEFAULT_CALIBRATION = Path(__file__).parent / "results" / "calibration_cpu.json"
+
+
+def load_calibration(path: str):
+    from plora_jax.serverless.simulator import Calibration
+
+    path = Path(path) if path else DEFAULT_CALIBRATION
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--calibration {path}: cannot read ({e})") from None
+    block = payload.get("calibration", payload)
+    names = {f.name for f in dataclasses.fields(Calibration)}
+    unknown = set(block) - names
+    if unknown:
+        raise SystemExit(f"--calibration {path}: unknown field(s) {sorted(unknown)}")
+    return Calibration(**block)
+
+
+def engine_factory(cfg: ReplayConfig, layout: str):
+    from plora_jax import Engine
+
+    options = dict(
+        max_num_seqs=cfg.max_num_seqs,
+        max_loras=cfg.max_loras,
+        lora_pool_pages=cfg.lora_pool_pages,
+        page_rows=cfg.page_rows,
+        max_lora_rank=cfg.max_lora_rank,
+        host_cache_mb=cfg.host_cache_mb,
+        layout=layout,
+        policy="reactive",
+        max_model_len=1024,
+    )
+    if cfg.model == "tiny":
+        import jax.numpy as jnp
+
+        from plora_jax.config import tiny
+        from plora_jax.models.llama import init_params
+
+        model_config = tiny()
+        params = init_params(model_config, jnp.float32, seed=0, scale=0.2)
+        # few buckets: the whole warm-up compiles in seconds
+        options |= dict(max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=32, max_prefill_seqs=2)
+        return model_config, lambda **kw: Engine.from_params(model_config, params, **(options | kw))
+    model_config = None  # known once an engine has loaded the model
+
+    def make(**kw):
+        return Engine.from_pretrained(cfg.model, **(options | kw))
+
+    return model_config, make
+
+
+def sim_config(cfg: ReplayConfig, layout: str):
+    from plora_jax.serverless.simulator import SimConfig
+
+    return SimConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_loras=cfg.max_loras,
+        pool_pages=cfg.lora_pool_pages,
+        page_rows=cfg.page_rows,
+        max_lora_rank=cfg.max_lora_rank,
+        layout=layout,
+        host_cache_bytes=int(cfg.host_cache_mb * 2**20),
+        instances=cfg.instances,
+        min_instances=cfg.min_instances,
+        keep_alive_s=cfg.keep_alive_s,
+    )
+
+
+def run(cfg: ReplayConfig, wcfg) -> dict:
+    from plora_jax.serverless import live, report, simulator
+    from plora_jax.serverless.workload import generate
+
+    if cfg.mode not in ("live", "sim"):
+        raise SystemExit(f"--mode must be live or sim, got {cfg.mode!r}")
+    policies = [p for p in cfg.policies.split(",") if p]
+    known = set(ALL_POLICIES.split(","))
+    if not policies or set(policies) - known:
+        raise SystemExit(f"--policies: unknown {sorted(set(policies) - known)}; choose from {ALL_POLICIES}")
+    layouts = [x for x in cfg.layout.split(",") if x]
+    if not layouts or set(layouts) - {"paged", "contiguous"}:
+        raise SystemExit(f"--layout: choose from paged,contiguous, got {cfg.layout!r}")
+    workload = generate(wcfg)
+    print(f"machine: {machine()}", flush=True)
+    print(
+        f"workload: {len(workload.requests)} requests, {len(workload.ranks)} adapters, "
+        f"{wcfg.minutes} trace minutes at {wcfg.seconds_per_minute} s each",
+        flush=True,
+    )
+    runs: dict[str, dict[str, report.Run]] = {}
+    calibration = None
+    with tempfile.TemporaryDirectory(prefix="plora-replay-") as tmp:
+        if cfg.mode == "live":
+            adapter_dir = Path(cfg.adapter_dir or tmp)
+            summaries = []
+            for layout in layouts:
+                model_config, make = engine_factory(cfg, layout)
+                if model_config is None:
+                    probe = make(warmup=False, max_loras=0)
+                    model_config = probe.model_config
+                    probe.close()
+                live.write_adapters(workload, model_config, adapter_dir, TARGETS)
+                start = time.perf_counter()
+                engines = live.start_engines(make, cfg.instances, adapter_dir, workload)
+                print(f"  {layout}: {cfg.instances} engine(s) warm in {time.perf_counter() - start:.0f} s", flush=True)
+                try:
+                    runs[layout] = {}
+                    for policy in policies:
+                        start = time.perf_counter()
+                        runs[layout][policy] = live.replay_live(
+                            workload, policy, engines, cfg.predictor_checkpoint, wcfg.seed
+                        )
+                        summaries.append(runs[layout][policy].summary)
+                        print(f"  {layout}/{policy}: {time.perf_counter() - start:.0f} s", flush=True)
+                    if calibration is None:
+                        calibration = live.calibrate(engines[0], make, summaries)
+                finally:
+                    for engine in engines:
+                        engine.close()
+        else:
+            calibration = load_calibration(cfg.calibration)
+            for layout in layouts:
+                runs[layout] = {}
+                for policy in policies:
+                    start = time.perf_counter()
+                    runs[layout][policy] = simulator.simulate(
+                        workload, policy, sim_config(cfg, layout), calibration, cfg.predictor_checkpoint
+                    )
+                    print(f"  {layout}/{policy}: {time.perf_counter() - start:.1f} s", flush=True)
+    payload = {
+        "machine": machine(),
+        "mode": cfg.mode,
+        "layouts": {},
+        "config": {"replay": dataclasses.asdict(cfg), "workload": dataclasses.asdict(wcfg)},
+        "calibration": calibration.to_dict() if calibration else {},
+        "requests": len(workload.requests),
+        "adapters": len(workload.ranks),
+    }
+    for layout, by_policy in runs.items():
+        block = {name: r.summary for name, r in by_policy.items()}
+        payload["layouts"][layout] = {"policies": block, "claims": report.claims(block)}
+        print(f"\n{cfg.mode} replay, layout {layout}:\n{report.table(block)}")
+        line = report.format_claims(report.claims(block))
+        if line:
+            print(line)
+    if len(layouts) == 1:
+        payload["policies"] = payload["layouts"][layouts[0]]["policies"]
+    if "paged" in runs and "contiguous" in runs:
+        mem = {
+            p: (runs["paged"][p].summary["adapter_mem_util"], runs["contiguous"][p].summary["adapter_mem_util"])
+            for p in runs["paged"]
+        }
+        payload["memory"] = {p: {"paged": a, "contiguous": b} for p, (a, b) in mem.items()}
+        print(
+            "adapter memory utilisation paged / contiguous: "
+            + ", ".join(f"{p} {a:.1%}/{b:.1%}" for p, (a, b) in mem.items())
+        )
+    write_json(cfg.json or None, payload)
+    if cfg.plot:
+        plot(runs, cfg.plot, f"{cfg.mode} replay: {len(workload.requests)} requests, {len(workload.ranks)} adapters")
+    return payload
+
+
+def plot(runs: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layouts = list(runs)
+    fig, axes = plt.subplots(len(layouts), 3, figsize=(15, 4 * len(layouts)), squeeze=False)
+    for row, layout in zip(axes, layouts, strict=True):
+        for name, r in runs[layout].items():
+            done = [x for x in r.records if x.first_token is not None]
+            ttft = np.sort([x.first_token - x.arrival for x in done])
+            row[0].plot(ttft, np.arange(1, len(ttft) + 1) / max(1, len(ttft)), label=name)
+            cold = np.sort([x.arrival for x in r.records if x.cold])
+            row[1].step(cold, np.arange(1, len(cold) + 1), where="post", label=name)
+            if r.memory:
+                t, u = zip(*r.memory, strict=True)
+                row[2].plot(t, u, label=name)
+        row[0].set(xscale="log", xlabel="TTFT (s)", ylabel="fraction of requests", title=f"TTFT CDF ({layout})")
+        row[1].set(xlabel="replay time (s)", ylabel="cold starts", title=f"cold starts over time ({layout})")
+        row[2].set(
+            xlabel="replay time (s)", ylabel="live / reserved bytes", title=f"adapter memory utilisation ({layout})"
+        )
+        row[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from plora_jax.serverless.workload import WorkloadConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dataclass_args(parser, ReplayConfig, title="replay")
+    add_dataclass_args(parser, WorkloadConfig, title="workload")
+    args = parser.parse_args(argv)
+    cfg = dataclass_from_args(ReplayConfig, args)
+    try:
+        wcfg = dataclass_from_args(WorkloadConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"workload: {e}") from None
+    run(cfg, wcfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

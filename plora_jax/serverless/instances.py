@@ -1,0 +1,166 @@
+"""The serverless layer: function instances that start on demand, stop after a keep-alive, and
+receive requests by adapter affinity.
+
+An instance is one engine holding the base model. Scaling rules (what a serverless platform
+does for one function whose variants are the adapters):
+
+- Routing (`pick_instance`): among instances that are up or starting and have room (fewer
+  requests than `max_num_seqs`), prefer one that holds the request's adapter (committed or
+  loading), then the least loaded. If none has room and fewer than `instances` exist, a new one
+  starts (an instance cold start: `instance_start_s`, parameters from the Orbax cache and
+  executables from the persistent compilation cache on the live engine); at the maximum, the
+  least loaded instance queues the request.
+- Scale to zero: an instance idle for `keep_alive_s` stops (its adapter pool goes with it) unless
+  only `min_instances` remain.
+- Pre-warming: each instance slot keeps its policy object across stops, as a control plane
+  would, so the forecaster keeps running while the instance is down. At every interval, if a
+  stopped slot's policy expects demand (`expected_demand`: the predictive policy's forecast
+  probabilities summed, or the oracle's arrivals within one start time and interval), the
+  instance starts ahead of it.
+
+The routing rule is plain Python over `InstanceLoad` records, so a distributed host (a Ray
+Serve deployment that scales to zero, with model multiplexing keyed by the adapter) can apply it
+to its replicas; nothing here manages a cluster. `InstancePool` applies the rules to the
+simulator's instances; the live replay routes over engines it started up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..policies import Oracle, Policy, Predictive, PredictorUnavailable
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    index: int
+    holds: bool  # the request's adapter is on the instance's device (or loading into it)
+    load: int  # requests running or waiting there
+    capacity: int  # requests it runs at once
+
+
+def pick_instance(instances: Sequence[InstanceLoad]) -> int | None:
+    """Affinity first, then the least loaded, among instances with room; None if all are full."""
+    open_ = [i for i in instances if i.load < i.capacity]
+    if not open_:
+        return None
+    return min(open_, key=lambda i: (not i.holds, i.load, i.index)).index
+
+
+def expected_demand(policy: Policy, now: float, horizon_s: float) -> float:
+    """Requests a policy expects within `horizon_s` (0 for policies that do not forecast)."""
+    if isinstance(policy, Predictive):
+        try:
+            return float(sum(policy.scores(now).values()))
+        except PredictorUnavailable:
+            return 0.0
+    if isinstance(policy, Oracle):
+        waits = (policy.next_arrival(a, now) for a in list(policy._times))
+        return float(sum(1 for w in waits if w is not None and w <= horizon_s))
+    return 0.0
+
+
+class InstancePool:
+    """The serverless rules applied to a `Simulator`'s instances."""
+
+    def __init__(self, sim, make_policy: Callable[[], Policy]):
+        self.sim, self.make_policy = sim, make_policy
+        self.instances: list = []  # SimInstance per slot (a restarted slot gets a fresh one)
+        self.policies: list[Policy] = []  # per slot, kept across stops
+        self.starts = 0  # instance cold starts (not counting those warm at time 0)
+        self.prewarms = 0  # starts triggered by a forecast rather than a request
+        self.start_waits: list[float] = []  # seconds requests waited for their instance to start
+
+    def active(self) -> list:
+        return [i for i in self.instances if not i.stopped]
+
+    def up(self, now: float) -> list:
+        return [i for i in self.active() if i.ready_at <= now]
+
+    def _launch(self, slot: int | None, now: float, delay: float):
+        from .simulator import SimInstance
+
+        if slot is None:
+            slot = len(self.instances)
+            self.policies.append(self.make_policy())
+            self.instances.append(None)
+        inst = SimInstance(self.sim, slot, self.policies[slot])
+        inst.ready_at = now + delay
+        inst.idle_since = inst.ready_at
+        self.instances[slot] = inst
+        if delay > 0:
+            self.starts += 1
+            self.sim.push(inst.ready_at, "instance_ready", slot)
+        return inst
+
+    def start(self, now: float) -> None:
+        for _ in range(self.sim.config.min_instances):
+            self._launch(None, now, 0.0)
+
+    def route(self, request, now: float) -> None:
+        cfg = self.sim.config
+        active = self.active()
+        loads = [
+            InstanceLoad(
+                i.index,
+                i.pages.get(request.trace.adapter) is not None,
+                len(i.running) + len(i.waiting),
+                cfg.max_num_seqs,
+            )
+            for i in active
+        ]
+        index = pick_instance(loads)
+        if index is None and len(active) < cfg.instances:
+            stopped = [i.index for i in self.instances if i.stopped]
+            inst = self._launch(stopped[0] if stopped else None, now, self.sim.calibration.instance_start_s)
+        elif index is None:
+            inst = self.instances[min(loads, key=lambda i: (i.load, i.index)).index]
+        else:
+            inst = self.instances[index]
+        request.instance = inst.index
+        if inst.ready_at > now:
+            self.start_waits.append(inst.ready_at - now)
+        inst.waiting.append(request)
+        inst.policy.observe(request.trace.adapter, now)
+        if inst.ready_at <= now:
+            inst.decide(now)
+            inst.wake(now)
+
+    def ready(self, slot: int, now: float) -> None:
+        inst = self.instances[slot]
+        if inst.stopped or inst.ready_at > now:
+            return
+        inst.decide(now)
+        inst.wake(now)
+        if not inst.running and not inst.waiting:
+            self.idle(inst, now)
+
+    def idle(self, inst, now: float) -> None:
+        if len(self.active()) > self.sim.config.min_instances:
+            self.sim.push(now + self.sim.config.keep_alive_s, "keep_alive", inst.index, inst)
+
+    def expire(self, slot: int, now: float) -> None:
+        inst = self.instances[slot]
+        busy = inst.running or inst.waiting or inst.busy_until is not None
+        if inst.stopped or busy or now - inst.idle_since < self.sim.config.keep_alive_s - 1e-9:
+            return
+        if len(self.active()) > self.sim.config.min_instances:
+            inst.stopped = True
+
+    def interval(self, now: float) -> None:
+        cfg, cal = self.sim.config, self.sim.calibration
+        for slot, policy in enumerate(self.policies):
+            self.sim.forecast_step(policy)
+            inst = self.instances[slot]
+            if not inst.stopped and inst.ready_at <= now:
+                inst.decide(now)
+                inst.wake(now)
+            elif (
+                inst.stopped
+                and cfg.prewarm
+                and len(self.active()) < cfg.instances
+                and expected_demand(policy, now, cal.instance_start_s + self.sim.interval_s) >= 0.5
+            ):
+                self._launch(slot, now, cal.instance_start_s)
+                self.prewarms += 1

@@ -1,0 +1,130 @@
+"""The replay's metrics, computed the same way from a live run and from a simulation.
+
+Per request the replay records arrival, first token and finish times, whether it was a cold
+start (its adapter was not on the device when it first asked for it) and how long it waited for
+its adapter. From those and the run's counters:
+
+- cold-start latency: median / mean / p99 of the adapter wait over cold-start requests;
+- TTFT mean / p99 over all requests (arrival to first token, queueing included);
+- throughput: completed requests and generated tokens per second, from the first arrival to the
+  last completion;
+- adapter memory utilisation: live adapter bytes (true ranks) / device bytes reserved for the
+  resident adapters, averaged over samples taken once per interval (DESIGN.md's definition;
+  the paged layout's waste is page rounding, the contiguous layout's is padding to max rank);
+- prefetch precision (prefetches that a request used before their eviction / prefetches issued)
+  and recall (requests that found a finished prefetch / those plus the cold starts, i.e. the
+  requests that would have been cold without prefetching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    arrival: float
+    first_token: float | None  # None: the request did not complete
+    finished: float | None
+    cold: bool
+    adapter_wait_s: float
+    output_tokens: int
+
+
+@dataclass
+class Run:
+    """One policy's replay: its metrics, per-request records and memory samples (for plots)."""
+
+    summary: dict
+    records: list[RequestRecord]
+    memory: list[tuple[float, float]]  # (seconds since the start, adapter memory utilisation)
+
+
+def _pct(values, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def summarize(records: list[RequestRecord], counters: dict, mem_util: float, extra: dict | None = None) -> dict:
+    done = [r for r in records if r.finished is not None]
+    ttft = [r.first_token - r.arrival for r in done]
+    cold = [r.adapter_wait_s for r in done if r.cold]
+    start = min((r.arrival for r in records), default=0.0)
+    end = max((r.finished for r in done), default=start)
+    span = max(end - start, 1e-9)
+    issued, used, hits = (counters.get(k, 0) for k in ("prefetch_issued", "prefetch_used", "prefetch_hits"))
+    cold_starts = counters.get("cold_starts", len(cold))
+    out = {
+        "requests": len(records),
+        "completed": len(done),
+        "cold_starts": int(cold_starts),
+        "cold_start_median_s": float(np.median(cold)) if cold else 0.0,
+        "cold_start_mean_s": float(np.mean(cold)) if cold else 0.0,
+        "cold_start_p99_s": _pct(cold, 99),
+        "ttft_mean_s": float(np.mean(ttft)) if ttft else 0.0,
+        "ttft_p99_s": _pct(ttft, 99),
+        "throughput_rps": len(done) / span,
+        "throughput_tok_s": sum(r.output_tokens for r in done) / span,
+        "adapter_mem_util": float(mem_util),
+        "prefetch_precision": used / issued if issued else 0.0,
+        "prefetch_recall": hits / (hits + cold_starts) if hits + cold_starts else 0.0,
+        "prefetch_issued": int(issued),
+        "bytes_host_to_device": int(counters.get("bytes_host_to_device", 0)),
+        "bytes_disk_to_host": int(counters.get("bytes_disk_to_host", 0)),
+    }
+    return out | (extra or {})
+
+
+def claims(policies: dict, ours: str = "predictive", baseline: str = "reactive_sync") -> dict:
+    """The paper's four claims as ratios of `ours` against `baseline` (missing: empty)."""
+    if ours not in policies or baseline not in policies:
+        return {}
+    a, b = policies[ours], policies[baseline]
+    ratio = lambda x, y: x / y if y else float("nan")
+    return {
+        "baseline": baseline,
+        "cold_start_median_change": ratio(a["cold_start_median_s"], b["cold_start_median_s"]) - 1.0,
+        "ttft_mean_change": ratio(a["ttft_mean_s"], b["ttft_mean_s"]) - 1.0,
+        "throughput_ratio": ratio(a["throughput_rps"], b["throughput_rps"]),
+        "adapter_mem_util": a["adapter_mem_util"],
+        "cold_starts_ratio": ratio(a["cold_starts"], b["cold_starts"]),
+    }
+
+
+def format_claims(c: dict, ours: str = "predictive") -> str:
+    if not c:
+        return ""
+    return (
+        f"{ours} vs {c['baseline']}: median cold-start latency {c['cold_start_median_change']:+.0%} (paper -68%), "
+        f"mean TTFT {c['ttft_mean_change']:+.0%} (paper -35%), throughput {c['throughput_ratio']:.2f}x "
+        f"(paper 1.52x), adapter memory utilisation {c['adapter_mem_util']:.1%} (paper > 87%)"
+    )
+
+
+COLUMNS = (
+    ("cold_starts", "cold", "{:d}"),
+    ("cold_start_median_s", "cold p50 s", "{:.3f}"),
+    ("cold_start_mean_s", "cold mean s", "{:.3f}"),
+    ("cold_start_p99_s", "cold p99 s", "{:.3f}"),
+    ("ttft_mean_s", "TTFT mean s", "{:.3f}"),
+    ("ttft_p99_s", "TTFT p99 s", "{:.3f}"),
+    ("throughput_rps", "req/s", "{:.2f}"),
+    ("throughput_tok_s", "tok/s", "{:.1f}"),
+    ("adapter_mem_util", "mem util", "{:.1%}"),
+    ("prefetch_precision", "pf prec", "{:.2f}"),
+    ("prefetch_recall", "pf recall", "{:.2f}"),
+    ("bytes_host_to_device", "MB h2d", None),
+)
+
+
+def table(policies: dict) -> str:
+    """A markdown table, one row per policy."""
+    head = "| policy | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
+    rows = [head, "|" + " --- |" * (len(COLUMNS) + 1)]
+    for name, m in policies.items():
+        cells = []
+        for key, _, fmt in COLUMNS:
+            cells.append(f"{m[key] / 2**20:.0f}" if fmt is None else fmt.format(m[key]))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

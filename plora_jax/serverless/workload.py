@@ -1,0 +1,191 @@
+"""Replayable multi-LoRA workloads from the Azure traces.
+
+One function of an Azure Functions per-minute invocation trace becomes one adapter; its rank is
+drawn from a mix (default {8, 16, 32, 64}). The `c` invocations of a function in trace minute m
+become `c` requests inside that minute: a Poisson process conditioned on its count places them
+uniformly at random (`arrivals="poisson"`), or they are spread evenly (`"uniform"`). Prompt and
+output lengths are drawn together, as pairs, from an Azure LLM inference trace
+(`TIMESTAMP,ContextTokens,GeneratedTokens`). Time compression maps one trace minute onto
+`seconds_per_minute` seconds of replay; counts per minute are never changed by it.
+
+The functions are either the trace's rows in order, or (`popularity=True`, the default) a sample
+matched to the In-Vitro popularity distribution (`train_predictor.traces.sample_popularity`):
+the full-day pool is far busier than Azure as a whole. Everything is drawn from one seeded
+generator, so a config gives the same requests on every machine, and `Workload.write` stores them
+as JSON for replays elsewhere.
+
+CPU live runs cannot prefill the trace's 1,000-token prompts at replay speed, so `token_scale`
+shrinks both lengths (and `max_prompt_tokens` / `max_output_tokens` cap them); the replay
+output records the config, so a scaled run never passes for the real one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from train_predictor.traces import Trace, TraceError, read_trace, sample_popularity
+
+ARRIVALS = ("poisson", "uniform")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    trace: str = "../shared/data/azure/azure2019_invitro2023_8h_invocations.csv"  # function counts per minute
+    llm_trace: str = "../shared/data/azure/AzureLLMInferenceTrace_conv_dev.csv"  # ContextTokens, GeneratedTokens
+    adapters: int = 32  # adapters (functions) in the workload
+    minutes: int = 10  # trace minutes replayed
+    start_minute: int = 0  # first trace column replayed (0-based)
+    seconds_per_minute: float = 60.0  # time compression: one trace minute lasts this many seconds
+    ranks: tuple[int, ...] = (8, 16, 32, 64)  # adapter ranks, drawn uniformly per adapter
+    arrivals: str = "poisson"  # "poisson" (uniform times given the count) | "uniform" (evenly spaced)
+    popularity: bool = True  # sample functions to the In-Vitro popularity CDF (False: the first rows)
+    token_scale: float = 1.0  # multiply sampled token lengths (CPU live runs shrink them)
+    max_prompt_tokens: int = 0  # cap on prompt tokens (0: none)
+    max_output_tokens: int = 0  # cap on output tokens (0: none)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.adapters < 1 or self.minutes < 1 or self.start_minute < 0:
+            raise ValueError("adapters and minutes must be >= 1 and start_minute >= 0")
+        if self.seconds_per_minute <= 0 or self.token_scale <= 0:
+            raise ValueError("seconds_per_minute and token_scale must be > 0")
+        if not self.ranks or any(r <= 0 for r in self.ranks):
+            raise ValueError(f"ranks must be positive, got {self.ranks}")
+        if self.arrivals not in ARRIVALS:
+            raise ValueError(f"arrivals must be one of {ARRIVALS}, got {self.arrivals!r}")
+        if self.max_prompt_tokens < 0 or self.max_output_tokens < 0:
+            raise ValueError("max_prompt_tokens and max_output_tokens must be >= 0")
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float  # seconds from the start of the replay
+    adapter: str
+    prompt_tokens: int
+    output_tokens: int
+    minute: int  # trace minute (0-based, relative to start_minute) the request belongs to
+
+
+@dataclass
+class Workload:
+    config: WorkloadConfig
+    ranks: dict[str, int]  # adapter -> rank
+    requests: list[TraceRequest]  # sorted by arrival
+    counts: np.ndarray = field(repr=False)  # [adapters, minutes] trace counts, rows in `ranks` order
+    first_minute: int = 0  # minute of day at which the replay starts (the forecaster's time features)
+
+    @property
+    def duration_s(self) -> float:
+        return self.config.minutes * self.config.seconds_per_minute
+
+    def per_minute_counts(self) -> np.ndarray:
+        """[adapters, minutes] counted back from the requests (equals `counts`)."""
+        index = {name: i for i, name in enumerate(self.ranks)}
+        out = np.zeros((len(self.ranks), self.config.minutes), np.int64)
+        for r in self.requests:
+            out[index[r.adapter], r.minute] += 1
+        return out
+
+    def arrivals(self) -> list[tuple[float, str]]:
+        return [(r.arrival_s, r.adapter) for r in self.requests]
+
+    def write(self, path: str | Path) -> None:
+        payload = {
+            "config": asdict(self.config),
+            "ranks": self.ranks,
+            "counts": self.counts.tolist(),
+            "first_minute": self.first_minute,
+            "requests": [[r.arrival_s, r.adapter, r.prompt_tokens, r.output_tokens, r.minute] for r in self.requests],
+        }
+        Path(path).write_text(json.dumps(payload))
+
+    @classmethod
+    def read(cls, path: str | Path) -> Workload:
+        try:
+            payload = json.loads(Path(path).read_text())
+            config = payload["config"]
+            config = WorkloadConfig(**{**config, "ranks": tuple(config["ranks"])})
+            requests = [TraceRequest(float(t), str(a), int(p), int(o), int(m)) for t, a, p, o, m in payload["requests"]]
+            return cls(
+                config,
+                dict(payload["ranks"]),
+                requests,
+                np.asarray(payload["counts"], np.int64),
+                int(payload.get("first_minute", 0)),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a workload file ({type(e).__name__}: {e})") from None
+
+
+def read_token_lengths(path: str | Path) -> np.ndarray:
+    """[requests, 2] (prompt, output) token counts of an Azure LLM inference trace."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or ())
+            if missing:
+                raise TraceError(f"{path}: missing column(s) {sorted(missing)}")
+            rows = []
+            for i, row in enumerate(reader, start=2):
+                try:
+                    prompt, output = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+                except (TypeError, ValueError):
+                    raise TraceError(f"{path}: row {i}: token counts must be integers") from None
+                if prompt < 1 or output < 1:
+                    raise TraceError(f"{path}: row {i}: token counts must be >= 1, got {prompt}, {output}")
+                rows.append((prompt, output))
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read ({e})") from None
+    if not rows:
+        raise TraceError(f"{path}: no requests")
+    return np.asarray(rows, np.int64)
+
+
+def select_functions(trace: Trace, config: WorkloadConfig) -> Trace:
+    """The trace's rows for the workload's adapters, cut to its minutes."""
+    end = config.start_minute + config.minutes
+    if end > trace.num_intervals:
+        raise TraceError(
+            f"{trace.path}: minutes [{config.start_minute}, {end}) are past its {trace.num_intervals} minutes"
+        )
+    if config.popularity:
+        trace = sample_popularity(trace, config.adapters, seed=config.seed)
+    elif config.adapters > trace.num_functions:
+        raise TraceError(f"{trace.path}: {config.adapters} adapters asked, it has {trace.num_functions} functions")
+    else:
+        trace = trace.select(np.arange(config.adapters))
+    return trace.time_slice(config.start_minute, end)
+
+
+def generate(config: WorkloadConfig) -> Workload:
+    rng = np.random.default_rng(config.seed)
+    trace = select_functions(read_trace(config.trace), config)
+    lengths = read_token_lengths(config.llm_trace)
+    names = [f"fn{i:04d}-{fid[:8]}" for i, fid in enumerate(trace.function_ids)]
+    ranks = {name: int(rng.choice(config.ranks)) for name in names}
+    spm = config.seconds_per_minute
+    times, adapters, minutes = [], [], []
+    for i, name in enumerate(names):
+        for minute in np.nonzero(trace.counts[i])[0]:
+            c = int(trace.counts[i, minute])
+            offsets = rng.random(c) if config.arrivals == "poisson" else (np.arange(c) + 0.5) / c
+            times.append((minute + offsets) * spm)
+            adapters += [name] * c
+            minutes += [int(minute)] * c
+    times = np.concatenate(times) if times else np.zeros((0,))
+    picks = lengths[rng.integers(len(lengths), size=len(times))]
+    prompt = np.maximum(1, np.round(picks[:, 0] * config.token_scale)).astype(np.int64)
+    output = np.maximum(1, np.round(picks[:, 1] * config.token_scale)).astype(np.int64)
+    if config.max_prompt_tokens:
+        prompt = np.minimum(prompt, config.max_prompt_tokens)
+    if config.max_output_tokens:
+        output = np.minimum(output, config.max_output_tokens)
+    order = np.argsort(times, kind="stable")
+    requests = [TraceRequest(float(times[j]), adapters[j], int(prompt[j]), int(output[j]), minutes[j]) for j in order]
+    return Workload(config, ranks, requests, trace.counts.astype(np.int64), trace.first_minute)

@@ -1,0 +1,212 @@
+"""The serverless replay: the workload generator on real Azure excerpts, the simulator against
+hand-computed cold starts and waits, the serverless instance rules, the engine's synchronous
+(S-LoRA) loads, and a short live replay of every policy writing its JSON and PNG."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plora_jax.serverless.instances import InstanceLoad, pick_instance
+from plora_jax.serverless.simulator import Calibration, SimConfig, Simulator, policy_for, simulate
+from plora_jax.serverless.workload import TraceRequest, Workload, WorkloadConfig, generate, read_token_lengths
+from train_predictor.traces import TraceError, read_trace
+
+DATA = Path(__file__).parent / "data"
+TRACE = str(DATA / "azure2019_8h_excerpt.csv")  # 16 functions x 20 minutes of the 8-hour Azure slice
+LLM = str(DATA / "azure_llm_conv_excerpt.csv")  # the first 200 requests of the conversation trace
+
+
+def workload_config(**kw):
+    return WorkloadConfig(**({"trace": TRACE, "llm_trace": LLM, "adapters": 16, "minutes": 20} | kw))
+
+
+# --- workload generator ---------------------------------------------------------------------
+def test_generator_is_deterministic_for_a_seed():
+    a, b = generate(workload_config(seed=3)), generate(workload_config(seed=3))
+    assert a.requests == b.requests and a.ranks == b.ranks
+    c = generate(workload_config(seed=4))
+    assert [r.arrival_s for r in c.requests] != [r.arrival_s for r in a.requests]
+
+
+def test_per_minute_counts_equal_the_trace_before_compression():
+    trace = read_trace(TRACE)
+    for spm in (60.0, 2.5):
+        w = generate(workload_config(popularity=False, seconds_per_minute=spm, seed=1))
+        assert np.array_equal(w.per_minute_counts(), trace.counts)
+        assert sum(trace.counts.sum(1)) == len(w.requests)
+        for r in w.requests:  # each arrival inside its (compressed) minute
+            assert r.minute * spm <= r.arrival_s < (r.minute + 1) * spm
+        assert [r.arrival_s for r in w.requests] == sorted(r.arrival_s for r in w.requests)
+    # popularity-matched sampling: the counts are the sampled rows', still unchanged in time
+    w = generate(workload_config(adapters=40, seed=2))
+    assert np.array_equal(w.per_minute_counts(), w.counts) and len(w.ranks) == 40
+
+
+def test_token_lengths_stay_within_the_trace_range_and_ranks_follow_the_mix():
+    lengths = read_token_lengths(LLM)
+    w = generate(workload_config(popularity=False, ranks=(8, 64)))
+    prompts = [r.prompt_tokens for r in w.requests]
+    outputs = [r.output_tokens for r in w.requests]
+    assert lengths[:, 0].min() <= min(prompts) and max(prompts) <= lengths[:, 0].max()
+    assert lengths[:, 1].min() <= min(outputs) and max(outputs) <= lengths[:, 1].max()
+    assert set(w.ranks.values()) <= {8, 64}
+    capped = generate(workload_config(popularity=False, token_scale=0.1, max_prompt_tokens=20))
+    assert max(r.prompt_tokens for r in capped.requests) <= 20
+
+
+def test_workload_round_trips_and_bad_files_name_themselves(tmp_path):
+    w = generate(workload_config(seed=5))
+    w.write(tmp_path / "w.json")
+    back = Workload.read(tmp_path / "w.json")
+    assert back.requests == w.requests and back.ranks == w.ranks and back.config == w.config
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        Workload.read(tmp_path / "bad.json")
+    (tmp_path / "llm.csv").write_text("TIMESTAMP,ContextTokens\n1,2\n")
+    with pytest.raises(TraceError, match=r"llm\.csv.*GeneratedTokens"):
+        read_token_lengths(tmp_path / "llm.csv")
+    with pytest.raises(TraceError, match="past its 20 minutes"):
+        generate(workload_config(minutes=30))
+
+
+# --- simulator on a hand-made trace ------------------------------------------------------------
+# Three adapters, each rank 8 = one page of 1,000 bytes. The pool has 2 usable pages. Costs are
+# round: a step takes 1 s whatever it holds; a load takes 2 s; prompts are one chunk; every
+# request generates 1 token, so it finishes at the end of the step that prefills it.
+CAL = Calibration(
+    decode_base_s=1.0,
+    decode_row_s=0.0,
+    prefill_base_s=0.0,
+    prefill_token_s=0.0,
+    load_base_s=2.0,
+    h2d_bytes_per_s=1e30,
+    disk_bytes_per_s=0.0,
+    instance_start_s=5.0,
+    bytes_per_rank=125,
+)
+CFG = SimConfig(max_num_seqs=4, max_loras=4, pool_pages=3, page_rows=8, max_lora_rank=8)
+
+
+def hand_workload(arrivals):
+    config = WorkloadConfig(trace="", llm_trace="", adapters=3, minutes=1, seconds_per_minute=100.0)
+    requests = [TraceRequest(t, a, 4, 1, 0) for t, a in arrivals]
+    return Workload(config, {"A": 8, "B": 8, "C": 8}, requests, np.zeros((3, 1), np.int64))
+
+
+def sim_run(arrivals, policy, config=CFG):
+    w = hand_workload(arrivals)
+    sim = None
+    factory = lambda: policy_for(policy, w, 100.0, lambda: sim.now)
+    sim = Simulator(w, factory, config, CAL, interval_s=100.0)
+    sim.run()
+    return sim
+
+
+def waits(sim):
+    return [(r.cold, r.adapter_ready - r.asked_at, r.first_token - r.arrival) for r in sim.requests]
+
+
+def test_simulator_reactive_lru_and_oracle_match_hand_computed_waits():
+    arrivals = [(0.0, "A"), (10.0, "B"), (20.0, "A"), (30.0, "C"), (40.0, "A")]
+    # reactive: every adapter is freed when its request ends, so all five are cold: load 2 s,
+    # then one 1 s step: wait 2, TTFT 3.
+    assert waits(sim_run(arrivals, "reactive")) == [(True, 2.0, 3.0)] * 5
+    # lru: A and B stay; A at 20 hits; C evicts the least recently used (B); A at 40 hits.
+    assert waits(sim_run(arrivals, "lru")) == [
+        (True, 2.0, 3.0),
+        (True, 2.0, 3.0),
+        (False, 0.0, 1.0),
+        (True, 2.0, 3.0),
+        (False, 0.0, 1.0),
+    ]
+    # oracle (horizon 200 s: it sees everything): at time 0 it prefetches A and B (the pool holds
+    # two); the request for A at 0 was already cold. After B's request it evicts B (never used
+    # again) for C, ahead of C's arrival at 30.
+    sim = sim_run(arrivals, "oracle")
+    assert [w[0] for w in waits(sim)] == [True, False, False, False, False]
+    assert sim.counters["cold_starts"] == 1 and sim.counters["prefetch_hits"] >= 2
+
+
+def test_simulator_sync_loads_stall_the_whole_batch():
+    # B's request arrives while A decodes a long output: with async loads A keeps stepping; with
+    # sync loads (S-LoRA) A's step waits the 2 s load too.
+    w = hand_workload([(0.0, "A"), (0.5, "B")])
+    w.requests[0] = TraceRequest(0.0, "A", 4, 6, 0)
+    results = {}
+    for policy in ("reactive", "reactive_sync"):
+        results[policy] = simulate(w, policy, CFG, CAL)
+    a_async = results["reactive"].records[0]
+    a_sync = results["reactive_sync"].records[0]
+    # async: A loads 0-2, prefill step 2-3 (first token), then 5 decode steps: done at 8
+    assert (a_async.first_token, a_async.finished) == (3.0, 8.0)
+    # sync: B's 2 s load lands inside one of A's decode steps, so A finishes 2 s later
+    assert a_sync.finished == 10.0
+    b_sync = results["reactive_sync"].records[1]
+    assert b_sync.cold and b_sync.adapter_wait_s == pytest.approx(2.0)
+
+
+def test_paged_layout_holds_more_mixed_rank_adapters_than_contiguous():
+    config = WorkloadConfig(trace="", llm_trace="", adapters=3, minutes=1, seconds_per_minute=100.0)
+    requests = [TraceRequest(10.0 * t, a, 4, 1, 0) for t, a in enumerate("ABCABC")]
+    w = Workload(config, {"A": 8, "B": 8, "C": 16}, requests, np.zeros((3, 1), np.int64))
+    base = SimConfig(max_num_seqs=4, max_loras=8, pool_pages=5, page_rows=8, max_lora_rank=16)
+    paged = simulate(w, "lru", base, CAL)
+    contiguous = simulate(w, "lru", SimConfig(**{**base.__dict__, "layout": "contiguous"}), CAL)
+    # 4 usable pages. Paged: A, B (1 page each) and C (2 pages) all fit, so the second round hits.
+    # Contiguous: 2 slots of 2 pages each; LRU over a cycle of three misses every time.
+    assert paged.summary["cold_starts"] == 3 and contiguous.summary["cold_starts"] == 6
+    assert paged.summary["adapter_mem_util"] == pytest.approx(1.0)
+    assert contiguous.summary["adapter_mem_util"] < 0.8
+
+
+# --- serverless instances -----------------------------------------------------------------------
+def test_routing_prefers_affinity_then_least_loaded_and_none_when_full():
+    loads = [InstanceLoad(0, False, 1, 4), InstanceLoad(1, True, 3, 4), InstanceLoad(2, False, 0, 4)]
+    assert pick_instance(loads) == 1
+    assert pick_instance([InstanceLoad(0, True, 4, 4), InstanceLoad(1, False, 2, 4)]) == 1
+    assert pick_instance([InstanceLoad(0, True, 4, 4)]) is None
+
+
+def test_instances_scale_from_zero_and_back_after_keep_alive():
+    config = SimConfig(
+        max_num_seqs=4, max_loras=4, pool_pages=3, page_rows=8, max_lora_rank=8, min_instances=0, keep_alive_s=10.0
+    )
+    sim = sim_run([(0.0, "A"), (3.0, "A"), (50.0, "B")], "lru", config)
+    r = sim.requests
+    # first request: the instance starts (5 s), then load 2 s and a 1 s step
+    assert r[0].first_token == 8.0 and sim.pool.start_waits[0] == 5.0
+    # the second arrives while the instance starts: it waits 2 s for it, then joins A's load
+    assert sim.pool.start_waits[:2] == [5.0, 2.0] and r[1].cold and r[1].first_token == 8.0
+    # the instance idles from 8 and stops at 18; the request at 50 starts it again (5 s)
+    assert sim.pool.starts == 2 and r[2].first_token == 50.0 + 5.0 + 2.0 + 1.0
+
+
+# --- a short live replay of every policy --------------------------------------------------------
+def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path):
+    from benchmarks import replay
+
+    out, png = tmp_path / "replay.json", tmp_path / "replay.png"
+    argv = [
+        *("--mode", "live", "--model", "tiny", "--layout", "paged", "--trace", TRACE, "--llm-trace", LLM),
+        *("--adapters", "16", "--minutes", "8", "--seconds-per-minute", "1.5", "--popularity", "--seed", "0"),
+        *("--token-scale", "0.05", "--max-output-tokens", "8", "--max-num-seqs", "8", "--max-loras", "8"),
+        *("--lora-pool-pages", "17", "--adapter-dir", str(tmp_path / "adapters")),
+        *("--json", str(out), "--plot", str(png)),
+    ]  # fmt: skip
+    assert replay.main(argv) == 0
+    payload = json.loads(out.read_text())
+    policies = payload["policies"]
+    assert list(policies) == replay.ALL_POLICIES.split(",")
+    requests = payload["requests"]
+    keys = {"cold_start_median_s", "cold_start_mean_s", "cold_start_p99_s", "cold_starts", "ttft_mean_s"}
+    keys |= {"ttft_p99_s", "throughput_rps", "throughput_tok_s", "adapter_mem_util", "prefetch_precision"}
+    for name, m in policies.items():
+        assert keys | {"prefetch_recall"} <= set(m), name
+        assert m["completed"] == m["requests"] == requests, name  # nothing lost
+        assert 0 < m["adapter_mem_util"] <= 1 and m["compiles_after_warmup"] >= 0
+    # reactive frees every adapter after use: with these gaps every request finds its adapter gone
+    assert policies["reactive"]["cold_starts"] >= policies["lru"]["cold_starts"]
+    assert payload["calibration"]["bytes_per_rank"] > 0 and payload["calibration"]["decode_base_s"] > 0
+    assert png.stat().st_size > 10_000
