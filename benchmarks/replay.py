@@ -160,7 +160,8 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
                 live.write_adapters(workload, model_config, adapter_dir, TARGETS)
                 start = time.perf_counter()
                 engines = live.start_engines(make, cfg.instances, adapter_dir, workload)
-                print(f"  {layout}: {cfg.instances} engine(s) warm in {time.perf_counter() - start:.0f} s", flush=True)
+                start_s = (time.perf_counter() - start) / cfg.instances
+                print(f"  {layout}: {cfg.instances} engine(s), {start_s:.0f} s each to start and warm up", flush=True)
                 try:
                     runs[layout] = {}
                     for policy in policies:
@@ -171,7 +172,7 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
                         summaries.append(runs[layout][policy].summary)
                         print(f"  {layout}/{policy}: {time.perf_counter() - start:.0f} s", flush=True)
                     if calibration is None:
-                        calibration = live.calibrate(engines[0], make, summaries)
+                        calibration = live.calibrate(engines[0], start_s, summaries)
                 finally:
                     for engine in engines:
                         engine.close()

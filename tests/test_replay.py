@@ -190,8 +190,8 @@ def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "replay.json", tmp_path / "replay.png"
     argv = [
         *("--mode", "live", "--model", "tiny", "--layout", "paged", "--trace", TRACE, "--llm-trace", LLM),
-        *("--adapters", "16", "--minutes", "8", "--seconds-per-minute", "1.5", "--popularity", "--seed", "0"),
-        *("--token-scale", "0.05", "--max-output-tokens", "8", "--max-num-seqs", "8", "--max-loras", "8"),
+        *("--adapters", "16", "--minutes", "5", "--seconds-per-minute", "0.75", "--popularity", "--seed", "0"),
+        *("--token-scale", "0.05", "--max-output-tokens", "8", "--max-num-seqs", "4", "--max-loras", "8"),
         *("--lora-pool-pages", "17", "--adapter-dir", str(tmp_path / "adapters")),
         *("--json", str(out), "--plot", str(png)),
     ]  # fmt: skip

@@ -153,13 +153,11 @@ def _holds(engine, adapter: str) -> bool:
     return lora is not None and lora.pages.get(adapter) is not None
 
 
-def calibrate(engine, make_engine, runs: list[dict] | None = None) -> Calibration:
+def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -> Calibration:
     """The simulator's costs measured on a warm `engine`: decode steps at one row and at a full
-    batch, prefill per token, an instance start (`make_engine()` once the caches are warm), and
-    the loads' effective bytes per second from live replay summaries `runs`."""
-    start = time.perf_counter()
-    make_engine().close()
-    instance_start_s = time.perf_counter() - start
+    batch, prefill per token, and the loads' effective bytes per second from live replay
+    summaries `runs`; `instance_start_s` is how long the engine took to start (construction and
+    warm-up, with whatever the parameter and compilation caches held)."""
     rng = np.random.default_rng(0)
     vocab, rows = engine.model_config.vocab_size, engine.config.max_num_seqs
     greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
