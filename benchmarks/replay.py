@@ -43,7 +43,7 @@ class ReplayConfig:
     min_instances: int = 1  # sim: instances kept warm (0: scale to zero)
     keep_alive_s: float = 600.0  # sim: an idle instance above min_instances stops after this long
     model: str = "llama"  # live: model name or path; "tiny": a tiny random model (tests)
-    calibration: str = ""  # sim: replay or calibration JSON ("": the committed CPU calibration)
+    calibration: str = ""  # sim: replay or calibration JSON ("": the committed live CPU run)
     predictor_checkpoint: str = ""  # predictive's forecaster ("": the shipped LSTM; "ewma")
     max_num_seqs: int = 16  # decode rows per instance
     max_loras: int = 32  # adapter slots per instance
@@ -56,7 +56,7 @@ class ReplayConfig:
     plot: str = ""  # write the plots here (PNG)
 
 
-DEFAULT_CALIBRATION = Path(__file__).parent / "results" / "calibration_cpu.json"
+DEFAULT_CALIBRATION = Path(__file__).parent / "results" / "replay_live_cpu.json"  # its "calibration" block
 
 
 def load_calibration(path: str):

@@ -114,7 +114,8 @@ class LoraManager:
         self.counters = dict.fromkeys(
             (
                 *("cold_starts", "device_hits", "host_hits", "stale_dropped", "load_failures"),
-                *("prefetch_issued", "prefetch_used", "prefetch_hits", "prefetch_wasted", "host_prefetch_issued", "host_evictions"),
+                *("prefetch_issued", "prefetch_used", "prefetch_hits", "prefetch_wasted"),
+                *("host_prefetch_issued", "host_evictions"),
                 *("bytes_disk_to_host", "bytes_host_to_device"),
             ),
             0,

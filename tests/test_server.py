@@ -39,15 +39,7 @@ def server(smollm_path, tmp_path_factory):
     save_random_adapter(extra / "outside", smollm2_135m(), 8, ("q_proj",), seed=9)
     # The session engine's shapes (conftest): its executables come back from the persistent
     # compilation cache instead of being compiled again.
-    engine = Engine.from_pretrained(
-        str(smollm_path),
-        dtype="float32",
-        max_model_len=1024,
-        num_kv_blocks=512,
-        max_num_seqs=4,
-        warmup=False,
-        policy="lru",
-    )
+    engine = Engine.from_pretrained(str(smollm_path), dtype="float32", warmup=False, policy="lru")
     engine.add_adapter_dir(root)
     state = ServerState(engine, "llama", [root.resolve()], None, max_queue=64)
     port = free_port()
@@ -217,7 +209,7 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
     ("body", "status", "param"),
     [
         ({"model": "nope", "prompt": "x"}, 404, "model"),
-        ({"model": "llama", "prompt": "word " * 1200}, 400, None),
+        ({"model": "llama", "prompt": "word " * 4200}, 400, None),
         ({"model": "llama", "prompt": "x", "temperature": 5}, 400, "temperature"),
         ({"model": "llama", "prompt": "x", "top_p": 0}, 400, "top_p"),
         ({"model": "llama", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
