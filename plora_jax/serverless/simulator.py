@@ -26,6 +26,11 @@ Instances (`instances.InstancePool`) start on demand after `instance_start_s` an
 A request is a cold start if its adapter was not committed on its instance when the request
 first asked for it; its cold-start latency is the time from that moment until the adapter was
 there (the engine's `adapter_wait_s`). The simulator is deterministic.
+
+Not modelled: KV-cache capacity (so no preemption), sampling and host overheads beyond what the
+calibrated step times contain, and the time of a policy's host-cache reads (a host prefetch
+lands at once; with a calibration whose `disk_bytes_per_s` is 0, as a live one is, disk reads are
+inside the per-byte load cost anyway).
 """
 
 from __future__ import annotations
