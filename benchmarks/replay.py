@@ -39,9 +39,9 @@ class ReplayConfig:
     mode: str = "sim"  # live (real engines on this machine) | sim (the calibrated simulator)
     policies: str = ALL_POLICIES  # comma-separated, all on the same requests
     layout: str = "paged,contiguous"  # comma-separated adapter memory layouts
-    instances: int = 1  # engine instances (live: started up front; sim: the most at once)
-    min_instances: int = 1  # sim: instances kept warm (0: scale to zero)
-    keep_alive_s: float = 600.0  # sim: an idle instance above min_instances stops after this long
+    instances: int = 1  # most engine instances at once
+    min_instances: int = 1  # instances kept warm; below `instances`, the rest start on demand (0: scale to zero)
+    keep_alive_s: float = 600.0  # an idle instance above min_instances stops after this long
     model: str = "llama"  # live: model name or path; "tiny": a tiny random model (tests)
     calibration: str = ""  # sim: replay or calibration JSON ("": the committed live CPU run)
     predictor_checkpoint: str = ""  # predictive's forecaster ("": the shipped LSTM; "ewma")
@@ -158,6 +158,16 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
                     model_config = probe.model_config
                     probe.close()
                 live.write_adapters(workload, model_config, adapter_dir, TARGETS)
+                if cfg.min_instances < cfg.instances:  # scale from zero: instances start on demand
+                    runs[layout] = {}
+                    for policy in policies:
+                        start = time.perf_counter()
+                        runs[layout][policy] = live.replay_serverless(
+                            workload, policy, make, adapter_dir, cfg.instances, cfg.min_instances,
+                            cfg.keep_alive_s, cfg.max_num_seqs, cfg.predictor_checkpoint, wcfg.seed,
+                        )  # fmt: skip
+                        print(f"  {layout}/{policy}: {time.perf_counter() - start:.0f} s", flush=True)
+                    continue
                 start = time.perf_counter()
                 engines = live.start_engines(make, cfg.instances, adapter_dir, workload)
                 start_s = (time.perf_counter() - start) / cfg.instances

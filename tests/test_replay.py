@@ -210,3 +210,31 @@ def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path):
     assert policies["reactive"]["cold_starts"] >= policies["lru"]["cold_starts"]
     assert payload["calibration"]["bytes_per_rank"] > 0 and payload["calibration"]["decode_base_s"] > 0
     assert png.stat().st_size > 10_000
+
+
+def test_live_instances_start_from_zero_and_stop_after_keep_alive(tmp_path):
+    """Live serverless replay on tiny engines: the first request starts an instance and waits for
+    it; a burst beyond one instance's rows starts a second; both stop when idle; a late request
+    starts one again. Nothing is lost."""
+    import jax.numpy as jnp
+
+    from plora_jax import Engine
+    from plora_jax.config import tiny
+    from plora_jax.models.llama import init_params
+    from plora_jax.serverless.live import replay_serverless, write_adapters
+
+    cfg = tiny()
+    params = init_params(cfg, jnp.float32, seed=0, scale=0.2)
+    make = lambda **kw: Engine.from_params(
+        cfg, params, **({"warmup": False, "max_model_len": 128, "num_kv_blocks": 64, "max_num_seqs": 2} | kw)
+    )
+    config = WorkloadConfig(trace="", llm_trace="", adapters=2, minutes=1, seconds_per_minute=60.0)
+    burst = [TraceRequest(0.05 * i, "A" if i % 2 else "B", 8, 20, 0) for i in range(5)]
+    w = Workload(config, {"A": 8, "B": 16}, [*burst, TraceRequest(15.0, "A", 8, 2, 0)], np.zeros((2, 1), np.int64))
+    write_adapters(w, cfg, tmp_path, ("q_proj", "v_proj"))
+    run = replay_serverless(w, "lru", make, tmp_path, 2, min_instances=0, keep_alive_s=0.5, max_num_seqs=2)
+    s = run.summary
+    assert s["completed"] == s["requests"] == 6
+    assert s["instance_starts"] == 3 and s["instance_start_wait_mean_s"] > 0
+    first = run.records[0]
+    assert first.first_token - first.arrival >= s["instance_start_mean_s"] * 0.5

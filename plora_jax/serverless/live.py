@@ -16,6 +16,7 @@ bytes per second.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -190,3 +191,179 @@ def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -
         instance_start_s=instance_start_s,
         bytes_per_rank=int(lora.page_bytes // lora.page_rows) if lora is not None else 0,
     )
+
+
+class _Slot:
+    """One instance slot of the live serverless replay: off, starting or up."""
+
+    def __init__(self):
+        self.engine = None
+        self.state = "off"
+        self.pending: list = []  # TraceRequests routed here while it starts
+        self.handles: list = []
+        self.idle_since: float | None = None
+        self.error: BaseException | None = None
+
+    def load(self) -> int:
+        return len(self.pending) + sum(not h.finished for h in self.handles)
+
+
+def _expire(slots: list[_Slot], now: float, keep_alive_s: float, min_instances: int, final_stats: list) -> None:
+    """Stop instances idle for `keep_alive_s`, down to `min_instances` (their counters are kept)."""
+    for slot in slots:
+        if slot.state != "up":
+            continue
+        if slot.load():
+            slot.idle_since = None
+            continue
+        slot.idle_since = now if slot.idle_since is None else slot.idle_since
+        active = sum(s.state != "off" for s in slots)
+        if now - slot.idle_since >= keep_alive_s and active > min_instances:
+            final_stats.append(slot.engine.stats())
+            slot.engine.close()
+            slot.engine, slot.state, slot.handles, slot.idle_since = None, "off", [], None
+
+
+def replay_serverless(
+    workload: Workload,
+    policy: str,
+    make_engine,
+    adapter_dir: str | Path,
+    max_instances: int,
+    min_instances: int = 0,
+    keep_alive_s: float = 60.0,
+    max_num_seqs: int = 16,
+    predictor_checkpoint: str = "",
+    seed: int = 0,
+) -> Run:
+    """Replay with instances that start on demand and stop after `keep_alive_s` idle (down to
+    `min_instances`, which start before the replay). A start is an engine's construction,
+    warm-up and adapter registration, on its own thread; requests routed to a starting instance
+    wait for it, and their TTFT includes that wait. Routing is `pick_instance`'s."""
+    if max_instances < 1 or not 0 <= min_instances <= max_instances:
+        raise ValueError(f"need 0 <= min_instances <= max_instances >= 1, got {min_instances}, {max_instances}")
+    loads = "sync" if policy == "reactive_sync" else "async"
+    interval = workload.config.seconds_per_minute
+    lock = threading.Lock()
+    slots = [_Slot() for _ in range(max_instances)]
+    origin, origin_perf = time.monotonic(), time.perf_counter()
+    clock = lambda: time.monotonic() - origin
+    rng = np.random.default_rng(seed)
+    start_times, start_waits, final_stats, submitted = [], [], [], []
+
+    def submit(slot: _Slot, tr) -> None:
+        engine = slot.engine
+        prompt_len = min(tr.prompt_tokens, engine.max_model_len - 2)
+        max_tokens = max(1, min(tr.output_tokens, engine.max_model_len - prompt_len - 1))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        handle = engine.submit(_prompt(rng, prompt_len, engine.model_config.vocab_size), params, adapter=tr.adapter)
+        slot.handles.append(handle)
+        submitted.append((tr.arrival_s, handle))
+
+    def boot(slot: _Slot) -> None:
+        try:
+            started = time.perf_counter()
+            engine = make_engine(adapter_loads=loads)
+            engine.add_adapter_dir(adapter_dir)
+            p = policy_for(policy, workload, interval, clock, predictor_checkpoint)
+            if hasattr(p, "set_origin"):
+                p.set_origin(origin)
+            engine.set_policy(p)
+            with lock:
+                slot.engine, slot.state = engine, "up"
+                start_times.append(time.perf_counter() - started)
+                for tr in slot.pending:
+                    start_waits.append(clock() - tr.arrival_s)
+                    submit(slot, tr)
+                slot.pending.clear()
+        except BaseException as e:  # reported by the replay thread
+            slot.error = e
+
+    def launch(slot: _Slot) -> threading.Thread:
+        slot.state, slot.idle_since = "starting", None
+        thread = threading.Thread(target=boot, args=(slot,), name="plora-instance-start", daemon=True)
+        thread.start()
+        return thread
+
+    def check() -> None:
+        failed = next((s.error for s in slots if s.error is not None), None)
+        if failed is not None:
+            raise RuntimeError(f"an instance failed to start: {failed}") from failed
+
+    for thread in [launch(slots[i]) for i in range(min_instances)]:
+        thread.join()
+    check()
+    start_times.clear()  # warm before the replay: not instance cold starts
+    origin, origin_perf = time.monotonic(), time.perf_counter()
+    mem_samples, next_sample = [], 0.0
+    try:
+        for tr in workload.requests:
+            while True:
+                now = clock()
+                with lock:
+                    check()
+                    if now >= next_sample:
+                        mem_samples.append((now, [s.engine.stats() for s in slots if s.state == "up"]))
+                        next_sample += interval
+                    _expire(slots, now, keep_alive_s, min_instances, final_stats)
+                if now >= tr.arrival_s:
+                    break
+                time.sleep(min(0.01, tr.arrival_s - now))
+            with lock:
+                active = [i for i, s in enumerate(slots) if s.state != "off"]
+                rows = [
+                    InstanceLoad(
+                        i, slots[i].state == "up" and _holds(slots[i].engine, tr.adapter), slots[i].load(), max_num_seqs
+                    )
+                    for i in active
+                ]
+                index = pick_instance(rows)
+                off = [s for s in slots if s.state == "off"]
+                if index is not None:
+                    slot = slots[index]
+                elif off:
+                    slot = off[0]
+                    launch(slot)
+                else:
+                    slot = min((slots[i] for i in active), key=_Slot.load)
+                if slot.state == "up":
+                    submit(slot, tr)
+                else:
+                    slot.pending.append(tr)
+        while True:  # requests still waiting for a starting instance
+            with lock:
+                check()
+                if not any(s.pending for s in slots):
+                    break
+            time.sleep(0.01)
+        records = []
+        for arrival, handle in submitted:
+            out = handle.result()
+            m = out.metrics
+            at = m.arrival_time - origin_perf  # when the engine got it (later than arrival if it waited)
+            records.append(
+                RequestRecord(arrival, at + m.ttft_s, at + m.e2e_s, m.cold_start, m.adapter_wait_s, len(out.token_ids))
+            )
+    finally:
+        with lock:
+            for slot in slots:
+                if slot.engine is not None:
+                    final_stats.append(slot.engine.stats())
+                    slot.engine.close()
+                    slot.engine, slot.state = None, "off"
+    total = lambda k: sum(s.get(k, 0) for s in final_stats)
+    keys = ("cold_starts", "prefetch_issued", "prefetch_used", "prefetch_hits", "bytes_host_to_device")
+    counters = {k: total(k) for k in (*keys, "bytes_disk_to_host")}
+    memory = [
+        (t, sum(s["adapter_live_bytes"] for s in up) / sum(s["adapter_reserved_bytes"] for s in up))
+        for t, up in mem_samples
+        if sum(s["adapter_reserved_bytes"] for s in up)
+    ]
+    extra = {
+        "compiles_after_warmup": total("compiles_after_warmup"),
+        "instance_starts": len(start_times),
+        "instance_start_mean_s": float(np.mean(start_times)) if start_times else 0.0,
+        "instance_start_wait_mean_s": float(np.mean(start_waits)) if start_waits else 0.0,
+    }
+    util = float(np.mean([u for _, u in memory])) if memory else 0.0
+    return Run(summarize(records, counters, util, extra), records, memory)
