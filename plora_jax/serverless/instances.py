@@ -70,6 +70,7 @@ class InstancePool:
         self.policies: list[Policy] = []  # per slot, kept across stops
         self.starts = 0  # instance cold starts (not counting those warm at time 0)
         self.prewarms = 0  # starts triggered by a forecast rather than a request
+        self.stops = 0  # instances stopped after the keep-alive
         self.start_waits: list[float] = []  # seconds requests waited for their instance to start
 
     def active(self) -> list:
@@ -147,6 +148,7 @@ class InstancePool:
             return
         if len(self.active()) > self.sim.config.min_instances:
             inst.stopped = True
+            self.stops += 1
 
     def interval(self, now: float) -> None:
         cfg, cal = self.sim.config, self.sim.calibration

@@ -31,6 +31,7 @@ class RequestRecord:
     cold: bool
     adapter_wait_s: float
     output_tokens: int
+    instance_wait_s: float = 0.0  # waited for its instance to start (serverless live replay)
 
 
 @dataclass

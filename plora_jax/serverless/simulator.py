@@ -443,6 +443,7 @@ class Simulator:
         extra = {
             "instance_starts": self.pool.starts,
             "instance_prewarms": self.pool.prewarms,
+            "instance_stops": self.pool.stops,
             "instance_start_wait_mean_s": float(np.mean(waits)) if waits else 0.0,
             "compiles_after_warmup": 0,
         }
