@@ -184,7 +184,7 @@ def test_instances_scale_from_zero_and_back_after_keep_alive():
 
 
 # --- a short live replay of every policy --------------------------------------------------------
-def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path):
+def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path, capsys):
     from benchmarks import replay
 
     out, png = tmp_path / "replay.json", tmp_path / "replay.png"
@@ -210,6 +210,8 @@ def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path):
     assert policies["reactive"]["cold_starts"] >= policies["lru"]["cold_starts"]
     assert payload["calibration"]["bytes_per_rank"] > 0 and payload["calibration"]["decode_base_s"] > 0
     assert png.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "| compiles |" in printed and "predictive vs reactive_sync" in printed
 
 
 def test_live_instances_start_from_zero_and_stop_after_keep_alive(tmp_path):

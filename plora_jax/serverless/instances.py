@@ -21,7 +21,8 @@ does for one function whose variants are the adapters):
 The routing rule is plain Python over `InstanceLoad` records, so a distributed host (a Ray
 Serve deployment that scales to zero, with model multiplexing keyed by the adapter) can apply it
 to its replicas; nothing here manages a cluster. `InstancePool` applies the rules to the
-simulator's instances; the live replay routes over engines it started up front.
+simulator's instances; the live replay applies routing, starts on demand and the keep-alive to
+real engines (`live.replay_serverless`), without pre-warming.
 """
 
 from __future__ import annotations

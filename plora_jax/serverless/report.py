@@ -116,6 +116,7 @@ COLUMNS = (
     ("prefetch_precision", "pf prec", "{:.2f}"),
     ("prefetch_recall", "pf recall", "{:.2f}"),
     ("bytes_host_to_device", "MB h2d", None),
+    ("compiles_after_warmup", "compiles", "{:d}"),  # the simulator compiles nothing: always 0
 )
 
 
@@ -126,6 +127,7 @@ def table(policies: dict) -> str:
     for name, m in policies.items():
         cells = []
         for key, _, fmt in COLUMNS:
-            cells.append(f"{m[key] / 2**20:.0f}" if fmt is None else fmt.format(m[key]))
+            value = m.get(key, 0)
+            cells.append(f"{value / 2**20:.0f}" if fmt is None else fmt.format(value))
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
