@@ -122,7 +122,8 @@ class InstancePool:
             inst = self.instances[index]
         request.instance = inst.index
         if inst.ready_at > now:
-            self.start_waits.append(inst.ready_at - now)
+            request.instance_wait = inst.ready_at - now
+            self.start_waits.append(request.instance_wait)
         inst.waiting.append(request)
         inst.policy.observe(request.trace.adapter, now)
         if inst.ready_at <= now:

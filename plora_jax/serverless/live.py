@@ -208,9 +208,7 @@ class _Slot:
         return len(self.pending) + sum(not h.finished for h in self.handles)
 
 
-def _expire(
-    slots: list[_Slot], now: float, keep_alive_s: float, min_instances: int, final_stats: list, stops: list
-) -> None:
+def _expire(slots: list[_Slot], now: float, keep_alive_s: float, min_instances: int, final_stats: list) -> None:
     """Stop instances idle for `keep_alive_s`, down to `min_instances` (their counters are kept)."""
     for slot in slots:
         if slot.state != "up":
@@ -221,7 +219,6 @@ def _expire(
         slot.idle_since = now if slot.idle_since is None else slot.idle_since
         active = sum(s.state != "off" for s in slots)
         if now - slot.idle_since >= keep_alive_s and active > min_instances:
-            stops.append(now)
             final_stats.append(slot.engine.stats())
             slot.engine.close()
             slot.engine, slot.state, slot.handles, slot.idle_since = None, "off", [], None
@@ -252,7 +249,7 @@ def replay_serverless(
     origin, origin_perf = time.monotonic(), time.perf_counter()
     clock = lambda: time.monotonic() - origin
     rng = np.random.default_rng(seed)
-    start_times, start_waits, final_stats, submitted, stops = [], [], [], [], []
+    start_times, start_waits, final_stats, submitted = [], [], [], []
 
     def submit(slot: _Slot, tr) -> None:
         engine = slot.engine
@@ -308,7 +305,7 @@ def replay_serverless(
                     if now >= next_sample:
                         mem_samples.append((now, [s.engine.stats() for s in slots if s.state == "up"]))
                         next_sample += interval
-                    _expire(slots, now, keep_alive_s, min_instances, final_stats, stops)
+                    _expire(slots, now, keep_alive_s, min_instances, final_stats)
                 if now >= tr.arrival_s:
                     break
                 time.sleep(min(0.01, tr.arrival_s - now))
@@ -333,6 +330,7 @@ def replay_serverless(
                     submit(slot, tr)
                 else:
                     slot.pending.append(tr)
+        stops = len(final_stats)  # so far only `_expire` has stopped instances
         while True:  # requests still waiting for a starting instance
             with lock:
                 check()
@@ -370,7 +368,7 @@ def replay_serverless(
         "instance_starts": len(start_times),
         "instance_start_mean_s": float(np.mean(start_times)) if start_times else 0.0,
         "instance_start_wait_mean_s": float(np.mean(start_waits)) if start_waits else 0.0,
-        "instance_stops": len(stops),  # after the keep-alive, before the replay's end
+        "instance_stops": stops,  # after the keep-alive, before the replay's end
     }
     util = float(np.mean([u for _, u in memory])) if memory else 0.0
     return Run(summarize(records, counters, util, extra), records, memory)

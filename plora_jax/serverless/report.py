@@ -31,7 +31,7 @@ class RequestRecord:
     cold: bool
     adapter_wait_s: float
     output_tokens: int
-    instance_wait_s: float = 0.0  # waited for its instance to start (serverless live replay)
+    instance_wait_s: float = 0.0  # waited for its instance to start (serverless)
 
 
 @dataclass
@@ -127,7 +127,6 @@ def table(policies: dict) -> str:
     for name, m in policies.items():
         cells = []
         for key, _, fmt in COLUMNS:
-            value = m.get(key, 0)
-            cells.append(f"{value / 2**20:.0f}" if fmt is None else fmt.format(value))
+            cells.append(f"{m[key] / 2**20:.0f}" if fmt is None else fmt.format(m[key]))
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

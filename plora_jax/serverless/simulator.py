@@ -116,6 +116,7 @@ class SimRequest:
     admitted: float | None = None
     first_token: float | None = None
     finished: float | None = None
+    instance_wait: float = 0.0  # waited for its instance to start
 
 
 class SimInstance:
@@ -432,6 +433,7 @@ class Simulator:
                 r.cold,
                 (r.adapter_ready - r.asked_at) if r.adapter_ready is not None and r.asked_at is not None else 0.0,
                 r.trace.output_tokens,
+                r.instance_wait,
             )
             for r in self.requests
         ]
