@@ -8,12 +8,22 @@ Public API:
 """
 
 from .config import EngineConfig, ModelConfig, RopeConfig
-from .engine import Engine
+from .engine.outputs import RequestFailed, RequestHandle, RequestMetrics, RequestOutput, StreamEvent
+from .engine.sampling import SamplingParams
 from .models.convert import CheckpointError
 from .models.registry import ModelFetchError
-from .outputs import RequestFailed, RequestHandle, RequestMetrics, RequestOutput, StreamEvent
-from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+
+
+def __getattr__(name: str):
+    # The engine (and with it the model, the kernels and flax) loads on first use, so tools that
+    # only need configs or the tokenizer (the CLIs' --help, the server's argument parsing) start fast.
+    if name == "Engine":
+        from .engine.api import Engine
+
+        return Engine
+    raise AttributeError(f"module 'plora_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",

@@ -24,6 +24,19 @@ def pow2_buckets(smallest: int, largest: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def step_buckets(smallest: int, largest: int, step: int) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `step`, then multiples of `step`, then `largest`:
+    padding stays under `step` (a fraction of the size) where a pow2 table could pad by half."""
+    sizes = [s for s in pow2_buckets(smallest, min(step, largest))]
+    size = sizes[-1] + step
+    while size < largest:
+        sizes.append(size)
+        size += step
+    if sizes[-1] != largest:
+        sizes.append(largest)
+    return tuple(sizes)
+
+
 def pick_bucket(n: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket >= n."""
     i = bisect.bisect_left(buckets, n)

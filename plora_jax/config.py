@@ -188,8 +188,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per prefill step; longer prompts are chunked
     max_prefill_seqs: int = 4  # prompts prefilled together in one step
     min_prefill_bucket: int = 16  # smallest padded prompt chunk
-    warmup: bool = True  # compile every bucket before serving
-    compilation_cache: bool = True  # persistent XLA cache under <cache>/xla: restarts skip compiling
+    warmup: bool = True  # build every executable at start (serving begins once the smallest set is ready)
+    compilation_cache: bool = True  # executables cached under <cache>/executables: restarts compile nothing
+    attention_implementation: str = "auto"  # "auto" | "xla" | "cpu" (C++ kernel) | "pallas_gpu" | "pallas_tpu"
     seed: int = 0  # seeds requests that bring no seed of their own
     cache_dir: str | None = None  # None: $PLORA_CACHE or ~/.cache/plora
     param_cache: bool = True  # cache converted parameters with orbax
@@ -227,6 +228,11 @@ class EngineConfig:
                 raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
         if self.layout not in ("paged", "contiguous"):
             raise ValueError(f"layout must be 'paged' or 'contiguous', got {self.layout!r}")
+        if self.attention_implementation not in ("auto", "xla", "cpu", "pallas_gpu", "pallas_tpu"):
+            raise ValueError(
+                "attention_implementation must be 'auto', 'xla', 'cpu', 'pallas_gpu' or 'pallas_tpu', "
+                f"got {self.attention_implementation!r}"
+            )
         if self.lora_implementation not in ("auto", "xla", "pallas_gpu", "pallas_tpu"):
             raise ValueError(
                 "lora_implementation must be 'auto', 'xla', 'pallas_gpu' or 'pallas_tpu', "

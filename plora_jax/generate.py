@@ -14,7 +14,7 @@ import time
 
 from .cli import add_dataclass_args, dataclass_from_args
 from .config import EngineConfig
-from .sampling import SamplingParams
+from .engine.sampling import SamplingParams
 
 _SAMPLING_EXCLUDE = ("seed",)  # the engine's --seed seeds every request
 

@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -44,7 +45,7 @@ import numpy as np
 from .adapters import AdapterError, inspect_adapter, layout_pages, load_adapter, parse_target_modules
 from .buckets import cdiv
 from .config import EngineConfig, ModelConfig
-from .lora_pool import LoraPool, PagePool, commit_adapter, commit_bucket, commit_buckets, page_bytes
+from .lora_pool import LoraPool, PagePool, commit_adapter, commit_bucket, page_bytes
 from .policies import Decision, PoolView
 
 DEMAND, PREFETCH, HOST = 0, 1, 2  # job kinds, in the order the transfer thread serves them
@@ -132,6 +133,10 @@ class LoraManager:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._read_lock = threading.Lock()  # the transfer thread and `add` both read adapters
+        # How a staged adapter reaches the pool: an engine routes both through its compile plan
+        # (the commit executable, at a size that is built); standalone, the jitted function.
+        self.commit: Callable[..., LoraPool] = commit_adapter
+        self.commit_size: Callable[[int], int] = lambda n: commit_bucket(n, self.max_pages)
 
     @property
     def num_pages(self) -> int:
@@ -378,6 +383,10 @@ class LoraManager:
         self._host_used += size
         self._host_trim(self.host_budget)
 
+    def drop_host_copy(self, name: str) -> None:
+        """Forget `name`'s host copy (its next load reads the disk); benchmarks and tests."""
+        self._host_drop(name)
+
     def _host_drop(self, name: str) -> None:
         size = self._host.pop(name, None)
         if size is not None:
@@ -417,9 +426,7 @@ class LoraManager:
         if pinned:
             raise RuntimeError(f"adapters in use: {pinned}")
         while self._loading or self._host_jobs:
-            pool, _ = self.poll(pool, block=bool(self._loading))
-            if self._host_jobs and not self._loading:
-                time.sleep(0.005)
+            pool, _ = self.poll(pool, block=True)
         for name in list(self.pages.resident):
             self._evict(name)
         for name in list(self._host):
@@ -431,11 +438,11 @@ class LoraManager:
     # --- finished transfers (loop thread) -----------------------------------------------
     def poll(self, pool: LoraPool, block: bool = False) -> tuple[LoraPool, list[tuple[str, BaseException]]]:
         """Commit the finished transfers (at a step boundary); returns the pool and the failed
-        demand loads. With `block`, wait for at least one job if a device load is in flight."""
+        demand loads. With `block`, wait for at least one job if any job is in flight."""
         failures = []
         while True:
             try:
-                job = self._done.get(block=block and bool(self._loading))
+                job = self._done.get(block=block and bool(self._loading or self._host_jobs))
             except queue.Empty:
                 return pool, failures
             block = False
@@ -469,7 +476,7 @@ class LoraManager:
                 self.counters["stale_dropped"] += 1  # placement evicted meanwhile: never commit
                 continue
             self.counters["bytes_host_to_device"] += sum(a.nbytes for a in jax.tree_util.tree_leaves(job.staged))
-            pool = commit_adapter(pool, *job.staged)
+            pool = self.commit(pool, *job.staged)
             job.entry.load_s = time.perf_counter() - job.started
             job.entry.error = None
             self.load_seconds_total += job.entry.load_s
@@ -530,7 +537,7 @@ class LoraManager:
     def _stage(self, slot: int, pages: list[int], a_pages: dict, b_pages: dict) -> tuple:
         """The commit's arguments, copied to the device (transfer thread). Through pinned host
         memory where the backend offers it (GPU): the copy to the device is then a DMA."""
-        args = self._commit_args(slot, pages, a_pages, b_pages, commit_bucket(len(pages), self.max_pages))
+        args = self._commit_args(slot, pages, a_pages, b_pages, self.commit_size(len(pages)))
         if self.stage_via_pinned:
             device = jax.devices()[0]
             args = jax.device_put(args, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
@@ -541,13 +548,6 @@ class LoraManager:
         if self._worker is not None:
             self._jobs.put((-1, -1, None))
             self._worker.join(timeout=30)
-
-    def warmup(self, pool: LoraPool) -> LoraPool:
-        """Compile the commit for every page-count bucket (writes nothing: all ids dropped, slot 0 kept empty)."""
-        no_pages = lambda pools: {m: np.zeros((x.shape[0], 0, *x.shape[2:]), self.dtype) for m, x in pools.items()}
-        for bucket in commit_buckets(self.max_pages):
-            pool = commit_adapter(pool, *self._commit_args(0, [], no_pages(pool.a), no_pages(pool.b), bucket))
-        return pool
 
     # --- accounting ---------------------------------------------------------------------
     def memory_util(self) -> float:
@@ -567,6 +567,7 @@ class LoraManager:
             "adapters_on_host": len(self._host),
             "adapter_pages_used": self.pages.pages_used,
             "adapter_pages_total": self.num_pages - 1,
+            "adapter_page_bytes": self.page_bytes,
             "adapter_mem_util": self.memory_util(),
             "adapter_live_bytes": self.pages.live_bytes,
             "adapter_reserved_bytes": self.pages.pages_used * self.page_bytes,
@@ -576,6 +577,7 @@ class LoraManager:
             "adapter_evictions": self.pages.evictions,
             "adapter_load_s_total": self.load_seconds_total,
             "adapters_loading": len(self._loading),
+            "adapters_pinned": sum(1 for r in self.pages.resident.values() if r.pins),
             **self.counters,
             "lora_layout": self.pages.layout,
         }

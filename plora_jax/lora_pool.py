@@ -56,23 +56,27 @@ class LoraPool:
 
     @classmethod
     def zeros(cls, config: ModelConfig, num_pages: int, page_rows: int, max_slots: int, max_pages: int, dtype, modules):
+        from .engine.state import device_zeros
+
         layers = config.num_layers
         dims = module_dims(config, modules)
         return cls(
-            a={m: jnp.zeros((layers, num_pages, page_rows, d_in), dtype) for m, (d_in, _) in dims.items()},
-            b={m: jnp.zeros((layers, num_pages, page_rows, d_out), dtype) for m, (_, d_out) in dims.items()},
-            page_table=jnp.zeros((max_slots, max_pages), jnp.int32),
-            num_pages=jnp.zeros((max_slots,), jnp.int32),
+            a={m: device_zeros((layers, num_pages, page_rows, d_in), dtype) for m, (d_in, _) in dims.items()},
+            b={m: device_zeros((layers, num_pages, page_rows, d_out), dtype) for m, (_, d_out) in dims.items()},
+            page_table=device_zeros((max_slots, max_pages), jnp.int32),
+            num_pages=device_zeros((max_slots,), jnp.int32),
         )
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraBatch:
-    """What a model step needs for LoRA: the pool and the adapter slot of each batch row."""
+    """What a model step needs for LoRA: the pool, each token's adapter slot and, for a packed
+    prefill, the step's distinct adapter slots (see `plora_jax.pallas.lora.ops`)."""
 
     pool: LoraPool
-    row_slot: jax.Array  # [batch] i32, adapter_slot of each row (0: base model only)
+    token_slot: jax.Array  # [padded_tokens] i32, adapter_slot of each token (0: base model only)
+    group_slots: jax.Array | None = None  # [max_segments] i32, distinct slots of a prefill step, 0-padded
 
 
 def page_bytes(config: ModelConfig, page_rows: int, itemsize: int, modules) -> int:

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plora_jax.adapters import AdapterError
-from plora_jax.outputs import RequestFailed
+from plora_jax.engine.outputs import RequestFailed
 
 from .metrics import ServerMetrics
 from .protocol import ApiError, GenerationRequest, chunk, new_id, parse_request, response, usage_chunk
@@ -88,7 +88,10 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        # 503 while the engine builds its smallest set of executables, 200 once it can serve
+        # (the other sizes may still be compiling in the background: `compiled` < `total`).
+        readiness = engine.readiness()
+        return JSONResponse(readiness, status_code=200 if readiness["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus():

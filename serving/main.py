@@ -1,8 +1,11 @@
 """The OpenAI-compatible server: `python -m serving.main --model llama`.
 
-Starts one engine on the model (warming it up first, so /health answers only when every shape
-is compiled), registers the adapters given with `--adapter NAME=PATH` and `--adapter-dir DIR`,
-and serves the API of `serving.app` with uvicorn on 127.0.0.1:8000 by default. Every
+Loads the model, starts one engine and serves the API of `serving.app` with uvicorn on
+127.0.0.1:8000 by default, registering the adapters given with `--adapter NAME=PATH` and
+`--adapter-dir DIR`. The server listens while the engine warms up: /health answers 503
+`{"status": "warming", "compiled": k, "total": n}` until the smallest set of executables that
+serves any request is built (or loaded from the executable cache), then 200; the remaining
+sizes are built in the background. Requests sent earlier wait for the first step. Every
 `EngineConfig` field is a flag, generated from the dataclass, as are the server's own
 (`ServerConfig`). SIGTERM or Ctrl-C stops accepting connections, lets requests in flight finish
 for up to `--grace-s` seconds, closes the engine and exits 0.
@@ -15,6 +18,8 @@ import dataclasses
 import logging
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +77,14 @@ def register_adapters(engine, config: ServerConfig) -> list[Path]:
     return roots
 
 
+def _announce_ready(engine, start: float, log: logging.Logger) -> None:
+    try:
+        engine.wait_ready()
+        log.info("ready to serve %.1fs after start (%s)", time.perf_counter() - start, engine.readiness())
+    except RuntimeError as e:
+        log.error("%s", e)
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -89,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=server_config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine.from_pretrained(**dataclasses.asdict(engine_config))
+    log = logging.getLogger("serving")
+    start = time.perf_counter()
+    engine = Engine.from_pretrained(**dataclasses.asdict(engine_config), wait_ready=False)
+    log.info(
+        "model loaded in %.1fs; warming up %d executables", time.perf_counter() - start, engine.readiness()["total"]
+    )
+    threading.Thread(target=_announce_ready, args=(engine, start, log), daemon=True).start()
     try:
         roots = register_adapters(engine, server_config)
         state = ServerState(

@@ -2,8 +2,8 @@
 
 Request-level series are updated by the handlers as requests end; engine-level series (adapter
 residency per tier, pool utilisation, cold starts, prefetch precision and recall, queue depth)
-are read from `engine.stats()` when /metrics is scraped, so they are never stale and the
-handlers do no extra work.
+are read from `engine.stats()` (the snapshot the engine loop publishes after every step) when
+/metrics is scraped, so a scrape never waits for the loop and the handlers do no extra work.
 """
 
 from __future__ import annotations
@@ -21,14 +21,10 @@ class EngineCollector:
         self.engine = engine
 
     def collect(self):
-        stats = self.engine.stats()
-        adapters = self.engine.adapters() if stats.get("adapters_registered") else []
-        tiers = {"disk": 0, "host": 0, "loading": 0, "device": 0}
-        for a in adapters:
-            tiers[a["residency"]] += 1
+        stats = self.engine.stats()  # the engine's published snapshot: never waits for the loop
         residency = GaugeMetricFamily("plora_adapters", "Registered adapters by residency tier", labels=["tier"])
-        for tier, count in tiers.items():
-            residency.add_metric([tier], count)
+        for tier in ("disk", "host", "loading", "device"):
+            residency.add_metric([tier], stats.get(f"adapters_tier_{tier}", 0))
         yield residency
         issued = stats.get("prefetch_issued", 0)
         cold = stats.get("cold_starts", 0)

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from plora_jax.sampling import SamplingParams
+from plora_jax.engine.sampling import SamplingParams
 
 
 class ApiError(Exception):

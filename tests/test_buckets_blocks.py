@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plora_jax.buckets import pick_bucket, pow2_buckets
-from plora_jax.kv_blocks import BlockAllocator, OutOfBlocks
+from plora_jax.engine.kv_blocks import BlockAllocator, OutOfBlocks
 
 
 def test_pow2_buckets():

@@ -4,8 +4,8 @@ from helpers import write_tiny_gguf
 
 from plora_jax.cli import dataclass_from_args
 from plora_jax.config import EngineConfig
+from plora_jax.engine.sampling import SamplingParams
 from plora_jax.generate import build_parser, main
-from plora_jax.sampling import SamplingParams
 
 
 def test_every_config_field_is_a_flag():

@@ -38,8 +38,8 @@ def test_dequantized_weights_are_close_to_the_originals(tmp_path, qtype, low, hi
     _, tensors = write_tiny_gguf(tmp_path / "t.gguf", qtype)
     _, params, _ = load_gguf(tmp_path / "t.gguf", jnp.float32)
     # Rows of q_proj went through permute -> quantize -> dequantize -> unpermute.
-    original = tensors["model.layers.1.self_attn.q_proj.weight"].T
-    error = np.abs(params["layers"]["self_attn"]["q_proj"]["kernel"][1] - original).max()
+    original = tensors["model.layers.1.self_attn.q_proj.weight"]
+    error = np.abs(params["layers_1"]["self_attn"]["q_proj"]["weight"] - original).max()
     assert low <= error <= high
 
 

@@ -108,7 +108,7 @@ def test_real_size_shapes_without_allocating():
     shapes = param_shapes(config, jnp.bfloat16)
     count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     assert count == config.num_params and 8.0e9 < count < 8.1e9
-    assert shapes["layers"]["self_attn"]["k_proj"]["kernel"].shape == (32, 4096, 1024)
+    assert shapes["layers_31"]["self_attn"]["k_proj"]["weight"].shape == (1024, 4096)  # [out, in]
 
 
 def test_hf_folder_errors(tmp_path):

@@ -20,9 +20,9 @@ from safetensors.numpy import load_file
 from plora_jax import Engine, SamplingParams
 from plora_jax.adapters import AdapterError, load_adapter
 from plora_jax.config import tiny
+from plora_jax.engine.state import KVCache, PrefillMetadata
 from plora_jax.lora_pool import PagePool
 from plora_jax.models.llama import Llama, init_params
-from plora_jax.state import AttentionMetadata, KVCache
 
 CFG = tiny()
 PROMPT = [5, 17, 99, 3, 42, 7, 250, 11, 64, 8, 1, 33]
@@ -183,20 +183,26 @@ def test_contiguous_layout_reserves_max_rank():
 def _forward(params, ids):
     """Logits of `ids` through the plain model (no adapter pool): the merged-weights reference."""
     n = len(ids)
-    kv = KVCache.zeros(CFG, 2 + n // 16 + 1, 16, jnp.float32)
-    positions = np.arange(n, dtype=np.int32)[None]
-    meta = AttentionMetadata(
-        positions, positions + 16, np.arange(1, 2 + n // 16, dtype=np.int32)[None], np.array([n], np.int32)
+    blocks = 1 + n // 16
+    kv = KVCache.zeros(CFG, blocks + 1, 16, jnp.float32)
+    positions = np.arange(n, dtype=np.int32)
+    meta = PrefillMetadata(
+        positions=positions,
+        slot_mapping=positions + 16,  # blocks 1, 2, ... in order
+        segment_ids=np.zeros((n,), np.int32),
+        block_tables=np.arange(1, blocks + 1, dtype=np.int32)[None],
+        seq_starts=np.zeros((1,), np.int32),
+        logits_indices=np.array([n - 1], np.int32),
     )
-    logits, _ = Llama(CFG).apply({"params": params}, np.asarray([ids], np.int32), kv, meta)
-    return np.asarray(logits[0])
+    logits, _ = Llama(CFG).apply({"params": params}, np.asarray(ids, np.int32), kv, meta)
+    return np.asarray(logits)
 
 
 def _merged(base_params, adapter):
     params = jax.tree_util.tree_map(np.array, base_params)
     for (layer, module), (a, b) in adapter.weights.items():
         parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        params["layers"][parent][module]["kernel"][layer] += a.T @ b.T
+        params[f"layers_{layer}"][parent][module]["weight"] += b @ a  # [out, in]
     return params
 
 
@@ -219,7 +225,7 @@ def test_churn_loads_evicts_reloads_without_compiles_or_leaks(small_engine, tmp_
         names.append(f"churn{i}")
         refs[f"churn{i}"] = _forward(_merged(small_engine.base_params, load_adapter("x", path, CFG, 128)), PROMPT)
     base_ref = _forward(small_engine.base_params, PROMPT)
-    lora = small_engine._lora
+    lora = small_engine.core.lora
     small_engine.logits(PROMPT, adapter=names[0])  # compiles the logits shape (not part of serving warm-up)
     compiles = small_engine.stats()["compiles_total"]
     loads0 = small_engine.stats()["adapter_loads"]
@@ -232,13 +238,13 @@ def test_churn_loads_evicts_reloads_without_compiles_or_leaks(small_engine, tmp_
     assert stats["compiles_total"] == compiles, "loading/evicting adapters recompiled"
     assert stats["adapter_loads"] - loads0 >= 200 and stats["adapter_evictions"] >= 190
     assert stats["adapters_on_device"] <= 12
-    lora.pages.check()
+    small_engine.core.call(lora.pages.check)
     assert all(r.pins == 0 for r in lora.pages.resident.values())
     assert stats["adapter_pages_used"] == sum(len(r.pages) for r in lora.pages.resident.values())
     for name in names:
         small_engine.remove_adapter(name)
     assert small_engine.stats()["adapter_pages_used"] == 0
-    lora.pages.check()
+    small_engine.core.call(lora.pages.check)
 
 
 @pytest.mark.parametrize("layout", ["paged", "contiguous"])

@@ -1,8 +1,10 @@
 """Asynchronous adapter loads: the loop keeps stepping while a transfer is in flight, a stale
-staged copy is never committed, and a load that fails ends only the requests that needed it."""
+staged copy is never committed, and a load that fails ends only the requests that needed it.
+
+The engines here are built with start=False and driven with `engine.core.step()` on the test
+thread; the transfer thread is held on an explicit gate, so nothing depends on timing."""
 
 import threading
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,61 +13,83 @@ from helpers import write_peft_adapter
 
 from plora_jax import Engine, SamplingParams
 from plora_jax.config import tiny
+from plora_jax.engine.outputs import RequestFailed
 from plora_jax.models.llama import init_params
-from plora_jax.outputs import RequestFailed
 
 CFG = tiny()
 PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
 
 
+def make_engine(**overrides) -> Engine:
+    params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
+    options = dict(
+        warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40, page_rows=8, start=False
+    )
+    return Engine.from_params(CFG, params, **(options | overrides))
+
+
 @pytest.fixture
 def engine():
-    params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
-    engine = Engine.from_params(
-        CFG, params, warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40, page_rows=8
-    )
+    engine = make_engine()
     yield engine
     engine.close()
 
 
-def slow_transfers(engine, seconds: float, gate: threading.Event | None = None):
-    """Make the transfer thread take `seconds` (or wait for `gate`) before staging each load."""
-    manager = engine._lora
-    stage = manager._stage
+class HeldTransfers:
+    """Holds every adapter transfer at a gate: `started` is set when the transfer thread picks a
+    job up, and the job waits until `release()`. Records the engine's decode steps at the
+    start of each transfer and at each commit."""
 
-    def slow(*args):
-        if gate is not None:
-            gate.wait(30)
-        else:
-            time.sleep(seconds)
-        return stage(*args)
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.started, self._gate = threading.Event(), threading.Event()
+        self.steps_at_start: list[int] = []
+        self.steps_at_commit: list[int] = []
+        lora = engine.core.lora
+        stage, commit = lora._stage, lora.commit
 
-    manager._stage = slow
+        def held_stage(*args):
+            self.steps_at_start.append(self.decode_steps())
+            self.started.set()
+            assert self._gate.wait(60), "the test never released the transfer"
+            return stage(*args)
+
+        def recorded_commit(*args):
+            self.steps_at_commit.append(self.decode_steps())
+            return commit(*args)
+
+        lora._stage, lora.commit = held_stage, recorded_commit
+
+    def decode_steps(self) -> int:
+        return self.engine.core.snapshot.stats["decode_steps"]
+
+    def release(self) -> None:
+        self._gate.set()
 
 
 def test_running_request_advances_every_step_while_an_adapter_loads(engine, tmp_path):
     engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=32))
-    gate = threading.Event()
-    slow_transfers(engine, 0, gate)
+    held = HeldTransfers(engine)
     base = engine.submit(PROMPT, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
-    seen = []
-    counter = threading.Thread(target=lambda: seen.extend(base), daemon=True)
-    counter.start()
-    while len(seen) < 3:
-        time.sleep(0.01)
+    core = engine.core
+    for _ in range(3):
+        core.step()
     lora = engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0), adapter="a")
-    while not engine._lora.is_loading("a"):
-        time.sleep(0.001)
-    steps0, tokens0 = engine._steps, len(seen)
-    time.sleep(0.5)  # the load is held open
-    steps1, tokens1 = engine._steps, len(seen)
-    assert engine._lora.is_loading("a")
-    gate.set()
-    out = lora.result(60)
-    assert len(out.token_ids) == 4 and out.metrics.adapter_wait_s >= 0.5
-    assert steps1 - steps0 >= 10, "the loop stalled during the load"
-    assert tokens1 - tokens0 >= steps1 - steps0 - 2, "the running request missed steps during the load"
+    core.step()  # admits nothing for "a" yet: its load starts on the transfer thread
+    assert held.started.wait(60) and core.lora.is_loading("a")
+    steps0 = held.decode_steps()
+    for _ in range(10):  # the load is held open: every step still decodes the running request
+        core.step()
+    assert core.lora.is_loading("a") and held.decode_steps() == steps0 + 10
+    held.release()
+    core.wait_for_adapter("a")
+    while not lora.finished:
+        core.step()
+    out = lora.result(timeout=0)
+    assert len(out.token_ids) == 4 and out.metrics.cold_start and out.metrics.adapter_wait_s > 0
+    assert held.steps_at_commit[0] >= held.steps_at_start[0] + 10, "the loop stalled during the load"
     base.cancel()
+    core.run_until_idle()
 
 
 def test_stale_staged_copy_is_dropped(engine, tmp_path):
@@ -78,34 +102,39 @@ def test_stale_staged_copy_is_dropped(engine, tmp_path):
     engine.remove_adapter("a")
     engine.add_adapter("a", path)
     engine.add_adapter("b", other)
-    gate = threading.Event()
-    slow_transfers(engine, 0, gate)
-    engine._call(lambda: engine._lora.start_load("a"))
+    held = HeldTransfers(engine)
+    lora = engine.core.lora
+    engine.core.call(lambda: lora.start_load("a"))
+    assert held.started.wait(60)
     engine.remove_adapter("a")  # its placement goes; "b" may take the same pages
     engine.add_adapter("a", path)
-    gate.set()
+    held.release()
     got_b = engine.logits(PROMPT, adapter="b")
     got_a = engine.logits(PROMPT, adapter="a")
     stats = engine.stats()
     assert stats["stale_dropped"] >= 1
     np.testing.assert_allclose(got_a, reference, atol=1e-5)
     assert np.abs(got_b - got_a).max() > 1e-3
-    engine._lora.pages.check()
+    lora.pages.check()
 
 
 def test_failed_load_fails_only_its_requests(engine, tmp_path):
     path = write_peft_adapter(tmp_path / "gone", CFG, rank=8)
     engine.add_adapter("gone", path)
-    engine._call(lambda: setattr(engine._lora.entries["gone"], "a_pages", None))  # drop the host copy
+    lora = engine.core.lora
+    engine.core.call(lambda: setattr(lora.entries["gone"], "a_pages", None))  # drop the host copy
     (path / "adapter_model.safetensors").write_bytes(b"corrupted after registration")
     bad = engine.submit(PROMPT, SamplingParams(max_tokens=4), adapter="gone")
     good = engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0))
+    engine.core.step()  # admits "good", starts the load of "gone"
+    engine.core.wait_for_adapter("gone")  # the load fails: its request with it
+    engine.core.run_until_idle()
     with pytest.raises(RequestFailed, match="could not be loaded"):
-        bad.result(60)
-    assert len(good.result(60).token_ids) == 4
+        bad.result(timeout=0)
+    assert len(good.result(timeout=0).token_ids) == 4
     stats = engine.stats()
     assert stats["load_failures"] == 1 and stats["adapter_pages_used"] == 0 and stats["waiting"] == 0
-    engine._lora.pages.check()
+    lora.pages.check()
 
 
 def test_staging_through_pinned_host_memory_gives_the_same_weights(engine, tmp_path):
@@ -113,44 +142,46 @@ def test_staging_through_pinned_host_memory_gives_the_same_weights(engine, tmp_p
     engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=24))
     engine.add_adapter("b", write_peft_adapter(tmp_path / "b", CFG, rank=24))  # same weights (seed 0)
     reference = engine.logits(PROMPT, adapter="a")
-    engine._lora.stage_via_pinned = True
+    engine.core.lora.stage_via_pinned = True
     np.testing.assert_allclose(engine.logits(PROMPT, adapter="b"), reference, atol=1e-6)
 
 
 def test_sync_loads_stall_every_running_request_as_s_lora_does(tmp_path):
     """`adapter_loads="sync"` (the S-LoRA baseline): while an adapter loads, no step runs, so a
     running request gets no token until the load is committed."""
-    params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
-    engine = Engine.from_params(
-        CFG, params, warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40,
-        adapter_loads="sync",
-    )  # fmt: skip
+    engine = make_engine(adapter_loads="sync")
     try:
         engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=32))
         engine.add_adapter("bad", write_peft_adapter(tmp_path / "bad", CFG, rank=8))
-        gate = threading.Event()
-        slow_transfers(engine, 0, gate)
+        held = HeldTransfers(engine)
+        core = engine.core
         base = engine.submit(PROMPT, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
-        seen = []
-        threading.Thread(target=lambda: seen.extend(base), daemon=True).start()
-        while len(seen) < 3:
-            time.sleep(0.01)
+        for _ in range(3):
+            core.step()
+        running = next(r for r in core.scheduler.running if r.request_id == base.request_id)  # we own the loop
+        tokens_before = len(running.output_ids)
         lora = engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0), adapter="a")
-        while not engine._lora.is_loading("a"):
-            time.sleep(0.001)
-        time.sleep(0.05)  # a step already dispatched may still deliver its token
-        steps0, tokens0 = engine._steps, len(seen)
-        time.sleep(0.5)  # the load is held open
-        assert engine._lora.is_loading("a")
-        assert (engine._steps, len(seen)) == (steps0, tokens0), "a step ran while the adapter loaded"
-        gate.set()
-        out = lora.result(60)
-        assert len(out.token_ids) == 4 and out.metrics.cold_start and out.metrics.adapter_wait_s >= 0.5
+        # The next step blocks inside admission until the load is committed; release it from a
+        # second thread once the transfer has started (explicit events, no timing).
+        releaser = threading.Thread(target=lambda: held.started.wait(60) and held.release(), daemon=True)
+        releaser.start()
+        core.step()
+        releaser.join()
+        assert held.steps_at_commit == held.steps_at_start, "a step ran while the adapter loaded"
+        assert len(running.output_ids) == tokens_before + 1  # only the token sampled before the load
+        while not lora.finished:
+            core.step()
+        out = lora.result(timeout=0)
+        assert len(out.token_ids) == 4 and out.metrics.cold_start and out.metrics.adapter_wait_s > 0
         # a synchronous load that fails ends only its request, and the engine keeps serving
-        engine._call(lambda: setattr(engine._lora.entries["bad"], "a_pages", None))
+        core.call(lambda: setattr(core.lora.entries["bad"], "a_pages", None))
         (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"corrupted after registration")
+        failing = engine.submit(PROMPT, SamplingParams(max_tokens=4), adapter="bad")
+        held.release()
+        while not failing.finished:
+            core.step()
         with pytest.raises(RequestFailed, match="could not be loaded"):
-            engine.submit(PROMPT, SamplingParams(max_tokens=4), adapter="bad").result(60)
+            failing.result(timeout=0)
         assert not base.finished
         base.cancel()
         again = engine.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0), adapters=["a"])[0]

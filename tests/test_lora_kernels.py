@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from plora_jax.pallas import lora_gpu, lora_ops, lora_ref, lora_tpu
+from plora_jax.pallas.lora import gpu as lora_gpu
+from plora_jax.pallas.lora import ops as lora_ops
+from plora_jax.pallas.lora import reference as lora_ref
+from plora_jax.pallas.lora import tpu as lora_tpu
 
 RANKS = (8, 12, 16, 40, 64, 128)
 IN, OUT = 64, 96
@@ -129,6 +132,45 @@ def test_kernels_match_reference_bf16(impl):
     assert out.dtype == jnp.bfloat16
     scale = float(jnp.abs(ref).max())
     np.testing.assert_allclose(np.asarray(f32(out)), np.asarray(ref), atol=1e-2 * scale, rtol=1e-2)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_model_entry_points_decode_rows_and_packed_groups(impl, monkeypatch):
+    """`lora_rows` (decode) and `lora_groups` (packed prefill) as the model calls them:
+    feature-major x [in, tokens], two projections sharing the input, tokens of several adapters
+    in one packed row (and of none); each equals the reference per token."""
+    if impl == "pallas_gpu":  # interpret the Triton kernels on this CPU
+        import functools
+
+        monkeypatch.setattr(lora_gpu, "shrink", functools.partial(lora_gpu.shrink, interpret=True))
+        monkeypatch.setattr(lora_gpu, "expand", functools.partial(lora_gpu.expand, interpret=True))
+    if impl == "pallas_tpu":
+        import functools
+
+        monkeypatch.setattr(lora_tpu, "shrink", functools.partial(lora_tpu.shrink, interpret=True))
+        monkeypatch.setattr(lora_tpu, "expand", functools.partial(lora_tpu.expand, interpret=True))
+    pool_a, pool_b, table, counts, _ = build_pool(8, np.float32)
+    pool_b2 = pool_b[..., ::-1].copy()  # a second projection: other B rows, same pages
+    rng = np.random.default_rng(5)
+    token_slot = np.array([3, 3, 3, 0, 0, 6, 6, 1, 3, 0], np.int32)  # segments of adapters 3, none, 6, 1, 3
+    x = rng.uniform(-1, 1, (len(token_slot), IN)).astype(np.float32)
+    bases = [rng.uniform(-1, 1, (len(token_slot), OUT)).astype(np.float32) for _ in range(2)]
+
+    def expected(b_pool, base):
+        y = lora_ref.ref_shrink(x[:, None], token_slot, pool_a, table, counts)
+        return np.asarray(lora_ref.ref_expand(y, base[:, None], token_slot, b_pool, table, counts))[:, 0]
+
+    refs = [expected(pool_b, bases[0]), expected(pool_b2, bases[1])]
+    rows = lora_ops.lora_rows(
+        x.T, tuple(b.T for b in bases), token_slot, (pool_a, pool_a), (pool_b, pool_b2), table, counts, impl
+    )
+    groups = np.array([3, 6, 1, 0, 0], np.int32)
+    packed = lora_ops.lora_groups(
+        x.T, tuple(b.T for b in bases), token_slot, groups, (pool_a, pool_a), (pool_b, pool_b2), table, counts, impl
+    )
+    for got in (rows, packed):
+        for out, ref in zip(got, refs, strict=True):
+            np.testing.assert_allclose(np.asarray(out).T, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_strict_tpu_interpret_catches_bad_page_ids():

@@ -5,7 +5,6 @@ arrivals, finishes, prefetches, evictions and failed loads (hypothesis)."""
 
 import logging
 import shutil
-import threading
 import time
 
 import jax.numpy as jnp
@@ -18,9 +17,9 @@ from hypothesis import strategies as st
 from plora_jax import Engine, SamplingParams
 from plora_jax.adapters import AdapterError
 from plora_jax.config import EngineConfig, tiny
+from plora_jax.engine.outputs import RequestFailed
 from plora_jax.lora_manager import LoraManager
 from plora_jax.models.llama import init_params
-from plora_jax.outputs import RequestFailed
 from plora_jax.policies import Decision, Oracle, Predictive
 
 CFG = tiny()
@@ -29,8 +28,9 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0)
 
 
 def make_engine(**overrides):
+    """A tiny LoRA engine driven on the test thread (start=False): `generate` steps it itself."""
     params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
-    options = dict(warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40)
+    options = dict(warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40, start=False)
     return Engine.from_params(CFG, params, **(options | overrides))
 
 
@@ -41,12 +41,8 @@ def engine():
     engine.close()
 
 
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.01)
+def residency(engine, name: str) -> str:
+    return {d["name"]: d["residency"] for d in engine.adapters()}[name]
 
 
 def test_scan_registers_a_thousand_adapters_without_reading_weights(engine, tmp_path):
@@ -90,9 +86,7 @@ def test_host_cache_keeps_its_budget_and_evicts_least_recently_used(tmp_path):
     # A host prefetch reads a copy in when the budget allows it (by evicting a lower priority).
     pool = manager.zeros()
     manager.apply(Decision(host=["a0"], priority={"a0": 2.0, "a1": 1.0}))
-    while manager._host_jobs:
-        pool, _ = manager.poll(pool)
-        time.sleep(0.01)
+    pool, _ = manager.poll(pool, block=True)  # waits for the read to finish
     assert manager.residency("a0") == "host" and manager.residency("a3") == "disk"
     assert manager.stats()["host_cache_bytes"] <= manager.host_budget
     manager.check()
@@ -119,18 +113,22 @@ def test_oracle_prefetch_turns_a_cold_start_into_a_device_hit(engine, tmp_path):
     engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=16))
     engine.add_adapter("b", write_peft_adapter(tmp_path / "b", CFG, rank=16, seed=1))
     reference = engine.logits(PROMPT, adapter="a")
-    engine._call(lambda: engine._lora.remove("a") or engine._lora.add("a", tmp_path / "a"))  # off the device
+    lora = engine.core.lora
+    engine.core.call(lambda: lora.remove("a") or lora.add("a", tmp_path / "a"))  # off the device
     before = engine.stats()
-    oracle = Oracle([(0.3, "a")], interval_s=0.05, horizon_s=1.0)
-    oracle.set_origin(time.monotonic())
+    oracle = Oracle([(0.3, "a")], interval_s=3600.0, horizon_s=1.0)
+    oracle.set_origin(time.monotonic() - 0.2)  # "a" arrives in 0.1 s: within the horizon now
     engine.set_policy(oracle)
-    wait_until(lambda: {d["name"]: d["residency"] for d in engine.adapters()}["a"] == "device")
+    engine.core.step()  # the first decision is due at once: it prefetches "a"
+    assert residency(engine, "a") == "loading"
+    engine.core.wait_for_adapter("a")
+    assert residency(engine, "a") == "device"
     out = engine.generate([PROMPT], GREEDY, adapters=["a"])[0]
     stats = engine.stats()
     delta = {k: stats[k] - before[k] for k in ("prefetch_issued", "prefetch_used", "cold_starts", "device_hits")}
     assert delta == {"prefetch_issued": 1, "prefetch_used": 1, "cold_starts": 0, "device_hits": 1}
     assert stats["prefetch_wasted"] == 0 and stats["policy"] == "oracle"
-    assert out.metrics.adapter_wait_s < 0.05
+    assert out.metrics.adapter_wait_s == 0 and not out.metrics.cold_start
     np.testing.assert_allclose(engine.logits(PROMPT, adapter="a"), reference, atol=1e-5)
 
 
@@ -140,10 +138,12 @@ def test_prefetched_but_unused_adapter_counts_as_wasted(tmp_path):
     try:
         engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=16))
         engine.add_adapter("b", write_peft_adapter(tmp_path / "b", CFG, rank=16, seed=1))
-        policy = Predictive(forecaster, interval_s=0.05)
+        policy = Predictive(forecaster, interval_s=3600.0)  # its thread stays idle: the test runs it
+        policy.step()  # one forecast: "b" is hot
         engine.set_policy(policy)
-        wait_until(lambda: engine.stats()["prefetch_issued"] == 1 and engine.stats()["adapters_loading"] == 0)
-        assert {d["name"]: d["residency"] for d in engine.adapters()}["b"] == "device"
+        engine.core.step()  # the first decision is due at once
+        engine.core.wait_for_adapter("b")
+        assert engine.stats()["prefetch_issued"] == 1 and residency(engine, "b") == "device"
         engine.generate([PROMPT], GREEDY, adapters=["a"])  # one slot: "a" displaces the unused "b"
         stats = engine.stats()
         assert stats["prefetch_wasted"] == 1 and stats["prefetch_used"] == 0 and stats["predictor_runs"] >= 1
@@ -163,16 +163,20 @@ def test_a_predictor_that_raises_falls_back_to_reactive_and_logs_once(tmp_path, 
     try:
         for name in "ab":
             engine.add_adapter(name, write_peft_adapter(tmp_path / name, CFG, rank=8, seed=ord(name)))
-        engine.set_policy(Predictive(Broken(), interval_s=0.02))
+        policy = Predictive(Broken(), interval_s=3600.0)
+        for _ in range(3):  # three forecasts fail (run here, not on the policy's timer)
+            with pytest.raises(RuntimeError, match="exploded"):
+                policy.step()
+        engine.set_policy(policy)
         with caplog.at_level(logging.WARNING, logger="plora_jax.engine"):
-            wait_until(lambda: engine.stats()["predictor_failures"] >= 3)
             outs = engine.generate([PROMPT] * 6, GREEDY, adapters=["a", "b", None, "a", "b", "a"])
         assert all(len(o.token_ids) == 4 for o in outs)
         stats = engine.stats()
+        assert stats["predictor_failures"] == 3
         assert stats["policy_fallbacks"] >= 3 and stats["prefetch_issued"] == 0 and stats["waiting"] == 0
         warnings = [r for r in caplog.records if "falling back to reactive" in r.getMessage()]
         assert len(warnings) == 1 and "forecaster exploded" in warnings[0].getMessage()
-        engine._lora.check()
+        engine.core.lora.check()
     finally:
         engine.close()
 
@@ -184,12 +188,15 @@ def test_a_load_whose_folder_was_removed_fails_only_its_requests(engine, tmp_pat
     shutil.rmtree(root / "gone")
     bad = engine.submit(PROMPT, GREEDY, adapter="gone")
     good = engine.submit(PROMPT, GREEDY)
+    engine.core.step()  # starts the load of "gone"
+    engine.core.wait_for_adapter("gone")  # it fails, and its request with it
+    engine.core.run_until_idle()
     with pytest.raises(RequestFailed, match="could not be loaded"):
-        bad.result(60)
-    assert len(good.result(60).token_ids) == 4
+        bad.result(timeout=0)
+    assert len(good.result(timeout=0).token_ids) == 4
     stats = engine.stats()
     assert stats["load_failures"] == 1 and stats["adapter_pages_used"] == 0 and stats["waiting"] == 0
-    engine._lora.check()
+    engine.core.lora.check()
 
 
 def test_an_adapter_removed_while_in_use(tmp_path):
@@ -200,31 +207,28 @@ def test_an_adapter_removed_while_in_use(tmp_path):
         path = write_peft_adapter(tmp_path / "a", CFG, rank=16)
         engine.add_adapter("a", path)
         running = engine.submit(PROMPT, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), adapter="a")
-        first = threading.Event()
-        tokens = []
-
-        def consume():
-            for event in running:
-                tokens.extend(event.token_ids)
-                first.set()
-
-        threading.Thread(target=consume, daemon=True).start()
-        assert first.wait(60)
+        engine.core.step()
+        engine.core.wait_for_adapter("a")
+        while not engine.stats()["running"]:
+            engine.core.step()
         waiting = engine.submit(PROMPT, GREEDY, adapter="a")  # one decode row: it waits
+        engine.core.step()
         engine.remove_adapter("a")
+        assert waiting.finished
         with pytest.raises(RequestFailed, match="'a' was removed"):
-            waiting.result(60)
+            waiting.result(timeout=0)
         with pytest.raises(AdapterError, match="still used by running requests"):
             engine.add_adapter("a", path)
         with pytest.raises(ValueError, match="no adapter with this name"):
             engine.submit(PROMPT, GREEDY, adapter="a")
-        assert len(running.result(60).token_ids) == 60
-        wait_until(lambda: engine.stats()["running"] == 0)
+        engine.core.run_until_idle()
+        assert len(running.result(timeout=0).token_ids) == 60
         stats = engine.stats()
+        assert stats["running"] == 0
         assert stats["adapter_pages_used"] == 0 and stats["adapters_on_device"] == 0 and stats["kv_blocks_used"] == 0
         engine.add_adapter("a", path)  # free again
         assert len(engine.generate([PROMPT], GREEDY, adapters=["a"])[0].token_ids) == 4
-        engine._lora.check()
+        engine.core.lora.check()
     finally:
         engine.close()
 
@@ -284,7 +288,6 @@ def test_manager_invariants_under_random_operations(adapter_paths, tmp_path, ops
                 manager.release(name)
         while manager._loading or manager._host_jobs:
             pool, _ = manager.poll(pool, block=True)
-            time.sleep(0.005)
         manager.check()
         assert all(r.pins == 0 for r in manager.pages.resident.values())
     finally:
@@ -292,15 +295,17 @@ def test_manager_invariants_under_random_operations(adapter_paths, tmp_path, ops
 
 
 def test_default_policy_runs_the_shipped_lstm(tmp_path):
-    engine = make_engine(policy_interval_s=0.05)  # policy "predictive" with the shipped checkpoint
+    engine = make_engine()  # policy "predictive" with the shipped checkpoint
     try:
         engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=8))
+        policy = engine.policy
         for _ in range(3):
             engine.generate([PROMPT], GREEDY, adapters=["a"])
-        wait_until(lambda: engine.stats()["predictor_runs"] >= 3)
+            policy.step()  # one forecast per interval (run here rather than on its timer)
         stats = engine.stats()
         assert stats["policy"] == "predictive" and stats["policy_fallbacks"] == 0
-        assert type(engine._policy.forecaster).__name__ == "LstmForecaster"
-        assert 0.0 < engine._policy.forecaster.predict()["a"] < 1.0
+        assert policy.stats()["predictor_runs"] == 3
+        assert type(policy.forecaster).__name__ == "LstmForecaster"
+        assert 0.0 < policy.forecaster.predict()["a"] < 1.0
     finally:
         engine.close()

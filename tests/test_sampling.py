@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plora_jax.sampling import sample_tokens
+from plora_jax.engine.sampling import sample_tokens
 
 _sample = jax.jit(sample_tokens)
 

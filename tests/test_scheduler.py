@@ -1,20 +1,11 @@
 """The host-only scheduler: budgets, packing rules, block growth, preemption order."""
 
-from plora_jax.buckets import pow2_buckets
-from plora_jax.sampling import SamplingParams
-from plora_jax.scheduler import Request, Scheduler, Status
+from plora_jax.engine.sampling import SamplingParams
+from plora_jax.engine.scheduler import Request, Scheduler, Status
 
 
 def make(num_kv_blocks=64, max_num_seqs=4, budget=32, max_prefill_seqs=2) -> Scheduler:
-    return Scheduler(
-        num_kv_blocks,
-        4,
-        max_num_seqs,
-        budget,
-        max_prefill_seqs,
-        pow2_buckets(8, budget),
-        pow2_buckets(1, max_prefill_seqs),
-    )
+    return Scheduler(num_kv_blocks, 4, max_num_seqs, budget, max_prefill_seqs)
 
 
 def request(n_prompt: int, max_tokens: int = 8, name: str = "r") -> Request:
@@ -53,7 +44,7 @@ def test_decode_runs_every_step_and_prefill_takes_the_rest():
     assert plan.decode[0].position == 4 and plan.decode[0].step == 1
 
 
-def test_several_rows_only_for_first_chunks():
+def test_a_continuing_chunk_goes_first_and_first_chunks_pack_after_it():
     s = make(budget=32, max_prefill_seqs=2)
     long, short1, short2 = request(40, name="long"), request(5, name="s1"), request(6, name="s2")
     s.add(long)
@@ -61,16 +52,30 @@ def test_several_rows_only_for_first_chunks():
     s.add(short1)
     s.add(short2)
     plan = s.schedule()
-    assert [row.request.request_id for row in plan.prefill] == ["long"]  # a continued chunk travels alone
+    assert [(row.request.request_id, row.start, len(row.token_ids)) for row in plan.prefill] == [
+        ("long", 32, 8),
+        ("s1", 0, 5),
+    ]  # at most max_prefill_seqs segments
     plan = s.schedule()
-    assert [row.request.request_id for row in plan.prefill] == ["s1", "s2"]
+    assert [row.request.request_id for row in plan.prefill] == ["s2"]
 
 
-def test_no_row_is_added_past_the_padded_budget():
-    s = make(budget=32, max_prefill_seqs=2)
-    s.add(request(20, name="a"))  # padded to 32 tokens: a second row would make 2 x 32 > 32
-    s.add(request(3, name="b"))
-    assert [r.request.request_id for r in s.schedule().prefill] == ["a"]
+def test_segments_fill_the_token_budget_and_the_last_is_chunked():
+    s = make(budget=32, max_prefill_seqs=4)
+    a, b, c = request(20, name="a"), request(20, name="b"), request(3, name="c")
+    for r in (a, b, c):
+        s.add(r)
+    plan = s.schedule()
+    assert [(row.request.request_id, len(row.token_ids), row.final) for row in plan.prefill] == [
+        ("a", 20, True),
+        ("b", 12, False),
+    ]
+    plan = s.schedule()  # b continues first (it alone may read earlier keys), c packs after it
+    assert [(row.request.request_id, row.start, len(row.token_ids)) for row in plan.prefill] == [
+        ("b", 12, 8),
+        ("c", 0, 3),
+    ]
+    assert [row.request.request_id for row in plan.decode] == ["a"]
 
 
 def test_preemption_takes_the_newest_and_recomputes_its_tokens():

@@ -117,6 +117,7 @@ def load_predictor(directory: str | Path | None = None) -> Predictor:
     settings = json.loads(settings_file.read_text())
     windows = WindowConfig(**settings["windows"])
     model_config = ModelConfig(**settings["model"])
-    template = init_params(DemandLSTM(model_config, windows.num_buckets))
+    # An abstract template (no eager init: a start would compile dozens of tiny executables).
+    template = jax.eval_shape(lambda: init_params(DemandLSTM(model_config, windows.num_buckets)))
     params = ocp.StandardCheckpointer().restore((directory / "params").resolve(), template)
     return Predictor(windows, model_config, params)

@@ -1,20 +1,24 @@
 """Checkpoint tensors (Hugging Face names, [out, in] matrices) -> the Flax parameter tree.
 
 Both loaders end here: the HF loader reads safetensors directly; the GGUF loader first renames
-GGUF tensors to HF names and undoes GGUF's rotary row permutation. This module stacks the
-per-layer matrices on a leading layer axis (the layout `nn.scan` expects), transposes them to
-Flax's [in, out], casts to the compute dtype and checks every shape against the model's own
+GGUF tensors to HF names and undoes GGUF's rotary row permutation. This module places each
+layer's matrices under `layers_{i}` (the model unrolls its layers, one subtree each), keeps
+them in the checkpoints' own [out, in] layout (the model computes W @ x on feature-major
+activations), casts to the compute dtype and checks every shape against the model's own
 `eval_shape`, so a checkpoint that does not fit its config fails with the tensor's name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from ..config import ModelConfig
+from ..progress import Progress
 from .llama import param_shapes
 
 
@@ -22,17 +26,17 @@ class CheckpointError(ValueError):
     """A model file or folder cannot be used; the message names the file and the problem."""
 
 
-# Flax path under params['layers'] -> HF tensor suffix under model.layers.{i}.
+# Flax path under params['layers_{i}'] -> HF tensor suffix under model.layers.{i}.
 _LAYER_TENSORS = {
     ("input_layernorm", "scale"): "input_layernorm.weight",
     ("post_attention_layernorm", "scale"): "post_attention_layernorm.weight",
-    ("self_attn", "q_proj", "kernel"): "self_attn.q_proj.weight",
-    ("self_attn", "k_proj", "kernel"): "self_attn.k_proj.weight",
-    ("self_attn", "v_proj", "kernel"): "self_attn.v_proj.weight",
-    ("self_attn", "o_proj", "kernel"): "self_attn.o_proj.weight",
-    ("mlp", "gate_proj", "kernel"): "mlp.gate_proj.weight",
-    ("mlp", "up_proj", "kernel"): "mlp.up_proj.weight",
-    ("mlp", "down_proj", "kernel"): "mlp.down_proj.weight",
+    ("self_attn", "q_proj", "weight"): "self_attn.q_proj.weight",
+    ("self_attn", "k_proj", "weight"): "self_attn.k_proj.weight",
+    ("self_attn", "v_proj", "weight"): "self_attn.v_proj.weight",
+    ("self_attn", "o_proj", "weight"): "self_attn.o_proj.weight",
+    ("mlp", "gate_proj", "weight"): "mlp.gate_proj.weight",
+    ("mlp", "up_proj", "weight"): "mlp.up_proj.weight",
+    ("mlp", "down_proj", "weight"): "mlp.down_proj.weight",
 }
 
 
@@ -67,36 +71,35 @@ def to_flax_params(
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{source}: missing tensors {missing[:5]}{more}")
 
-    def fetch(name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+    def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
         array = np.asarray(get_tensor(name))
-        if transpose:
-            array = array.T
         if array.shape != tuple(shape):
-            raise CheckpointError(
-                f"{source}: tensor {name} has shape {array.shape}{' (transposed)' if transpose else ''}, "
-                f"the config expects {tuple(shape)}"
-            )
+            raise CheckpointError(f"{source}: tensor {name} has shape {array.shape}, the config expects {tuple(shape)}")
         if not np.isfinite(array.astype(np.float32)).all():
             raise CheckpointError(f"{source}: tensor {name} contains NaN or Inf")
         return array.astype(dtype)
 
-    params: dict = {}
-    _set(
-        params,
-        ("embed_tokens", "embedding"),
-        fetch("model.embed_tokens.weight", expected["embed_tokens"]["embedding"].shape, False),
-    )
-    _set(params, ("norm", "scale"), fetch("model.norm.weight", expected["norm"]["scale"].shape, False))
+    jobs: list[tuple[tuple[str, ...], str, tuple[int, ...]]] = [
+        (("embed_tokens", "embedding"), "model.embed_tokens.weight", expected["embed_tokens"]["embedding"].shape),
+        (("norm", "scale"), "model.norm.weight", expected["norm"]["scale"].shape),
+    ]
     if not config.tie_word_embeddings:
-        _set(params, ("lm_head", "kernel"), fetch("lm_head.weight", expected["lm_head"]["kernel"].shape, True))
-    for path, suffix in _LAYER_TENSORS.items():
-        leaf = expected["layers"]
-        for key in path:
-            leaf = leaf[key]
-        stacked = np.empty(leaf.shape, dtype=leaf.dtype)
-        for i in range(config.num_layers):
-            stacked[i] = fetch(f"model.layers.{i}.{suffix}", leaf.shape[1:], path[-1] == "kernel")
-        _set(params, ("layers", *path), stacked)
+        jobs.append((("lm_head", "weight"), "lm_head.weight", expected["lm_head"]["weight"].shape))
+    for i in range(config.num_layers):
+        for path, suffix in _LAYER_TENSORS.items():
+            leaf = expected[f"layers_{i}"]
+            for key in path:
+                leaf = leaf[key]
+            jobs.append(((f"layers_{i}", *path), f"model.layers.{i}.{suffix}", leaf.shape))
+    params: dict = {}
+    # Dequantizing and checking are numpy work that releases the GIL: two threads use two cores.
+    with (
+        Progress(len(jobs), f"plora converting {Path(source).name}", unit="tensor") as bar,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="plora-convert") as pool,
+    ):
+        for (path, _, _), array in zip(jobs, pool.map(lambda job: fetch(job[1], job[2]), jobs), strict=True):
+            _set(params, path, array)
+            bar.update(1)
 
     # Structure check: the tree must match the model's exactly (catches a renamed module).
     got = jax.tree_util.tree_structure(params)

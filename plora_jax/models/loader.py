@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from .registry import cache_root, resolve_model
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the conversion changes what is stored
+CACHE_FORMAT = 3  # bump when the conversion changes what is stored (3: per-layer subtrees, [out, in] weights)
 _HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
@@ -115,8 +116,13 @@ def load_model(
     dtype=jnp.float32,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    save_in_background: bool = False,
 ) -> LoadedModel:
-    """Resolve, load (from the orbax cache when possible) and return a model on the host."""
+    """Resolve, load (from the orbax cache when possible) and return a model on the host.
+
+    `save_in_background`: after a conversion, write the cache entry on a thread instead of
+    before returning (an engine start does not wait for a copy it does not read; the entry
+    appears atomically when complete, and the interpreter waits for the write at exit)."""
     source = resolve_model(name_or_path, cache_dir)
     start = time.perf_counter()
     entry = cache_root(cache_dir) / "params" / f"{source.stem}-{_dtype_name(dtype)}-{cache_key(source, dtype)}"
@@ -131,10 +137,17 @@ def load_model(
             shutil.rmtree(entry, ignore_errors=True)
     config, params, tokenizer = _convert(source, dtype)
     if use_cache:
-        try:
-            _save_entry(entry, config, params, tokenizer)
-        except OSError as e:
-            log.warning("could not write the parameter cache at %s (%s)", entry, e)
+
+        def save():
+            try:
+                _save_entry(entry, config, params, tokenizer)
+            except OSError as e:
+                log.warning("could not write the parameter cache at %s (%s)", entry, e)
+
+        if save_in_background:
+            threading.Thread(target=save, name="plora-param-cache").start()
+        else:
+            save()
     seconds = time.perf_counter() - start
     log.info("converted %s in %.2fs", source.name, seconds)
     return LoadedModel(config, params, tokenizer, source, False, seconds)

@@ -1,4 +1,9 @@
-"""Pallas kernels for the paged LoRA gather (shrink and expand, decode and prefill; issue 4).
+"""The model's two custom ops, one folder each (as tokamax lays out its ops):
 
-Each kernel will sit next to its pure-jnp reference, which is also the XLA path used on CPU.
+- `lora/`: the paged LoRA gather (shrink x @ A^T, expand y @ B) through the adapter page table;
+- `attention/`: paged attention over the KV cache (decode and packed prefill).
+
+Each folder holds the pure-jnp reference (the semantics, tested against), the XLA path, the
+Pallas kernels for GPU (Triton) and TPU (Mosaic) (and, for attention, a C++ kernel for CPU),
+and `ops.py`, the one switch the model calls.
 """

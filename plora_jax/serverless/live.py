@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters import save_random_adapter
-from ..sampling import SamplingParams
+from ..engine.sampling import SamplingParams
 from .instances import InstanceLoad, pick_instance
 from .report import RequestRecord, Run, summarize
 from .simulator import Calibration, policy_for
@@ -112,6 +112,12 @@ def replay_live(workload: Workload, policy: str, engines: list, predictor_checkp
             index = index if index is not None else min(range(instances), key=inflight.__getitem__)
         handle = engines[index].submit(_prompt(rng, prompt_len, vocab), params, adapter=tr.adapter)
         handles.append((index, handle))
+    while not all(h.finished for _, h in handles):  # memory use keeps being sampled until the last request ends
+        now = time.monotonic() - origin
+        if now >= next_sample:
+            mem_samples.append((now, [e.stats() for e in engines]))
+            next_sample += interval
+        time.sleep(min(0.01, max(0.0, next_sample - now)))
     records = []
     for _, handle in handles:
         out = handle.result()
@@ -148,10 +154,9 @@ def replay_live(workload: Workload, policy: str, engines: list, predictor_checkp
 
 
 def _holds(engine, adapter: str) -> bool:
-    """Whether the adapter is placed on the engine's device (a read of loop-owned state from
-    another thread: a routing hint that may be a step out of date, never a decision that must hold)."""
-    lora = engine._lora
-    return lora is not None and lora.pages.get(adapter) is not None
+    """Whether the adapter is placed on the engine's device, from the snapshot the engine last
+    published (a routing hint that may be a step out of date, never a decision that must hold)."""
+    return adapter in engine.resident_adapters()
 
 
 def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -> Calibration:
@@ -173,10 +178,10 @@ def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -
 
     one, full = tpot(1), tpot(rows)
     row_s = max(0.0, (full - one) / max(1, rows - 1))
-    chunk = min(engine.prefill_buckets[-1], engine.max_model_len // 2)
+    chunk = min(engine.runner.buckets.prefill[-1], engine.max_model_len // 2)
     short, long = ttft(16), ttft(chunk)
     token_s = max(0.0, (long - short) / (chunk - 16))
-    lora = engine._lora
+    stats = engine.stats()
     loads = [(r["adapter_load_s_total"], r["bytes_host_to_device"]) for r in runs or () if r.get("adapter_loads")]
     seconds, nbytes = sum(s for s, _ in loads), sum(b for _, b in loads)
     return Calibration(
@@ -189,7 +194,7 @@ def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -
         h2d_bytes_per_s=nbytes / seconds if seconds else 2e9,
         disk_bytes_per_s=0.0,  # 0: folded into h2d (the live loads' rate includes their disk reads)
         instance_start_s=instance_start_s,
-        bytes_per_rank=int(lora.page_bytes // lora.page_rows) if lora is not None else 0,
+        bytes_per_rank=int(stats.get("adapter_page_bytes", 0) // engine.config.page_rows),
     )
 
 

@@ -2,9 +2,13 @@
 
 Every step the scheduler decides which requests run and how: each request already prefilled
 decodes one token, and the remaining token budget (`max_num_batched_tokens` minus the decode
-rows) goes to prompt chunks, first of requests mid-prefill, then of waiting requests admitted
-in arrival order. It owns the KV `BlockAllocator` and the decode-batch rows (`seq_slot`s), and
-grows a request's blocks as its tokens are computed, never ahead of need.
+rows) goes to prompt chunks, first of a request mid-prefill, then of waiting requests admitted
+in arrival order. The chunks are packed end to end into one row of tokens (segments of a
+packed prefill, at most `max_prefill_seqs`), so a step pads only once, to its token bucket. A
+chunk that continues a prompt (its earlier tokens already in the cache) is only ever the first
+segment: the attention reads earlier keys for segment 0 alone. The scheduler owns the KV
+`BlockAllocator` and the decode-batch rows (`seq_slot`s), and grows a request's blocks as its
+tokens are computed, never ahead of need.
 
 Tokens are read one step late. When step i is dispatched, step i-1's sampled tokens are still
 in flight, so a request carries `pending` tokens (sampled on the device, not yet seen here).
@@ -25,8 +29,9 @@ import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-from .buckets import cdiv, pick_bucket
+from ..buckets import cdiv
 from .kv_blocks import BlockAllocator
 from .sampling import SamplingParams
 
@@ -49,6 +54,8 @@ class Request:
     max_total: int  # cap on prompt + generated tokens
     adapter: str | None = None
     prompt_text: str | None = None
+    detokenizer: Any = None  # IncrementalDetokenizer of this request (None without a tokenizer)
+    handle: Any = None  # the caller's RequestHandle (None for internal probes)
     adapter_slot: int = 0  # the adapter's slot in the device pool while admitted (0: none)
     adapter_wait: float = 0.0  # seconds spent waiting for the adapter (loads, full pool)
     adapter_wait_start: float | None = None
@@ -86,6 +93,8 @@ class Request:
 
 @dataclass
 class PrefillRow:
+    """One segment of a packed prefill step."""
+
     request: Request
     start: int  # position of the chunk's first token
     token_ids: list[int]
@@ -114,8 +123,6 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_prefill_seqs: int,
-        prefill_buckets: tuple[int, ...],
-        prefill_row_buckets: tuple[int, ...],
         acquire_adapter=None,
         release_adapter=None,
     ):
@@ -124,8 +131,6 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
-        self.prefill_buckets = prefill_buckets
-        self.prefill_row_buckets = prefill_row_buckets
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order; the last is preempted first
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
@@ -225,23 +230,19 @@ class Scheduler:
 
     def _schedule_prefill(self, budget: int) -> list[PrefillRow]:
         rows: list[PrefillRow] = []
-        width = 0  # padded tokens per row of this step's prefill call
+        budget = min(budget, self.max_num_batched_tokens)
         candidates = [r for r in self.running if not r.prefilled]
         candidates += [r for r in self.waiting if r.pending == 0]  # a preempted request waits for its tokens
         for req in candidates:
             if budget <= 0 or len(rows) >= self.max_prefill_seqs:
                 break
+            if rows and req.num_computed > 0:
+                break  # a chunk that continues a prompt only goes first (it alone reads earlier keys)
             admitting = req.status is Status.WAITING
             if admitting and not self._free_slots:
                 break
             ids = req.prefill_ids if not admitting else req.prompt_ids + req.output_ids
-            chunk = min(len(ids) - req.num_computed, budget, self.prefill_buckets[-1])
-            if rows and (req.num_computed > 0 or rows[0].start > 0):
-                break  # several rows are packed only for first chunks (keeps compiled shapes few)
-            new_width = max(width, pick_bucket(chunk, self.prefill_buckets))
-            padded_rows = pick_bucket(len(rows) + 1, self.prefill_row_buckets)
-            if rows and padded_rows * new_width > self.max_num_batched_tokens:
-                break  # this row would make the padded call larger than the token budget
+            chunk = min(len(ids) - req.num_computed, budget)
             if admitting and req.adapter is not None and not self._acquire_adapter(req):
                 continue  # its adapter is loading (or waits for room): later requests may go first
             if not self._grow(req, req.num_computed + chunk):
@@ -260,5 +261,4 @@ class Scheduler:
             final = start + chunk == len(ids)
             rows.append(PrefillRow(req, start, ids[start : start + chunk], final, req.num_generated))
             budget -= chunk
-            width = new_width
         return rows

@@ -1,4 +1,11 @@
-"""What a request gives back: stream events while it runs, a `RequestOutput` when it ends.
+"""What a request gives back: stream events while it runs, a `RequestOutput` when it ends, and
+the loop-thread side that produces them (`OutputProcessor`).
+
+`OutputProcessor` turns each sampled token into a stop check (stop token, stop string, length),
+text (through the request's own incremental detokenizer, which travels with the request) and
+a `StreamEvent` for the request's handle; the last event carries the `RequestOutput`. The core
+delivers the events after it has published the iteration's snapshot, so a caller woken by its
+request's end already sees that end in `stats()`.
 
 `RequestHandle` is the caller's side of one request. The engine's loop thread appends events to
 one list; every consumer keeps its own cursor into it, so a consumer that starts late replays
@@ -11,9 +18,15 @@ is parked per stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .scheduler import Request
 
 
 @dataclass
@@ -88,7 +101,8 @@ class RequestHandle:
     def _wake(self) -> None:
         self._cond.notify_all()
         for loop, event in self._async_waiters:
-            loop.call_soon_threadsafe(event.set)
+            with contextlib.suppress(RuntimeError):  # the consumer's event loop has closed: nobody waits
+                loop.call_soon_threadsafe(event.set)
         self._async_waiters.clear()
 
     # --- caller side --------------------------------------------------------------------
@@ -146,3 +160,65 @@ class RequestHandle:
         async for _ in self.events():
             pass
         return self._output
+
+
+class OutputProcessor:
+    """Sampled tokens -> stop checks, text and events. Loop thread only; the events are
+    returned for the core to deliver."""
+
+    @staticmethod
+    def append(request: Request, token: int, logprob: float):
+        """Record one sampled token. Returns ((finish_reason, stop_reason), None) if it ends the
+        request, else (None, the StreamEvent carrying its text)."""
+        request.output_ids.append(token)
+        request.logprobs.append(logprob)
+        if request.first_token is None:
+            request.first_token = time.perf_counter()
+        detok = request.detokenizer
+        if detok is not None:
+            detok.add_token(token)
+        if token in request.stop_ids:
+            return ("stop", token), None
+        if detok is not None and detok.stop_string is not None:
+            return ("stop", detok.stop_string), None
+        if (
+            len(request.output_ids) >= request.params.max_tokens
+            or len(request.prompt_ids) + len(request.output_ids) >= request.max_total
+        ):
+            return ("length", None), None
+        return None, StreamEvent(detok.take_delta(False) if detok else "", [token])
+
+    @staticmethod
+    def finish(request: Request, stop_reason=None) -> StreamEvent:
+        """The last event of a request the scheduler has finished."""
+        detok = request.detokenizer
+        last = [request.output_ids[-1]] if request.output_ids and request.finish_reason != "abort" else []
+        delta = detok.take_delta(True) if detok else ""
+        return StreamEvent(delta, last, True, OutputProcessor.output(request, stop_reason))
+
+    @staticmethod
+    def output(request: Request, stop_reason=None) -> RequestOutput:
+        end = request.finished_at
+        first = request.first_token or end
+        n = len(request.output_ids)
+        metrics = RequestMetrics(
+            arrival_time=request.arrival,
+            queue_s=(request.first_scheduled or end) - request.arrival,
+            ttft_s=first - request.arrival,
+            tpot_s=(end - first) / (n - 1) if n > 1 else 0.0,
+            e2e_s=end - request.arrival,
+            num_preemptions=request.num_preemptions,
+            adapter_wait_s=request.adapter_wait,
+            cold_start=request.adapter_cold,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_ids,
+            token_ids=list(request.output_ids),
+            text=request.detokenizer.text if request.detokenizer else "",
+            finish_reason=request.finish_reason,
+            stop_reason=stop_reason,
+            logprobs=list(request.logprobs) if request.params.logprobs else None,
+            metrics=metrics,
+            prompt=request.prompt_text,
+        )

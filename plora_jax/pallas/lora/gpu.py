@@ -1,6 +1,6 @@
 """Paged LoRA shrink/expand as Pallas kernels on the Triton backend (GPU).
 
-Layout and semantics: see `lora_ref` (the pure-jnp reference these kernels are tested against).
+Layout and semantics: see `reference` (the pure-jnp reference these kernels are tested against).
 
 Every operand is a whole-array block in global memory; each program reads its row's adapter
 slot, the slot's page count and page ids as scalars, and loads page rows directly from the
@@ -115,7 +115,7 @@ def _expand_kernel(slot_ref, table_ref, count_ref, y_ref, base_ref, pool_ref, ou
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def shrink(x, row_slot, pool_a, page_table, num_pages, *, interpret=False):
-    """y [batch, tokens, max_pages * page_rows] f32; see `lora_ref.ref_shrink`."""
+    """y [batch, tokens, max_pages * page_rows] f32; see `reference.ref_shrink`."""
     batch, tokens, width = x.shape
     page_rows = pool_a.shape[1]
     max_pages = page_table.shape[1]
@@ -140,7 +140,7 @@ def shrink(x, row_slot, pool_a, page_table, num_pages, *, interpret=False):
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def expand(y, base, row_slot, pool_b, page_table, num_pages, *, interpret=False):
-    """base + y @ B per row's adapter; see `lora_ref.ref_expand`."""
+    """base + y @ B per row's adapter; see `reference.ref_expand`."""
     batch, tokens, out = base.shape
     page_rows = pool_b.shape[1]
     block_m = block_m_for(tokens)

@@ -1,6 +1,6 @@
 """Paged LoRA shrink/expand as Pallas TPU (Mosaic) kernels with scalar prefetch.
 
-Layout and semantics: see `lora_ref`. The adapter slot of every row, the flattened page table
+Layout and semantics: see `reference`. The adapter slot of every row, the flattened page table
 and the page counts are scalar-prefetched into SMEM, and the *page is the block*: the pool's
 BlockSpec `(None, page_rows, width)` has an index map that reads `page_table[slot, p]`, so the
 pipeline DMAs exactly the pages of each row's adapter. For `p >= num_pages[slot]` the index map
@@ -76,7 +76,7 @@ def _expand_kernel(slot_ref, table_ref, count_ref, y_ref, base_ref, b_ref, out_r
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def shrink(x, row_slot, pool_a, page_table, num_pages, *, interpret=False):
-    """y [batch, tokens, max_pages * page_rows] f32; see `lora_ref.ref_shrink`."""
+    """y [batch, tokens, max_pages * page_rows] f32; see `reference.ref_shrink`."""
     batch, tokens, width = x.shape
     page_rows = pool_a.shape[1]
     max_pages = page_table.shape[1]
@@ -104,7 +104,7 @@ def shrink(x, row_slot, pool_a, page_table, num_pages, *, interpret=False):
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def expand(y, base, row_slot, pool_b, page_table, num_pages, *, interpret=False):
-    """base + y @ B per row's adapter; see `lora_ref.ref_expand`."""
+    """base + y @ B per row's adapter; see `reference.ref_expand`."""
     batch, tokens, out = base.shape
     page_rows = pool_b.shape[1]
     max_pages = page_table.shape[1]

@@ -1,0 +1,387 @@
+"""Engine: the public Python API. No device code lives here.
+
+    engine = Engine.from_pretrained("llama")              # or a .gguf path / HF folder
+    engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+    for delta in engine.stream("Hello", SamplingParams(max_tokens=32)): ...
+    handle = engine.submit(prompt, params)                # async: `async for e in handle.events()`
+
+The pieces, along vLLM v1's seams:
+
+- `InputProcessor` (inputs.py): validation, tokenization, `Request` creation, on the caller's
+  thread; bad input raises `ValueError` naming the field before anything is queued.
+- `EngineCore` (core.py): the loop that owns every piece of device state; requests and calls
+  reach it through its inbox, and it publishes an immutable snapshot (`stats()` reads it).
+- `ModelRunner` (runner.py): parameters, `EngineState` and the compiled steps.
+- `CompilePlan` (compile_plan.py): every bucket, and the warm-up. The engine serves as soon as
+  the minimal set of executables is ready and builds the others in the background; a restart
+  loads them all from the on-disk executable cache.
+- `OutputProcessor` (outputs.py): detokenization, stop checks and stream events.
+
+`Engine(..., start=False)` leaves the loop unstarted: the caller then drives it with
+`engine.core.step()` (what the tests do, instead of sleeping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+
+from ..config import EngineConfig, ModelConfig
+from ..lora_manager import LoraManager
+from ..models.loader import LoadedModel, load_model
+from ..models.registry import cache_root
+from ..pallas.attention import cpu as cpu_attention
+from ..policies import Policy, make_policy
+from ..tokenizer import Tokenizer
+from .core import AddRequest, Cancel, EngineCore
+from .inputs import InputProcessor
+from .outputs import RequestFailed, RequestHandle, RequestOutput
+from .runner import ModelRunner, resolve_dtype
+from .sampling import SamplingParams
+
+
+def prepare_kernels(config: EngineConfig) -> None:
+    """Start building (or loading) the C++ attention kernel on a thread, if this engine may use
+    it; the runner's own `ensure` then waits for that build instead of starting one."""
+    if jax.default_backend() == "cpu" and config.attention_implementation in ("auto", "cpu"):
+        kernels = cache_root(config.cache_dir) / "kernels"
+        threading.Thread(target=cpu_attention.ensure, args=(kernels,), name="plora-kernel-build", daemon=True).start()
+
+
+class TextStream(Iterator[str]):
+    """Text deltas of one request (`Engine.stream`)."""
+
+    def __init__(self, handle: RequestHandle):
+        self.handle = handle
+        self._events = iter(handle)
+
+    def __next__(self) -> str:
+        for event in self._events:
+            if event.text:
+                return event.text
+        raise StopIteration
+
+    def close(self) -> None:
+        self.handle.cancel()
+
+    def __del__(self) -> None:
+        self.handle.cancel()
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, start: bool = True, wait_ready: bool = True):
+        self.config = config
+        self.model_config: ModelConfig = loaded.config
+        self.tokenizer: Tokenizer | None = loaded.tokenizer
+        self.load_info = {
+            "source": str(loaded.source),
+            "from_cache": loaded.from_cache,
+            "load_seconds": loaded.load_seconds,
+        }
+        self.dtype = resolve_dtype(config.dtype)
+        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        bs = config.block_size
+        max_blocks = -(-self.max_model_len // bs)
+        if max_blocks > config.num_kv_blocks - 1:
+            raise ValueError(
+                f"num_kv_blocks={config.num_kv_blocks} cannot hold one sequence of max_model_len="
+                f"{self.max_model_len} ({max_blocks} blocks of {bs}); raise num_kv_blocks"
+            )
+        root = cache_root(config.cache_dir)
+        lora = LoraManager(self.model_config, config, self.dtype) if config.max_loras > 0 else None
+        self.base_params = loaded.params
+        self._runner = ModelRunner(
+            self.model_config,
+            loaded.params,
+            config,
+            self.max_model_len,
+            lora.zeros() if lora else None,
+            lora.max_pages if lora else 0,
+            root,
+        )
+        if lora is not None:
+            lora.commit = self._runner.commit_adapter
+            lora.commit_size = self._runner.commit_size
+        self._inputs = InputProcessor(
+            self.model_config,
+            self.tokenizer,
+            self.max_model_len,
+            config.seed,
+            lora is not None,
+            lambda: self.core.snapshot.adapters,
+        )
+        policy = make_policy(config.policy, config.policy_interval_s, config.predictor_checkpoint) if lora else None
+        self.core = EngineCore(config, self._runner, self._inputs, lora, policy)
+        self._warmer: threading.Thread | None = None
+        plan = self._runner.plan
+        if config.warmup:
+            self._warmer = threading.Thread(target=self._warm, name="plora-compile", daemon=True)
+            self._warm_error: BaseException | None = None
+            self._warmer.start()
+        else:
+            plan.minimal_ready.set()
+            plan.complete.set()
+        if start:
+            self.core.start()
+        if wait_ready:
+            self.wait_ready()
+
+    def _warm(self) -> None:
+        try:
+            self._runner.plan.warm()
+        except BaseException as e:  # surfaced by wait_ready / health, never a silent hang
+            self._warm_error = e
+            self._runner.plan.minimal_ready.set()
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str = "llama", start: bool = True, wait_ready: bool = True, **overrides) -> Engine:
+        """Load `model` ("llama", a .gguf file or a Hugging Face folder); overrides set EngineConfig
+        fields. Returns once the engine can serve (the minimal executables are ready); with
+        `wait_ready=False` at once (see `readiness()`)."""
+        names = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
+        config = EngineConfig(model=str(model), **overrides)
+        prepare_kernels(config)  # builds the CPU attention kernel (first start) while the model loads
+        loaded = load_model(
+            config.model, resolve_dtype(config.dtype), config.cache_dir, config.param_cache, save_in_background=True
+        )
+        return cls(config, loaded, start=start, wait_ready=wait_ready)
+
+    @classmethod
+    def from_params(
+        cls,
+        model_config: ModelConfig,
+        params: dict,
+        tokenizer: Tokenizer | None = None,
+        start: bool = True,
+        wait_ready: bool = True,
+        **overrides,
+    ) -> Engine:
+        """An engine over given parameters (random weights for tests and real-size benchmarks).
+
+        Without a tokenizer, prompts must be token ids and outputs carry no text.
+        """
+        config = EngineConfig(model=model_config.name, **overrides)
+        loaded = LoadedModel(model_config, params, tokenizer, Path(model_config.name), False, 0.0)
+        return cls(config, loaded, start=start, wait_ready=wait_ready)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the engine can serve (the minimal executables are built or loaded)."""
+        ready = self._runner.plan.minimal_ready.wait(timeout)
+        if getattr(self, "_warm_error", None) is not None:
+            raise RuntimeError(f"engine warm-up failed: {self._warm_error}") from self._warm_error
+        return ready
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Block until every executable of the plan is built (serving starts earlier: `wait_ready`)."""
+        self.wait_ready(timeout)
+        return self._runner.plan.complete.wait(timeout)
+
+    def readiness(self) -> dict:
+        """{"status": "warming" | "ok" | "failed", "compiled": executables ready, "total": executables}."""
+        plan = self._runner.plan
+        if getattr(self, "_warm_error", None) is not None or self.core.fatal is not None:
+            status = "failed"
+        else:
+            status = "ok" if plan.minimal_ready.is_set() else "warming"
+        return {"status": status, "compiled": plan.num_ready, "total": plan.num_executables}
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The model runner (benchmarks time its steps; touch it only from the thread that owns
+        the engine: an engine built with start=False)."""
+        return self._runner
+
+    def close(self) -> None:
+        """Abort what is left, stop the loop thread and release it."""
+        self.core.stop()
+        if self._warmer is not None:
+            self._runner.plan.cancelled.set()  # a background warm-up stops after its current build
+            self._warmer.join()
+        if self.core.policy is not None:
+            self.core.policy.close()
+        if self.core.lora is not None:
+            self.core.lora.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- requests ---------------------------------------------------------------------------
+    def _enqueue(self, request) -> RequestHandle:
+        handle = self._inputs.attach_handle(request, self._cancel)
+        self.core.post(AddRequest(request))
+        return handle
+
+    def _cancel(self, request_id: str) -> None:
+        self.core.post(Cancel(request_id))
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Queue one request; returns at once. Bad input raises ValueError naming the field."""
+        self.core.check_alive()
+        return self._enqueue(self._inputs.make_request(prompt, sampling_params, adapter, "prompt", request_id))
+
+    def stream(
+        self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None, adapter: str | None = None
+    ) -> TextStream:
+        """An iterator of text deltas as they are generated. The request is queued at once (bad
+        input raises here); closing the stream early (or dropping it) cancels the request."""
+        return TextStream(self.submit(prompt, sampling_params, adapter))
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: Sequence[str | None] | None = None,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids), continuously batched; results in prompt order.
+
+        Every prompt is validated before any is queued, so bad input rejects the call as a whole.
+        With an engine built with start=False, this call drives the loop itself.
+        """
+        from tqdm.auto import tqdm
+
+        self.core.check_alive()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise ValueError("prompts must be a list of prompts (wrap a single prompt in a list)")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts")
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"adapters has {len(adapters)} entries for {len(prompts)} prompts")
+        requests = [
+            self._inputs.make_request(p, sp, a, f"prompts[{i}]", None, f"adapters[{i}]")
+            for i, (p, sp, a) in enumerate(zip(prompts, sampling_params, adapters, strict=True))
+        ]
+        handles = [self._enqueue(r) for r in requests]
+        if not self.core.running:
+            while not all(h.finished for h in handles):
+                self.core.step()
+        outputs = []
+        with tqdm(total=len(handles), disable=not progress, desc="generate") as bar:
+            for handle in handles:
+                outputs.append(handle.result())
+                bar.update(1)
+        return outputs
+
+    def logits(self, token_ids: Sequence[int], adapter: str | None = None):
+        """Logits [len(token_ids), vocab] (float32) of every position, as a causal LM scores them.
+
+        Runs on the loop thread between steps, in chunks of `max_num_batched_tokens`; its shapes
+        are built on first use (they are not part of the serving warm-up; cached on disk after).
+        """
+        ids = self._inputs.score_input(token_ids, adapter, "token_ids", "adapter")
+        return self.core.call(lambda: self.core.score([ids], [adapter]))[0]
+
+    def logits_batch(self, token_ids: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None) -> list:
+        """`logits` of several sequences in one batch (first chunks packed, each with its own adapter)."""
+        adapters = [None] * len(token_ids) if adapters is None else list(adapters)
+        if len(adapters) != len(token_ids):
+            raise ValueError(f"adapters has {len(adapters)} entries for {len(token_ids)} sequences")
+        seqs = [
+            self._inputs.score_input(ids, adapter, f"token_ids[{i}]", f"adapters[{i}]")
+            for i, (ids, adapter) in enumerate(zip(token_ids, adapters, strict=True))
+        ]
+        if not seqs:
+            return []
+        return self.core.call(lambda: self.core.score(seqs, adapters))
+
+    def stats(self) -> dict:
+        """Counters of the engine: the snapshot the loop published last, plus the compile plan's
+        own counters (any thread, never blocks)."""
+        plan = self._runner.plan
+        stats = dict(self.core.snapshot.stats)
+        stats.update(plan.describe(), warm=plan.complete.is_set())
+        stats["compiles_total"] = stats.pop("loop_compiles", 0) + plan.stats.compiled
+        return stats
+
+    # --- adapters ---------------------------------------------------------------------------
+    def _lora(self) -> LoraManager:
+        if self.core.lora is None:
+            raise ValueError("this engine serves no adapters (max_loras=0)")
+        return self.core.lora
+
+    def set_policy(self, policy: Policy | str) -> None:
+        """Replace the residency policy (a name from `plora_jax.policies.POLICIES`, or a policy
+        object such as `Oracle(arrivals)`); the old one is closed."""
+        self._lora()
+        if isinstance(policy, str):
+            policy = make_policy(policy, self.config.policy_interval_s, self.config.predictor_checkpoint)
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a policy name or a plora_jax.policies.Policy, got {type(policy)}")
+        self.core.call(lambda: self.core.adopt_policy(policy))
+
+    @property
+    def policy(self) -> Policy | None:
+        """The residency policy in use (None without adapters)."""
+        return self.core.policy
+
+    def reset_adapters(self, adapter_loads: str | None = None) -> None:
+        """Empty the adapter device pool and host cache (adapters stay registered), so that a
+        benchmark replays policies one after another on one warm engine from the same cold
+        start; `adapter_loads` switches between "async" and "sync" (S-LoRA) loads. Call it idle."""
+        self._lora()
+        if adapter_loads not in (None, "async", "sync"):
+            raise ValueError(f"adapter_loads must be 'async' or 'sync', got {adapter_loads!r}")
+        self.core.call(lambda: self.core.reset_adapters(adapter_loads))
+        if adapter_loads is not None:
+            self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
+
+    def add_adapter(self, name: str, path: str | Path) -> dict:
+        """Register a PEFT adapter folder under `name`; it is read and validated now (AdapterError
+        names the file and field) and loaded onto the device when a request first uses it (or
+        earlier, if the policy prefetches it)."""
+        lora = self._lora()
+        return self.core.call(lambda: self._describe(lora.add(name, path).name))
+
+    def add_adapter_dir(self, folder: str | Path) -> dict:
+        """Register every subfolder of `folder` that holds adapter_config.json, named after the
+        subfolder, validated from config and tensor header only (weights are read when needed).
+        Returns {"added": [names], "errors": {name: why}}; already registered ones are skipped."""
+        lora = self._lora()
+        added, errors = self.core.call(lambda: lora.scan(folder))
+        return {"added": added, "errors": errors}
+
+    def _describe(self, name: str) -> dict:
+        return next(d for d in self.core.lora.describe() if d["name"] == name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister an adapter. Waiting requests for it fail with an error naming it; running
+        ones finish, and its device pages are freed when the last of them does."""
+        self._lora()
+        self.core.call(lambda: self.core.remove_adapter(name))
+
+    def has_adapter(self, name: str) -> bool:
+        """Whether `name` is registered (read from the published snapshot, without a round trip)."""
+        return name in self.core.snapshot.adapters
+
+    def resident_adapters(self) -> frozenset[str]:
+        """Adapters placed in the device pool (or loading into it), from the published snapshot."""
+        return self.core.snapshot.on_device
+
+    def adapters(self) -> list[dict]:
+        """Every registered adapter: name, path, rank, target_modules, residency (device/host/disk), pages, bytes."""
+        if self.core.lora is None:
+            return []
+        return self.core.call(self.core.lora.describe)
+
+
+__all__ = ["Engine", "RequestFailed", "RequestOutput", "TextStream", "resolve_dtype"]

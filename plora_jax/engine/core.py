@@ -1,0 +1,582 @@
+"""EngineCore: the one owner of an engine's device state, and its loop.
+
+All device state (the runner's `EngineState`), the scheduler, the adapter manager and the
+residency policy belong to one thread: the loop thread once `start()` has run, or else
+whoever calls `step()` (tests drive the engine that way, deterministically, without sleeping).
+Other threads talk to it through the inbox (typed messages: `AddRequest`, `Cancel`, `Call`,
+`Stop`) and read what it publishes: an immutable `EngineSnapshot` replaced after every
+iteration and every call (`stats()`, `/metrics`, the server's 429 check and the input
+processor's adapter check read it, never loop-owned objects).
+
+One iteration (`step`):
+1. drain the inbox (new requests, cancels, calls);
+2. commit finished adapter transfers; ask the residency policy when its interval is due;
+3. `scheduler.schedule()` -> a `StepPlan` (host only);
+4. dispatch its decode and prefill steps through the runner (asynchronous);
+5. read the *previous* iteration's tokens, which the device copied to host meanwhile: stop
+   checks, detokenization and streaming overlap device work.
+
+The loop serves once the compile plan's minimal set is ready (`warm-up`); until then requests
+wait in the inbox. A device or programming error ends the loop: every open request fails with
+it (never a half-serving engine), and later calls raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from .. import compile_stats
+from ..adapters import AdapterError
+from ..buckets import cdiv
+from ..config import EngineConfig
+from ..lora_manager import LoraManager
+from ..policies import Decision, Policy
+from .inputs import InputProcessor
+from .kv_blocks import OutOfBlocks
+from .outputs import OutputProcessor, StreamEvent
+from .runner import Launched, ModelRunner, Segment
+from .sampling import SamplingParams
+from .scheduler import Request, Scheduler, Status
+
+log = logging.getLogger(__name__)
+
+
+# --- inbox messages ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AddRequest:
+    request: Request
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Call:
+    fn: Callable[[], Any]
+    done: queue.SimpleQueue  # receives (ok, value or exception)
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the loop publishes after each iteration and call (immutable; read by any thread)."""
+
+    stats: MappingProxyType  # the `Engine.stats()` dict
+    adapters: frozenset[str] = frozenset()  # registered adapter names
+    on_device: frozenset[str] = frozenset()  # adapters placed in the device pool (or loading into it)
+    waiting: int = 0  # requests waiting for admission (the server's 429 rule)
+
+
+@dataclass
+class _Counters:
+    steps: int = 0
+    decode_steps: int = 0
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    prefill_padded_tokens: int = 0
+    policy_time_s: float = 0.0
+    policy_fallbacks: int = 0
+    ready_s: float = 0.0  # from construction to the minimal executables ready
+    compiles_at_ready: int = 0
+
+
+class EngineCore:
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        inputs: InputProcessor,
+        lora: LoraManager | None,
+        policy: Policy | None,
+    ):
+        self.config = config
+        self.runner = runner
+        self.inputs = inputs
+        self.lora = lora
+        self.outputs = OutputProcessor()
+        self.scheduler = Scheduler(
+            config.num_kv_blocks,
+            config.block_size,
+            config.max_num_seqs,
+            runner.buckets.prefill[-1],
+            config.max_prefill_seqs,
+            acquire_adapter=self._acquire_adapter,
+            release_adapter=self._release_adapter,
+        )
+        self.policy: Policy | None = None
+        self._policy_warned = False
+        self._next_decision = 0.0  # time.monotonic() of the next interval decision
+        self._unservable: list[Request] = []  # requests whose adapter was removed before admission
+        self._load_failures: list = []  # (adapter, error) of synchronous loads, failed at the next poll
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: list[tuple[Request, StreamEvent | BaseException]] = []  # delivered after publish()
+        self._in_flight: list[Launched] | None = None
+        self._thread: threading.Thread | None = None
+        self._owner = threading.get_ident()  # the thread allowed to touch device state
+        self._stopped = False
+        self.fatal: BaseException | None = None
+        self._counters = _Counters()
+        self._created = time.perf_counter()
+        compile_stats.install()
+        if lora is not None and policy is not None:
+            self.adopt_policy(policy)
+        self.snapshot = EngineSnapshot(MappingProxyType({}))
+        self.publish()
+
+    # --- threads ----------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Hand the engine to its own loop thread."""
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already started")
+        self._thread = threading.Thread(target=self._run, name="plora-engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self.running:
+            self._inbox.put(Stop())
+            self._thread.join()
+        elif not self._stopped and self.fatal is None:
+            self._drain_inbox(block=False)
+            self._shutdown()
+
+    def post(self, message) -> None:
+        self._inbox.put(message)
+
+    def call(self, fn: Callable[[], Any]):
+        """Run fn() on the owner of the device state (between steps) and return its result."""
+        self.check_alive()
+        if not self.running:
+            result = fn()
+            self.publish()
+            return result
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(Call(fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def check_alive(self) -> None:
+        if self.fatal is not None:
+            raise RuntimeError(f"the engine loop has stopped: {self.fatal}") from self.fatal
+        if self._stopped:
+            raise RuntimeError("the engine is closed")
+
+    def _run(self) -> None:
+        self._owner = threading.get_ident()
+        try:
+            # Until the minimal executables exist, serve only the inbox: calls (adapter
+            # registration, listings) answer at once, requests queue for the first step.
+            while not self.runner.plan.minimal_ready.wait(0.05 if self._inbox.empty() else 0):
+                if not self._drain_inbox(block=True, timeout=0.05):
+                    self._shutdown()
+                    return
+            self._mark_ready()
+            while True:
+                idle = self._in_flight is None and not self.scheduler.has_work()
+                if not self._drain_inbox(block=idle):
+                    break
+                self._iterate()
+            self._shutdown()
+        except BaseException as e:  # a device or programming error: fail fast, never half-serve
+            log.exception("engine loop failed")
+            self._die(e)
+
+    def _mark_ready(self) -> None:
+        if not self._counters.ready_s:
+            self._counters.ready_s = time.perf_counter() - self._created
+            self._counters.compiles_at_ready = compile_stats.compiles_on_thread()
+            self.publish()
+
+    def _die(self, error: BaseException) -> None:
+        self.fatal = error
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.inputs.release(request.request_id)
+            self._outbox.append((request, error))
+        while True:  # requests still in the inbox fail too; calls get the error
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(message, AddRequest):
+                self.inputs.release(message.request.request_id)
+                self._outbox.append((message.request, error))
+            elif isinstance(message, Call):
+                message.done.put((False, RuntimeError(f"the engine loop has stopped: {error}")))
+        self.publish()
+
+    def _shutdown(self) -> None:
+        if self._in_flight is not None:
+            self._process(self._in_flight)
+            self._in_flight = None
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._end(request, "abort")
+        self._stopped = True
+        self.publish()
+
+    # --- one iteration ----------------------------------------------------------------------
+    def step(self) -> bool:
+        """One iteration on the calling thread (only while no loop thread runs); True while
+        requests are queued, running or in flight."""
+        if self.running:
+            raise RuntimeError("the loop thread owns this engine; step() is for engines not started")
+        self.check_alive()
+        if not self.runner.plan.minimal_ready.is_set():
+            self.runner.plan.minimal_ready.wait()
+        self._mark_ready()
+        try:
+            self._drain_inbox(block=False)
+            self._iterate()
+        except BaseException as e:
+            self._die(e)
+            raise
+        return self.has_work()
+
+    def has_work(self) -> bool:
+        return self._in_flight is not None or self.scheduler.has_work() or not self._inbox.empty()
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """step() until nothing is queued, running or in flight; returns the steps taken."""
+        for n in itertools.count():
+            if n >= max_steps:
+                raise RuntimeError(f"still busy after {max_steps} steps")
+            if not self.step():
+                return n + 1
+        raise AssertionError  # unreachable
+
+    def _iterate(self) -> None:
+        if not self.runner.plan.complete.is_set():  # while warming, chunk prompts to what is built
+            ready = self.runner.plan.ready_sizes("prefill")
+            if ready:
+                self.scheduler.max_num_batched_tokens = ready[-1]
+        else:
+            self.scheduler.max_num_batched_tokens = self.runner.buckets.prefill[-1]
+        if self.lora is not None:
+            self._poll_adapters()
+            if self.policy is not None and time.monotonic() >= self._next_decision:
+                self._decide()
+        plan = self.scheduler.schedule()
+        if self._unservable:
+            self._fail_unservable()
+        launched = None
+        if plan is not None:
+            launched = []
+            if plan.decode:
+                launched.append(self.runner.decode(plan.decode))
+                self._counters.decode_steps += 1
+            if plan.prefill:
+                launched.append(self.runner.prefill(plan.prefill))
+                self._counters.prefill_steps += 1
+                self._counters.prefill_tokens += sum(len(row.token_ids) for row in plan.prefill)
+            self._counters.steps += 1
+        if self._in_flight is not None:
+            self._process(self._in_flight)
+        elif launched is None and self.scheduler.has_work():
+            time.sleep(0.001)  # work exists but cannot run yet (an adapter loading, blocks held)
+        self._in_flight = launched
+        self.publish()
+
+    def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
+        """Handle every queued message (waiting for one if `block`, but not past the next policy
+        decision or `timeout`); False on stop."""
+        while True:
+            if block and self.policy is not None:
+                due = max(0.0, self._next_decision - time.monotonic())
+                timeout = due if timeout is None else min(timeout, due)
+            try:
+                message = self._inbox.get(block=block, timeout=timeout)
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(message, Stop):
+                return False
+            if isinstance(message, AddRequest):
+                request = message.request
+                self.scheduler.add(request)
+                if self.policy is not None and request.adapter is not None:
+                    now = time.monotonic()
+                    self.policy.observe(request.adapter, now)
+                    self._decide(now)
+            elif isinstance(message, Cancel):
+                request = next(
+                    (
+                        r
+                        for r in itertools.chain(self.scheduler.running, self.scheduler.waiting)
+                        if r.request_id == message.request_id
+                    ),
+                    None,
+                )
+                if request is not None:
+                    self._end(request, "abort")
+            elif isinstance(message, Call):
+                try:
+                    message.done.put((True, message.fn()))
+                except Exception as e:
+                    message.done.put((False, e))
+                self.publish()
+
+    # --- outputs ----------------------------------------------------------------------------
+    def _process(self, launched: list[Launched]) -> None:
+        for step in launched:
+            tokens, logprobs = np.asarray(step.tokens), np.asarray(step.logprobs)
+            for i, request in enumerate(step.requests):
+                if request is None or request.status is Status.FINISHED:
+                    continue  # a chunk that samples nothing, or a token past the end
+                request.pending -= 1
+                ended, event = self.outputs.append(request, int(tokens[i]), float(logprobs[i]))
+                if ended is not None:
+                    self._end(request, *ended)
+                else:
+                    self._outbox.append((request, event))
+
+    def _end(self, request: Request, reason: str, stop_reason=None) -> None:
+        self.scheduler.finish(request, reason)
+        self.inputs.release(request.request_id)
+        self._outbox.append((request, self.outputs.finish(request, stop_reason)))
+
+    def _fail_request(self, request: Request, error: BaseException) -> None:
+        self.scheduler.finish(request, "abort")
+        self.inputs.release(request.request_id)
+        self._outbox.append((request, error))
+
+    # --- the published snapshot -------------------------------------------------------------
+    def publish(self) -> None:
+        """Publish the snapshot, then deliver the events and failures gathered since the last."""
+        self._publish_snapshot()
+        outbox, self._outbox = self._outbox, []
+        for request, item in outbox:
+            handle = request.handle
+            if handle is None:
+                continue
+            if isinstance(item, BaseException):
+                handle._fail(item)
+            else:
+                handle._push(item)
+
+    def _publish_snapshot(self) -> None:
+        s, c = self.scheduler, self._counters
+        loop_compiles = compile_stats.compiles_on_thread(self._owner)
+        stats = {
+            "loop_compiles": loop_compiles,
+            "compiles_after_warmup": loop_compiles - c.compiles_at_ready if c.ready_s else 0,
+            "warmup_s": c.ready_s,
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "kv_blocks_used": s.blocks.num_used,
+            "kv_blocks_total": s.blocks.num_blocks - 1,
+            "num_preemptions": s.num_preemptions,
+            "steps": c.steps,
+            "decode_steps": c.decode_steps,
+            "prefill_steps": c.prefill_steps,
+            "prefill_tokens": c.prefill_tokens,
+            "attention_implementation": self.runner.attention_implementation,
+            "lora_implementation": self.runner.lora_implementation,
+        }
+        adapters = on_device = frozenset()
+        if self.lora is not None:
+            stats.update(self.lora.stats())
+            tiers = dict.fromkeys(("disk", "host", "loading", "device"), 0)
+            for name in self.lora.entries:
+                tiers[self.lora.residency(name)] += 1
+            stats.update({f"adapters_tier_{tier}": count for tier, count in tiers.items()})
+            adapters, on_device = frozenset(self.lora.entries), frozenset(self.lora.pages.resident)
+        if self.policy is not None:
+            stats.update(
+                policy=self.policy.name,
+                policy_time_s=c.policy_time_s,
+                policy_fallbacks=c.policy_fallbacks,
+                **self.policy.stats(),
+            )
+        self.snapshot = EngineSnapshot(MappingProxyType(stats), adapters, on_device, len(s.waiting))
+
+    # --- adapters (residency changes run on the owner thread) -------------------------------
+    def _acquire_adapter(self, request: Request) -> bool:
+        """Scheduler callback: put the request's adapter on the device and pin it; False: wait."""
+        lora = self.lora
+        if request.adapter not in lora.entries:  # removed after the request was accepted
+            if request not in self._unservable:
+                self._unservable.append(request)
+            return False
+        first_attempt = request.adapter_wait_start is None
+        if first_attempt:
+            request.adapter_wait_start = time.perf_counter()
+        if not request.adapter_counted:
+            request.adapter_cold = lora.residency(request.adapter) != "device"
+        slot = lora.acquire(request.adapter, first=not request.adapter_counted)
+        request.adapter_counted = True
+        if slot is None and self.config.adapter_loads == "sync" and lora.is_loading(request.adapter):
+            # S-LoRA as released: the load happens inside the step, so the whole batch waits for it.
+            pool, failures = lora.wait_for(request.adapter, self.runner.state.lora)
+            self._set_pool(pool)
+            self._load_failures += failures  # failed after schedule(): the queue is not ours to edit here
+            if all(name != request.adapter for name, _ in failures):
+                slot = lora.acquire(request.adapter, first=False)
+        if slot is None:
+            return False
+        request.adapter_slot = slot
+        if not (first_attempt and not request.adapter_cold):  # a hit at the first attempt waits 0
+            request.adapter_wait += time.perf_counter() - request.adapter_wait_start
+        request.adapter_wait_start = None
+        return True
+
+    def _release_adapter(self, request: Request) -> None:
+        name = request.adapter
+        # Only reactive freeing asks whether a waiting request needs the adapter: skip the queue scan otherwise.
+        wanted = self.lora.free_when_unused and any(
+            r.adapter == name and r is not request for r in self.scheduler.waiting
+        )
+        self.lora.release(name, wanted)
+        request.adapter_slot = 0
+
+    def _set_pool(self, pool) -> None:
+        self.runner.state = dataclasses.replace(self.runner.state, lora=pool)
+
+    def _fail_unservable(self) -> None:
+        for request in self._unservable:
+            if request.status is not Status.FINISHED:
+                self._fail_request(request, AdapterError(f"adapter {request.adapter!r} was removed"))
+        self._unservable.clear()
+
+    def _poll_adapters(self, wait_for: str | None = None) -> None:
+        """Commit finished adapter transfers (optionally waiting for `wait_for`'s); fail the
+        requests whose adapter could not be loaded."""
+        if wait_for is not None:
+            pool, failures = self.lora.wait_for(wait_for, self.runner.state.lora)
+        else:
+            pool, failures = self.lora.poll(self.runner.state.lora)
+        self._set_pool(pool)
+        failures, self._load_failures = self._load_failures + failures, []
+        for name, error in failures:
+            for request in list(self.scheduler.waiting):
+                if request.adapter == name:
+                    self._fail_request(request, AdapterError(f"adapter {name!r} could not be loaded: {error}"))
+
+    def wait_for_adapter(self, name: str) -> None:
+        """Block until `name`'s device load in flight (if any) is committed or has failed."""
+        self._poll_adapters(wait_for=name)
+        self.publish()
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.lora.entries:
+            raise ValueError(f"adapter {name!r} is not registered")
+        for request in list(self.scheduler.waiting):
+            if request.adapter == name:
+                self._fail_request(request, AdapterError(f"adapter {name!r} was removed"))
+        self.lora.remove(name)
+
+    def reset_adapters(self, adapter_loads: str | None) -> None:
+        if self.scheduler.has_work():
+            raise RuntimeError("reset_adapters needs an idle engine (requests are running or waiting)")
+        self._set_pool(self.lora.clear(self.runner.state.lora))
+        if adapter_loads is not None:
+            self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
+
+    # --- residency policy -------------------------------------------------------------------
+    def adopt_policy(self, policy: Policy) -> None:
+        if self.policy is not None:
+            self.policy.close()
+        self.policy = policy
+        self.lora.free_when_unused = policy.free_when_unused
+        self._policy_warned = False
+        self._next_decision = 0.0
+        policy.start()
+
+    def _decide(self, now: float | None = None) -> None:
+        """Ask the policy (at an arrival or an interval) and apply its decision. A policy that
+        raises (a failed or stalled forecaster) leaves reactive loading in place, logged once."""
+        now = time.monotonic() if now is None else now
+        start = time.perf_counter()
+        queued = tuple(r.adapter for r in self.scheduler.waiting if r.adapter is not None)
+        view = self.lora.view(now, queued)
+        try:
+            decision = self.policy.decide(view)
+        except Exception as e:
+            self._counters.policy_fallbacks += 1
+            if not self._policy_warned:
+                self._policy_warned = True
+                log.warning("policy %r failed (%s); falling back to reactive loading", self.policy.name, e)
+            decision = Decision()
+        self.lora.apply(decision)
+        self._counters.policy_time_s += time.perf_counter() - start
+        self._next_decision = now + self.policy.interval_s
+
+    # --- scoring ----------------------------------------------------------------------------
+    def score(self, seqs: list[list[int]], adapters: list[str | None]) -> list[np.ndarray]:
+        """Logits of every position of each sequence (owner thread). First chunks are packed
+        together; a chunk that continues a sequence runs first in its step, as in serving."""
+        allocator = self.scheduler.blocks
+        bs = self.config.block_size
+        probes: list[Request] = []
+        tables: list[list[int]] = []
+        try:
+            for ids, adapter in zip(seqs, adapters, strict=True):
+                try:
+                    tables.append(allocator.allocate(cdiv(len(ids), bs)))
+                except OutOfBlocks as e:
+                    raise RuntimeError(f"logits: the KV cache is busy ({e}); retry when fewer requests run") from None
+                probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
+                while adapter is not None and not self._acquire_adapter(probe):
+                    if adapter not in self.lora.entries:
+                        self._unservable.clear()
+                        raise ValueError(f"adapter {adapter!r} is not registered (it was removed)")
+                    if not self.lora.is_loading(adapter):
+                        error = self.lora.entries[adapter].error
+                        if error is not None:
+                            raise AdapterError(f"adapter {adapter!r} could not be loaded: {error}") from error
+                        raise RuntimeError(f"logits: the adapter pool is busy; {adapter!r} cannot be loaded now")
+                    self._poll_adapters(wait_for=adapter)
+                probes.append(probe)
+            out: list[list[np.ndarray]] = [[] for _ in seqs]
+            for step in self._score_steps(seqs):
+                segments = [
+                    Segment(seqs[i][start:end], start, tables[i], probes[i].adapter_slot) for i, start, end in step
+                ]
+                for (i, _, _), logits in zip(step, self.runner.score(segments), strict=True):
+                    out[i].append(logits)
+            return [np.concatenate(o) for o in out]
+        finally:
+            for blocks in tables:
+                allocator.free(blocks)
+            for probe in probes:
+                if probe.adapter_slot:
+                    self._release_adapter(probe)
+
+    def _score_steps(self, seqs: list[list[int]]) -> list[list[tuple[int, int, int]]]:
+        """Chunks (sequence, start, end) grouped into steps under the prefill packing rules."""
+        budget, max_segments = self.runner.buckets.prefill[-1], self.runner.buckets.max_segments
+        steps: list[list[tuple[int, int, int]]] = []
+        current: list[tuple[int, int, int]] = []
+        used = 0
+        for i, ids in enumerate(seqs):
+            for start in range(0, len(ids), budget):
+                end = min(start + budget, len(ids))
+                fits = current and start == 0 and used + end - start <= budget and len(current) < max_segments
+                if current and not fits:
+                    steps.append(current)
+                    current, used = [], 0
+                current.append((i, start, end))
+                used += end - start
+        if current:
+            steps.append(current)
+        return steps
