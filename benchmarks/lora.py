@@ -18,7 +18,6 @@ over request ticks from the first eviction on (a filling pool measures nothing).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -55,56 +54,41 @@ def _time(fn, repeats: int) -> float:
 def step_times(
     engine, slots_by_adapter: list[int], distinct: int, rows: int, context: int, prefill_tokens: int, repeats: int
 ):
-    """(decode_s, prefill_s) of one step with `distinct` adapters spread over the rows."""
+    """(decode_s, prefill_s) of one step with `distinct` adapters spread over the rows, through
+    the runner's public steps (the engine is not started: this thread owns it)."""
     import jax
 
-    from plora_jax.lora_pool import LoraBatch
-    from plora_jax.state import AttentionMetadata
+    from plora_jax import SamplingParams
+    from plora_jax.engine.scheduler import DecodeRow, PrefillRow, Request
 
-    bs = engine.config.block_size
-    row_slot = np.zeros((rows,), np.int32)
-    if distinct:
-        row_slot[:] = [slots_by_adapter[i % distinct] for i in range(rows)]
-    blocks_per_row = -(-max(context + 1, prefill_tokens) // bs)
-    tables = (1 + np.arange(rows * blocks_per_row, dtype=np.int32)).reshape(rows, blocks_per_row)
-
-    def lora():
-        return LoraBatch(engine._state.lora, row_slot) if engine._lora is not None else None
-
-    def decode():
-        positions = np.full((rows, 1), context, np.int32)
-        slots = tables[:, context // bs : context // bs + 1] * bs + context % bs
-        meta = AttentionMetadata(positions, slots, tables, np.full((rows,), context + 1, np.int32))
-        seq = np.arange(rows, dtype=np.int32)
-        state = engine._state
-        kv, logits = engine._decode_jit(engine._params, state.kv, state.last_tokens, seq, meta, lora())
-        engine._state = dataclasses.replace(state, kv=kv)
-        jax.block_until_ready(logits)
-
-    def prefill():
-        positions = np.tile(np.arange(prefill_tokens, dtype=np.int32), (rows, 1))
-        slots = np.take_along_axis(tables, positions // bs, axis=1) * bs + positions % bs
-        meta = AttentionMetadata(positions, slots, tables, np.full((rows,), prefill_tokens, np.int32))
-        tokens = np.full((rows, prefill_tokens), 7, np.int32)
-        kv, logits = engine._prefill_jit(
-            engine._params, engine._state.kv, tokens, meta, np.full((rows,), prefill_tokens - 1, np.int32), lora()
-        )
-        engine._state = dataclasses.replace(engine._state, kv=kv)
-        jax.block_until_ready(logits)
-
-    return engine._call(lambda: (_time(decode, repeats), _time(prefill, repeats)))
+    runner = engine.runner
+    bs = runner.block_size
+    per_row = -(-max(context + 1, prefill_tokens) // bs)
+    requests = []
+    for r in range(rows):
+        request = Request(f"bench{r}", [7] * context, SamplingParams(temperature=0), 0, frozenset(), context + 1)
+        request.blocks = list(range(1 + r * per_row, 1 + (r + 1) * per_row))
+        request.seq_slot = r
+        request.adapter_slot = slots_by_adapter[r % distinct] if distinct else 0
+        requests.append(request)
+    decode_rows = [DecodeRow(req, position=context, step=0) for req in requests]
+    prefill_rows = [PrefillRow(req, 0, [7] * prefill_tokens, True, 0) for req in requests]
+    decode_s = _time(lambda: jax.block_until_ready(runner.decode(decode_rows).tokens), repeats)
+    prefill_s = _time(lambda: jax.block_until_ready(runner.prefill(prefill_rows).tokens), repeats)
+    return decode_s, prefill_s
 
 
 def run_steps(args, adapters: list[Path]) -> list[dict]:
     from plora_jax import Engine
-    from plora_jax.sampling import SamplingParams
-    from plora_jax.scheduler import Request
 
     rows, results = args.rows, []
     blocks = rows * (-(-max(args.context + 1, args.prefill_tokens) // 16)) + 2
     common = dict(
         warmup=False,
+        start=False,  # this thread drives the engine's runner directly
         max_num_seqs=rows,
+        max_prefill_seqs=rows,  # the prefill step packs one chunk of every row
+        max_num_batched_tokens=rows * args.prefill_tokens,
         num_kv_blocks=blocks,
         max_model_len=max(args.context + 1, args.prefill_tokens) + 16,
         max_lora_rank=max(args.ranks),
@@ -121,19 +105,16 @@ def run_steps(args, adapters: list[Path]) -> list[dict]:
                 args.model, max_loras=max(args.distinct), lora_pool_pages=pages, layout=layout, **common
             )
         slots = []
-        if engine._lora is not None:
+        lora = engine.core.lora
+        if lora is not None:
             for i, path in enumerate(adapters[: max(args.distinct)]):
-                engine.add_adapter(f"s{i}", path)
-
-            def pin_all(engine=engine):
-                out = []
-                for i in range(max(args.distinct)):
-                    probe = Request("bench", [1], SamplingParams(), 0, frozenset(), 2, adapter=f"s{i}")
-                    assert engine._acquire_adapter(probe)
-                    out.append(probe.adapter_slot)
-                return out
-
-            slots = engine._call(pin_all)
+                name = f"s{i}"
+                engine.add_adapter(name, path)
+                if lora.acquire(name) is None:  # starts the load: wait for it, then pin
+                    engine.core.wait_for_adapter(name)
+                    slot = lora.acquire(name, first=False)
+                    assert slot is not None, f"{name} did not load"
+                slots.append(lora.pages.get(name).slot)
         for distinct in args.distinct:
             if layout == "none" and distinct:
                 continue

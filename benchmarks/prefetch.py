@@ -47,6 +47,7 @@ def main(argv=None) -> int:
 
     from plora_jax import Engine, SamplingParams
     from plora_jax.adapters import save_random_adapter
+    from plora_jax.policies import Decision
 
     engine = Engine.from_pretrained(args.model, warmup=False, max_num_seqs=args.rows, max_model_len=2048, policy="lru")
     print(f"machine: {machine()}", flush=True)
@@ -77,11 +78,11 @@ def main(argv=None) -> int:
             time.sleep(0.05)
         load_s = []
 
+        manager = engine.core.lora
+
         def drop_and_load():
-            manager = engine._lora
-            if manager.pages.get("a") is not None:
-                manager._evict("a")
-            manager._host_drop("a")  # force a disk read
+            manager.apply(Decision(evict=["a"]))
+            manager.drop_host_copy("a")  # force a disk read
             manager.start_load("a")
 
         # Idle and loading phases alternate, so that drift of the machine's speed hits both alike.
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
             time.sleep(args.idle_s)
             state["phase"] = "load"
             start = time.perf_counter()
-            engine._call(drop_and_load)
-            while engine._call(lambda: engine._lora.is_loading("a")):
+            engine.core.call(drop_and_load)
+            while engine.stats()["adapters_loading"]:  # the loop keeps stepping meanwhile
                 time.sleep(0.005)
             load_s.append(time.perf_counter() - start)
             state["phase"] = "between"  # the step that straddles the end of the load counts for neither

@@ -11,6 +11,11 @@ generated tokens are counted. For each concurrency C:
 
 Our engine is warmed up before timing (its warm-up time is reported); transformers gets one
 untimed batch first. Both run on the same machine in the same process, one after the other.
+
+Then the decode step itself, through the runner's public methods on the closed engine: one
+step of `--step-rows` rows at `--step-context` tokens of context, beside the weight matmuls
+of the same step alone (projections, MLP, vocabulary head; no attention, no sampling), the
+compute bound measured in the same run.
 """
 
 from __future__ import annotations
@@ -142,9 +147,12 @@ def run_hf(model, prompts, max_tokens: int, concurrency: int, eos: set[int], pad
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--requests-per-client", type=int, default=2, help="requests = this x concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--step-rows", type=int, default=32)
+    parser.add_argument("--step-context", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10, help="timed decode steps (median)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
 
@@ -159,7 +167,8 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(
         str(path), dtype="float32", max_model_len=1024, num_kv_blocks=2048, max_num_seqs=max(args.concurrency)
     )
-    warmup_s = engine.stats()["warmup_s"]
+    engine.wait_warm()  # every size built: no background compile competes with the timed runs
+    warmup_s = engine.stats()["compile_s"] + engine.stats()["load_s"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
@@ -193,6 +202,14 @@ def main(argv=None) -> int:
             flush=True,
         )
     stats = engine.stats()
+    engine.close()  # from here on the runner belongs to this thread
+    step = decode_step_vs_matmuls(engine.runner, args.step_rows, args.step_context, args.repeats)
+    print(
+        f"decode step, {args.step_rows} rows at context {args.step_context}: {step['step_s'] * 1e3:.1f} ms; "
+        f"its weight matmuls alone {step['matmuls_s'] * 1e3:.1f} ms -> {step['ratio']:.2f}x the compute bound "
+        f"(attention: {stats['attention_implementation']})",
+        flush=True,
+    )
     result = {
         "rows": rows,
         "machine": machine(),
@@ -200,14 +217,54 @@ def main(argv=None) -> int:
         "max_tokens": args.max_tokens,
         "warmup_s": warmup_s,
         "compiles_after_warmup": stats["compiles_after_warmup"],
+        "executables": stats["executables"],
+        "attention_implementation": stats["attention_implementation"],
+        "decode_step": step,
     }
     print(
         f"machine: {result['machine']}; our warm-up {warmup_s:.0f}s, "
         f"compiles after warm-up {stats['compiles_after_warmup']}"
     )
     write_json(args.json, result)
-    engine.close()
     return 0
+
+
+def decode_step_vs_matmuls(runner, num_rows: int, context: int, repeats: int) -> dict:
+    """Median time of one decode step of `num_rows` rows at `context` tokens (through
+    `ModelRunner.decode`, sampler included) and of the same step's weight matmuls alone."""
+    import statistics
+
+    import jax
+    import numpy as np
+
+    from plora_jax import SamplingParams
+    from plora_jax.engine.scheduler import DecodeRow, Request
+
+    bs = runner.block_size
+    per_row = -(-(context + 1) // bs)
+    if num_rows * per_row > runner.config.num_kv_blocks - 1 or num_rows > runner.config.max_num_seqs:
+        raise ValueError(f"{num_rows} rows x {context} tokens do not fit this engine's KV cache or decode batch")
+    rows = []
+    for r in range(num_rows):
+        request = Request(f"step{r}", [1] * context, SamplingParams(temperature=0), 0, frozenset(), context + 1)
+        request.blocks = list(range(1 + r * per_row, 1 + (r + 1) * per_row))
+        request.seq_slot = r
+        rows.append(DecodeRow(request, position=context, step=0))
+
+    def timed(fn) -> float:
+        jax.block_until_ready(fn())  # first call: warm
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    step_s = timed(lambda: runner.decode(rows).tokens)
+    matmuls = runner.matmul_step()
+    x = np.ones((runner.model_config.hidden_size, num_rows), np.float32) * 0.01
+    matmuls_s = timed(lambda: matmuls(runner.params, x))
+    return {"rows": num_rows, "context": context, "step_s": step_s, "matmuls_s": matmuls_s, "ratio": step_s / matmuls_s}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The device check, on a GPU machine (H100/H200: jax with CUDA, Python 3.12), in under 10 minutes:
+#   1. the kernel and attention tests compiled for the GPU (tests marked `gpu`; not interpreted),
+#   2. the throughput benchmark at Llama-3-8B shapes with random weights, ours against
+#      transformers on the same GPU (skipped if transformers is not installed there),
+#   3. the decode step at 32 rows and 512 context beside its weight matmuls alone.
+# Results land in $OUT (or ./gpu-results): gpu_tests.log, gpu_throughput.json, gpu.log.
+# `bash benchmarks/gpu.sh --cpu-check` runs the same steps at tiny shapes on a CPU (CI does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PLORA_PROGRESS=0
+OUT="${OUT:-$PWD/gpu-results}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT"
+PRESET=llama3_8b
+CONCURRENCY=(1 8 32 64)
+if [[ "${1:-}" == "--cpu-check" ]]; then
+  PRESET=tiny
+  CONCURRENCY=(2)
+fi
+{
+  "$PYTHON" -c 'import jax; print("jax", jax.__version__, jax.devices())'
+  if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+    if [[ "$PRESET" == "tiny" ]]; then
+      "$PYTHON" -m pytest -q tests/test_attention.py -k "hand_worked or lowering" 2>&1 | tee "$OUT/gpu_tests.log"
+    else
+      "$PYTHON" -m pytest -q -m gpu tests/test_attention.py tests/test_lora_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
+    fi
+  else
+    echo "pytest is not installed here: kernel tests skipped" | tee "$OUT/gpu_tests.log"
+  fi
+  HF=()
+  "$PYTHON" -c 'import transformers, torch' 2>/dev/null || HF=(--skip-hf)
+  "$PYTHON" -m benchmarks.gpu_throughput --preset "$PRESET" --concurrency "${CONCURRENCY[@]}" \
+    --step-rows "${CONCURRENCY[-1]}" --step-context 512 "${HF[@]}" --json "$OUT/gpu_throughput.json"
+} 2>&1 | tee "$OUT/gpu.log"
