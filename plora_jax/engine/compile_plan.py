@@ -74,7 +74,8 @@ class Buckets:
 
     @classmethod
     def build(cls, config, max_model_len: int, max_lora_pages: int) -> Buckets:
-        chunk = min(config.max_num_batched_tokens, max_model_len)
+        # Not capped at max_model_len: a packed prefill holds chunks of several requests.
+        chunk = config.max_num_batched_tokens
         return cls(
             decode=step_buckets(1, config.max_num_seqs, DECODE_STEP),
             prefill=step_buckets(min(config.min_prefill_bucket, chunk), chunk, PREFILL_STEP),
