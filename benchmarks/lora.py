@@ -11,8 +11,11 @@ Memory. For each layout, the adapter pool of the same byte budget serves a churn
 more adapters are demanded than fit: `--churn-adapters` adapters with ranks drawn from
 `--ranks`, requests for them in Zipf popularity, each holding (pinning) its adapter for a random
 number of ticks, loads and LRU evictions through the engine's own allocator and donated commits.
-Utilisation = bytes of resident adapter weights at their true rank / bytes of the pool, averaged
-over request ticks from the first eviction on (a filling pool measures nothing).
+Utilisation is `plora_jax.metrics.adapter_mem_util` (bytes of resident adapter weights at their
+true rank / device bytes reserved for them), averaged over request ticks from the first eviction
+on (a filling pool measures nothing); beside it the pool's fill (reserved / pool bytes) and the
+live bytes over the pool's bytes, which say how much adapter weight each layout fits in the
+same pool.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def run_churn(args, model_config, adapters: list[Path], ranks: list[int], layout
     order = rng.permutation(len(adapters))  # popularity rank -> adapter, independent of rank
     queue: deque[str] = deque()
     holding: list[tuple[int, str]] = []  # (release tick, adapter)
-    samples, waits, started = [], 0, False
+    samples, fills, live_over_pool, waits, started = [], [], [], 0, False
     start = time.perf_counter()
     for tick in range(args.churn_requests):
         for release, name in [h for h in holding if h[0] <= tick]:
@@ -182,12 +185,17 @@ def run_churn(args, model_config, adapters: list[Path], ranks: list[int], layout
             holding.append((tick + int(rng.integers(1, 2 * args.hold + 1)), queue.popleft()))
         started = started or manager.pages.evictions > 0
         if started:
-            samples.append(manager.memory_util())
+            stats = manager.stats()
+            samples.append(stats["adapter_mem_util"])
+            fills.append(stats["adapter_pool_fill"])
+            live_over_pool.append(stats["adapter_live_bytes"] / stats["adapter_pool_bytes"])
     elapsed = time.perf_counter() - start
     return {
         "layout": layout,
         "util_time_avg": float(np.mean(samples)) if samples else 0.0,
         "util_min": float(np.min(samples)) if samples else 0.0,
+        "pool_fill_time_avg": float(np.mean(fills)) if fills else 0.0,
+        "live_over_pool_time_avg": float(np.mean(live_over_pool)) if live_over_pool else 0.0,
         "ticks_measured": len(samples),
         "pool_pages": manager.num_pages,
         "pool_mb": manager.pool_bytes / 2**20,
@@ -244,7 +252,8 @@ def main(argv=None) -> int:
             memory[layout] = run_churn(args, model_config, churn_adapters, churn_ranks, layout)
             m = memory[layout]
             print(
-                f"memory {layout:10s}: util {m['util_time_avg']:.4f} (min {m['util_min']:.4f}) over "
+                f"memory {layout:10s}: util {m['util_time_avg']:.4f} (min {m['util_min']:.4f}), pool fill "
+                f"{m['pool_fill_time_avg']:.4f}, live/pool {m['live_over_pool_time_avg']:.4f} over "
                 f"{m['ticks_measured']} ticks, {m['loads']} loads, {m['evictions']} evictions, "
                 f"{m['blocked_ticks']} blocked ticks, pool {m['pool_pages']} pages / {m['pool_mb']:.0f} MB",
                 flush=True,

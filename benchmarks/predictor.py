@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from plora_jax.policies import EwmaForecaster
-    from train_predictor.forecaster import LstmForecaster
+    from plora_jax.predictor.forecaster import LstmForecaster
 
     rng = np.random.default_rng(0)
     names = [f"adapter-{i}" for i in range(args.adapters)]

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from benchmarks.common import machine, write_json
 from plora_jax.cli import add_dataclass_args, dataclass_from_args
+from plora_jax.names import LORA_LAYOUTS, REPLAY_POLICIES
 
-ALL_POLICIES = "reactive_sync,reactive,lru,lookahead,histogram,predictive,oracle"
+ALL_POLICIES = ",".join(REPLAY_POLICIES)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -136,7 +137,7 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
     if not policies or set(policies) - known:
         raise SystemExit(f"--policies: unknown {sorted(set(policies) - known)}; choose from {ALL_POLICIES}")
     layouts = [x for x in cfg.layout.split(",") if x]
-    if not layouts or set(layouts) - {"paged", "contiguous"}:
+    if not layouts or set(layouts) - set(LORA_LAYOUTS):
         raise SystemExit(f"--layout: choose from paged,contiguous, got {cfg.layout!r}")
     workload = generate(wcfg)
     print(f"machine: {machine()}", flush=True)

@@ -19,8 +19,16 @@ from typing import Any
 
 import numpy as np
 
-ROPE_KINDS = ("default", "linear", "llama3", "freq_factors")
-POLICY_NAMES = ("reactive", "lru", "lookahead", "histogram", "predictive")  # plora_jax.policies
+from .names import (
+    ADAPTER_LOADS,
+    ATTENTION_IMPLEMENTATIONS,
+    CONFIG_POLICIES,
+    DTYPES,
+    LORA_IMPLEMENTATIONS,
+    LORA_LAYOUTS,
+    ROPE_KINDS,
+    check_name,
+)
 
 
 @dataclass(frozen=True)
@@ -212,8 +220,7 @@ class EngineConfig:
     predictor_checkpoint: str = ""  # predictive's forecaster: "" shipped LSTM, a checkpoint folder, or "ewma"
 
     def __post_init__(self):
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        check_name("dtype", self.dtype, DTYPES)
         fields = (
             "max_model_len",
             "block_size",
@@ -226,31 +233,18 @@ class EngineConfig:
         for f in fields:
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
-        if self.layout not in ("paged", "contiguous"):
-            raise ValueError(f"layout must be 'paged' or 'contiguous', got {self.layout!r}")
-        if self.attention_implementation not in ("auto", "xla", "cpu", "pallas_gpu", "pallas_tpu"):
-            raise ValueError(
-                "attention_implementation must be 'auto', 'xla', 'cpu', 'pallas_gpu' or 'pallas_tpu', "
-                f"got {self.attention_implementation!r}"
-            )
-        if self.lora_implementation not in ("auto", "xla", "pallas_gpu", "pallas_tpu"):
-            raise ValueError(
-                "lora_implementation must be 'auto', 'xla', 'pallas_gpu' or 'pallas_tpu', "
-                f"got {self.lora_implementation!r}"
-            )
+        check_name("layout", self.layout, LORA_LAYOUTS)
+        check_name("attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
+        check_name("lora_implementation", self.lora_implementation, LORA_IMPLEMENTATIONS)
         for f in ("max_lora_rank", "page_rows"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
         if self.max_loras < 0 or self.lora_pool_pages < 0 or self.lora_pool_mb <= 0:
             raise ValueError("max_loras and lora_pool_pages must be >= 0 and lora_pool_mb > 0")
-        if self.policy not in POLICY_NAMES:
-            hint = (
-                " (the oracle needs future arrivals: Engine.set_policy(Oracle(...)))" if self.policy == "oracle" else ""
-            )
-            raise ValueError(f"policy must be one of {list(POLICY_NAMES)}, got {self.policy!r}{hint}")
+        hint = " (the oracle needs future arrivals: Engine.set_policy(Oracle(...)))" if self.policy == "oracle" else ""
+        check_name("policy", self.policy, CONFIG_POLICIES, hint)
         if self.policy_interval_s <= 0 or self.host_cache_mb < 0 or self.max_prefetch_inflight < 1:
             raise ValueError("policy_interval_s must be > 0, host_cache_mb >= 0 and max_prefetch_inflight >= 1")
-        if self.adapter_loads not in ("async", "sync"):
-            raise ValueError(f"adapter_loads must be 'async' or 'sync', got {self.adapter_loads!r}")
+        check_name("adapter_loads", self.adapter_loads, ADAPTER_LOADS)
         if self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")

@@ -46,6 +46,7 @@ from .adapters import AdapterError, inspect_adapter, layout_pages, load_adapter,
 from .buckets import cdiv
 from .config import EngineConfig, ModelConfig
 from .lora_pool import LoraPool, PagePool, commit_adapter, commit_bucket, page_bytes
+from .metrics import ADAPTER_COUNTERS, adapter_mem_util, adapter_ratios
 from .policies import Decision, PoolView
 
 DEMAND, PREFETCH, HOST = 0, 1, 2  # job kinds, in the order the transfer thread serves them
@@ -112,15 +113,7 @@ class LoraManager:
         self.priority: dict[str, float] = {}  # eviction priority from the policy's last decision
         self.free_when_unused = False  # reactive: free an adapter when its last request finishes
         self.load_seconds_total = 0.0
-        self.counters = dict.fromkeys(
-            (
-                *("cold_starts", "device_hits", "host_hits", "stale_dropped", "load_failures"),
-                *("prefetch_issued", "prefetch_used", "prefetch_hits", "prefetch_wasted"),
-                *("host_prefetch_issued", "host_evictions"),
-                *("bytes_disk_to_host", "bytes_host_to_device"),
-            ),
-            0,
-        )
+        self.counters = dict.fromkeys(ADAPTER_COUNTERS, 0)  # defined in plora_jax.metrics
         self._device_bytes: dict[str, int] = {}  # adapter -> device bytes it occupies (PoolView)
         self._host: OrderedDict[str, int] = OrderedDict()  # host copies (bytes), least recently used first
         self._host_used = 0
@@ -551,8 +544,9 @@ class LoraManager:
 
     # --- accounting ---------------------------------------------------------------------
     def memory_util(self) -> float:
-        """Bytes of live adapter weights (true ranks) / bytes of the device pool."""
-        return self.pages.live_bytes / self.pool_bytes
+        """Adapter memory utilisation (`plora_jax.metrics`): live adapter bytes at true rank over
+        the device bytes reserved for the resident adapters."""
+        return adapter_mem_util(self.pages.live_bytes, self.pages.pages_used * self.page_bytes)
 
     def check(self) -> None:
         """Invariants (tests): the page pool's, and the host cache's accounting."""
@@ -561,16 +555,16 @@ class LoraManager:
         assert set(self._loading) <= set(self.pages.resident) and not self._removing & set(self.entries)
 
     def stats(self) -> dict:
-        return {
+        stats = {
             "adapters_registered": len(self.entries),
             "adapters_on_device": len(self.pages.resident),
             "adapters_on_host": len(self._host),
             "adapter_pages_used": self.pages.pages_used,
             "adapter_pages_total": self.num_pages - 1,
             "adapter_page_bytes": self.page_bytes,
-            "adapter_mem_util": self.memory_util(),
             "adapter_live_bytes": self.pages.live_bytes,
             "adapter_reserved_bytes": self.pages.pages_used * self.page_bytes,
+            "adapter_pool_bytes": self.pool_bytes,
             "host_cache_bytes": self._host_used,
             "host_cache_budget": self.host_budget,
             "adapter_loads": self.pages.loads,
@@ -581,3 +575,4 @@ class LoraManager:
             **self.counters,
             "lora_layout": self.pages.layout,
         }
+        return stats | adapter_ratios(stats)

@@ -40,8 +40,7 @@ from jax import lax
 from .adapters import module_dims
 from .buckets import pick_bucket, pow2_buckets
 from .config import ModelConfig
-
-LAYOUTS = ("paged", "contiguous")
+from .names import LORA_LAYOUTS, check_name
 
 
 @jax.tree_util.register_dataclass
@@ -132,8 +131,7 @@ class PagePool:
     """Host bookkeeping of the device pool. Owned by the engine loop thread."""
 
     def __init__(self, num_pages: int, max_slots: int, max_pages: int, layout: str = "paged"):
-        if layout not in LAYOUTS:
-            raise ValueError(f"lora layout must be one of {LAYOUTS}, got {layout!r}")
+        check_name("lora layout", layout, LORA_LAYOUTS)
         if num_pages < 2 or max_slots < 2:
             raise ValueError(
                 f"the adapter pool needs >= 2 pages and >= 2 slots (page 0 and slot 0 are reserved), "

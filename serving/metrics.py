@@ -11,6 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from plora_jax.metrics import adapter_mem_util, adapter_pool_fill, prefetch_precision, prefetch_recall
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -26,27 +28,25 @@ class EngineCollector:
         for tier in ("disk", "host", "loading", "device"):
             residency.add_metric([tier], stats.get(f"adapters_tier_{tier}", 0))
         yield residency
-        issued = stats.get("prefetch_issued", 0)
-        cold = stats.get("cold_starts", 0)
-        used = stats.get("prefetch_used", 0)
         values = {
             "plora_queue_depth": ("Requests waiting for admission", stats["waiting"]),
             "plora_running_requests": ("Requests running", stats["running"]),
             "plora_kv_blocks_used": ("KV cache blocks in use", stats["kv_blocks_used"]),
             "plora_adapter_pool_utilisation": (
-                "Live adapter bytes / device adapter pool bytes",
-                stats.get("adapter_mem_util", 0.0),
+                "Live adapter bytes at true rank / device bytes reserved for resident adapters",
+                adapter_mem_util(stats.get("adapter_live_bytes", 0), stats.get("adapter_reserved_bytes", 0)),
             ),
-            "plora_cold_starts": ("Requests whose adapter was not on the device", cold),
+            "plora_adapter_pool_fill": (
+                "Device bytes reserved for resident adapters / adapter pool bytes",
+                adapter_pool_fill(stats.get("adapter_reserved_bytes", 0), stats.get("adapter_pool_bytes", 0)),
+            ),
+            "plora_cold_starts": ("Requests whose adapter was not on the device", stats.get("cold_starts", 0)),
             "plora_device_hits": ("Requests whose adapter was on the device", stats.get("device_hits", 0)),
-            "plora_prefetch_issued": ("Device prefetches started by the policy", issued),
-            "plora_prefetch_precision": (
-                "Prefetches used by a request / prefetches issued",
-                used / issued if issued else 0.0,
-            ),
+            "plora_prefetch_issued": ("Device prefetches started by the policy", stats.get("prefetch_issued", 0)),
+            "plora_prefetch_precision": ("Prefetches used by a request / prefetches issued", prefetch_precision(stats)),
             "plora_prefetch_recall": (
-                "Requests served by a prefetch / requests that needed a load",
-                used / (used + cold) if used + cold else 0.0,
+                "Requests a finished prefetch served / those plus the cold starts",
+                prefetch_recall(stats),
             ),
             "plora_compiles_after_warmup": (
                 "XLA compiles on the loop thread after warm-up",

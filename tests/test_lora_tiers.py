@@ -181,6 +181,42 @@ def test_a_predictor_that_raises_falls_back_to_reactive_and_logs_once(tmp_path, 
         engine.close()
 
 
+def test_the_reactive_fallback_frees_adapters_and_the_policy_resumes(tmp_path):
+    class Flaky:
+        down = True
+
+        def update(self, counts):
+            if self.down:
+                raise RuntimeError("forecaster down")
+
+        def predict(self):
+            return {"b": 0.9}
+
+    forecaster = Flaky()
+    engine = make_engine(policy="lru")
+    try:
+        for name in "ab":
+            engine.add_adapter(name, write_peft_adapter(tmp_path / name, CFG, rank=8, seed=ord(name)))
+        policy = Predictive(forecaster, interval_s=3600.0)  # forecasts run here, not on its timer
+        with pytest.raises(RuntimeError, match="down"):
+            policy.step()
+        engine.set_policy(policy)
+        engine.generate([PROMPT], GREEDY, adapters=["a"])
+        # Reactive while the forecaster is down: "a" left the device when its last request ended.
+        assert residency(engine, "a") != "device" and engine.core.lora.pages.get("a") is None
+        assert engine.stats()["policy_fallbacks"] >= 1 and engine.stats()["prefetch_issued"] == 0
+        forecaster.down = False
+        policy.step()  # forecasts return
+        engine.generate([PROMPT], GREEDY, adapters=["a"])  # its arrival asks the policy again
+        engine.core.wait_for_adapter("b")
+        # The policy is back: "b" was prefetched, and "a" stays after its request (not reactive).
+        assert residency(engine, "b") == "device" and residency(engine, "a") == "device"
+        assert engine.stats()["prefetch_issued"] >= 1  # "b" (and "a", queued when the policy ran)
+        engine.core.lora.check()
+    finally:
+        engine.close()
+
+
 def test_a_load_whose_folder_was_removed_fails_only_its_requests(engine, tmp_path):
     root = tmp_path / "adapters"
     write_peft_adapter(root / "gone", CFG, rank=8)

@@ -8,6 +8,19 @@ import json
 import numpy as np
 import pytest
 
+from plora_jax.predictor.features import (
+    COUNT_SCALE,
+    HOUR,
+    NEVER,
+    OnlineFeatures,
+    WindowConfig,
+    adapter_bucket,
+    time_features,
+    trace_features,
+)
+from plora_jax.predictor.forecaster import LstmForecaster, score_trace
+from plora_jax.predictor.model import ModelConfig, Predictor, load_predictor
+from plora_jax.predictor.traces import Trace, TraceError, read_trace, sample_popularity, split_functions
 from train_predictor.evaluate import (
     evaluate,
     ewma_scores,
@@ -18,21 +31,8 @@ from train_predictor.evaluate import (
     roc_auc,
 )
 from train_predictor.evaluate import main as evaluate_main
-from train_predictor.forecaster import LstmForecaster, score_trace
-from train_predictor.model import ModelConfig, Predictor, load_predictor
-from train_predictor.traces import Trace, TraceError, read_trace, sample_popularity, split_functions
 from train_predictor.train import History, TrainConfig, train, write_best
-from train_predictor.windows import (
-    COUNT_SCALE,
-    HOUR,
-    NEVER,
-    OnlineFeatures,
-    WindowConfig,
-    Windows,
-    adapter_bucket,
-    time_features,
-    trace_features,
-)
+from train_predictor.windows import Windows
 
 HEADER_8H = "HashOwner,HashApp,HashFunction,Trigger," + ",".join(str(m) for m in range(480, 488))
 
@@ -247,8 +247,28 @@ def test_evaluate_cli_writes_json_and_plot(trained, tmp_path):
 
 def test_predictor_runs_a_batch_in_one_call():
     predictor = Predictor(WindowConfig(num_buckets=8), ModelConfig(), None)
-    from train_predictor.model import init_params
+    from plora_jax.predictor.model import init_params
 
     predictor.params = init_params(predictor.model)
     probs, carry = predictor.run(np.zeros((5, 3, 6), np.float32), np.zeros((5,), np.int32))
     assert probs.shape == (5, 3) and len(carry) == 2 and carry[0][0].shape == (5, 64)
+
+
+def test_the_runtime_never_imports_the_training_package():
+    """The engine, the policies (the LSTM forecaster included) and the serverless layer run without
+    `train_predictor`: a fresh interpreter that imports all of them has not loaded it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, plora_jax\n"
+        "from plora_jax import Engine\n"
+        "import plora_jax.engine.core, plora_jax.policies, plora_jax.policies.predictive\n"
+        "import plora_jax.serverless.workload, plora_jax.serverless.simulator, plora_jax.serverless.live\n"
+        "import plora_jax.predictor.forecaster, serving.app\n"
+        "from plora_jax.policies.predictive import make_forecaster\n"
+        "make_forecaster('')\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('train_predictor'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

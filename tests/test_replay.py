@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plora_jax.predictor.traces import TraceError, read_trace
 from plora_jax.serverless.instances import InstanceLoad, pick_instance
 from plora_jax.serverless.simulator import Calibration, SimConfig, Simulator, policy_for, simulate
 from plora_jax.serverless.workload import TraceRequest, Workload, WorkloadConfig, generate, read_token_lengths
-from train_predictor.traces import TraceError, read_trace
 
 DATA = Path(__file__).parent / "data"
 TRACE = str(DATA / "azure2019_8h_excerpt.csv")  # 16 functions x 20 minutes of the 8-hour Azure slice

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .traces import Trace, read_trace
+from plora_jax.predictor.traces import Trace, read_trace
 
 PREDICTORS = ("lstm", "last_value", "ewma", "lru", "freq", "histogram", "oracle")
 
@@ -130,7 +130,7 @@ def hit_rates(scores: np.ndarray, counts: np.ndarray, budget: float, start: int)
 
 def evaluate(trace: Trace, budgets, predictor=None, warmup_fraction: float = 0.25, predictors=PREDICTORS) -> dict:
     """{"budgets": {budget: {predictor: {"activation_hit_rate", "request_hit_rate", "roc_auc"}}}}."""
-    from .forecaster import score_trace
+    from plora_jax.predictor.forecaster import score_trace
 
     makers = {
         "lstm": lambda: score_trace(predictor, trace),
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--plot", help="write hit rates against budget to this PNG")
     args = parser.parse_args(argv)
-    from .model import load_predictor
+    from plora_jax.predictor.model import load_predictor
 
     try:
         budgets = [float(b) for b in args.budgets.split(",")]

@@ -30,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .model import DemandLSTM, ModelConfig, init_params, save_settings
-from .traces import Trace, read_trace, sample_popularity, split_functions
-from .windows import WindowConfig, Windows
+from plora_jax.predictor.features import WindowConfig
+from plora_jax.predictor.model import DemandLSTM, ModelConfig, init_params, save_settings
+from plora_jax.predictor.traces import Trace, read_trace, sample_popularity, split_functions
+
+from .windows import Windows
 
 
 @dataclass(frozen=True)

@@ -504,7 +504,9 @@ class EngineCore:
 
     def _decide(self, now: float | None = None) -> None:
         """Ask the policy (at an arrival or an interval) and apply its decision. A policy that
-        raises (a failed or stalled forecaster) leaves reactive loading in place, logged once."""
+        raises (a failed or stalled forecaster) falls back to reactive loading until it answers
+        again: no prefetch, and an adapter is freed when its last request ends (logged once per
+        outage)."""
         now = time.monotonic() if now is None else now
         start = time.perf_counter()
         queued = tuple(r.adapter for r in self.scheduler.waiting if r.adapter is not None)
@@ -517,6 +519,12 @@ class EngineCore:
                 self._policy_warned = True
                 log.warning("policy %r failed (%s); falling back to reactive loading", self.policy.name, e)
             decision = Decision()
+            self.lora.free_when_unused = True
+        else:
+            if self._policy_warned:
+                self._policy_warned = False
+                log.warning("policy %r answers again; reactive fallback ended", self.policy.name)
+            self.lora.free_when_unused = self.policy.free_when_unused
         self.lora.apply(decision)
         self._counters.policy_time_s += time.perf_counter() - start
         self._next_decision = now + self.policy.interval_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..names import POLICY_NAMES
 from .base import Decision, Policy, PoolView
 from .histogram import Histogram
 from .lookahead import Lookahead
@@ -11,6 +12,7 @@ from .predictive import EwmaForecaster, Forecaster, Predictive, PredictorUnavail
 from .reactive import Reactive
 
 POLICIES = {cls.name: cls for cls in (Reactive, Lru, Lookahead, Histogram, Predictive, Oracle)}
+assert tuple(POLICIES) == POLICY_NAMES, "plora_jax.names.POLICY_NAMES lists every policy class, in order"
 
 
 def make_policy(name: str, interval_s: float = 60.0, predictor_checkpoint: str | None = None, **options) -> Policy:

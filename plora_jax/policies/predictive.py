@@ -11,7 +11,7 @@ raises `PredictorUnavailable` and the engine falls back to reactive loading (and
 until scores flow again.
 
 Any object with `update(counts)` and `predict()` is a forecaster (`Forecaster` below). The LSTM
-of `train_predictor` is what the engine uses (`make_forecaster`); `EwmaForecaster` (an exponentially
+of `plora_jax.predictor` is what the engine uses (`make_forecaster`); `EwmaForecaster` (an exponentially
 weighted rate turned into the probability of at least one request) is the dependency-free one.
 
 Decisions, at each call:
@@ -68,11 +68,11 @@ class EwmaForecaster:
 
 
 def make_forecaster(checkpoint: str = "", interval_s: float = 60.0) -> Forecaster:
-    """The LSTM of `train_predictor` ("": the checkpoint shipped with it, or a checkpoint
+    """The LSTM of `plora_jax.predictor` ("": the checkpoint shipped with it, or a checkpoint
     folder), or "ewma" for `EwmaForecaster`."""
     if checkpoint == "ewma":
         return EwmaForecaster()
-    from train_predictor.forecaster import LstmForecaster  # flax and orbax: only when used
+    from plora_jax.predictor.forecaster import LstmForecaster  # flax and orbax: only when used
 
     return LstmForecaster(checkpoint or None, interval_minutes=interval_s / 60.0)
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
+from .features import OnlineFeatures, adapter_bucket, time_features, trace_features
 from .model import Predictor, load_predictor, zero_carry
 from .traces import MINUTES_PER_DAY, Trace
-from .windows import OnlineFeatures, adapter_bucket, time_features, trace_features
 
 
 def utc_minute_of_day() -> float:

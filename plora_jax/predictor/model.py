@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .windows import NUM_FEATURES, WindowConfig
+from .features import NUM_FEATURES, WindowConfig
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 

@@ -24,6 +24,8 @@ import numpy as np
 
 from ..adapters import save_random_adapter
 from ..engine.sampling import SamplingParams
+from ..metrics import adapter_mem_util
+from ..names import BASELINE_POLICY
 from .instances import InstanceLoad, pick_instance
 from .report import RequestRecord, Run, summarize
 from .simulator import Calibration, policy_for
@@ -69,7 +71,7 @@ def replay_live(workload: Workload, policy: str, engines: list, predictor_checkp
     and host caches: every policy starts from the same cold state on the same warm engines."""
     instances = len(engines)
     for engine in engines:
-        engine.reset_adapters("sync" if policy == "reactive_sync" else "async")
+        engine.reset_adapters("sync" if policy == BASELINE_POLICY else "async")
     interval = workload.config.seconds_per_minute
     origin = time.monotonic()  # replay time 0; set again just before the first request
     clock = lambda: time.monotonic() - origin
@@ -141,16 +143,21 @@ def replay_live(workload: Workload, policy: str, engines: list, predictor_checkp
             "bytes_disk_to_host",
         )
     }
-    memory = [
-        (t, sum(s["adapter_live_bytes"] for s in sample) / sum(s["adapter_reserved_bytes"] for s in sample))
-        for t, sample in mem_samples
-        if sum(s["adapter_reserved_bytes"] for s in sample)
-    ]
+    memory = _memory_series(mem_samples)
     extra = {
         k: delta(k) for k in ("compiles_after_warmup", "adapter_loads", "adapter_load_s_total", "policy_fallbacks")
     }
     util = float(np.mean([u for _, u in memory])) if memory else 0.0
     return Run(summarize(records, counters, util, extra), records, memory)
+
+
+def _memory_series(mem_samples: list[tuple[float, list[dict]]]) -> list[tuple[float, float]]:
+    """(time, adapter memory utilisation over every instance up then), from stats samples."""
+    return [
+        (t, adapter_mem_util(sum(s["adapter_live_bytes"] for s in up), sum(s["adapter_reserved_bytes"] for s in up)))
+        for t, up in mem_samples
+        if sum(s["adapter_reserved_bytes"] for s in up)
+    ]
 
 
 def _holds(engine, adapter: str) -> bool:
@@ -247,7 +254,7 @@ def replay_serverless(
     wait for it, and their TTFT includes that wait. Routing is `pick_instance`'s."""
     if max_instances < 1 or not 0 <= min_instances <= max_instances:
         raise ValueError(f"need 0 <= min_instances <= max_instances >= 1, got {min_instances}, {max_instances}")
-    loads = "sync" if policy == "reactive_sync" else "async"
+    loads = "sync" if policy == BASELINE_POLICY else "async"
     interval = workload.config.seconds_per_minute
     lock = threading.Lock()
     slots = [_Slot() for _ in range(max_instances)]
@@ -363,11 +370,7 @@ def replay_serverless(
     total = lambda k: sum(s.get(k, 0) for s in final_stats)
     keys = ("cold_starts", "prefetch_issued", "prefetch_used", "prefetch_hits", "bytes_host_to_device")
     counters = {k: total(k) for k in (*keys, "bytes_disk_to_host")}
-    memory = [
-        (t, sum(s["adapter_live_bytes"] for s in up) / sum(s["adapter_reserved_bytes"] for s in up))
-        for t, up in mem_samples
-        if sum(s["adapter_reserved_bytes"] for s in up)
-    ]
+    memory = _memory_series(mem_samples)
     extra = {
         "compiles_after_warmup": total("compiles_after_warmup"),
         "instance_starts": len(start_times),

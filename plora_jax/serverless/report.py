@@ -8,12 +8,9 @@ its adapter. From those and the run's counters:
 - TTFT mean / p99 over all requests (arrival to first token, queueing included);
 - throughput: completed requests and generated tokens per second, from the first arrival to the
   last completion;
-- adapter memory utilisation: live adapter bytes (true ranks) / device bytes reserved for the
-  resident adapters, averaged over samples taken once per interval (DESIGN.md's definition;
-  the paged layout's waste is page rounding, the contiguous layout's is padding to max rank);
-- prefetch precision (prefetches that a request used before their eviction / prefetches issued)
-  and recall (requests that found a finished prefetch / those plus the cold starts, i.e. the
-  requests that would have been cold without prefetching).
+- adapter memory utilisation, prefetch precision and recall: as `plora_jax.metrics` defines them
+  (the one definition the engine and the server use too); utilisation is averaged over samples
+  taken once per interval.
 """
 
 from __future__ import annotations
@@ -21,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from .. import metrics
+from ..names import BASELINE_POLICY
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def summarize(records: list[RequestRecord], counters: dict, mem_util: float, ext
     start = min((r.arrival for r in records), default=0.0)
     end = max((r.finished for r in done), default=start)
     span = max(end - start, 1e-9)
-    issued, used, hits = (counters.get(k, 0) for k in ("prefetch_issued", "prefetch_used", "prefetch_hits"))
     cold_starts = counters.get("cold_starts", len(cold))
+    counters = {**counters, "cold_starts": cold_starts}
     out = {
         "requests": len(records),
         "completed": len(done),
@@ -68,16 +68,16 @@ def summarize(records: list[RequestRecord], counters: dict, mem_util: float, ext
         "throughput_rps": len(done) / span,
         "throughput_tok_s": sum(r.output_tokens for r in done) / span,
         "adapter_mem_util": float(mem_util),
-        "prefetch_precision": used / issued if issued else 0.0,
-        "prefetch_recall": hits / (hits + cold_starts) if hits + cold_starts else 0.0,
-        "prefetch_issued": int(issued),
+        "prefetch_precision": metrics.prefetch_precision(counters),
+        "prefetch_recall": metrics.prefetch_recall(counters),
+        "prefetch_issued": int(counters.get("prefetch_issued", 0)),
         "bytes_host_to_device": int(counters.get("bytes_host_to_device", 0)),
         "bytes_disk_to_host": int(counters.get("bytes_disk_to_host", 0)),
     }
     return out | (extra or {})
 
 
-def claims(policies: dict, ours: str = "predictive", baseline: str = "reactive_sync") -> dict:
+def claims(policies: dict, ours: str = "predictive", baseline: str = BASELINE_POLICY) -> dict:
     """The paper's four claims as ratios of `ours` against `baseline` (missing: empty)."""
     if ours not in policies or baseline not in policies:
         return {}

@@ -46,6 +46,8 @@ import numpy as np
 
 from ..buckets import cdiv
 from ..lora_pool import PagePool
+from ..metrics import adapter_mem_util, adapter_pool_fill
+from ..names import BASELINE_POLICY
 from ..policies import Decision, Policy, PoolView, Predictive
 from .report import RequestRecord, Run, summarize
 from .workload import TraceRequest, Workload
@@ -387,7 +389,7 @@ class Simulator:
             reserved += inst.pages.pages_used * self.page_bytes
             total += (inst.pages.num_pages - 1) * self.page_bytes
         if reserved:
-            self.mem_samples.append((now, live / reserved, reserved / total))
+            self.mem_samples.append((now, adapter_mem_util(live, reserved), adapter_pool_fill(reserved, total)))
 
     def run(self) -> Simulator:
         for request in self.requests:
@@ -466,14 +468,14 @@ def policy_for(
     from ..policies import make_policy
     from ..policies.predictive import EwmaForecaster
 
-    base = "reactive" if name == "reactive_sync" else name
+    base = "reactive" if name == BASELINE_POLICY else name
     if base == "oracle":
         return make_policy("oracle", interval_s, arrivals=workload.arrivals())
     if base == "predictive":
         if predictor_checkpoint == "ewma":
             forecaster = EwmaForecaster()
         else:
-            from train_predictor.forecaster import LstmForecaster
+            from plora_jax.predictor.forecaster import LstmForecaster
 
             spm = workload.config.seconds_per_minute
             minute = lambda: workload.first_minute + clock() / spm
@@ -490,7 +492,7 @@ def simulate(
     predictor_checkpoint: str = "",
 ) -> Run:
     """Replay `workload` under `policy` in simulation."""
-    if policy == "reactive_sync":
+    if policy == BASELINE_POLICY:
         config = replace(config, adapter_loads="sync")
     interval = workload.config.seconds_per_minute
     sim: Simulator | None = None  # the factory runs inside sim.run(), after the assignment below

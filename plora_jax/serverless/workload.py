@@ -9,7 +9,7 @@ output lengths are drawn together, as pairs, from an Azure LLM inference trace
 `seconds_per_minute` seconds of replay; counts per minute are never changed by it.
 
 The functions are either the trace's rows in order, or (`popularity=True`, the default) a sample
-matched to the In-Vitro popularity distribution (`train_predictor.traces.sample_popularity`):
+matched to the In-Vitro popularity distribution (`plora_jax.predictor.traces.sample_popularity`):
 the full-day pool is far busier than Azure as a whole. Everything is drawn from one seeded
 generator, so a config gives the same requests on every machine, and `Workload.write` stores them
 as JSON for replays elsewhere.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train_predictor.traces import Trace, TraceError, read_trace, sample_popularity
+from plora_jax.predictor.traces import Trace, TraceError, read_trace, sample_popularity
 
 ARRIVALS = ("poisson", "uniform")
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ...names import ATTENTION_IMPLEMENTATIONS
 from . import cpu, xla
 from .reference import write_kv
 
-IMPLEMENTATIONS = ("auto", "xla", "cpu", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS  # one list, in plora_jax.names
 
 __all__ = ["IMPLEMENTATIONS", "decode", "k_transposed", "prefill", "resolve", "write_kv"]
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ...names import LORA_IMPLEMENTATIONS
 from . import xla
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = LORA_IMPLEMENTATIONS  # one list, in plora_jax.names
 
 
 def resolve(implementation: str) -> str:
