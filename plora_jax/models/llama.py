@@ -15,13 +15,13 @@ static, so each traces only its own branch.
 Activations are feature-major, `[features, tokens]`, and every projection is `W @ x` with W
 stored `[out, in]` (the layout of Hugging Face and GGUF checkpoints). On XLA:CPU that runs a
 decode step's matmuls 1.2-1.4x faster than `x @ W` at 8-64 rows (its GEMM packs the small
-operand better; measured in the README's profile) and prefill within 5%; accelerators pick
+operand better; measured in docs/performance.md) and prefill within 5%; accelerators pick
 their own physical layouts. Attention and RoPE see `[tokens, heads, head_dim]` (one small
 transpose each way).
 
 Layers are unrolled in Python, one parameter subtree (`layers_{i}`) and one KV buffer per layer.
 On XLA:CPU that decodes 1.5-3x faster than a scan over stacked weights (a slice of a stacked
-operand is copied or feeds a slow dot; measured in the README's profile); it costs compile time,
+operand is copied or feeds a slow dot; measured in docs/performance.md); it costs compile time,
 which the engine pays once (its executables are cached on disk).
 
 LoRA: with a `LoraBatch` (the paged adapter pool and each token's `adapter_slot`), every

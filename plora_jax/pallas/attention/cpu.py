@@ -1,8 +1,8 @@
 """Paged decode attention on XLA:CPU as a small C++ kernel behind XLA's FFI (`cpu_kernel.cc`).
 
 Pallas has no CPU backend, and XLA:CPU's own code for this op runs at a fraction of memory
-bandwidth (it copies the gathered blocks, then runs tiny batched dots; see the README's
-profile). The kernel reads each row's blocks straight from the paged cache, once.
+bandwidth (it copies the gathered blocks, then runs tiny batched dots; see
+docs/performance.md). The kernel reads each row's blocks straight from the paged cache, once.
 
 Building. The kernel is compiled on first use with the system C++ compiler (`$CXX`, else
 `c++`/`g++`) against the FFI headers that ship inside jaxlib, for this machine's CPU

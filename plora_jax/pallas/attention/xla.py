@@ -8,7 +8,7 @@ any row can see). Each iteration gathers whole blocks (rows of a `[kv_heads * bl
 head_dim]` view, never single elements), scores them against every row's queries and folds
 them into a running softmax (flash-attention's online rescaling). Keys are turned to
 `[head_dim, tokens]` before the scores: XLA:CPU runs `q @ K^T` about 2.5x faster with the
-contracted axis outermost (measured; see the README's profile).
+contracted axis outermost (measured; see docs/performance.md).
 
 Prefill (packed). A prompt chunk's own keys are this step's K/V, so they are read from `k`, `v`
 directly, densely, with a segment-and-causal mask; only keys written by earlier steps come from
