@@ -5,7 +5,9 @@
    accepts connections (requests sent while the engine warms up wait for it):
    - `ready_first_s`: into an empty cache folder (parameter conversion, kernel build, every
      executable compiled); the model file itself is fetched before timing (download excluded);
-   - `ready_cached_s`: the same command again, every cache warm.
+   - `ready_cached_s`: the same command again, on the caches the first run left (the model's
+     parameters, the kernel, and the executables it had built by its first token: the minimal
+     set at least, which is what a restart needs to serve).
    Each run also reports when /health first answered 200 and the executables the plan holds.
 2. Engine start through the Python API (`Engine.from_pretrained` until it can serve), first
    and cached, in fresh processes.

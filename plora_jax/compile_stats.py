@@ -1,8 +1,9 @@
 """Counting XLA compilations, per thread, through jax.monitoring's backend-compile event.
 
-Each engine compiles only on its own loop thread (warm-up included), so counting events by the
-thread that emits them gives a per-engine count even when several engines share a process. The
-listener is registered once per process.
+Counting events by the thread that emits them gives a per-engine count even when several
+engines share a process: after warm-up an engine compiles only on its loop thread (warm-up
+itself runs on the compile plan's threads, which the plan counts on its own). The listener is
+registered once per process.
 """
 
 from __future__ import annotations

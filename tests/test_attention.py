@@ -230,3 +230,44 @@ def test_engine_on_gpu_gives_the_same_greedy_tokens_with_every_attention_path():
             result = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
             outs[impl] = [o.token_ids for o in result]
     assert outs["xla"] == outs["pallas_gpu"]
+
+
+@pytest.mark.parametrize(("groups", "head_dim"), [(1, 64), (2, 128), (4, 64), (8, 128)])
+def test_cpu_kernel_every_group_size_and_head_dim(groups, head_dim):
+    """The C++ kernel's other instantiations (query heads per KV head, head_dim) against the reference."""
+    if not cpu.available():
+        pytest.skip(f"the CPU kernel is not built here: {cpu._state.get('error')}")
+    rng = np.random.default_rng(groups * head_dim)
+    kv, blocks = 2, 24
+    k = rng.standard_normal((kv, blocks, BS, head_dim)).astype(np.float32)
+    v = rng.standard_normal((kv, blocks, BS, head_dim)).astype(np.float32)
+    lens = np.array([3, 0, 70, 33], np.int32)
+    tables = np.zeros((4, 8), np.int32)
+    free = list(rng.permutation(np.arange(1, blocks)))
+    for r, n in enumerate(lens):
+        tables[r, : -(-n // BS)] = [free.pop() for _ in range(-(-n // BS))]
+    q = rng.standard_normal((4, kv * groups, head_dim)).astype(np.float32)
+    expected = np.asarray(reference.ref_decode(q, k, v, tables, lens, None))
+    got = cpu.decode(q, k_layout(k, True), v, tables, lens, None)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernel_clamps_a_length_past_its_table_and_bad_block_ids():
+    """A row whose length runs past its block table reads only its table (as the XLA path does),
+    and a block id outside the cache reads the reserved block, never memory past the cache."""
+    if not cpu.available():
+        pytest.skip(f"the CPU kernel is not built here: {cpu._state.get('error')}")
+    k, v = make_cache(40)
+    q, tables, lens = decode_case()
+    full = tables.shape[1] * BS
+    long = lens.copy()
+    long[2] = full + 100
+    clamped = lens.copy()
+    clamped[2] = full
+    bad, as_block_0 = tables.copy(), tables.copy()
+    bad[4, 1] = 10_000  # inside row 4's length (45 tokens: 3 blocks)
+    as_block_0[4, 1] = 0
+    got = np.asarray(cpu.decode(q, k_layout(k, True), v, bad, long, None))
+    expected = np.asarray(cpu.decode(q, k_layout(k, True), v, as_block_0, clamped, None))
+    np.testing.assert_array_equal(got, expected)
+    assert np.isfinite(got).all()

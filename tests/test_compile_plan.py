@@ -144,7 +144,6 @@ def test_readiness_is_progressive_and_smaller_steps_pad_into_ready_sizes(tmp_pat
             assert engine.wait_ready(120)
             assert http.get("/health").status_code == 200
             assert len(early.result(120).token_ids) == 3
-        assert plan.pick("decode", 1, lazy=False)[0] in plan.ready_sizes("decode")
         plan.complete.wait()
         assert plan.pick("decode", 1, lazy=False)[0] == 1 and engine.readiness()["compiled"] == len(order)
     finally:

@@ -35,6 +35,15 @@ def engine():
     engine.close()
 
 
+def step_until(core, done, max_steps: int = 10_000) -> None:
+    """Step the engine until `done()`; fail (never hang) if it takes more than `max_steps`."""
+    for _ in range(max_steps):
+        if done():
+            return
+        core.step()
+    raise AssertionError(f"not done after {max_steps} steps")
+
+
 class HeldTransfers:
     """Holds every adapter transfer at a gate: `started` is set when the transfer thread picks a
     job up, and the job waits until `release()`. Records the engine's decode steps at the
@@ -83,8 +92,7 @@ def test_running_request_advances_every_step_while_an_adapter_loads(engine, tmp_
     assert core.lora.is_loading("a") and held.decode_steps() == steps0 + 10
     held.release()
     core.wait_for_adapter("a")
-    while not lora.finished:
-        core.step()
+    step_until(core, lambda: lora.finished)
     out = lora.result(timeout=0)
     assert len(out.token_ids) == 4 and out.metrics.cold_start and out.metrics.adapter_wait_s > 0
     assert held.steps_at_commit[0] >= held.steps_at_start[0] + 10, "the loop stalled during the load"
@@ -122,7 +130,7 @@ def test_failed_load_fails_only_its_requests(engine, tmp_path):
     path = write_peft_adapter(tmp_path / "gone", CFG, rank=8)
     engine.add_adapter("gone", path)
     lora = engine.core.lora
-    engine.core.call(lambda: setattr(lora.entries["gone"], "a_pages", None))  # drop the host copy
+    engine.core.call(lambda: lora.drop_host_copy("gone"))
     (path / "adapter_model.safetensors").write_bytes(b"corrupted after registration")
     bad = engine.submit(PROMPT, SamplingParams(max_tokens=4), adapter="gone")
     good = engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0))
@@ -169,17 +177,15 @@ def test_sync_loads_stall_every_running_request_as_s_lora_does(tmp_path):
         releaser.join()
         assert held.steps_at_commit == held.steps_at_start, "a step ran while the adapter loaded"
         assert len(running.output_ids) == tokens_before + 1  # only the token sampled before the load
-        while not lora.finished:
-            core.step()
+        step_until(core, lambda: lora.finished)
         out = lora.result(timeout=0)
         assert len(out.token_ids) == 4 and out.metrics.cold_start and out.metrics.adapter_wait_s > 0
         # a synchronous load that fails ends only its request, and the engine keeps serving
-        core.call(lambda: setattr(core.lora.entries["bad"], "a_pages", None))
+        core.call(lambda: core.lora.drop_host_copy("bad"))
         (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"corrupted after registration")
         failing = engine.submit(PROMPT, SamplingParams(max_tokens=4), adapter="bad")
         held.release()
-        while not failing.finished:
-            core.step()
+        step_until(core, lambda: failing.finished)
         with pytest.raises(RequestFailed, match="could not be loaded"):
             failing.result(timeout=0)
         assert not base.finished

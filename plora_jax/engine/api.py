@@ -24,6 +24,7 @@ The pieces, along vLLM v1's seams:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import jax
 
 from ..config import EngineConfig, ModelConfig
-from ..lora_manager import LoraManager
+from ..lora.manager import LoraManager
 from ..models.loader import LoadedModel, load_model
 from ..models.registry import cache_root
 from ..pallas.attention import cpu as cpu_attention
@@ -42,6 +43,8 @@ from .inputs import InputProcessor
 from .outputs import RequestFailed, RequestHandle, RequestOutput
 from .runner import ModelRunner, resolve_dtype
 from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def prepare_kernels(config: EngineConfig) -> None:
@@ -128,14 +131,24 @@ class Engine:
         if start:
             self.core.start()
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.close()  # the caller gets no engine to close: stop its threads here
+                raise
 
     def _warm(self) -> None:
+        plan = self._runner.plan
         try:
-            self._runner.plan.warm()
+            plan.warm()
         except BaseException as e:  # surfaced by wait_ready / health, never a silent hang
             self._warm_error = e
-            self._runner.plan.minimal_ready.set()
+            if not plan.minimal_ready.is_set():
+                plan.failure = e  # the engine cannot serve: its loop stops with this error
+                plan.minimal_ready.set()
+            else:
+                log.warning("building the remaining executables failed (%s); serving with those built", e)
+            plan.complete.set()
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
@@ -174,20 +187,24 @@ class Engine:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the engine can serve (the minimal executables are built or loaded)."""
-        ready = self._runner.plan.minimal_ready.wait(timeout)
-        if getattr(self, "_warm_error", None) is not None:
-            raise RuntimeError(f"engine warm-up failed: {self._warm_error}") from self._warm_error
+        plan = self._runner.plan
+        ready = plan.minimal_ready.wait(timeout)
+        if plan.failure is not None:
+            raise RuntimeError(f"engine warm-up failed: {plan.failure}") from plan.failure
         return ready
 
     def wait_warm(self, timeout: float | None = None) -> bool:
         """Block until every executable of the plan is built (serving starts earlier: `wait_ready`)."""
         self.wait_ready(timeout)
-        return self._runner.plan.complete.wait(timeout)
+        complete = self._runner.plan.complete.wait(timeout)
+        if getattr(self, "_warm_error", None) is not None:
+            raise RuntimeError(f"building executables failed: {self._warm_error}") from self._warm_error
+        return complete
 
     def readiness(self) -> dict:
         """{"status": "warming" | "ok" | "failed", "compiled": executables ready, "total": executables}."""
         plan = self._runner.plan
-        if getattr(self, "_warm_error", None) is not None or self.core.fatal is not None:
+        if plan.failure is not None or self.core.fatal is not None:
             status = "failed"
         else:
             status = "ok" if plan.minimal_ready.is_set() else "warming"
@@ -310,7 +327,11 @@ class Engine:
         plan = self._runner.plan
         stats = dict(self.core.snapshot.stats)
         stats.update(plan.describe(), warm=plan.complete.is_set())
-        stats["compiles_total"] = stats.pop("loop_compiles", 0) + plan.stats.compiled
+        # The plan's compiles, wherever they ran, plus the loop thread's others (its own plan
+        # builds, without warm-up, are in both counts once).
+        loop_compiles = stats.pop("loop_compiles", 0)
+        plan_on_loop = plan.stats.compiled_by_thread.get(self.core.owner_thread, 0)
+        stats["compiles_total"] = plan.stats.compiled + max(0, loop_compiles - plan_on_loop)
         return stats
 
     # --- adapters ---------------------------------------------------------------------------
@@ -350,7 +371,8 @@ class Engine:
         names the file and field) and loaded onto the device when a request first uses it (or
         earlier, if the policy prefetches it)."""
         lora = self._lora()
-        return self.core.call(lambda: self._describe(lora.add(name, path).name))
+        entry, copy = lora.prepare(name, path)  # validated and read here, on the caller's thread
+        return self.core.call(lambda: self._describe(lora.insert(entry, copy).name))
 
     def add_adapter_dir(self, folder: str | Path) -> dict:
         """Register every subfolder of `folder` that holds adapter_config.json, named after the

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("decode", "prefill", "commit", "score")
 # Above these sizes the tables grow linearly, not by doubling: a decode step of 40 rows runs in
-# the 40-row executable, not the 64-row one (measured at 32 concurrent requests: pow2 tables
+# the 48-row executable, not the 64-row one (measured at 32 concurrent requests: pow2 tables
 # spent about a third of decode rows on padding).
 DECODE_STEP, PREFILL_STEP = 16, 128
 MINIMAL_PREFILL = 64  # tokens of the prefill size built first (a chat prompt fits; longer ones are chunked)
@@ -194,6 +194,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 @dataclass
 class PlanStats:
     compiled: int = 0  # executables compiled by this plan
+    compiled_by_thread: dict = dataclasses.field(default_factory=dict)  # thread id -> of those, compiled there
     loaded: int = 0  # executables read from the cache
     compile_s: float = 0.0
     load_s: float = 0.0
@@ -212,6 +213,7 @@ class CompilePlan:
         self.minimal_ready = threading.Event()  # the largest size of every warm kind is built
         self.complete = threading.Event()  # every warm size is built
         self.cancelled = threading.Event()  # set by close(): warm() stops after the current build
+        self.failure: BaseException | None = None  # warm-up failed before the minimal set was built
         if not self.warm_order():
             self.minimal_ready.set()
             self.complete.set()
@@ -279,6 +281,8 @@ class CompilePlan:
                 compiled = spec.fn.trace(*spec.abstract_args(size)).lower().compile()
                 with self._lock:
                     self.stats.compiled += 1
+                    me = threading.get_ident()
+                    self.stats.compiled_by_thread[me] = self.stats.compiled_by_thread.get(me, 0) + 1
                     self.stats.compile_s += time.perf_counter() - start
                 if self.cache is not None and not _jax_cache_enabled():
                     self.cache.save(name, compiled)

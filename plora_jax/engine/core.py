@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 
 from .. import compile_stats
-from ..adapters import AdapterError
 from ..buckets import cdiv
 from ..config import EngineConfig
-from ..lora_manager import LoraManager
+from ..lora.manager import LoraManager
+from ..lora.peft import AdapterError
 from ..policies import Decision, Policy
 from .inputs import InputProcessor
 from .kv_blocks import OutOfBlocks
@@ -131,6 +131,7 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._owner = threading.get_ident()  # the thread allowed to touch device state
         self._stopped = False
+        self._post_lock = threading.Lock()
         self.fatal: BaseException | None = None
         self._counters = _Counters()
         self._created = time.perf_counter()
@@ -160,8 +161,19 @@ class EngineCore:
             self._drain_inbox(block=False)
             self._shutdown()
 
+    @property
+    def owner_thread(self) -> int:
+        """The id of the thread that owns the device state (the loop, or the stepping caller)."""
+        return self._owner
+
     def post(self, message) -> None:
-        self._inbox.put(message)
+        """Queue a message for the loop. Raises if the engine is closed or its loop died (the
+        message is then never queued); a cancel of a closed engine is a no-op."""
+        with self._post_lock:  # against _reject_inbox: nothing lands in an inbox nobody reads
+            if isinstance(message, Cancel) and (self._stopped or self.fatal is not None):
+                return
+            self.check_alive()
+            self._inbox.put(message)
 
     def call(self, fn: Callable[[], Any]):
         """Run fn() on the owner of the device state (between steps) and return its result."""
@@ -171,7 +183,7 @@ class EngineCore:
             self.publish()
             return result
         done: queue.SimpleQueue = queue.SimpleQueue()
-        self._inbox.put(Call(fn, done))
+        self.post(Call(fn, done))
         ok, value = done.get()
         if not ok:
             raise value
@@ -192,6 +204,7 @@ class EngineCore:
                 if not self._drain_inbox(block=True, timeout=0.05):
                     self._shutdown()
                     return
+            self._check_plan()
             self._mark_ready()
             while True:
                 idle = self._in_flight is None and not self.scheduler.has_work()
@@ -203,6 +216,11 @@ class EngineCore:
             log.exception("engine loop failed")
             self._die(e)
 
+    def _check_plan(self) -> None:
+        failure = self.runner.plan.failure
+        if failure is not None:
+            raise RuntimeError(f"engine warm-up failed: {failure}") from failure
+
     def _mark_ready(self) -> None:
         if not self._counters.ready_s:
             self._counters.ready_s = time.perf_counter() - self._created
@@ -210,21 +228,27 @@ class EngineCore:
             self.publish()
 
     def _die(self, error: BaseException) -> None:
-        self.fatal = error
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.inputs.release(request.request_id)
             self._outbox.append((request, error))
-        while True:  # requests still in the inbox fail too; calls get the error
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(message, AddRequest):
-                self.inputs.release(message.request.request_id)
-                self._outbox.append((message.request, error))
-            elif isinstance(message, Call):
-                message.done.put((False, RuntimeError(f"the engine loop has stopped: {error}")))
+        self._reject_inbox(lambda: setattr(self, "fatal", error), RuntimeError(f"the engine loop has stopped: {error}"))
         self.publish()
+
+    def _reject_inbox(self, close: Callable[[], None], error: BaseException) -> None:
+        """Mark the engine closed or dead (`close`) and fail what is still queued: requests end
+        with `error`, calls get it. Under the post lock, so nothing is queued after this."""
+        with self._post_lock:
+            close()
+            while True:
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    return
+                if isinstance(message, AddRequest):
+                    self.inputs.release(message.request.request_id)
+                    self._outbox.append((message.request, error))
+                elif isinstance(message, Call):
+                    message.done.put((False, error))
 
     def _shutdown(self) -> None:
         if self._in_flight is not None:
@@ -232,7 +256,7 @@ class EngineCore:
             self._in_flight = None
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._end(request, "abort")
-        self._stopped = True
+        self._reject_inbox(lambda: setattr(self, "_stopped", True), RuntimeError("the engine is closed"))
         self.publish()
 
     # --- one iteration ----------------------------------------------------------------------
@@ -244,6 +268,7 @@ class EngineCore:
         self.check_alive()
         if not self.runner.plan.minimal_ready.is_set():
             self.runner.plan.minimal_ready.wait()
+        self._check_plan()
         self._mark_ready()
         try:
             self._drain_inbox(block=False)
@@ -331,10 +356,14 @@ class EngineCore:
                     self._end(request, "abort")
             elif isinstance(message, Call):
                 try:
-                    message.done.put((True, message.fn()))
-                except Exception as e:
-                    message.done.put((False, e))
-                self.publish()
+                    result = (True, message.fn())
+                except BaseException as e:
+                    if not isinstance(e, Exception):  # the loop dies of it; the caller hears first
+                        message.done.put((False, e))
+                        raise
+                    result = (False, e)
+                self.publish()  # before the reply: the caller's next read sees what the call did
+                message.done.put(result)
 
     # --- outputs ----------------------------------------------------------------------------
     def _process(self, launched: list[Launched]) -> None:
@@ -544,6 +573,7 @@ class EngineCore:
                 except OutOfBlocks as e:
                     raise RuntimeError(f"logits: the KV cache is busy ({e}); retry when fewer requests run") from None
                 probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
+                probe.adapter_counted = True  # scoring is not traffic: no hit or cold start counted
                 while adapter is not None and not self._acquire_adapter(probe):
                     if adapter not in self.lora.entries:
                         self._unservable.clear()

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import EngineConfig, ModelConfig
-from ..lora_pool import LoraBatch, LoraPool, commit_adapter
+from ..lora.device_pool import LoraBatch, LoraPool, commit_adapter
 from ..models.llama import Llama, layer_params
 from ..pallas.attention import cpu as cpu_attention
 from ..pallas.attention import ops as attention
@@ -332,10 +332,12 @@ class ModelRunner:
     def commit_size(self, num_pages: int) -> int:
         """The commit size an adapter of `num_pages` pages is staged at (a ready one)."""
         sizes = self.plan.ready_sizes("commit") if not self._lazy else self.buckets.commit
-        return next(s for s in sizes if s >= num_pages)
+        # During warm-up none may be ready yet: then the largest, which the minimal set builds
+        # first (`commit_adapter` waits for its build).
+        return next((s for s in sizes if s >= num_pages), self.buckets.commit[-1])
 
     def commit_adapter(self, pool: LoraPool, *staged) -> LoraPool:
-        """`lora_pool.commit_adapter` through the plan's executable for the staged size (one that
+        """`lora.device_pool.commit_adapter` through the plan's executable for the staged size (one that
         `commit_size` chose: built already, or built now without warm-up)."""
         return self.plan.build("commit", int(np.shape(staged[1])[0]))(pool, *staged)
 

@@ -71,7 +71,8 @@ void attend_fixed(const Problem& p, int64_t item) {
   const int64_t b = item / p.num_kv, h = item % p.num_kv;
   const float* q = p.q + (b * p.num_heads + h * G) * D;
   float* out = p.out + (b * p.num_heads + h * G) * D;
-  const int64_t len = p.lens[b];
+  // A row never reads past its own table: a length beyond it is clamped (as the XLA path does).
+  const int64_t len = std::min<int64_t>(p.lens[b], p.max_blocks * BS);
   if (len <= 0) {
     std::fill(out, out + G * D, 0.0f);
     return;
@@ -85,13 +86,17 @@ void attend_fixed(const Problem& p, int64_t item) {
     for (int i = 0; i < D; ++i) acc[g][i] = 0.0f;
   }
   const int32_t* table = p.tables + b * p.max_blocks;
+  auto block_of = [&](int64_t j) {  // out-of-range table entries read block 0 (reserved), never past the cache
+    const int64_t id = table[j];
+    return (id < 0 || id >= p.num_blocks) ? int64_t{0} : id;
+  };
   const int64_t last = (len - 1) / BS;
   for (int64_t j = first / BS; j <= last; ++j) {
-    const int64_t base = (h * p.num_blocks + table[j]) * BS * D;
+    const int64_t base = (h * p.num_blocks + block_of(j)) * BS * D;
     const float* kb = p.k + base;  // [D][BS]
     const float* vb = p.v + base;  // [BS][D]
     if (j < last) {  // the next block is elsewhere in memory: start fetching it now
-      const int64_t next = (h * p.num_blocks + table[j + 1]) * BS * D;
+      const int64_t next = (h * p.num_blocks + block_of(j + 1)) * BS * D;
       prefetch_block(p.k + next, BS * D);
       prefetch_block(p.v + next, BS * D);
     }
@@ -181,9 +186,17 @@ void work(Shared& shared) {
 ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lens,
                        ffi::ResultBuffer<ffi::F32> out, int64_t window) {
-  auto qd = q.dimensions(), kd = k.dimensions(), td = tables.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2) {
-    return ffi::Error::InvalidArgument("plora_paged_decode: expected q [B,H,D], cache [KV,N,BS,D], tables [B,W]");
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
+  auto ld = lens.dimensions(), od = out->dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || ld.size() != 1 || od.size() != 3) {
+    return ffi::Error::InvalidArgument(
+        "plora_paged_decode: expected q [B,H,D], k and v caches of rank 4, tables [B,W], lens [B], out [B,H,D]");
+  }
+  if (kd[0] != vd[0] || kd[1] != vd[1] || kd[2] != vd[3] || kd[3] != vd[2]) {  // K [KV,N,D,BS], V [KV,N,BS,D]
+    return ffi::Error::InvalidArgument("plora_paged_decode: the k cache is not the v cache transposed per block");
+  }
+  if (td[0] != qd[0] || ld[0] != qd[0] || od[0] != qd[0] || od[1] != qd[1] || od[2] != qd[2]) {
+    return ffi::Error::InvalidArgument("plora_paged_decode: q, tables, lens and out disagree on the batch");
   }
   Problem p{q.typed_data(), k.typed_data(), v.typed_data(), tables.typed_data(), lens.typed_data(),
             out->typed_data(), qd[0], qd[1], qd[2], kd[0], kd[1], v.dimensions()[2], td[1], window};
