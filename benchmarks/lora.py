@@ -34,7 +34,7 @@ from .common import machine, write_json
 
 
 def make_adapters(root: Path, model_config, ranks: list[int], targets: tuple[str, ...], seed: int) -> list[Path]:
-    from plora_jax.adapters import save_random_adapter
+    from plora_jax.lora.peft import save_random_adapter
 
     return [
         save_random_adapter(
@@ -147,7 +147,7 @@ def run_steps(args, adapters: list[Path]) -> list[dict]:
 def run_churn(args, model_config, adapters: list[Path], ranks: list[int], layout: str) -> dict:
     """Time-averaged adapter memory utilisation of one layout under churn (see module docstring)."""
     from plora_jax.config import EngineConfig
-    from plora_jax.lora_manager import LoraManager
+    from plora_jax.lora.manager import LoraManager
 
     config = EngineConfig(
         max_loras=len(adapters),

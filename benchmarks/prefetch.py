@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         )
 
     from plora_jax import Engine, SamplingParams
-    from plora_jax.adapters import save_random_adapter
+    from plora_jax.lora.peft import save_random_adapter
     from plora_jax.policies import Decision
 
     engine = Engine.from_pretrained(args.model, warmup=False, max_num_seqs=args.rows, max_model_len=2048, policy="lru")

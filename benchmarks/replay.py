@@ -53,6 +53,7 @@ class ReplayConfig:
     max_lora_rank: int = 64
     host_cache_mb: float = 4096.0
     adapter_dir: str = ""  # live: folder for the random adapters ("": a temporary folder)
+    compare: str = ""  # sim: a live replay JSON of the same workload; prints live/sim ratios
     json: str = ""  # write the results here
     plot: str = ""  # write the plots here (PNG)
 
@@ -76,9 +77,9 @@ def load_calibration(path: str):
     return Calibration(**block)
 
 
-def engine_factory(cfg: ReplayConfig, layout: str):
-    from plora_jax import Engine
-
+def engine_settings(cfg: ReplayConfig, layout: str) -> dict:
+    """The `EngineConfig` fields of every instance, live and simulated alike (one source, so a
+    simulation runs the settings of the live run it is compared with)."""
     options = dict(
         max_num_seqs=cfg.max_num_seqs,
         max_loras=cfg.max_loras,
@@ -87,9 +88,18 @@ def engine_factory(cfg: ReplayConfig, layout: str):
         max_lora_rank=cfg.max_lora_rank,
         host_cache_mb=cfg.host_cache_mb,
         layout=layout,
-        policy="reactive",
+        policy="reactive",  # the replay sets each policy itself
         max_model_len=1024,
     )
+    if cfg.model == "tiny":  # few buckets: the whole warm-up compiles in seconds
+        options |= dict(max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=32, max_prefill_seqs=2)
+    return options
+
+
+def engine_factory(cfg: ReplayConfig, layout: str):
+    from plora_jax import Engine
+
+    options = engine_settings(cfg, layout)
     if cfg.model == "tiny":
         import jax.numpy as jnp
 
@@ -98,8 +108,6 @@ def engine_factory(cfg: ReplayConfig, layout: str):
 
         model_config = tiny()
         params = init_params(model_config, jnp.float32, seed=0, scale=0.2)
-        # few buckets: the whole warm-up compiles in seconds
-        options |= dict(max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=32, max_prefill_seqs=2)
         return model_config, lambda **kw: Engine.from_params(model_config, params, **(options | kw))
     model_config = None  # known once an engine has loaded the model
 
@@ -110,16 +118,11 @@ def engine_factory(cfg: ReplayConfig, layout: str):
 
 
 def sim_config(cfg: ReplayConfig, layout: str):
+    from plora_jax.config import EngineConfig
     from plora_jax.serverless.simulator import SimConfig
 
     return SimConfig(
-        max_num_seqs=cfg.max_num_seqs,
-        max_loras=cfg.max_loras,
-        pool_pages=cfg.lora_pool_pages,
-        page_rows=cfg.page_rows,
-        max_lora_rank=cfg.max_lora_rank,
-        layout=layout,
-        host_cache_bytes=int(cfg.host_cache_mb * 2**20),
+        engine=EngineConfig(**engine_settings(cfg, layout)),
         instances=cfg.instances,
         min_instances=cfg.min_instances,
         keep_alive_s=cfg.keep_alive_s,
@@ -225,10 +228,52 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
             "adapter memory utilisation paged / contiguous: "
             + ", ".join(f"{p} {a:.1%}/{b:.1%}" for p, (a, b) in mem.items())
         )
+    if cfg.compare:
+        payload["compare"] = compare_with_live(cfg.compare, payload)
     write_json(cfg.json or None, payload)
     if cfg.plot:
         plot(runs, cfg.plot, f"{cfg.mode} replay: {len(workload.requests)} requests, {len(workload.ranks)} adapters")
     return payload
+
+
+COMPARED = ("cold_starts", "ttft_mean_s")
+
+
+def compare_with_live(path: str, sim_payload: dict) -> dict:
+    """Per layout and policy, the live run's figures (`path`), the simulation's, and sim / live,
+    for cold starts and mean TTFT; printed as a table. The evidence that simulated results mean
+    something: the same workload, the simulator calibrated from that live run."""
+    try:
+        live_payload = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--compare {path}: cannot read ({e})") from None
+    if live_payload.get("mode") != "live":
+        raise SystemExit(f"--compare {path}: not a live replay (mode {live_payload.get('mode')!r})")
+    ours = json.loads(json.dumps(sim_payload["config"]["workload"]))  # as the JSON holds it (lists)
+    if live_payload.get("config", {}).get("workload") != ours:
+        raise SystemExit(f"--compare {path}: its workload settings differ from this run's")
+    out: dict = {}
+    rows = ["| layout | policy | live cold starts | sim | sim / live | live TTFT mean | sim | sim / live |"]
+    rows.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for layout, block in sim_payload["layouts"].items():
+        live_block = live_payload.get("layouts", {}).get(layout, {}).get("policies", {})
+        for policy, sim_m in block["policies"].items():
+            live_m = live_block.get(policy)
+            if live_m is None:
+                continue
+            entry = {}
+            for key in COMPARED:
+                a, b = live_m[key], sim_m[key]
+                entry[key] = {"live": a, "sim": b, "sim_over_live": b / a if a else None}
+            out.setdefault(layout, {})[policy] = entry
+            c, t = entry["cold_starts"], entry["ttft_mean_s"]
+            ratio = lambda x: f"{x:.2f}" if x is not None else "-"
+            rows.append(
+                f"| {layout} | {policy} | {c['live']} | {c['sim']} | {ratio(c['sim_over_live'])} | "
+                f"{t['live']:.3f} s | {t['sim']:.3f} s | {ratio(t['sim_over_live'])} |"
+            )
+    print("\nlive against simulated, same workload:\n" + "\n".join(rows))
+    return out
 
 
 def plot(runs: dict, path: str, title: str) -> None:

@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import httpx
 
-    from plora_jax.adapters import save_random_adapter
     from plora_jax.config import smollm2_135m
+    from plora_jax.lora.peft import save_random_adapter
 
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="plora-serve-load-") as tmp:

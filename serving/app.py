@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plora_jax.adapters import AdapterError
 from plora_jax.engine.outputs import RequestFailed
+from plora_jax.lora.peft import AdapterError
 
 from .metrics import ServerMetrics
 from .protocol import ApiError, GenerationRequest, chunk, new_id, parse_request, response, usage_chunk

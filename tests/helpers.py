@@ -144,6 +144,6 @@ def write_tiny_gguf(
 
 
 def write_peft_adapter(path: Path, config: ModelConfig, rank: int, targets=("q_proj", "v_proj"), **kwargs) -> Path:
-    from plora_jax.adapters import save_random_adapter
+    from plora_jax.lora.peft import save_random_adapter
 
     return save_random_adapter(path, config, rank, targets, **kwargs)

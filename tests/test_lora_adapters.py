@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from plora_jax import Engine, SamplingParams
-from plora_jax.adapters import AdapterError, load_adapter
 from plora_jax.config import tiny
 from plora_jax.engine.state import KVCache, PrefillMetadata
-from plora_jax.lora_pool import PagePool
+from plora_jax.lora.page_allocator import PagePool
+from plora_jax.lora.peft import AdapterError, load_adapter
 from plora_jax.models.llama import Llama, init_params
 
 CFG = tiny()

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plora_jax import Engine, SamplingParams
-from plora_jax.adapters import AdapterError
 from plora_jax.config import EngineConfig, tiny
 from plora_jax.engine.outputs import RequestFailed
-from plora_jax.lora_manager import LoraManager
+from plora_jax.lora.manager import LoraManager
+from plora_jax.lora.peft import AdapterError
 from plora_jax.models.llama import init_params
 from plora_jax.policies import Decision, Oracle, Predictive
 
@@ -74,7 +74,7 @@ def test_host_cache_keeps_its_budget_and_evicts_least_recently_used(tmp_path):
     paths = [write_peft_adapter(tmp_path / f"a{i}", CFG, rank=64, seed=i) for i in range(4)]
     manager.add("a0", paths[0])
     one = manager.entries["a0"].host_bytes
-    manager.host_budget = 2 * one + one // 2  # room for two copies
+    manager.host.budget = 2 * one + one // 2  # room for two copies
     for i in (1, 2):
         manager.add(f"a{i}", paths[i])
     assert [manager.residency(f"a{i}") for i in range(3)] == ["disk", "host", "host"]
@@ -310,8 +310,8 @@ def test_manager_invariants_under_random_operations(adapter_paths, tmp_path, ops
                 manager.apply(Decision(device=[name], host=[name], priority={name: priority}))
             elif op == "evict":
                 manager.apply(Decision(evict=[name]))
-            elif op == "fail" and name not in manager._loading and name not in manager._host_jobs:
-                manager._host_drop(name)
+            elif op == "fail" and name not in manager.loading and name not in manager.host_jobs:
+                manager.drop_host_copy(name)
                 manager.entries[name].path = tmp_path / "missing"  # the next read fails
             elif op == "poll":
                 pool, _ = manager.poll(pool, block=True)
@@ -322,7 +322,7 @@ def test_manager_invariants_under_random_operations(adapter_paths, tmp_path, ops
         for name, count in held.items():
             for _ in range(count):
                 manager.release(name)
-        while manager._loading or manager._host_jobs:
+        while manager.loading or manager.host_jobs:
             pool, _ = manager.poll(pool, block=True)
         manager.check()
         assert all(r.pins == 0 for r in manager.pages.resident.values())

@@ -48,8 +48,8 @@ def test_readme_commands_match_ci():
 
 def test_readme_adapter_example_runs(tmp_path, monkeypatch, smollm_path):
     """The adapter example, with two PEFT folders where it expects them."""
-    from plora_jax.adapters import save_random_adapter
     from plora_jax.config import smollm2_135m
+    from plora_jax.lora.peft import save_random_adapter
 
     block = python_blocks(ADAPTERS_DOC)[0]
     save_random_adapter(tmp_path / "adapters/sql-lora", smollm2_135m(), 16, ("q_proj", "v_proj"))
@@ -65,8 +65,8 @@ def test_readme_adapter_example_runs(tmp_path, monkeypatch, smollm_path):
 
 def test_readme_tiers_example_runs(tmp_path, monkeypatch, capsys, smollm_path):
     """The tiers example, with two PEFT folders (and one broken) under adapters/."""
-    from plora_jax.adapters import save_random_adapter
     from plora_jax.config import smollm2_135m
+    from plora_jax.lora.peft import save_random_adapter
 
     block = python_blocks(ADAPTERS_DOC)[1]
     save_random_adapter(tmp_path / "adapters/sql-lora", smollm2_135m(), 16, ("q_proj", "v_proj"))

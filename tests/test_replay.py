@@ -2,16 +2,25 @@
 hand-computed cold starts and waits, the serverless instance rules, the engine's synchronous
 (S-LoRA) loads, and a short live replay of every policy writing its JSON and PNG."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from plora_jax.config import EngineConfig
 from plora_jax.predictor.traces import TraceError, read_trace
 from plora_jax.serverless.instances import InstanceLoad, pick_instance
-from plora_jax.serverless.simulator import Calibration, SimConfig, Simulator, policy_for, simulate
-from plora_jax.serverless.workload import TraceRequest, Workload, WorkloadConfig, generate, read_token_lengths
+from plora_jax.serverless.simulator import Calibration, SimConfig, Simulator, simulate
+from plora_jax.serverless.workload import (
+    TraceRequest,
+    Workload,
+    WorkloadConfig,
+    generate,
+    read_token_lengths,
+    workload_policy,
+)
 
 DATA = Path(__file__).parent / "data"
 TRACE = str(DATA / "azure2019_8h_excerpt.csv")  # 16 functions x 20 minutes of the 8-hour Azure slice
@@ -86,7 +95,14 @@ CAL = Calibration(
     instance_start_s=5.0,
     bytes_per_rank=125,
 )
-CFG = SimConfig(max_num_seqs=4, max_loras=4, pool_pages=3, page_rows=8, max_lora_rank=8)
+
+
+def sim_config(layout="paged", **serverless):
+    engine = EngineConfig(max_num_seqs=4, max_loras=4, lora_pool_pages=3, page_rows=8, max_lora_rank=8, layout=layout)
+    return SimConfig(engine=engine, **serverless)
+
+
+CFG = sim_config()
 
 
 def hand_workload(arrivals):
@@ -98,7 +114,7 @@ def hand_workload(arrivals):
 def sim_run(arrivals, policy, config=CFG):
     w = hand_workload(arrivals)
     sim = None
-    factory = lambda: policy_for(policy, w, 100.0, lambda: sim.now)
+    factory = lambda: workload_policy(policy, w, 100.0, lambda: sim.now)
     sim = Simulator(w, factory, config, CAL, interval_s=100.0)
     sim.run()
     return sim
@@ -126,7 +142,7 @@ def test_simulator_reactive_lru_and_oracle_match_hand_computed_waits():
     # again) for C, ahead of C's arrival at 30.
     sim = sim_run(arrivals, "oracle")
     assert [w[0] for w in waits(sim)] == [True, False, False, False, False]
-    assert sim.counters["cold_starts"] == 1 and sim.counters["prefetch_hits"] >= 2
+    assert sim.counters()["cold_starts"] == 1 and sim.counters()["prefetch_hits"] >= 2
 
 
 def test_simulator_sync_loads_stall_the_whole_batch():
@@ -151,9 +167,10 @@ def test_paged_layout_holds_more_mixed_rank_adapters_than_contiguous():
     config = WorkloadConfig(trace="", llm_trace="", adapters=3, minutes=1, seconds_per_minute=100.0)
     requests = [TraceRequest(10.0 * t, a, 4, 1, 0) for t, a in enumerate("ABCABC")]
     w = Workload(config, {"A": 8, "B": 8, "C": 16}, requests, np.zeros((3, 1), np.int64))
-    base = SimConfig(max_num_seqs=4, max_loras=8, pool_pages=5, page_rows=8, max_lora_rank=16)
+    engine = EngineConfig(max_num_seqs=4, max_loras=8, lora_pool_pages=5, page_rows=8, max_lora_rank=16)
+    base = SimConfig(engine=engine)
     paged = simulate(w, "lru", base, CAL)
-    contiguous = simulate(w, "lru", SimConfig(**{**base.__dict__, "layout": "contiguous"}), CAL)
+    contiguous = simulate(w, "lru", SimConfig(engine=dataclasses.replace(engine, layout="contiguous")), CAL)
     # 4 usable pages. Paged: A, B (1 page each) and C (2 pages) all fit, so the second round hits.
     # Contiguous: 2 slots of 2 pages each; LRU over a cycle of three misses every time.
     assert paged.summary["cold_starts"] == 3 and contiguous.summary["cold_starts"] == 6
@@ -170,9 +187,7 @@ def test_routing_prefers_affinity_then_least_loaded_and_none_when_full():
 
 
 def test_instances_scale_from_zero_and_back_after_keep_alive():
-    config = SimConfig(
-        max_num_seqs=4, max_loras=4, pool_pages=3, page_rows=8, max_lora_rank=8, min_instances=0, keep_alive_s=10.0
-    )
+    config = sim_config(min_instances=0, keep_alive_s=10.0)
     sim = sim_run([(0.0, "A"), (3.0, "A"), (50.0, "B")], "lru", config)
     r = sim.requests
     # first request: the instance starts (5 s), then load 2 s and a 1 s step

@@ -17,8 +17,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from plora_jax import Engine, SamplingParams  # noqa: E402
-from plora_jax.adapters import save_random_adapter  # noqa: E402
 from plora_jax.config import smollm2_135m  # noqa: E402
+from plora_jax.lora.peft import save_random_adapter  # noqa: E402
 from serving.app import ServerState, build_app  # noqa: E402
 
 PROMPT = "The three primary colours are"

@@ -8,7 +8,7 @@ by `rank_pattern` / `alpha_pattern` (keys matched against the module name as PEF
 key, or the key preceded by a dot, ends the name). The scaling is folded into B here, so the
 device computes `x A^T B` with no per-module scale.
 
-`layout_pages` turns an adapter into the page layout of `plora_jax.lora_pool`: for every
+`layout_pages` turns an adapter into the page layout of `plora_jax.lora.device_pool`: for every
 projection, A^T rows `[num_layers, num_pages, page_rows, in]` and B rows `[num_layers,
 num_pages, page_rows, out]`, where `num_pages = ceil(max rank / page_rows)` and every row past
 a module's own rank is zero (the kernels rely on those zero tails instead of rank masks).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 # Projection name -> (where it lives, index into the layer's projections).
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..engine.state import DecodeMetadata, KVCache, PrefillMetadata
-from ..lora_pool import LoraBatch
+from ..lora.device_pool import LoraBatch
 from ..pallas.attention import ops as attention
 from ..pallas.lora.ops import lora_groups, lora_rows
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..names import POLICY_NAMES
+from collections.abc import Callable
+
+from ..names import BASELINE_POLICY, POLICY_NAMES
 from .base import Decision, Policy, PoolView
 from .histogram import Histogram
 from .lookahead import Lookahead
@@ -25,6 +27,30 @@ def make_policy(name: str, interval_s: float = 60.0, predictor_checkpoint: str |
     return POLICIES[name](interval_s=interval_s, **options)
 
 
+def replay_policy(
+    name: str,
+    interval_s: float,
+    arrivals: list[tuple[float, str]],
+    minute_of_day: Callable[[], float],
+    predictor_checkpoint: str = "",
+) -> Policy:
+    """A trace replay's policy `name`. `reactive_sync` (the S-LoRA baseline) is `reactive`: the
+    engine, not the policy, makes its loads synchronous. The oracle is given the replay's
+    `arrivals`; `predictive` forecasts with the LSTM (or "ewma"), its time of day read from
+    `minute_of_day()` (the trace's clock, which a replay may compress)."""
+    base = "reactive" if name == BASELINE_POLICY else name
+    if base == "oracle":
+        return make_policy("oracle", interval_s, arrivals=arrivals)
+    if base == "predictive":
+        if predictor_checkpoint == "ewma":
+            return make_policy("predictive", interval_s, forecaster=EwmaForecaster())
+        from ..predictor.forecaster import LstmForecaster  # flax and orbax: only when used
+
+        forecaster = LstmForecaster(predictor_checkpoint or None, interval_minutes=1.0, minute_of_day=minute_of_day)
+        return make_policy("predictive", interval_s, forecaster=forecaster)
+    return make_policy(base, interval_s)
+
+
 __all__ = [
     "POLICIES",
     "Decision",
@@ -41,4 +67,5 @@ __all__ = [
     "Reactive",
     "make_forecaster",
     "make_policy",
+    "replay_policy",
 ]

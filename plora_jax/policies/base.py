@@ -63,6 +63,15 @@ class Policy:
     def decide(self, view: PoolView) -> Decision:
         return Decision()
 
+    def expected_demand(self, now: float, horizon_s: float) -> float:
+        """Requests this policy expects within `horizon_s` of `now` (what pre-warming and
+        autoscaling read); 0 for a policy that does not forecast."""
+        return 0.0
+
+    def step(self) -> None:
+        """Advance a forecaster one interval (a simulator calls this once per interval; a live
+        engine's forecasting policy runs it on its own thread); nothing for other policies."""
+
     def start(self) -> None:
         """Start background work (the predictor thread); called when an engine adopts the policy."""
 

@@ -37,6 +37,11 @@ class Oracle(Policy):
         i = bisect.bisect_left(times, now - self.origin)
         return times[i] - (now - self.origin) if i < len(times) else None
 
+    def expected_demand(self, now: float, horizon_s: float) -> float:
+        """Arrivals (it knows them) within `horizon_s` of `now`."""
+        waits = (self.next_arrival(a, now) for a in self._times)
+        return float(sum(1 for w in waits if w is not None and w <= horizon_s))
+
     def decide(self, view: PoolView) -> Decision:
         upcoming = {}
         for adapter in self._times:

@@ -167,6 +167,13 @@ class Predictive(Policy):
             raise PredictorUnavailable(f"no forecast for {now - last:.1f} s (interval {self.interval_s} s)")
         return scores
 
+    def expected_demand(self, now: float, horizon_s: float) -> float:
+        """The forecast probabilities of a request next interval, summed (0 while unavailable)."""
+        try:
+            return float(sum(self.scores(now).values()))
+        except PredictorUnavailable:
+            return 0.0
+
     def decide(self, view: PoolView) -> Decision:
         scores = self.scores(view.now)
         sizes = view.adapter_bytes

@@ -14,8 +14,8 @@ does for one function whose variants are the adapters):
   only `min_instances` remain.
 - Pre-warming: each instance slot keeps its policy object across stops, as a control plane
   would, so the forecaster keeps running while the instance is down. At every interval, if a
-  stopped slot's policy expects demand (`expected_demand`: the predictive policy's forecast
-  probabilities summed, or the oracle's arrivals within one start time and interval), the
+  stopped slot's policy expects demand (`Policy.expected_demand`: the predictive policy's
+  forecast probabilities summed, or the oracle's arrivals within one start time and interval), the
   instance starts ahead of it.
 
 The routing rule is plain Python over `InstanceLoad` records, so a distributed host (a Ray
@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..policies import Oracle, Policy, Predictive, PredictorUnavailable
+from ..policies import Policy
 
 
 @dataclass(frozen=True)
@@ -49,24 +49,23 @@ def pick_instance(instances: Sequence[InstanceLoad]) -> int | None:
     return min(open_, key=lambda i: (not i.holds, i.load, i.index)).index
 
 
-def expected_demand(policy: Policy, now: float, horizon_s: float) -> float:
-    """Requests a policy expects within `horizon_s` (0 for policies that do not forecast)."""
-    if isinstance(policy, Predictive):
-        try:
-            return float(sum(policy.scores(now).values()))
-        except PredictorUnavailable:
-            return 0.0
-    if isinstance(policy, Oracle):
-        waits = (policy.next_arrival(a, now) for a in list(policy._times))
-        return float(sum(1 for w in waits if w is not None and w <= horizon_s))
-    return 0.0
+def keep_alive_expired(
+    idle_since: float | None, now: float, keep_alive_s: float, active: int, min_instances: int
+) -> bool:
+    """Whether an instance idle since `idle_since` (None: busy) stops now: idle for the whole
+    keep-alive, and more than `min_instances` instances active (0: scale to zero)."""
+    if idle_since is None or now - idle_since < keep_alive_s - 1e-9:
+        return False
+    return active > min_instances
 
 
 class InstancePool:
     """The serverless rules applied to a `Simulator`'s instances."""
 
-    def __init__(self, sim, make_policy: Callable[[], Policy]):
-        self.sim, self.make_policy = sim, make_policy
+    def __init__(self, sim, make_policy: Callable[[], Policy], make_instance: Callable):
+        # make_instance(sim, slot, policy): one simulated engine (the simulator's SimInstance;
+        # given, not imported, so that this module of rules depends on no simulator)
+        self.sim, self.make_policy, self.make_instance = sim, make_policy, make_instance
         self.instances: list = []  # SimInstance per slot (a restarted slot gets a fresh one)
         self.policies: list[Policy] = []  # per slot, kept across stops
         self.starts = 0  # instance cold starts (not counting those warm at time 0)
@@ -81,13 +80,11 @@ class InstancePool:
         return [i for i in self.active() if i.ready_at <= now]
 
     def _launch(self, slot: int | None, now: float, delay: float):
-        from .simulator import SimInstance
-
         if slot is None:
             slot = len(self.instances)
             self.policies.append(self.make_policy())
             self.instances.append(None)
-        inst = SimInstance(self.sim, slot, self.policies[slot])
+        inst = self.make_instance(self.sim, slot, self.policies[slot])
         inst.ready_at = now + delay
         inst.idle_since = inst.ready_at
         self.instances[slot] = inst
@@ -108,7 +105,7 @@ class InstancePool:
                 i.index,
                 i.pages.get(request.trace.adapter) is not None,
                 len(i.running) + len(i.waiting),
-                cfg.max_num_seqs,
+                cfg.engine.max_num_seqs,
             )
             for i in active
         ]
@@ -144,11 +141,12 @@ class InstancePool:
             self.sim.push(now + self.sim.config.keep_alive_s, "keep_alive", inst.index, inst)
 
     def expire(self, slot: int, now: float) -> None:
-        inst = self.instances[slot]
+        inst, cfg = self.instances[slot], self.sim.config
         busy = inst.running or inst.waiting or inst.busy_until is not None
-        if inst.stopped or busy or now - inst.idle_since < self.sim.config.keep_alive_s - 1e-9:
+        if inst.stopped:
             return
-        if len(self.active()) > self.sim.config.min_instances:
+        idle_since = None if busy else inst.idle_since
+        if keep_alive_expired(idle_since, now, cfg.keep_alive_s, len(self.active()), cfg.min_instances):
             inst.stopped = True
             self.stops += 1
 
@@ -164,7 +162,7 @@ class InstancePool:
                 inst.stopped
                 and cfg.prewarm
                 and len(self.active()) < cfg.instances
-                and expected_demand(policy, now, cal.instance_start_s + self.sim.interval_s) >= 0.5
+                and policy.expected_demand(now, cal.instance_start_s + self.sim.interval_s) >= 0.5
             ):
                 self._launch(slot, now, cal.instance_start_s)
                 self.prewarms += 1

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters import save_random_adapter
 from ..engine.sampling import SamplingParams
+from ..lora.peft import save_random_adapter
 from ..metrics import adapter_mem_util
 from ..names import BASELINE_POLICY
-from .instances import InstanceLoad, pick_instance
+from .instances import InstanceLoad, keep_alive_expired, pick_instance
 from .report import RequestRecord, Run, summarize
-from .simulator import Calibration, policy_for
-from .workload import Workload
+from .simulator import Calibration
+from .workload import Workload, workload_policy
 
 
 def write_adapters(workload: Workload, model_config, folder: str | Path, targets: tuple[str, ...]) -> Path:
@@ -75,7 +75,7 @@ def replay_live(workload: Workload, policy: str, engines: list, predictor_checkp
     interval = workload.config.seconds_per_minute
     origin = time.monotonic()  # replay time 0; set again just before the first request
     clock = lambda: time.monotonic() - origin
-    adopted = [policy_for(policy, workload, interval, clock, predictor_checkpoint) for _ in engines]
+    adopted = [workload_policy(policy, workload, interval, clock, predictor_checkpoint) for _ in engines]
     before = [e.stats() for e in engines]  # before adoption: a policy may prefetch at once
     for engine, p in zip(engines, adopted, strict=True):
         engine.set_policy(p)
@@ -230,7 +230,7 @@ def _expire(slots: list[_Slot], now: float, keep_alive_s: float, min_instances: 
             continue
         slot.idle_since = now if slot.idle_since is None else slot.idle_since
         active = sum(s.state != "off" for s in slots)
-        if now - slot.idle_since >= keep_alive_s and active > min_instances:
+        if keep_alive_expired(slot.idle_since, now, keep_alive_s, active, min_instances):
             final_stats.append(slot.engine.stats())
             slot.engine.close()
             slot.engine, slot.state, slot.handles, slot.idle_since = None, "off", [], None
@@ -277,7 +277,7 @@ def replay_serverless(
             started = time.perf_counter()
             engine = make_engine(adapter_loads=loads)
             engine.add_adapter_dir(adapter_dir)
-            p = policy_for(policy, workload, interval, clock, predictor_checkpoint)
+            p = workload_policy(policy, workload, interval, clock, predictor_checkpoint)
             if hasattr(p, "set_origin"):
                 p.set_origin(origin)
             engine.set_policy(p)

@@ -1,24 +1,26 @@
 """A discrete-event simulator of the serverless multi-LoRA engine, for whole trace windows.
 
-What it models is what decides cold starts and waits, with the engine's own parts where they
-are host logic: the adapter pool is the engine's `PagePool` (same placement, eviction order and
-layouts), and the policies are the `plora_jax.policies` objects the live engine runs, fed a
-simulated clock (`PoolView.now`, `observe`'s time, `Predictive.step` once per interval). Costs
-come from a `Calibration` measured on the live engine (`benchmarks.replay --mode live` writes one),
-or from a GPU profile:
+What it models is what decides cold starts and waits, with the engine's own code wherever it is
+host logic: each instance runs the engine's residency core (`plora_jax.lora.residency`: the
+page allocator with its placement, eviction order and layouts, the host cache, the counters,
+policy decisions applied exactly as the engine applies them) on a virtual clock, with a
+`SimulatedTransfer` in place of the transfer thread; the policies are the `plora_jax.policies`
+objects the live engine runs, fed the simulated clock (`PoolView.now`, `observe`'s time,
+`Predictive.step` once per interval). Costs come from a `Calibration` measured on the live
+engine (`benchmarks.replay --mode live` writes one), or from a GPU profile:
 
 - an engine step decodes one token for every running row and prefills one chunk of at most
   `max_num_batched_tokens` tokens over at most `max_prefill_seqs` rows; it lasts
   `decode_base_s + decode_row_s * rows + prefill_token_s * tokens` (+ `prefill_base_s` if it
   prefills);
-- admission is the engine scheduler's: arrival order, a free decode row needed, and a request
-  whose adapter is not on the device starts its load and is passed over, so later requests go
-  first (asynchronous loads); with `adapter_loads="sync"` (S-LoRA as released) the step waits
-  for the load instead, and every running row waits with it;
-- one transfer channel per instance serves demand loads before prefetches; a load lasts
-  `load_base_s + bytes / h2d_bytes_per_s`, plus `bytes / disk_bytes_per_s` when the adapter is
-  not in the host cache (an LRU under `host_cache_bytes`, where every loaded adapter stays);
-  a finished load is committed at the next step boundary, as the engine's poll does.
+- admission follows the engine scheduler's rules: arrival order, a free decode row needed, and
+  a request whose adapter is not on the device starts its load and is passed over, so later
+  requests go first (asynchronous loads); with `adapter_loads="sync"` (S-LoRA as released) the
+  step waits for the load instead, and every running row waits with it;
+- one transfer channel per instance serves demand loads, then prefetches, then host reads; a
+  load lasts `load_base_s + bytes / h2d_bytes_per_s`, plus `bytes / disk_bytes_per_s` when the
+  adapter is not in the host cache; a host read lasts `bytes / disk_bytes_per_s`; a finished
+  load is committed at the next step boundary (or when its completion event runs).
 
 Instances (`instances.InstancePool`) start on demand after `instance_start_s` and stop after
 `keep_alive_s` idle; each has its own pool and its own policy object.
@@ -27,30 +29,34 @@ A request is a cold start if its adapter was not committed on its instance when 
 first asked for it; its cold-start latency is the time from that moment until the adapter was
 there (the engine's `adapter_wait_s`). The simulator is deterministic.
 
-Not modelled: KV-cache capacity (so no preemption), sampling and host overheads beyond what the
-calibrated step times contain, and the time of a policy's host-cache reads (a host prefetch
-lands at once; with a calibration whose `disk_bytes_per_s` is 0, as a live one is, disk reads are
-inside the per-byte load cost anyway).
+What still differs from a live run: the step loop here is a model of the engine's scheduler, not
+the `Scheduler` itself (no KV-cache capacity, so no preemption, no packing or padding of
+prefill chunks); host time beyond what the calibrated step times contain (tokenization, the
+one-step-late read of sampled tokens, the transfer thread's CPU share) is not modelled; with a
+calibration whose `disk_bytes_per_s` is 0, as a live one is, disk reads are inside the per-byte
+load cost and host reads take no time.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from types import MappingProxyType
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from ..buckets import cdiv
-from ..lora_pool import PagePool
-from ..metrics import adapter_mem_util, adapter_pool_fill
+from ..config import EngineConfig
+from ..lora import HostCache, Job, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
+from ..lora.transfer import HOST
+from ..metrics import ADAPTER_COUNTERS, adapter_mem_util, adapter_pool_fill
 from ..names import BASELINE_POLICY
-from ..policies import Decision, Policy, PoolView, Predictive
+from ..policies import Policy
+from .instances import InstancePool
 from .report import RequestRecord, Run, summarize
-from .workload import TraceRequest, Workload
+from .workload import TraceRequest, Workload, workload_policy
 
 
 @dataclass(frozen=True)
@@ -85,23 +91,29 @@ class Calibration:
 
 @dataclass(frozen=True)
 class SimConfig:
-    """The engine and serverless settings a simulation runs with (mirrors EngineConfig fields)."""
+    """A simulation's settings: every instance's engine settings (the `EngineConfig` a live engine
+    runs with, so a live run and its simulation share one config) and the serverless ones. The
+    simulator reads the scheduling fields (`max_num_seqs`, `max_num_batched_tokens`,
+    `max_prefill_seqs`), the adapter pool's (`max_loras`, `lora_pool_pages`, `page_rows`,
+    `max_lora_rank`, `layout`), `host_cache_mb`, `max_prefetch_inflight` and `adapter_loads`."""
 
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_prefill_seqs: int = 4
-    max_loras: int = 8  # adapter slots per instance
-    pool_pages: int = 64  # pages per instance (page 0 reserved, as in the engine)
-    page_rows: int = 8
-    max_lora_rank: int = 64
-    layout: str = "paged"
-    host_cache_bytes: int = 1 << 40  # host cache per instance (default: everything fits)
-    max_prefetch_inflight: int = 2
-    adapter_loads: str = "async"  # "async" | "sync" (S-LoRA)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lora_pool_pages=64, host_cache_mb=2.0**20))
     instances: int = 1  # most instances at once
     min_instances: int = 1  # instances kept warm (0: scale to zero)
     keep_alive_s: float = 600.0  # an idle instance above min_instances stops after this long
     prewarm: bool = True  # a forecasting policy may start an instance ahead of demand
+
+    def __post_init__(self):
+        if self.engine.lora_pool_pages < 2:
+            raise ValueError("SimConfig.engine.lora_pool_pages must be set (>= 2): the simulator sizes pools in pages")
+
+    @property
+    def pool_pages(self) -> int:
+        return self.engine.lora_pool_pages
+
+    @property
+    def host_cache_bytes(self) -> int:
+        return int(self.engine.host_cache_mb * 2**20)
 
 
 @dataclass(eq=False)
@@ -122,21 +134,28 @@ class SimRequest:
 
 
 class SimInstance:
-    """One engine: its pool, host cache, transfer channel, queues and policy."""
+    """One engine: the engine's residency core (pool, host cache, transfers, counters) on a
+    virtual clock, its queues, and its policy."""
 
     def __init__(self, sim: Simulator, index: int, policy: Policy):
-        c = sim.config
+        c, cal = sim.config.engine, sim.calibration
         self.sim, self.index, self.policy = sim, index, policy
-        self.max_pages = cdiv(c.max_lora_rank, c.page_rows)
-        self.pages = PagePool(c.pool_pages, c.max_loras + 1, self.max_pages, c.layout)
-        self.priority: dict[str, float] = {}
-        self.pages.priority = lambda name: self.priority.get(name, 0.0)
-        self.host: OrderedDict[str, int] = OrderedDict()
-        self.loading: dict[str, bool] = {}  # adapter -> prefetch?, until committed
-        self.done: dict[str, float] = {}  # adapter -> time its transfer finishes
-        self.channel_free = 0.0
-        self.channel_queue: list = []  # heap of (kind, seq, adapter)
-        self.prefetched: set[str] = set()
+        self.clock = VirtualClock()
+        registry = Registry(
+            None, "float32", c.max_lora_rank, c.page_rows, ("all",), c.layout, sim.config.pool_pages - 1, sim.page_bytes
+        )
+        for name, rank in sim.workload.ranks.items():
+            registry.insert(registry.entry(name, None, rank, ("all",), rank * cal.bytes_per_rank))
+        pages = PagePool(sim.config.pool_pages, c.max_loras + 1, cdiv(c.max_lora_rank, c.page_rows), c.layout)
+        transfer = SimulatedTransfer(self.clock, self._transfer_s)
+        self.core = Residency(
+            registry, pages, HostCache(sim.config.host_cache_bytes), transfer, self.clock, c.max_prefetch_inflight
+        )
+        self.core.free_when_unused = policy.free_when_unused
+        sim.cores.append(self.core)
+        self.pages = pages
+        self.transfer = transfer
+        self._load_event: float | None = None  # the "load_done" event pushed and not yet run
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.busy_until: float | None = None  # end of the step in progress
@@ -144,138 +163,68 @@ class SimInstance:
         self.idle_since = 0.0
         self.stopped = False
 
-    # --- adapter tiers ------------------------------------------------------------------
-    def nbytes(self, adapter: str) -> int:
-        rank = self.sim.workload.ranks[adapter]
-        rows = self.max_pages * self.sim.config.page_rows if self.pages.layout == "contiguous" else rank
-        return cdiv(rows, self.sim.config.page_rows) * self.sim.config.page_rows * self.sim.calibration.bytes_per_rank
+    def _transfer_s(self, job: Job) -> float:
+        cal = self.sim.calibration
+        if job.kind == HOST:  # a read into the host cache only
+            return job.entry.host_bytes / cal.disk_bytes_per_s if cal.disk_bytes_per_s > 0 else 0.0
+        return cal.load_s(job.entry.device_bytes, on_host=job.source is not None)
 
-    def committed(self, adapter: str) -> bool:
-        return self.pages.get(adapter) is not None and adapter not in self.loading
+    # --- adapter tiers (the residency core) ---------------------------------------------
+    def at(self, now: float) -> None:
+        """Bring the instance's clock to `now` (never back: a synchronous load may be ahead)."""
+        self.clock.advance_to(now)
 
-    def start_load(self, adapter: str, now: float, prefetch: bool, evict_below: float | None = None) -> bool:
-        sim, rank = self.sim, self.sim.workload.ranks[adapter]
-        live = rank * sim.calibration.bytes_per_rank
-        placed = self.pages.allocate(adapter, cdiv(rank, sim.config.page_rows), live, evict_below)
-        if placed is None:
-            return False
-        for other in placed[1]:
-            self._evicted(other)
-        self.pages.pin(adapter)  # a loading adapter is never evicted (as in the engine)
-        self.loading[adapter] = prefetch
-        if prefetch:
-            self.prefetched.add(adapter)
-            sim.counters["prefetch_issued"] += 1
-        heapq.heappush(self.channel_queue, (1 if prefetch else 0, next(sim.seq), adapter))
-        self._run_channel(now)
-        return True
-
-    def _run_channel(self, now: float) -> None:
-        """Start the next queued transfer if the channel is free (demand loads first)."""
-        while self.channel_queue and self.channel_free <= now:
-            _, _, adapter = heapq.heappop(self.channel_queue)
-            if adapter not in self.loading or adapter in self.done:
-                continue
-            nbytes = self.nbytes(adapter)
-            on_host = adapter in self.host
-            end = max(now, self.channel_free) + self.sim.calibration.load_s(nbytes, on_host)
-            self.sim.counters["bytes_host_to_device"] += nbytes
-            if not on_host:
-                self.sim.counters["bytes_disk_to_host"] += nbytes
-            self.host_add(adapter, nbytes)
-            self.channel_free = end
-            self.done[adapter] = end
-            self.sim.push(end, "load_done", self.index)
-
-    def host_add(self, adapter: str, nbytes: int) -> None:
-        self.host[adapter] = nbytes
-        self.host.move_to_end(adapter)
-        while sum(self.host.values()) > self.sim.config.host_cache_bytes and len(self.host) > 1:
-            self.host.popitem(last=False)
+    def _schedule_transfer(self) -> None:
+        t = self.transfer.next_finish()
+        if t is not None and t != self._load_event:
+            self._load_event = t
+            self.sim.push(t, "load_done", self.index)
 
     def commit(self, now: float) -> None:
-        for adapter, end in list(self.done.items()):
-            if end <= now:
-                del self.done[adapter]
-                if self.loading.pop(adapter, None) is not None:
-                    self.pages.unpin(adapter)
-        self._run_channel(now)
-
-    def _evicted(self, adapter: str) -> None:
-        if adapter in self.prefetched:
-            self.prefetched.discard(adapter)
-            self.sim.counters["prefetch_wasted"] += 1
+        """Take back the finished transfers (at a step boundary, as the engine's poll does)."""
+        self.at(now)
+        self._load_event = None
+        self.core.collect()
+        self._schedule_transfer()
 
     def acquire(self, request: SimRequest, now: float) -> bool:
         adapter = request.trace.adapter
-        counters = self.sim.counters
-        if request.asked_at is None:
+        self.at(now)
+        first = request.asked_at is None
+        if first:
             request.asked_at = now
-            request.cold = not self.committed(adapter)
-            counters["cold_starts" if request.cold else "device_hits"] += 1
-            if adapter in self.prefetched:
-                self.prefetched.discard(adapter)
-                counters["prefetch_used"] += 1
-                counters["prefetch_hits"] += not request.cold
-        if not self.committed(adapter):
-            if adapter not in self.loading and not self.start_load(adapter, now, prefetch=False):
-                return False
+            request.cold = self.core.residency(adapter) != "device"
+        slot = self.core.acquire(adapter, first=first)
+        self._schedule_transfer()
+        if slot is None:
             return False  # async: it waits; sync: the caller stalls the step until the load commits
-        self.pages.pin(adapter)
         if request.adapter_ready is None:
             request.adapter_ready = now
         return True
 
     def release(self, request: SimRequest) -> None:
         adapter = request.trace.adapter
-        self.pages.unpin(adapter)
-        res = self.pages.get(adapter)
-        if res is None or res.pins or adapter in self.loading:
-            return
-        if self.policy.free_when_unused and not any(r.trace.adapter == adapter for r in self.waiting):
-            self.pages.evict(adapter)
-            self._evicted(adapter)
+        self.core.release(adapter, wanted=any(r.trace.adapter == adapter for r in self.waiting))
+
+    def wait_for(self, adapter: str) -> float:
+        """A synchronous load: block (on the virtual clock) until `adapter` is on the device;
+        returns when that was."""
+        self.core.collect_for(adapter)
+        self._schedule_transfer()
+        return self.clock()
 
     # --- policy -------------------------------------------------------------------------
     def decide(self, now: float) -> None:
-        view = PoolView(
-            now=now,
-            registered=self.sim.adapter_names,
-            on_device=frozenset(self.pages.resident),
-            on_host=frozenset(self.host),
-            pinned=frozenset(n for n, r in self.pages.resident.items() if r.pins),
-            queued=tuple(r.trace.adapter for r in self.waiting),
-            adapter_bytes=self.sim.adapter_bytes[self.pages.layout],
-            device_bytes=(self.pages.num_pages - 1) * self.sim.page_bytes,
-            device_slots=self.pages.usable_slots,
-            host_bytes=self.sim.config.host_cache_bytes,
-        )
-        decision: Decision = self.policy.decide(view)
-        self.priority = {n: float(p) for n, p in decision.priority.items()}
-        for adapter in decision.evict:
-            res = self.pages.get(adapter)
-            if res is not None and not res.pins and adapter not in self.loading:
-                self.pages.evict(adapter)
-                self._evicted(adapter)
-        inflight = sum(self.loading.values())
-        for adapter in decision.device:
-            if inflight >= self.sim.config.max_prefetch_inflight:
-                break
-            if self.pages.get(adapter) is None and self.start_load(
-                adapter, now, prefetch=True, evict_below=self.priority.get(adapter, 0.0)
-            ):
-                inflight += 1
-        for adapter in decision.host[: self.sim.config.max_prefetch_inflight]:
-            if adapter not in self.host:
-                nbytes = self.nbytes(adapter)
-                self.sim.counters["bytes_disk_to_host"] += nbytes
-                self.host_add(adapter, nbytes)
+        self.at(now)
+        view = self.core.view(now, tuple(r.trace.adapter for r in self.waiting))
+        self.core.apply(self.policy.decide(view))
+        self._schedule_transfer()
 
     # --- one engine step ----------------------------------------------------------------
     def step(self, now: float) -> None:
         """Start a step at `now` if there is work; schedules its end."""
         self.commit(now)
-        c, cal = self.sim.config, self.sim.calibration
+        c, cal = self.sim.config.engine, self.sim.calibration
         decode = [r for r in self.running if r.prefilled >= r.trace.prompt_tokens]
         prefill, budget = [], c.max_num_batched_tokens
         candidates = [r for r in self.running if r.prefilled < r.trace.prompt_tokens] + list(self.waiting)
@@ -287,10 +236,9 @@ class SimInstance:
                 if len(self.running) >= c.max_num_seqs:
                     break
                 if not self.acquire(request, now + stall):
-                    if c.adapter_loads == "sync" and request.trace.adapter in self.loading:
+                    if c.adapter_loads == "sync" and self.core.is_loading(request.trace.adapter):
                         # S-LoRA: the load runs inside this step; every row waits for it
-                        stall = max(stall, self.done.get(request.trace.adapter, now) - now)
-                        self.commit(now + stall)
+                        stall = max(stall, self.wait_for(request.trace.adapter) - now)
                         if not self.acquire(request, now + stall):
                             continue
                     else:
@@ -346,35 +294,20 @@ class Simulator:
         calibration: Calibration,
         interval_s: float | None = None,
     ):
-        from .instances import InstancePool
-
         if calibration.bytes_per_rank <= 0:
             raise ValueError("calibration.bytes_per_rank must be > 0 (device bytes of one rank row)")
         self.workload, self.config, self.calibration = workload, config, calibration
         self.interval_s = interval_s if interval_s is not None else workload.config.seconds_per_minute
         self.adapter_names = tuple(workload.ranks)
-        self.page_bytes = config.page_rows * calibration.bytes_per_rank
-        max_pages = cdiv(config.max_lora_rank, config.page_rows)
-        self.adapter_bytes = {
-            "paged": MappingProxyType(
-                {n: cdiv(r, config.page_rows) * self.page_bytes for n, r in workload.ranks.items()}
-            ),
-            "contiguous": MappingProxyType({n: max_pages * self.page_bytes for n in workload.ranks}),
-        }
-        self.counters = dict.fromkeys(
-            (
-                *("cold_starts", "device_hits", "prefetch_issued", "prefetch_used", "prefetch_hits", "prefetch_wasted"),
-                *("bytes_host_to_device", "bytes_disk_to_host"),
-            ),
-            0,
-        )
+        self.page_bytes = config.engine.page_rows * calibration.bytes_per_rank
+        self.cores: list[Residency] = []  # every instance's residency core, stopped ones included
         self.seq = itertools.count()
         self.events: list = []
         self.finished = 0
         self.requests = [SimRequest(i, r, r.arrival_s) for i, r in enumerate(workload.requests)]
         self.mem_samples: list[tuple[float, float, float]] = []  # (time, live/reserved, reserved/pool)
         self.now = 0.0
-        self.pool = InstancePool(self, make_policy)
+        self.pool = InstancePool(self, make_policy, SimInstance)
 
     def push(self, when: float, kind: str, instance: int, payload=None) -> None:
         heapq.heappush(self.events, (when, next(self.seq), kind, instance, payload))
@@ -423,8 +356,7 @@ class Simulator:
         return self
 
     def forecast_step(self, policy: Policy) -> None:
-        if isinstance(policy, Predictive):
-            policy.step()
+        policy.step()  # a forecaster's interval on the simulated clock (a no-op for the others)
 
     def records(self) -> list[RequestRecord]:
         return [
@@ -452,36 +384,15 @@ class Simulator:
             "compiles_after_warmup": 0,
         }
         records = self.records()
-        return Run(summarize(records, self.counters, util, extra), records, memory)
+        return Run(summarize(records, self.counters(), util, extra), records, memory)
 
-
-def policy_for(
-    name: str,
-    workload: Workload,
-    interval_s: float,
-    clock: Callable[[], float],
-    predictor_checkpoint: str = "",
-) -> Policy:
-    """The replay's policy `name` (`reactive_sync` is `reactive`; the engine makes its loads
-    synchronous). Time-compressed: one policy interval is one trace minute, the forecaster's
-    time of day follows the trace clock (`clock()`: seconds since the replay started)."""
-    from ..policies import make_policy
-    from ..policies.predictive import EwmaForecaster
-
-    base = "reactive" if name == BASELINE_POLICY else name
-    if base == "oracle":
-        return make_policy("oracle", interval_s, arrivals=workload.arrivals())
-    if base == "predictive":
-        if predictor_checkpoint == "ewma":
-            forecaster = EwmaForecaster()
-        else:
-            from plora_jax.predictor.forecaster import LstmForecaster
-
-            spm = workload.config.seconds_per_minute
-            minute = lambda: workload.first_minute + clock() / spm
-            forecaster = LstmForecaster(predictor_checkpoint or None, interval_minutes=1.0, minute_of_day=minute)
-        return make_policy("predictive", interval_s, forecaster=forecaster)
-    return make_policy(base, interval_s)
+    def counters(self) -> dict:
+        """The adapter counters (`plora_jax.metrics`) summed over every instance that ran."""
+        total = dict.fromkeys(ADAPTER_COUNTERS, 0)
+        for core in self.cores:
+            for name, value in core.counters.items():
+                total[name] += value
+        return total
 
 
 def simulate(
@@ -493,9 +404,9 @@ def simulate(
 ) -> Run:
     """Replay `workload` under `policy` in simulation."""
     if policy == BASELINE_POLICY:
-        config = replace(config, adapter_loads="sync")
+        config = replace(config, engine=replace(config.engine, adapter_loads="sync"))
     interval = workload.config.seconds_per_minute
     sim: Simulator | None = None  # the factory runs inside sim.run(), after the assignment below
-    factory = lambda: policy_for(policy, workload, interval, lambda: sim.now, predictor_checkpoint)
+    factory = lambda: workload_policy(policy, workload, interval, lambda: sim.now, predictor_checkpoint)
     sim = Simulator(workload, factory, config, calibration, interval)
     return sim.run().result()

@@ -189,3 +189,13 @@ def generate(config: WorkloadConfig) -> Workload:
     order = np.argsort(times, kind="stable")
     requests = [TraceRequest(float(times[j]), adapters[j], int(prompt[j]), int(output[j]), minutes[j]) for j in order]
     return Workload(config, ranks, requests, trace.counts.astype(np.int64), trace.first_minute)
+
+
+def workload_policy(name: str, workload: Workload, interval_s: float, clock, predictor_checkpoint: str = ""):
+    """`policies.replay_policy` for `workload`: one policy interval per trace minute, the
+    forecaster's time of day following the trace clock (`clock()`: seconds since the start)."""
+    from ..policies import replay_policy
+
+    spm = workload.config.seconds_per_minute
+    minute = lambda: workload.first_minute + clock() / spm
+    return replay_policy(name, interval_s, workload.arrivals(), minute, predictor_checkpoint)

@@ -1,0 +1,124 @@
+"""The disk tier: registered adapters, what each needs on the device, and reading them.
+
+`prepare` validates a PEFT folder from its config and safetensors header (cheap, so a folder of
+thousands registers in seconds with `scan`) and `read` reads and lays out its weights into a
+`HostCopy` (which also finds NaN/Inf weights). Both are pure functions of the files and the
+settings, so any thread may call them: the engine reads an added adapter on the caller's
+thread and the transfer thread reads for loads, and neither writes into a shared entry.
+`insert`, `remove` and the `entries` map belong to the owner of the residency (the engine loop
+or the simulator).
+
+An `AdapterEntry` holds what never changes while it is registered (path, rank, pages, bytes)
+plus two fields the owner alone writes: the last load's time and error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..buckets import cdiv
+from ..config import ModelConfig
+from .host_cache import HostCopy
+from .peft import AdapterError, inspect_adapter, layout_pages, load_adapter
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    path: Path | None  # None for a simulated adapter (sizes only)
+    rank: int
+    target_modules: tuple[str, ...]
+    num_pages: int  # pages its weights need (ceil(rank / page_rows))
+    live_bytes: int  # bytes of the weights at their true ranks
+    device_bytes: int  # bytes it reserves in the device pool (whole pages; max rank if contiguous)
+    host_bytes: int  # bytes of its host copy (its own pages, whatever the device layout)
+    load_s: float = 0.0  # time of the last device load, from its request to its commit (owner)
+    error: BaseException | None = None  # why the last load failed (owner)
+
+
+def check_name(name) -> None:
+    if not isinstance(name, str) or not name or name.strip() != name:
+        raise AdapterError(f"adapter name {name!r} must be a non-empty string without surrounding spaces")
+
+
+class Registry:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        dtype,
+        max_rank: int,
+        page_rows: int,
+        modules: tuple[str, ...],
+        layout: str,
+        capacity_pages: int,
+        page_bytes: int,
+    ):
+        self.model_config, self.dtype = model_config, np.dtype(dtype)
+        self.max_rank, self.page_rows, self.modules = max_rank, page_rows, modules
+        self.layout, self.page_bytes = layout, page_bytes
+        self.max_pages = cdiv(max_rank, page_rows)
+        # The most pages one adapter may take: the whole pool (page 0 aside), or one fixed slot.
+        self.capacity_pages = self.max_pages if layout == "contiguous" else capacity_pages
+        self.entries: dict[str, AdapterEntry] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    # --- pure (any thread) --------------------------------------------------------------
+    def entry(self, name: str, path: Path | None, rank: int, targets: tuple[str, ...], live_bytes: int):
+        """An entry for an adapter of `rank` (the sizes follow from the settings)."""
+        num_pages = cdiv(rank, self.page_rows)
+        if num_pages > self.capacity_pages:
+            raise AdapterError(f"{path or name}: adapter needs {num_pages} pages, the pool holds {self.capacity_pages}")
+        occupied = self.max_pages if self.layout == "contiguous" else num_pages
+        return AdapterEntry(
+            name, path, rank, targets, num_pages, live_bytes, occupied * self.page_bytes, num_pages * self.page_bytes
+        )
+
+    def prepare(self, name: str, path: str | Path) -> AdapterEntry:
+        """Validate `path` (config and tensor header) into an entry, not yet registered."""
+        check_name(name)
+        path = Path(path)
+        info = inspect_adapter(path, self.model_config, self.max_rank, self.modules)
+        return self.entry(name, path, info.rank, info.target_modules, info.live_elements * self.dtype.itemsize)
+
+    def read(self, entry: AdapterEntry) -> HostCopy:
+        """Read and lay out `entry`'s weights (NaN/Inf and a changed folder raise AdapterError)."""
+        if entry.path is None:
+            raise AdapterError(f"adapter {entry.name!r} has no folder to read")
+        adapter = load_adapter(entry.name, entry.path, self.model_config, self.max_rank, self.modules)
+        if adapter.rank != entry.rank:
+            raise AdapterError(f"{entry.path}: changed since registration (rank {entry.rank} -> {adapter.rank})")
+        a_pages, b_pages, _ = layout_pages(adapter, self.model_config, self.page_rows, self.dtype, self.modules)
+        return HostCopy.of(a_pages, b_pages)
+
+    # --- the owner's ----------------------------------------------------------------------
+    def insert(self, entry: AdapterEntry, removing: set[str] = frozenset()) -> None:
+        if entry.name in self.entries:
+            raise AdapterError(f"adapter name {entry.name!r} is already registered")
+        if entry.name in removing:
+            raise AdapterError(f"adapter name {entry.name!r} was removed and is still used by running requests")
+        self.entries[entry.name] = entry
+
+    def scan(self, folder: str | Path) -> tuple[list[AdapterEntry], dict[str, str]]:
+        """Entries for every subfolder of `folder` holding adapter_config.json, named after it
+        (validated from config and header only), skipping those registered under the same name
+        and path; plus {name: error} for the folders refused."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise AdapterError(f"{folder}: adapter folder not found")
+        found, errors = [], {}
+        for sub in sorted(folder.iterdir()):
+            if not (sub / "adapter_config.json").is_file():
+                continue
+            existing = self.entries.get(sub.name)
+            if existing is not None and existing.path == sub:
+                continue
+            try:
+                found.append(self.prepare(sub.name, sub))
+            except AdapterError as e:
+                errors[sub.name] = str(e)
+        return found, errors

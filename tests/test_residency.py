@@ -1,0 +1,165 @@
+"""The residency core on a virtual clock, as the simulator runs it: a `SimulatedTransfer` whose
+jobs take simulated time, hand-checked timing, and its invariants under random arrivals,
+finishes, decisions, failed and stale transfers (hypothesis)."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plora_jax.config import tiny
+from plora_jax.lora import HostCache, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
+from plora_jax.lora.transfer import DEMAND
+from plora_jax.policies import Decision
+
+PAGE_BYTES = 1000
+
+
+def make_core(num_pages=9, slots=4, max_rank=32, page_rows=8, layout="paged", host_budget=10**9, failure=None):
+    clock = VirtualClock()
+    registry = Registry(tiny(), "float32", max_rank, page_rows, ("q_proj",), layout, num_pages - 1, PAGE_BYTES)
+    pages = PagePool(num_pages, slots + 1, max_rank // page_rows, layout)
+    # A load takes 1 s plus 1 s per page; a copy already on the host takes half as long.
+    transfer = SimulatedTransfer(
+        clock, lambda job: (1.0 + job.entry.num_pages) * (0.5 if job.source else 1.0), failure=failure
+    )
+    core = Residency(registry, pages, HostCache(host_budget), transfer, clock)
+    return core, clock, transfer
+
+
+def register(core, name, rank):
+    core.insert(core.registry.entry(name, None, rank, ("q_proj",), live_bytes=rank * 100))
+
+
+def test_a_demand_load_takes_its_simulated_time_and_then_hits():
+    core, clock, transfer = make_core()
+    register(core, "a", 16)  # 2 pages: a 3 s load from "disk"
+    assert core.acquire("a") is None and core.residency("a") == "loading"
+    assert transfer.next_finish() == 3.0
+    clock.advance_to(2.9)
+    assert core.collect() == ([], []) and core.is_loading("a")
+    clock.advance_to(3.0)
+    ready, failures = core.collect()
+    assert [j.name for j in ready] == ["a"] and not failures and ready[0].entry.load_s == 3.0
+    slot = core.acquire("a", first=False)
+    assert slot is not None and core.residency("a") == "device"
+    core.release("a")
+    assert core.stats()["cold_starts"] == 1 and core.stats()["bytes_host_to_device"] == 2 * PAGE_BYTES
+    # Free it and load again: the host copy kept from the first read makes it 1.5 s.
+    core.free_when_unused = True
+    core.acquire("a")
+    core.release("a")
+    core.release("a")  # a second release of the same pin changes nothing
+    assert core.residency("a") == "host"
+    core.acquire("a")
+    assert transfer.next_finish() == pytest.approx(4.5)
+    core.collect_for("a")  # a blocking wait moves the virtual clock to the load's end
+    assert clock() == pytest.approx(4.5) and core.residency("a") == "device"
+    core.check()
+
+
+def test_demand_loads_go_before_prefetches_on_the_one_channel():
+    core, clock, _ = make_core()
+    for name in "abc":
+        register(core, name, 8)  # 1 page: 2 s each
+    core.apply(Decision(device=["a", "b"], priority={"a": 1.0, "b": 1.0}))  # a runs 0-2, b queued
+    core.acquire("c")  # demand: jumps the queued prefetch
+    clock.advance_to(4.0)
+    ready, _ = core.collect()
+    assert [j.name for j in ready] == ["a", "c"] and [j.kind for j in ready][1] == DEMAND
+    clock.advance_to(6.0)
+    assert [j.name for j in core.collect()[0]] == ["b"]
+
+
+def test_a_placement_evicted_in_flight_is_dropped_and_never_committed():
+    core, clock, _ = make_core(num_pages=3, slots=2)  # room for one 2-page adapter
+    register(core, "a", 16)
+    register(core, "b", 16)
+    core.apply(Decision(device=["a"], priority={"a": 1.0}))
+    core.apply(Decision(priority={"a": 0.0}, evict=["a"]))  # in flight: pinned, not evictable
+    assert core.is_loading("a")
+    core.remove("a")  # the placement goes; the copy in flight is stale
+    clock.advance_to(10.0)
+    ready, failures = core.collect()
+    assert ready == [] and failures == [] and core.stats()["stale_dropped"] == 1
+    assert core.acquire("b") is None  # the pages are free again for another adapter
+    core.check()
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["arrive", "finish", "prefetch", "evict", "remove", "readd", "tick", "wait"]),
+        st.integers(0, 5),
+        st.floats(0.0, 1.0),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS, layout=st.sampled_from(["paged", "contiguous"]), seed=st.integers(0, 3))
+def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, seed):
+    """No page leaks or is owned twice, pins never go negative or release a pinned adapter,
+    every device job is either committed, dropped as stale or failed, exactly once."""
+    failing = {f"a{seed}"}  # this adapter's transfers fail
+
+    def failure(job):
+        return RuntimeError("injected") if job.name in failing else None
+
+    core, clock, transfer = make_core(layout=layout, host_budget=3000, failure=failure)
+    submitted = []
+    submit = transfer.submit
+    transfer.submit = lambda job: submitted.append(job) or submit(job)
+    ranks = [8, 16, 24, 32, 8, 16]
+    for i, rank in enumerate(ranks):
+        register(core, f"a{i}", rank)
+    held: dict[str, int] = {}
+    outcomes: dict[int, str] = {}
+
+    def collect(block=False):
+        ready, failures = core.collect(block)
+        for job in ready:
+            assert id(job) not in outcomes, "a job handed back twice"
+            outcomes[id(job)] = "committed"
+        return failures
+
+    for op, key, value in ops:
+        name = f"a{key}"
+        if op == "arrive" and name in core.entries:
+            if core.acquire(name) is not None:
+                held[name] = held.get(name, 0) + 1
+        elif op == "finish" and held.get(name):
+            core.release(name)
+            held[name] -= 1
+        elif op == "prefetch":
+            core.apply(Decision(device=[name], host=[name], priority={name: value}))
+        elif op == "evict":
+            core.apply(Decision(evict=[name]))
+        elif op == "remove" and name in core.entries and not held.get(name):
+            core.remove(name)
+        elif op == "readd" and name not in core.entries and name not in core.removing:
+            register(core, name, ranks[key])
+        elif op == "tick":
+            clock.advance_to(clock() + 3.0 * value)
+            collect()
+        elif op == "wait":
+            collect(block=True)
+        core.check()
+        for n, count in held.items():
+            if count:
+                assert core.pages.get(n) is not None and core.pages.get(n).pins >= count, n
+    for name, count in held.items():
+        for _ in range(count):
+            core.release(name)
+    while core.loading or core.host_jobs:
+        collect(block=True)
+    clock.advance_to(clock() + 1e6)  # jobs whose placement went meanwhile come back too (as stale)
+    collect()
+    assert transfer.next_finish() is None
+    core.check()
+    assert all(r.pins == 0 for r in core.pages.resident.values())
+    device_jobs = [j for j in submitted if j.kind != 2]
+    committed = sum(outcomes.get(id(j)) == "committed" for j in device_jobs)
+    failed = sum(j.error is not None for j in device_jobs)
+    stats = core.stats()
+    assert committed + failed + stats["stale_dropped"] == len(device_jobs)
+    assert stats["load_failures"] == sum(j.error is not None for j in submitted)
