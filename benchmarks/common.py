@@ -23,3 +23,18 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def run_clients(client, concurrency: int) -> float:
+    """Run `client()` on `concurrency` threads at once (closed-loop clients); returns the wall
+    seconds until the last one returns."""
+    import threading
+    import time
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start

@@ -20,6 +20,8 @@ import argparse
 import sys
 import time
 
+from benchmarks.common import run_clients
+
 
 def random_params(config, dtype, seed: int = 0):
     """Random parameters built on the default device (no host copy of 16 GB for an 8B model)."""
@@ -60,13 +62,7 @@ def run_ours(engine, prompts, max_tokens: int, concurrency: int) -> dict:
             with lock:
                 outputs.append(out)
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    seconds = run_clients(client, concurrency)
     tokens = sum(len(o.token_ids) for o in outputs)
     return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
 

@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 
+from benchmarks.common import run_clients
+
 TOPICS = [
     "the water cycle",
     "how vaccines work",
@@ -77,13 +79,7 @@ def run_ours(engine, prompts, max_tokens: int, concurrency: int) -> dict:
                 i, prompt = queue.pop(0)
             outputs[i] = engine.submit(prompt, sp).result()
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed = run_clients(client, concurrency)
     tokens = sum(len(o.token_ids) for o in outputs)
     return {
         "tok_s": tokens / elapsed,
