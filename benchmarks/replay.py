@@ -135,6 +135,8 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
 
     if cfg.mode not in ("live", "sim"):
         raise SystemExit(f"--mode must be live or sim, got {cfg.mode!r}")
+    if cfg.compare and cfg.mode != "sim":
+        raise SystemExit("--compare: compares a simulation with a live run (use it with --mode sim)")
     policies = [p for p in cfg.policies.split(",") if p]
     known = set(ALL_POLICIES.split(","))
     if not policies or set(policies) - known:

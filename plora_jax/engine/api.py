@@ -33,6 +33,7 @@ import jax
 
 from ..config import EngineConfig, ModelConfig
 from ..lora.manager import LoraManager
+from ..lora.peft import AdapterError
 from ..models.loader import LoadedModel, load_model
 from ..models.registry import cache_root
 from ..pallas.attention import cpu as cpu_attention
@@ -371,6 +372,8 @@ class Engine:
         names the file and field) and loaded onto the device when a request first uses it (or
         earlier, if the policy prefetches it)."""
         lora = self._lora()
+        if self.has_adapter(name):  # before reading anything (the loop checks again when it inserts)
+            raise AdapterError(f"adapter name {name!r} is already registered")
         entry, copy = lora.prepare(name, path)  # validated and read here, on the caller's thread
         return self.core.call(lambda: self._describe(lora.insert(entry, copy).name))
 

@@ -362,8 +362,10 @@ class EngineCore:
                         message.done.put((False, e))
                         raise
                     result = (False, e)
-                self.publish()  # before the reply: the caller's next read sees what the call did
-                message.done.put(result)
+                try:
+                    self.publish()  # before the reply: the caller's next read sees what the call did
+                finally:
+                    message.done.put(result)
 
     # --- outputs ----------------------------------------------------------------------------
     def _process(self, launched: list[Launched]) -> None:
@@ -487,7 +489,7 @@ class EngineCore:
                 self._fail_request(request, AdapterError(f"adapter {request.adapter!r} was removed"))
         self._unservable.clear()
 
-    def _poll_adapters(self, wait_for: str | None = None) -> None:
+    def _poll_adapters(self, wait_for: str | None = None) -> list[tuple[str, BaseException]]:
         """Commit finished adapter transfers (optionally waiting for `wait_for`'s); fail the
         requests whose adapter could not be loaded."""
         if wait_for is not None:
@@ -500,6 +502,7 @@ class EngineCore:
             for request in list(self.scheduler.waiting):
                 if request.adapter == name:
                     self._fail_request(request, AdapterError(f"adapter {name!r} could not be loaded: {error}"))
+        return failures
 
     def wait_for_adapter(self, name: str) -> None:
         """Block until `name`'s device load in flight (if any) is committed or has failed."""
@@ -583,7 +586,9 @@ class EngineCore:
                         if error is not None:
                             raise AdapterError(f"adapter {adapter!r} could not be loaded: {error}") from error
                         raise RuntimeError(f"logits: the adapter pool is busy; {adapter!r} cannot be loaded now")
-                    self._poll_adapters(wait_for=adapter)
+                    failed = [e for name, e in self._poll_adapters(wait_for=adapter) if name == adapter]
+                    if failed:  # its load failed: scoring does not retry it forever
+                        raise AdapterError(f"adapter {adapter!r} could not be loaded: {failed[0]}") from failed[0]
                 probes.append(probe)
             out: list[list[np.ndarray]] = [[] for _ in seqs]
             for step in self._score_steps(seqs):

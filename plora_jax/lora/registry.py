@@ -35,7 +35,7 @@ class AdapterEntry:
     live_bytes: int  # bytes of the weights at their true ranks
     device_bytes: int  # bytes it reserves in the device pool (whole pages; max rank if contiguous)
     host_bytes: int  # bytes of its host copy (its own pages, whatever the device layout)
-    load_s: float = 0.0  # time of the last device load, from its request to its commit (owner)
+    load_s: float = 0.0  # time of the last device load, from its request until it was handed back (owner)
     error: BaseException | None = None  # why the last load failed (owner)
 
 

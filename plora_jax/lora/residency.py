@@ -247,10 +247,10 @@ class Residency:
             if job.error is not None:
                 self.counters["load_failures"] += 1
                 job.entry.error = job.error
-            else:
+            elif current_entry:
                 self.counters["bytes_disk_to_host"] += job.bytes_disk
                 copy = job.read or job.source
-                if current_entry and copy is not None:  # the copy read (or used) stays if the budget allows
+                if copy is not None:  # the copy read (or used) stays if the budget allows
                     self.host.put(job.name, copy, self._busy() - {job.name})
             if job.kind == HOST:
                 if self.host_jobs.get(job.name) is job:

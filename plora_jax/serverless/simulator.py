@@ -390,8 +390,9 @@ class Simulator:
         """The adapter counters (`plora_jax.metrics`) summed over every instance that ran."""
         total = dict.fromkeys(ADAPTER_COUNTERS, 0)
         for core in self.cores:
-            for name, value in core.counters.items():
-                total[name] += value
+            stats = core.stats()  # the counters, host-cache evictions included
+            for name in total:
+                total[name] += stats[name]
         return total
 
 

@@ -71,7 +71,7 @@ void attend_fixed(const Problem& p, int64_t item) {
   const int64_t b = item / p.num_kv, h = item % p.num_kv;
   const float* q = p.q + (b * p.num_heads + h * G) * D;
   float* out = p.out + (b * p.num_heads + h * G) * D;
-  // A row never reads past its own table: a length beyond it is clamped (as the XLA path does).
+  // A row never reads past its own table: a length beyond it is clamped to the table's span.
   const int64_t len = std::min<int64_t>(p.lens[b], p.max_blocks * BS);
   if (len <= 0) {
     std::fill(out, out + G * D, 0.0f);
@@ -195,6 +195,7 @@ ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   if (kd[0] != vd[0] || kd[1] != vd[1] || kd[2] != vd[3] || kd[3] != vd[2]) {  // K [KV,N,D,BS], V [KV,N,BS,D]
     return ffi::Error::InvalidArgument("plora_paged_decode: the k cache is not the v cache transposed per block");
   }
+  if (kd[0] < 1 || kd[1] < 1) return ffi::Error::InvalidArgument("plora_paged_decode: an empty cache");
   if (td[0] != qd[0] || ld[0] != qd[0] || od[0] != qd[0] || od[1] != qd[1] || od[2] != qd[2]) {
     return ffi::Error::InvalidArgument("plora_paged_decode: q, tables, lens and out disagree on the batch");
   }
