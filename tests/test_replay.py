@@ -224,6 +224,8 @@ def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path, capsys):
     # reactive frees every adapter after use: with these gaps every request finds its adapter gone
     assert policies["reactive"]["cold_starts"] >= policies["lru"]["cold_starts"]
     assert payload["calibration"]["bytes_per_rank"] > 0 and payload["calibration"]["decode_base_s"] > 0
+    cal = payload["calibration"]
+    assert cal["decode_adapter_row_s"] >= 0 and cal["prefill_adapter_token_s"] >= 0
     assert png.stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "| compiles |" in printed and "predictive vs reactive_sync" in printed
@@ -260,3 +262,11 @@ def test_live_instances_start_from_zero_and_stop_after_keep_alive(tmp_path):
     first, late = min(run.records, key=lambda r: r.arrival), max(run.records, key=lambda r: r.arrival)
     assert first.instance_wait_s > 0 and first.first_token - first.arrival >= first.instance_wait_s
     assert (late.instance_wait_s > 0) == (s["instance_starts"] == 3)
+
+
+def test_a_step_costs_its_adapters_on_top_of_the_base_model():
+    cal = Calibration(decode_base_s=1.0, decode_row_s=0.5, prefill_token_s=0.1)
+    cal = dataclasses.replace(cal, decode_adapter_row_s=0.25, prefill_adapter_token_s=0.05)
+    # 2 decode rows (both on adapters) and 10 prefill tokens (all on adapters): 2 + 1 + 1.0
+    assert cal.step_s(2, 10, 2, 10) == pytest.approx(4.0)
+    assert cal.step_s(2, 10) == pytest.approx(3.0)  # the same step without adapters

@@ -166,6 +166,21 @@ def _holds(engine, adapter: str) -> bool:
     return adapter in engine.resident_adapters()
 
 
+def _resident_set(engine) -> list[str]:
+    """Registered adapters, smallest first, as many as the device pool holds at once."""
+    config = engine.config
+    pages_left, slots_left = engine.stats().get("adapter_pages_total", 0), config.max_loras
+    slot_pages = -(-config.max_lora_rank // config.page_rows)  # what a contiguous slot reserves
+    chosen = []
+    for a in sorted(engine.adapters(), key=lambda a: a["num_pages"]):
+        pages = slot_pages if config.layout == "contiguous" else a["num_pages"]
+        if pages <= pages_left and slots_left > 0:
+            chosen.append(a["name"])
+            pages_left -= pages
+            slots_left -= 1
+    return chosen
+
+
 def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -> Calibration:
     """The simulator's costs measured on a warm `engine`: decode steps at one row and at a full
     batch, prefill per token, and the loads' effective bytes per second from live replay
@@ -188,6 +203,24 @@ def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -
     chunk = min(engine.runner.buckets.prefill[-1], engine.max_model_len // 2)
     short, long = ttft(16), ttft(chunk)
     token_s = max(0.0, (long - short) / (chunk - 16))
+    # The adapters' cost: the same full batch and long prompt with every row on an adapter (as
+    # many distinct ones as fit the pool at once, loaded first so no load is timed).
+    adapters = _resident_set(engine)
+    adapter_row_s = adapter_token_s = 0.0
+    if adapters:
+        from ..policies import make_policy
+
+        engine.set_policy(make_policy("lru"))  # keep them resident between the timed runs
+        names = [adapters[i % len(adapters)] for i in range(rows)]
+        prompts = [_prompt(rng, 8, vocab) for _ in range(rows)]
+        engine.generate(prompts, greedy(2), adapters=names)  # loads them
+        outs = engine.generate(prompts, greedy(33), adapters=names)
+        adapter_row_s = max(0.0, (float(np.median([o.metrics.tpot_s for o in outs])) - full) / rows)
+        prompt = _prompt(rng, chunk, vocab)
+        engine.generate([prompt], greedy(1), adapters=[adapters[0]])
+        timed = [engine.generate([prompt], greedy(1), adapters=[adapters[0]])[0] for _ in range(3)]
+        with_adapter = float(np.median([o.metrics.ttft_s - o.metrics.adapter_wait_s for o in timed]))
+        adapter_token_s = max(0.0, (with_adapter - long) / chunk)
     stats = engine.stats()
     loads = [(r["adapter_load_s_total"], r["bytes_host_to_device"]) for r in runs or () if r.get("adapter_loads")]
     seconds, nbytes = sum(s for s, _ in loads), sum(b for _, b in loads)
@@ -197,6 +230,8 @@ def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -
         decode_row_s=row_s,
         prefill_base_s=max(0.0, short - 16 * token_s - one),
         prefill_token_s=token_s,
+        decode_adapter_row_s=adapter_row_s,
+        prefill_adapter_token_s=adapter_token_s,
         load_base_s=0.0,
         h2d_bytes_per_s=nbytes / seconds if seconds else 2e9,
         disk_bytes_per_s=0.0,  # 0: folded into h2d (the live loads' rate includes their disk reads)

@@ -12,7 +12,8 @@ engine (`benchmarks.replay --mode live` writes one), or from a GPU profile:
 - an engine step decodes one token for every running row and prefills one chunk of at most
   `max_num_batched_tokens` tokens over at most `max_prefill_seqs` rows; it lasts
   `decode_base_s + decode_row_s * rows + prefill_token_s * tokens` (+ `prefill_base_s` if it
-  prefills);
+  prefills), plus `decode_adapter_row_s` per row and `prefill_adapter_token_s` per token that
+  runs an adapter;
 - admission follows the engine scheduler's rules: arrival order, a free decode row needed, and
   a request whose adapter is not on the device starts its load and is passed over, so later
   requests go first (asynchronous loads); with `adapter_loads="sync"` (S-LoRA as released) the
@@ -71,11 +72,16 @@ class Calibration:
     load_base_s: float = 0.01  # fixed cost of one adapter load (placement, commit)
     h2d_bytes_per_s: float = 2e9  # host to device copy
     disk_bytes_per_s: float = 5e8  # disk read into the host cache (0: already counted in h2d_bytes_per_s)
+    decode_adapter_row_s: float = 0.0  # added per decoding row that runs an adapter
+    prefill_adapter_token_s: float = 0.0  # added per prefilled token that runs an adapter
     instance_start_s: float = 20.0  # an instance from zero to warm (params and executables from caches)
     bytes_per_rank: int = 0  # device bytes one rank row of an adapter occupies (all layers, projections)
 
-    def step_s(self, decode_rows: int, prefill_tokens: int) -> float:
+    def step_s(self, decode_rows: int, prefill_tokens: int, adapter_rows: int = 0, adapter_tokens: int = 0) -> float:
+        """A step's duration; `adapter_rows` of the decode rows and `adapter_tokens` of the
+        prefill tokens run an adapter (its pages' cost comes on top of the base model's)."""
         t = self.decode_base_s + self.decode_row_s * decode_rows if decode_rows else 0.0
+        t += self.decode_adapter_row_s * adapter_rows + self.prefill_adapter_token_s * adapter_tokens
         if prefill_tokens:
             t += self.prefill_base_s + self.prefill_token_s * prefill_tokens
             t = max(t, self.decode_base_s)  # a step has at least one launch's fixed cost
@@ -254,7 +260,10 @@ class SimInstance:
             if stall:
                 self.sim.push(now + stall, "step", self.index)
             return
-        end = now + stall + cal.step_s(len(decode), sum(chunk for _, chunk in prefill))
+        adapter_rows = sum(r.trace.adapter is not None for r in decode)
+        adapter_tokens = sum(chunk for r, chunk in prefill if r.trace.adapter is not None)
+        tokens = sum(chunk for _, chunk in prefill)
+        end = now + stall + cal.step_s(len(decode), tokens, adapter_rows, adapter_tokens)
         self.busy_until = end
         self.sim.push(end, "step_end", self.index, (decode, prefill))
 
