@@ -47,3 +47,8 @@ def pick_bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of `n` that is <= `cap` (kernel tile counts that divide a table width)."""
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)

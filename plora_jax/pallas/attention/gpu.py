@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-
-def _divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+from ...buckets import divisor_at_most
 
 
 def decode(q, k_cache, v_cache, block_tables, context_lens, interpret: bool = False):
@@ -23,8 +21,8 @@ def decode(q, k_cache, v_cache, block_tables, context_lens, interpret: bool = Fa
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
     width = block_tables.shape[1]
-    k_splits = _divisor_at_most(width, 16)
-    per_block = _divisor_at_most(width // k_splits, 8)
+    k_splits = divisor_at_most(width, 16)
+    per_block = divisor_at_most(width // k_splits, 8)
     out = paged_attention(
         q * q.shape[-1] ** -0.5,
         k_cache,

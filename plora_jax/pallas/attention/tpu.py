@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .gpu import _divisor_at_most
+from ...buckets import divisor_at_most
 
 
 def decode(q, k_cache, v_cache, block_tables, context_lens):
     """q [batch, num_heads, head_dim] -> [batch, num_heads, head_dim]."""
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-    per_block = _divisor_at_most(block_tables.shape[1], 8)
+    per_block = divisor_at_most(block_tables.shape[1], 8)
     out = paged_attention(
         q * q.shape[-1] ** -0.5,
         k_cache,
