@@ -62,7 +62,7 @@ DEFAULT_CALIBRATION = Path(__file__).parent / "results" / "replay_live_cpu.json"
 
 
 def load_calibration(path: str):
-    from plora_jax.serverless.simulator import Calibration
+    from plora_jax.serverless.sim import Calibration
 
     path = Path(path) if path else DEFAULT_CALIBRATION
     try:
@@ -119,7 +119,7 @@ def engine_factory(cfg: ReplayConfig, layout: str):
 
 def sim_config(cfg: ReplayConfig, layout: str):
     from plora_jax.config import EngineConfig
-    from plora_jax.serverless.simulator import SimConfig
+    from plora_jax.serverless.sim import SimConfig
 
     return SimConfig(
         engine=EngineConfig(**engine_settings(cfg, layout)),

@@ -264,7 +264,7 @@ def test_the_runtime_never_imports_the_training_package():
         "import sys, plora_jax\n"
         "from plora_jax import Engine\n"
         "import plora_jax.engine.core, plora_jax.policies, plora_jax.policies.predictive\n"
-        "import plora_jax.serverless.workload, plora_jax.serverless.simulator, plora_jax.serverless.live\n"
+        "import plora_jax.serverless.workload, plora_jax.serverless.sim, plora_jax.serverless.live\n"
         "import plora_jax.predictor.forecaster, serving.app\n"
         "from plora_jax.policies.predictive import make_forecaster\n"
         "make_forecaster('')\n"

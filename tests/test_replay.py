@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from plora_jax.config import EngineConfig
+from plora_jax.engine.step_log import StepRecord, StepShape
 from plora_jax.predictor.traces import TraceError, read_trace
 from plora_jax.serverless.instances import InstanceLoad, pick_instance
-from plora_jax.serverless.simulator import Calibration, SimConfig, Simulator, simulate
+from plora_jax.serverless.sim import Calibration, SimConfig, Simulator, fit, simulate
 from plora_jax.serverless.workload import (
     TraceRequest,
     Workload,
@@ -85,7 +86,8 @@ def test_workload_round_trips_and_bad_files_name_themselves(tmp_path):
 # round: a step takes 1 s whatever it holds; a load takes 2 s; prompts are one chunk; every
 # request generates 1 token, so it finishes at the end of the step that prefills it.
 CAL = Calibration(
-    decode_base_s=1.0,
+    step_base_s=1.0,
+    decode_base_s=0.0,
     decode_row_s=0.0,
     prefill_base_s=0.0,
     prefill_token_s=0.0,
@@ -121,7 +123,7 @@ def sim_run(arrivals, policy, config=CFG):
 
 
 def waits(sim):
-    return [(r.cold, r.adapter_ready - r.asked_at, r.first_token - r.arrival) for r in sim.requests]
+    return [(r.cold, r.adapter_wait_s, r.first_token - r.arrival) for r in sim.records()]
 
 
 def test_simulator_reactive_lru_and_oracle_match_hand_computed_waits():
@@ -189,7 +191,7 @@ def test_routing_prefers_affinity_then_least_loaded_and_none_when_full():
 def test_instances_scale_from_zero_and_back_after_keep_alive():
     config = sim_config(min_instances=0, keep_alive_s=10.0)
     sim = sim_run([(0.0, "A"), (3.0, "A"), (50.0, "B")], "lru", config)
-    r = sim.requests
+    r = sim.records()
     # first request: the instance starts (5 s), then load 2 s and a 1 s step
     assert r[0].first_token == 8.0 and sim.pool.start_waits[0] == 5.0
     # the second arrives while the instance starts: it waits 2 s for it, then joins A's load
@@ -264,9 +266,54 @@ def test_live_instances_start_from_zero_and_stop_after_keep_alive(tmp_path):
     assert (late.instance_wait_s > 0) == (s["instance_starts"] == 3)
 
 
-def test_a_step_costs_its_adapters_on_top_of_the_base_model():
-    cal = Calibration(decode_base_s=1.0, decode_row_s=0.5, prefill_token_s=0.1)
-    cal = dataclasses.replace(cal, decode_adapter_row_s=0.25, prefill_adapter_token_s=0.05)
-    # 2 decode rows (both on adapters) and 10 prefill tokens (all on adapters): 2 + 1 + 1.0
-    assert cal.step_s(2, 10, 2, 10) == pytest.approx(4.0)
-    assert cal.step_s(2, 10) == pytest.approx(3.0)  # the same step without adapters
+def test_a_step_costs_its_shape_adapters_on_top_of_the_base_model():
+    cal = Calibration(step_base_s=0.5, decode_base_s=1.0, decode_row_s=0.5, prefill_token_s=0.1)
+    cal = dataclasses.replace(cal, decode_adapter_row_s=0.25, prefill_adapter_token_s=0.05, transfer_step_s=2.0)
+    # 2 decode rows (both on adapters), 10 prefill tokens (all on adapters): 0.5 + 2 + 1 + 1.0
+    assert cal.step_s(StepShape(2, 0, 10, 2, 10, False)) == pytest.approx(4.5)
+    assert cal.step_s(StepShape(2, 0, 10, 0, 0, False)) == pytest.approx(3.5)  # without adapters
+    assert cal.step_s(StepShape(2, 0, 10, 0, 0, True)) == pytest.approx(5.5)  # beside a transfer
+
+
+def test_a_cost_profile_fitted_to_recorded_steps_recovers_their_costs():
+    truth = Calibration(
+        step_base_s=0.002, decode_base_s=0.01, decode_row_s=0.001, decode_context_token_s=1e-5,
+        prefill_base_s=0.004, prefill_token_s=2e-4, decode_adapter_row_s=5e-4, prefill_adapter_token_s=1e-4,
+        transfer_step_s=0.003,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(400):
+        rows = int(rng.choice([0, 1, 2, 4, 8, 16]))
+        tokens = int(rng.choice([0, 0, 16, 32, 64, 128])) if rows else int(rng.choice([16, 64, 128]))
+        shape = StepShape(
+            rows, rows * int(rng.integers(1, 200)), tokens, int(rng.integers(0, rows + 1)),
+            int(rng.integers(0, tokens + 1)), bool(rng.random() < 0.3),
+        )  # fmt: skip
+        records.append(StepRecord(shape, truth.step_s(shape) * (1 + 0.01 * rng.standard_normal())))
+    records[5] = StepRecord(records[5].shape, 5.0)  # a collection pause: left out by the refit
+    got = fit(records, Calibration(bytes_per_rank=8))
+    assert got.fit_steps + got.fit_outliers == 400 and 1 <= got.fit_outliers <= 4 and got.fit_error < 0.05 and got.bytes_per_rank == 8
+    shapes = [r.shape for r in records[:50]]
+    predicted, actual = [got.step_s(s) for s in shapes], [truth.step_s(s) for s in shapes]
+    assert np.allclose(predicted, actual, rtol=0.05)
+    with pytest.raises(ValueError, match="at least"):
+        fit(records[:3], Calibration())
+
+
+def test_the_simulator_runs_the_engine_scheduler_kv_blocks_and_preemption():
+    # 4 KV blocks of 16 tokens (3 usable) and two long requests: they cannot both hold their
+    # context, so the scheduler preempts the newer, as the live engine does; both complete.
+    engine = EngineConfig(
+        max_num_seqs=4, max_loras=4, lora_pool_pages=3, page_rows=8, max_lora_rank=8, num_kv_blocks=4,
+        block_size=16, max_model_len=48,
+    )  # fmt: skip
+    w = hand_workload([(0.0, "A"), (0.0, "A")])
+    w.requests[:] = [TraceRequest(0.0, "A", 8, 20, 0), TraceRequest(0.0, "A", 8, 20, 0)]
+    sim = None
+    factory = lambda: workload_policy("lru", w, 100.0, lambda: sim.now)
+    sim = Simulator(w, factory, SimConfig(engine=engine), CAL, interval_s=100.0)
+    result = sim.run().result()
+    assert result.summary["completed"] == 2
+    assert sum(r.request.num_preemptions for r in sim.requests) >= 1
+    assert all(len(r.request.output_ids) == 20 for r in sim.requests)

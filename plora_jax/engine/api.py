@@ -335,6 +335,15 @@ class Engine:
         stats["compiles_total"] = plan.stats.compiled + max(0, loop_compiles - plan_on_loop)
         return stats
 
+    def record_steps(self, on: bool = True) -> None:
+        """Start (or stop) recording every engine step's shape and duration (what a cost
+        profile is fitted to: `plora_jax.serverless.sim.costs.fit`); `recorded_steps` takes them."""
+        self.core.call(lambda: self.core.record_steps(on))
+
+    def recorded_steps(self) -> list:
+        """The `StepRecord`s recorded since the last call (and forgets them)."""
+        return self.core.call(lambda: self.core.step_log.take() if self.core.step_log is not None else [])
+
     # --- adapters ---------------------------------------------------------------------------
     def _lora(self) -> LoraManager:
         if self.core.lora is None:

@@ -16,6 +16,10 @@ One iteration (`step`):
 5. read the *previous* iteration's tokens, which the device copied to host meanwhile: stop
    checks, detokenization and streaming overlap device work.
 
+Adapters: the scheduler admits a request only with its adapter on the device, through the
+`adapter_gate.AdapterGate` the simulator runs too. With `record_steps`, every step's shape and
+duration is kept (`step_log`), the data a simulator's cost profile is fitted to.
+
 The loop serves once the compile plan's minimal set is ready (`warm-up`); until then requests
 wait in the inbox. A device or programming error ends the loop: every open request fails with
 it (never a half-serving engine), and later calls raise.
@@ -37,17 +41,17 @@ from typing import Any
 import numpy as np
 
 from .. import compile_stats
-from ..buckets import cdiv
 from ..config import EngineConfig
 from ..lora.manager import LoraManager
 from ..lora.peft import AdapterError
 from ..policies import Decision, Policy
+from . import scoring
+from .adapter_gate import AdapterGate
 from .inputs import InputProcessor
-from .kv_blocks import OutOfBlocks
 from .outputs import OutputProcessor, StreamEvent
-from .runner import Launched, ModelRunner, Segment
-from .sampling import SamplingParams
+from .runner import Launched, ModelRunner
 from .scheduler import Request, Scheduler, Status
+from .step_log import StepLog, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -111,23 +115,28 @@ class EngineCore:
         self.inputs = inputs
         self.lora = lora
         self.outputs = OutputProcessor()
+        self.gate = None  # admission to adapters (with LoRA)
+        if lora is not None:
+            self.gate = AdapterGate(
+                lora, time.perf_counter, lambda: self.scheduler.waiting, self._wait_for, config.adapter_loads == "sync"
+            )
         self.scheduler = Scheduler(
             config.num_kv_blocks,
             config.block_size,
             config.max_num_seqs,
             runner.buckets.prefill[-1],
             config.max_prefill_seqs,
-            acquire_adapter=self._acquire_adapter,
-            release_adapter=self._release_adapter,
+            acquire_adapter=self.gate and self.gate.acquire,
+            release_adapter=self.gate and self.gate.release,
         )
         self.policy: Policy | None = None
         self._policy_warned = False
         self._next_decision = 0.0  # time.monotonic() of the next interval decision
-        self._unservable: list[Request] = []  # requests whose adapter was removed before admission
-        self._load_failures: list = []  # (adapter, error) of synchronous loads, failed at the next poll
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: list[tuple[Request, StreamEvent | BaseException]] = []  # delivered after publish()
         self._in_flight: list[Launched] | None = None
+        self.step_log: StepLog | None = None  # set by `record_steps`
+        self._in_flight_step = None  # (StepShape, dispatch time) of the step in flight, when recorded
         self._thread: threading.Thread | None = None
         self._owner = threading.get_ident()  # the thread allowed to touch device state
         self._stopped = False
@@ -298,11 +307,11 @@ class EngineCore:
         else:
             self.scheduler.max_num_batched_tokens = self.runner.buckets.prefill[-1]
         if self.lora is not None:
-            self._poll_adapters()
+            self.poll_adapters()
             if self.policy is not None and time.monotonic() >= self._next_decision:
                 self._decide()
         plan = self.scheduler.schedule()
-        if self._unservable:
+        if self.gate is not None and self.gate.unservable:
             self._fail_unservable()
         launched = None
         if plan is not None:
@@ -315,11 +324,16 @@ class EngineCore:
                 self._counters.prefill_steps += 1
                 self._counters.prefill_tokens += sum(len(row.token_ids) for row in plan.prefill)
             self._counters.steps += 1
+        dispatched = None
+        if launched is not None and self.step_log is not None:
+            loading = self.lora is not None and bool(self.lora.loading or self.lora.host_jobs)
+            buckets = self.runner.buckets
+            dispatched = (shape_of(plan, buckets.decode, buckets.prefill, loading), time.perf_counter())
         if self._in_flight is not None:
             self._process(self._in_flight)
         elif launched is None and self.scheduler.has_work():
             time.sleep(0.001)  # work exists but cannot run yet (an adapter loading, blocks held)
-        self._in_flight = launched
+        self._in_flight, self._in_flight_step = launched, dispatched
         self.publish()
 
     def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
@@ -367,10 +381,17 @@ class EngineCore:
                 finally:
                     message.done.put(result)
 
+    def record_steps(self, on: bool) -> None:
+        """Start (or stop) recording every step's shape and duration (`step_log`)."""
+        self.step_log = StepLog() if on else None
+
     # --- outputs ----------------------------------------------------------------------------
     def _process(self, launched: list[Launched]) -> None:
-        for step in launched:
-            tokens, logprobs = np.asarray(step.tokens), np.asarray(step.logprobs)
+        read = [(np.asarray(step.tokens), np.asarray(step.logprobs)) for step in launched]  # waits for the device
+        if self._in_flight_step is not None and self.step_log is not None:
+            self.step_log.read(*self._in_flight_step, time.perf_counter())
+            self._in_flight_step = None
+        for step, (tokens, logprobs) in zip(launched, read, strict=True):
             for i, request in enumerate(step.requests):
                 if request is None or request.status is Status.FINISHED:
                     continue  # a chunk that samples nothing, or a token past the end
@@ -442,54 +463,22 @@ class EngineCore:
         self.snapshot = EngineSnapshot(MappingProxyType(stats), adapters, on_device, len(s.waiting))
 
     # --- adapters (residency changes run on the owner thread) -------------------------------
-    def _acquire_adapter(self, request: Request) -> bool:
-        """Scheduler callback: put the request's adapter on the device and pin it; False: wait."""
-        lora = self.lora
-        if request.adapter not in lora.entries:  # removed after the request was accepted
-            if request not in self._unservable:
-                self._unservable.append(request)
-            return False
-        first_attempt = request.adapter_wait_start is None
-        if first_attempt:
-            request.adapter_wait_start = time.perf_counter()
-        if not request.adapter_counted:
-            request.adapter_cold = lora.residency(request.adapter) != "device"
-        slot = lora.acquire(request.adapter, first=not request.adapter_counted)
-        request.adapter_counted = True
-        if slot is None and self.config.adapter_loads == "sync" and lora.is_loading(request.adapter):
-            # S-LoRA as released: the load happens inside the step, so the whole batch waits for it.
-            pool, failures = lora.wait_for(request.adapter, self.runner.state.lora)
-            self._set_pool(pool)
-            self._load_failures += failures  # failed after schedule(): the queue is not ours to edit here
-            if all(name != request.adapter for name, _ in failures):
-                slot = lora.acquire(request.adapter, first=False)
-        if slot is None:
-            return False
-        request.adapter_slot = slot
-        if not (first_attempt and not request.adapter_cold):  # a hit at the first attempt waits 0
-            request.adapter_wait += time.perf_counter() - request.adapter_wait_start
-        request.adapter_wait_start = None
-        return True
-
-    def _release_adapter(self, request: Request) -> None:
-        name = request.adapter
-        # Only reactive freeing asks whether a waiting request needs the adapter: skip the queue scan otherwise.
-        wanted = self.lora.free_when_unused and any(
-            r.adapter == name and r is not request for r in self.scheduler.waiting
-        )
-        self.lora.release(name, wanted)
-        request.adapter_slot = 0
-
     def _set_pool(self, pool) -> None:
         self.runner.state = dataclasses.replace(self.runner.state, lora=pool)
 
     def _fail_unservable(self) -> None:
-        for request in self._unservable:
+        for request in self.gate.unservable:
             if request.status is not Status.FINISHED:
                 self._fail_request(request, AdapterError(f"adapter {request.adapter!r} was removed"))
-        self._unservable.clear()
+        self.gate.unservable.clear()
 
-    def _poll_adapters(self, wait_for: str | None = None) -> list[tuple[str, BaseException]]:
+    def _wait_for(self, name: str) -> list[tuple[str, BaseException]]:
+        """A synchronous load (the gate's `wait_for`): block until `name`'s copy is committed."""
+        pool, failures = self.lora.wait_for(name, self.runner.state.lora)
+        self._set_pool(pool)
+        return failures
+
+    def poll_adapters(self, wait_for: str | None = None) -> list[tuple[str, BaseException]]:
         """Commit finished adapter transfers (optionally waiting for `wait_for`'s); fail the
         requests whose adapter could not be loaded."""
         if wait_for is not None:
@@ -497,7 +486,7 @@ class EngineCore:
         else:
             pool, failures = self.lora.poll(self.runner.state.lora)
         self._set_pool(pool)
-        failures, self._load_failures = self._load_failures + failures, []
+        failures = self.gate.take_failures(failures)
         for name, error in failures:
             for request in list(self.scheduler.waiting):
                 if request.adapter == name:
@@ -506,7 +495,7 @@ class EngineCore:
 
     def wait_for_adapter(self, name: str) -> None:
         """Block until `name`'s device load in flight (if any) is committed or has failed."""
-        self._poll_adapters(wait_for=name)
+        self.poll_adapters(wait_for=name)
         self.publish()
 
     def remove_adapter(self, name: str) -> None:
@@ -523,6 +512,7 @@ class EngineCore:
         self._set_pool(self.lora.clear(self.runner.state.lora))
         if adapter_loads is not None:
             self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
+            self.gate.sync = adapter_loads == "sync"
 
     # --- residency policy -------------------------------------------------------------------
     def adopt_policy(self, policy: Policy) -> None:
@@ -563,63 +553,5 @@ class EngineCore:
 
     # --- scoring ----------------------------------------------------------------------------
     def score(self, seqs: list[list[int]], adapters: list[str | None]) -> list[np.ndarray]:
-        """Logits of every position of each sequence (owner thread). First chunks are packed
-        together; a chunk that continues a sequence runs first in its step, as in serving."""
-        allocator = self.scheduler.blocks
-        bs = self.config.block_size
-        probes: list[Request] = []
-        tables: list[list[int]] = []
-        try:
-            for ids, adapter in zip(seqs, adapters, strict=True):
-                try:
-                    tables.append(allocator.allocate(cdiv(len(ids), bs)))
-                except OutOfBlocks as e:
-                    raise RuntimeError(f"logits: the KV cache is busy ({e}); retry when fewer requests run") from None
-                probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
-                probe.adapter_counted = True  # scoring is not traffic: no hit or cold start counted
-                while adapter is not None and not self._acquire_adapter(probe):
-                    if adapter not in self.lora.entries:
-                        self._unservable.clear()
-                        raise ValueError(f"adapter {adapter!r} is not registered (it was removed)")
-                    if not self.lora.is_loading(adapter):
-                        error = self.lora.entries[adapter].error
-                        if error is not None:
-                            raise AdapterError(f"adapter {adapter!r} could not be loaded: {error}") from error
-                        raise RuntimeError(f"logits: the adapter pool is busy; {adapter!r} cannot be loaded now")
-                    failed = [e for name, e in self._poll_adapters(wait_for=adapter) if name == adapter]
-                    if failed:  # its load failed: scoring does not retry it forever
-                        raise AdapterError(f"adapter {adapter!r} could not be loaded: {failed[0]}") from failed[0]
-                probes.append(probe)
-            out: list[list[np.ndarray]] = [[] for _ in seqs]
-            for step in self._score_steps(seqs):
-                segments = [
-                    Segment(seqs[i][start:end], start, tables[i], probes[i].adapter_slot) for i, start, end in step
-                ]
-                for (i, _, _), logits in zip(step, self.runner.score(segments), strict=True):
-                    out[i].append(logits)
-            return [np.concatenate(o) for o in out]
-        finally:
-            for blocks in tables:
-                allocator.free(blocks)
-            for probe in probes:
-                if probe.adapter_slot:
-                    self._release_adapter(probe)
-
-    def _score_steps(self, seqs: list[list[int]]) -> list[list[tuple[int, int, int]]]:
-        """Chunks (sequence, start, end) grouped into steps under the prefill packing rules."""
-        budget, max_segments = self.runner.buckets.prefill[-1], self.runner.buckets.max_segments
-        steps: list[list[tuple[int, int, int]]] = []
-        current: list[tuple[int, int, int]] = []
-        used = 0
-        for i, ids in enumerate(seqs):
-            for start in range(0, len(ids), budget):
-                end = min(start + budget, len(ids))
-                fits = current and start == 0 and used + end - start <= budget and len(current) < max_segments
-                if current and not fits:
-                    steps.append(current)
-                    current, used = [], 0
-                current.append((i, start, end))
-                used += end - start
-        if current:
-            steps.append(current)
-        return steps
+        """Logits of every position of each sequence (owner thread; `scoring.score`)."""
+        return scoring.score(self, seqs, adapters)

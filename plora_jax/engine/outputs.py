@@ -167,13 +167,14 @@ class OutputProcessor:
     returned for the core to deliver."""
 
     @staticmethod
-    def append(request: Request, token: int, logprob: float):
-        """Record one sampled token. Returns ((finish_reason, stop_reason), None) if it ends the
-        request, else (None, the StreamEvent carrying its text)."""
+    def append(request: Request, token: int, logprob: float, now: float | None = None):
+        """Record one sampled token (read at `now`, default the wall clock; a simulator passes
+        its own). Returns ((finish_reason, stop_reason), None) if it ends the request, else
+        (None, the StreamEvent carrying its text)."""
         request.output_ids.append(token)
         request.logprobs.append(logprob)
         if request.first_token is None:
-            request.first_token = time.perf_counter()
+            request.first_token = time.perf_counter() if now is None else now
         detok = request.detokenizer
         if detok is not None:
             detok.add_token(token)

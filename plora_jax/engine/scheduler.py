@@ -21,6 +21,9 @@ When a decode cannot get a block, the most recently admitted running request is 
 recompute: its blocks and slot are freed and it returns to the front of the queue; when it is
 admitted again, its prompt plus the tokens generated so far are prefilled anew. Sampling keys
 depend only on a request's seed and token index, so preemption changes no output.
+
+Nothing here touches the device: the simulator (`plora_jax.serverless.sim`) runs this same
+scheduler on a virtual clock, so admission, packing, padding and preemption are the engine's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +129,9 @@ class Scheduler:
         max_prefill_seqs: int,
         acquire_adapter=None,
         release_adapter=None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
+        self.clock = clock  # the engine's wall clock, or a simulator's virtual one
         self.blocks = BlockAllocator(num_kv_blocks)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -157,7 +163,7 @@ class Scheduler:
         self._release(request)
         request.status = Status.FINISHED
         request.finish_reason = reason
-        request.finished_at = time.perf_counter()
+        request.finished_at = self.clock()
 
     def _release(self, request: Request) -> None:
         if request.blocks:
@@ -199,7 +205,7 @@ class Scheduler:
             prefill = self._schedule_prefill(self.max_num_batched_tokens)
         if not decode and not prefill:
             return None
-        now = time.perf_counter()
+        now = self.clock()
         for row in decode:
             row.request.num_computed += 1
             row.request.pending += 1

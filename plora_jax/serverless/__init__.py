@@ -2,12 +2,12 @@
 rules (affinity routing, scale to zero, pre-warming), the live replay on real engines, the
 calibrated discrete-event simulator, and the metrics both report (`benchmarks.replay` runs them).
 
-Only numpy, the engine's host-side parts and the policies are imported here; the live replay
-imports the engine when it runs."""
+The simulator (`sim`) runs the engine's host-side parts on a virtual clock; the live replay
+(`live`) runs real engines."""
 
 from .instances import InstanceLoad, pick_instance
 from .report import RequestRecord, Run, claims, summarize
-from .simulator import Calibration, SimConfig, Simulator, simulate
+from .sim import Calibration, SimConfig, Simulator, simulate
 from .workload import TraceRequest, Workload, WorkloadConfig, generate
 
 __all__ = [

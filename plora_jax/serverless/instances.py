@@ -100,15 +100,8 @@ class InstancePool:
     def route(self, request, now: float) -> None:
         cfg = self.sim.config
         active = self.active()
-        loads = [
-            InstanceLoad(
-                i.index,
-                i.pages.get(request.trace.adapter) is not None,
-                len(i.running) + len(i.waiting),
-                cfg.engine.max_num_seqs,
-            )
-            for i in active
-        ]
+        adapter = request.trace.adapter
+        loads = [InstanceLoad(i.index, i.holds(adapter), i.load, cfg.engine.max_num_seqs) for i in active]
         index = pick_instance(loads)
         if index is None and len(active) < cfg.instances:
             stopped = [i.index for i in self.instances if i.stopped]
@@ -121,8 +114,7 @@ class InstancePool:
         if inst.ready_at > now:
             request.instance_wait = inst.ready_at - now
             self.start_waits.append(request.instance_wait)
-        inst.waiting.append(request)
-        inst.policy.observe(request.trace.adapter, now)
+        inst.add(self.sim.engine_request(request, now), now)
         if inst.ready_at <= now:
             inst.decide(now)
             inst.wake(now)
@@ -133,7 +125,7 @@ class InstancePool:
             return
         inst.decide(now)
         inst.wake(now)
-        if not inst.running and not inst.waiting:
+        if not inst.busy():
             self.idle(inst, now)
 
     def idle(self, inst, now: float) -> None:
@@ -142,7 +134,7 @@ class InstancePool:
 
     def expire(self, slot: int, now: float) -> None:
         inst, cfg = self.instances[slot], self.sim.config
-        busy = inst.running or inst.waiting or inst.busy_until is not None
+        busy = inst.busy()
         if inst.stopped:
             return
         idle_since = None if busy else inst.idle_since

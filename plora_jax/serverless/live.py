@@ -28,7 +28,7 @@ from ..metrics import adapter_mem_util
 from ..names import BASELINE_POLICY
 from .instances import InstanceLoad, keep_alive_expired, pick_instance
 from .report import RequestRecord, Run, summarize
-from .simulator import Calibration
+from .sim import Calibration
 from .workload import Workload, workload_policy
 
 

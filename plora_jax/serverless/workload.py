@@ -191,6 +191,14 @@ def generate(config: WorkloadConfig) -> Workload:
     return Workload(config, ranks, requests, trace.counts.astype(np.int64), trace.first_minute)
 
 
+def request_lengths(trace: TraceRequest, max_model_len: int) -> tuple[int, int]:
+    """(prompt tokens, max_tokens) of the request a replay submits for `trace`, within the
+    context: the trace's lengths, the prompt cut to leave room for one token. Live and simulated
+    replays submit the same."""
+    prompt = min(trace.prompt_tokens, max_model_len - 2)
+    return prompt, max(1, min(trace.output_tokens, max_model_len - prompt - 1))
+
+
 def workload_policy(name: str, workload: Workload, interval_s: float, clock, predictor_checkpoint: str = ""):
     """`policies.replay_policy` for `workload`: one policy interval per trace minute, the
     forecaster's time of day following the trace clock (`clock()`: seconds since the start)."""

@@ -1,0 +1,83 @@
+"""The gate between the scheduler and the adapter tiers: a request is admitted only with its
+adapter on the device, pinned.
+
+The scheduler calls `acquire` when it would admit a request that runs an adapter and `release`
+when the request leaves (finished, aborted or preempted). The gate keeps the request's part of
+the bookkeeping (when it first asked, whether that first ask was a cold start, how long it
+waited) and asks the residency core for the rest. The live engine (`core.EngineCore`) and the
+simulator (`plora_jax.serverless.sim`) run this same code; they differ only in the clock and in
+what a synchronous load does (`wait_for`): live it blocks on the transfer thread and commits the
+copy into the device pool, simulated it moves the virtual clock to the load's end.
+
+Loads are asynchronous by default: a request whose adapter is loading is passed over, so later
+requests go first. With `sync` (S-LoRA as released, the baseline of the paper's claims) the
+load happens inside the step: the whole batch waits for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from ..lora.residency import Residency
+from .scheduler import Request
+
+Failures = list[tuple[str, BaseException]]
+
+
+class AdapterGate:
+    def __init__(
+        self,
+        core: Residency,
+        clock: Callable[[], float],
+        waiting: Callable[[], Iterable[Request]],
+        wait_for: Callable[[str], Failures],
+        sync: bool = False,
+    ):
+        self.core = core
+        self.clock = clock
+        self.waiting = waiting  # the requests waiting for admission (the scheduler's queue)
+        self.wait_for = wait_for  # block until a load in flight is committed; its failures
+        self.sync = sync
+        self.unservable: list[Request] = []  # asked for an adapter removed after they were accepted
+        self.failures: Failures = []  # synchronous loads that failed inside schedule(), reported at the next poll
+
+    def acquire(self, request: Request) -> bool:
+        """Scheduler callback: put the request's adapter on the device and pin it; False: wait."""
+        core = self.core
+        if request.adapter not in core.entries:  # removed after the request was accepted
+            if request not in self.unservable:
+                self.unservable.append(request)
+            return False
+        first_attempt = request.adapter_wait_start is None
+        if first_attempt:
+            request.adapter_wait_start = self.clock()
+        if not request.adapter_counted:
+            request.adapter_cold = core.residency(request.adapter) != "device"
+        slot = core.acquire(request.adapter, first=not request.adapter_counted)
+        request.adapter_counted = True
+        if slot is None and self.sync and core.is_loading(request.adapter):
+            failures = self.wait_for(request.adapter)
+            self.failures += failures  # the queue is not ours to edit inside schedule()
+            if all(name != request.adapter for name, _ in failures):
+                slot = core.acquire(request.adapter, first=False)
+        if slot is None:
+            return False
+        request.adapter_slot = slot
+        if not (first_attempt and not request.adapter_cold):  # a hit at the first attempt waits 0
+            request.adapter_wait += self.clock() - request.adapter_wait_start
+        request.adapter_wait_start = None
+        return True
+
+    def release(self, request: Request) -> None:
+        """Scheduler callback: unpin the request's adapter."""
+        name = request.adapter
+        # Only reactive freeing asks whether a waiting request needs the adapter: skip the queue scan otherwise.
+        wanted = self.core.free_when_unused and any(r.adapter == name and r is not request for r in self.waiting())
+        self.core.release(name, wanted)
+        request.adapter_slot = 0
+
+    def take_failures(self, polled: Failures) -> Failures:
+        """The failed loads to report now: those of the synchronous waits since the last poll,
+        then `polled`."""
+        failures, self.failures = self.failures + polled, []
+        return failures

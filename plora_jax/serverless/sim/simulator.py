@@ -1,0 +1,208 @@
+"""The simulator's driver: events on one timeline, the serverless instances, the results.
+
+Events are arrivals, policy intervals, step ends, transfer ends, instance starts and
+keep-alive expiries, run in time order (ties in the order they were pushed), so a run is
+deterministic. Each instance is a `SimInstance` (the engine's scheduler, adapter gate and
+residency core on its own virtual clock); `serverless.instances.InstancePool` applies the
+routing, start, keep-alive and pre-warm rules the live replay applies. The results are the
+same `report.Run` a live replay gives.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ...config import EngineConfig
+from ...engine.compile_plan import Buckets
+from ...engine.sampling import SamplingParams
+from ...engine.scheduler import Request
+from ...lora import Residency
+from ...metrics import ADAPTER_COUNTERS, adapter_mem_util, adapter_pool_fill
+from ...names import BASELINE_POLICY
+from ...policies import Policy
+from ..instances import InstancePool
+from ..report import RequestRecord, Run, summarize
+from ..workload import TraceRequest, Workload, request_lengths, workload_policy
+from .costs import Calibration
+from .instance import SimInstance
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """A simulation's settings: every instance's engine settings (the `EngineConfig` a live engine
+    runs with, so a live run and its simulation share one config) and the serverless ones. The
+    simulator reads the scheduling fields (`max_model_len`, `block_size`, `num_kv_blocks`,
+    `max_num_seqs`, `max_num_batched_tokens`, `max_prefill_seqs`, `min_prefill_bucket`), the
+    adapter pool's (`max_loras`, `lora_pool_pages`, `page_rows`, `max_lora_rank`, `layout`),
+    `host_cache_mb`, `max_prefetch_inflight` and `adapter_loads`."""
+
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lora_pool_pages=64, host_cache_mb=2.0**20))
+    instances: int = 1  # most instances at once
+    min_instances: int = 1  # instances kept warm (0: scale to zero)
+    keep_alive_s: float = 600.0  # an idle instance above min_instances stops after this long
+    prewarm: bool = True  # a forecasting policy may start an instance ahead of demand
+
+    def __post_init__(self):
+        if self.engine.lora_pool_pages < 2:
+            raise ValueError("SimConfig.engine.lora_pool_pages must be set (>= 2): the simulator sizes pools in pages")
+
+    @property
+    def pool_pages(self) -> int:
+        return self.engine.lora_pool_pages
+
+    @property
+    def host_cache_bytes(self) -> int:
+        return int(self.engine.host_cache_mb * 2**20)
+
+
+@dataclass(eq=False)
+class SimRequest:
+    index: int
+    trace: TraceRequest
+    instance: int = -1
+    instance_wait: float = 0.0  # waited for its instance to start
+    request: Request | None = None  # the engine's request, once routed
+
+
+class Simulator:
+    def __init__(
+        self,
+        workload: Workload,
+        make_policy: Callable[[], Policy],
+        config: SimConfig,
+        calibration: Calibration,
+        interval_s: float | None = None,
+    ):
+        if calibration.bytes_per_rank <= 0:
+            raise ValueError("calibration.bytes_per_rank must be > 0 (device bytes of one rank row)")
+        self.workload, self.config, self.calibration = workload, config, calibration
+        self.interval_s = interval_s if interval_s is not None else workload.config.seconds_per_minute
+        self.adapter_names = tuple(workload.ranks)
+        self.page_bytes = config.engine.page_rows * calibration.bytes_per_rank
+        self.buckets = Buckets.build(config.engine, config.engine.max_model_len, 0)  # the compiled step sizes
+        self.cores: list[Residency] = []  # every instance's residency core, stopped ones included
+        self.seq = itertools.count()
+        self.events: list = []
+        self.finished = self.failed = 0
+        self.requests = [SimRequest(i, r) for i, r in enumerate(workload.requests)]
+        self.mem_samples: list[tuple[float, float, float]] = []  # (time, live/reserved, reserved/pool)
+        self.now = 0.0
+        self.pool = InstancePool(self, make_policy, SimInstance)
+
+    def push(self, when: float, kind: str, instance: int, payload=None) -> None:
+        heapq.heappush(self.events, (when, next(self.seq), kind, instance, payload))
+
+    def engine_request(self, request: SimRequest, now: float) -> Request:
+        """The engine request a live replay would submit for `request` (`request_lengths`:
+        token-id prompt of the trace's length, exactly the trace's output length)."""
+        max_len = self.config.engine.max_model_len
+        prompt, max_tokens = request_lengths(request.trace, max_len)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        ids, adapter = [0] * prompt, request.trace.adapter
+        request.request = Request(str(request.index), ids, params, 0, frozenset(), max_len, adapter, arrival=now)
+        return request.request
+
+    def instance_idle(self, instance: SimInstance, now: float) -> None:
+        self.pool.idle(instance, now)
+
+    def sample_memory(self, now: float) -> None:
+        live = reserved = total = 0
+        for inst in self.pool.up(now):
+            live += inst.pages.live_bytes
+            reserved += inst.pages.pages_used * self.page_bytes
+            total += (inst.pages.num_pages - 1) * self.page_bytes
+        if reserved:
+            self.mem_samples.append((now, adapter_mem_util(live, reserved), adapter_pool_fill(reserved, total)))
+
+    def run(self) -> Simulator:
+        for request in self.requests:
+            self.push(request.trace.arrival_s, "arrival", -1, request)
+        horizon = self.workload.duration_s
+        t = 0.0
+        while t <= horizon:
+            self.push(t, "interval", -1)
+            t += self.interval_s
+        self.pool.start(0.0)
+        while self.events:
+            now, _, kind, index, payload = heapq.heappop(self.events)
+            self.now = now
+            if kind == "arrival":
+                self.pool.route(payload, now)
+            elif kind == "interval":
+                self.pool.interval(now)
+                self.sample_memory(now)
+            elif kind == "step_end":
+                self.pool.instances[index].iterate(now)
+            elif kind == "load_done":
+                self.pool.instances[index].wake(now)
+            elif kind == "instance_ready":
+                self.pool.ready(index, now)
+            elif kind == "keep_alive":
+                self.pool.expire(index, now)
+        return self
+
+    def forecast_step(self, policy: Policy) -> None:
+        policy.step()  # a forecaster's interval on the simulated clock (a no-op for the others)
+
+    def records(self) -> list[RequestRecord]:
+        out = []
+        for r in self.requests:
+            req = r.request
+            done = req is not None and req.finish_reason == "length"
+            out.append(
+                RequestRecord(
+                    r.trace.arrival_s,
+                    req.first_token if done else None,
+                    req.finished_at if done else None,
+                    req is not None and req.adapter_cold,
+                    req.adapter_wait if req is not None else 0.0,
+                    len(req.output_ids) if req is not None else 0,
+                    r.instance_wait,
+                )
+            )
+        return out
+
+    def result(self) -> Run:
+        memory = [(t, u) for t, u, _ in self.mem_samples]
+        util = float(np.mean([u for _, u in memory])) if memory else 0.0
+        waits = self.pool.start_waits
+        extra = {
+            "instance_starts": self.pool.starts,
+            "instance_prewarms": self.pool.prewarms,
+            "instance_stops": self.pool.stops,
+            "instance_start_wait_mean_s": float(np.mean(waits)) if waits else 0.0,
+            "compiles_after_warmup": 0,
+        }
+        records = self.records()
+        return Run(summarize(records, self.counters(), util, extra), records, memory)
+
+    def counters(self) -> dict:
+        """The adapter counters (`plora_jax.metrics`) summed over every instance that ran."""
+        total = dict.fromkeys(ADAPTER_COUNTERS, 0)
+        for core in self.cores:
+            stats = core.stats()  # the counters, host-cache evictions included
+            for name in total:
+                total[name] += stats[name]
+        return total
+
+
+def simulate(
+    workload: Workload,
+    policy: str,
+    config: SimConfig,
+    calibration: Calibration,
+    predictor_checkpoint: str = "",
+) -> Run:
+    """Replay `workload` under `policy` in simulation."""
+    if policy == BASELINE_POLICY:
+        config = replace(config, engine=replace(config.engine, adapter_loads="sync"))
+    interval = workload.config.seconds_per_minute
+    sim: Simulator | None = None  # the factory runs inside sim.run(), after the assignment below
+    factory = lambda: workload_policy(policy, workload, interval, lambda: sim.now, predictor_checkpoint)
+    sim = Simulator(workload, factory, config, calibration, interval)
+    return sim.run().result()
