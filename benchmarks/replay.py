@@ -12,9 +12,11 @@ ratios of predictive against reactive_sync; `--json` writes
 (with one layout, its `policies` block is also at the top level), `--plot` the TTFT CDF,
 cumulative cold starts and memory utilisation over time per policy.
 
-A live run measures the calibration the simulator uses (step, prefill, load and instance start
-costs; `plora_jax.serverless.live.calibrate`) and writes it into its JSON; `--calibration`
-reads it back for `sim` (from a replay JSON or a bare calibration JSON).
+A live run measures the cost profile the simulator uses (step terms fitted to the steps the
+engines recorded, load and instance start costs; `plora_jax.serverless.live.calibrate`) and
+writes it into its JSON; `--calibration` reads it back for `sim` (from a replay JSON or a bare
+calibration JSON). With `--min-instances` below `--instances`, the others start on demand and
+stop after `--keep-alive-s` (scale to zero with 0); the cost profile needs a warm engine.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def sim_config(cfg: ReplayConfig, layout: str):
 
 
 def run(cfg: ReplayConfig, wcfg) -> dict:
-    from plora_jax.serverless import live, report, simulator
+    from plora_jax.serverless import live, report, sim
     from plora_jax.serverless.workload import generate
 
     if cfg.mode not in ("live", "sim"):
@@ -156,7 +158,6 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
     with tempfile.TemporaryDirectory(prefix="plora-replay-") as tmp:
         if cfg.mode == "live":
             adapter_dir = Path(cfg.adapter_dir or tmp)
-            summaries = []
             for layout in layouts:
                 model_config, make = engine_factory(cfg, layout)
                 if model_config is None:
@@ -164,41 +165,33 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
                     model_config = probe.model_config
                     probe.close()
                 live.write_adapters(workload, model_config, adapter_dir, TARGETS)
-                if cfg.min_instances < cfg.instances:  # scale from zero: instances start on demand
-                    runs[layout] = {}
-                    for policy in policies:
-                        start = time.perf_counter()
-                        runs[layout][policy] = live.replay_serverless(
-                            workload, policy, make, adapter_dir, cfg.instances, cfg.min_instances,
-                            cfg.keep_alive_s, cfg.max_num_seqs, cfg.predictor_checkpoint, wcfg.seed,
-                        )  # fmt: skip
-                        print(f"  {layout}/{policy}: {time.perf_counter() - start:.0f} s", flush=True)
-                    continue
-                start = time.perf_counter()
-                engines = live.start_engines(make, cfg.instances, adapter_dir, workload)
-                start_s = (time.perf_counter() - start) / cfg.instances
-                print(f"  {layout}: {cfg.instances} engine(s), {start_s:.0f} s each to start and warm up", flush=True)
-                try:
+                fleet = live.Fleet(
+                    make, adapter_dir, workload, cfg.instances, cfg.min_instances, cfg.keep_alive_s,
+                    record_steps=True, max_num_seqs=cfg.max_num_seqs,
+                )  # fmt: skip
+                with fleet:
+                    if fleet.warm:
+                        print(
+                            f"  {layout}: {len(fleet.warm)} warm engine(s), {fleet.start_s[0]:.0f} s to start",
+                            flush=True,
+                        )
                     runs[layout] = {}
                     for policy in policies:
                         start = time.perf_counter()
                         runs[layout][policy] = live.replay_live(
-                            workload, policy, engines, cfg.predictor_checkpoint, wcfg.seed
+                            workload, policy, fleet, cfg.predictor_checkpoint, wcfg.seed
                         )
-                        summaries.append(runs[layout][policy].summary)
                         print(f"  {layout}/{policy}: {time.perf_counter() - start:.0f} s", flush=True)
-                    if calibration is None:
-                        calibration = live.calibrate(engines[0], start_s, summaries)
-                finally:
-                    for engine in engines:
-                        engine.close()
+                    if calibration is None and fleet.warm:  # the cost profile, from this layout's runs
+                        start_s = sum(fleet.start_s) / len(fleet.start_s)
+                        calibration = live.calibrate(fleet.warm[0], start_s, list(runs[layout].values()))
         else:
             calibration = load_calibration(cfg.calibration)
             for layout in layouts:
                 runs[layout] = {}
                 for policy in policies:
                     start = time.perf_counter()
-                    runs[layout][policy] = simulator.simulate(
+                    runs[layout][policy] = sim.simulate(
                         workload, policy, sim_config(cfg, layout), calibration, cfg.predictor_checkpoint
                     )
                     print(f"  {layout}/{policy}: {time.perf_counter() - start:.1f} s", flush=True)

@@ -17,7 +17,10 @@ Counters (`ADAPTER_COUNTERS`), counted at each request's *first* admission attem
 Ratios (each 0.0 when its denominator is 0):
 - adapter memory utilisation = live adapter bytes (at true rank) / device bytes reserved for
   the resident adapters. The paged layout loses only the rounding to whole pages; the
-  contiguous one loses the padding of every slot to the maximum rank. (How full the pool is,
+  contiguous one loses the padding of every slot to the maximum rank. Over a run (the replay's
+  figure) it is the time average: live byte-seconds / reserved byte-seconds, both integrated
+  exactly at every change of the pool (`adapter_live_byte_s`, `adapter_reserved_byte_s`), so a
+  short residency counts for its duration and an empty pool for nothing. (How full the pool is,
   reserved / pool bytes, is `adapter_pool_fill`, a separate figure.)
 - prefetch precision = prefetch_used / prefetch_issued;
 - prefetch recall = prefetch_hits / (prefetch_hits + cold_starts): of the requests that would

@@ -40,6 +40,7 @@ class AdapterGate:
         self.sync = sync
         self.unservable: list[Request] = []  # asked for an adapter removed after they were accepted
         self.failures: Failures = []  # synchronous loads that failed inside schedule(), reported at the next poll
+        self.stall_s = 0.0  # seconds spent in synchronous loads, in all
 
     def acquire(self, request: Request) -> bool:
         """Scheduler callback: put the request's adapter on the device and pin it; False: wait."""
@@ -56,7 +57,9 @@ class AdapterGate:
         slot = core.acquire(request.adapter, first=not request.adapter_counted)
         request.adapter_counted = True
         if slot is None and self.sync and core.is_loading(request.adapter):
+            began = self.clock()
             failures = self.wait_for(request.adapter)
+            self.stall_s += self.clock() - began
             self.failures += failures  # the queue is not ours to edit inside schedule()
             if all(name != request.adapter for name, _ in failures):
                 slot = core.acquire(request.adapter, first=False)

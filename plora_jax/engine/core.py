@@ -55,6 +55,8 @@ from .step_log import StepLog, shape_of
 
 log = logging.getLogger(__name__)
 
+_WAIT_S = 0.05  # longest an idle loop with work waits without a message (a safety net: transfers wake it)
+
 
 # --- inbox messages ---------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -76,6 +78,11 @@ class Call:
 @dataclass(frozen=True)
 class Stop:
     pass
+
+
+@dataclass(frozen=True)
+class Wake:
+    """An adapter transfer finished: a loop waiting for it runs again at once."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,8 @@ class EngineCore:
         self._counters = _Counters()
         self._created = time.perf_counter()
         compile_stats.install()
+        if lora is not None:
+            lora.transfer.on_done = lambda: self._inbox.put(Wake())  # never blocks; a closed engine ignores it
         if lora is not None and policy is not None:
             self.adopt_policy(policy)
         self.snapshot = EngineSnapshot(MappingProxyType({}))
@@ -215,11 +224,15 @@ class EngineCore:
                     return
             self._check_plan()
             self._mark_ready()
+            progress = True
             while True:
-                idle = self._in_flight is None and not self.scheduler.has_work()
-                if not self._drain_inbox(block=idle):
+                # Nothing in flight and nothing that could run (work waits for an adapter
+                # transfer or the pool): block until a message (a request, a call, a finished
+                # transfer's Wake) or the next policy decision.
+                idle = self._in_flight is None and (not progress or not self.scheduler.has_work())
+                if not self._drain_inbox(block=idle, timeout=_WAIT_S if self.scheduler.has_work() else None):
                     break
-                self._iterate()
+                progress = self._iterate()
             self._shutdown()
         except BaseException as e:  # a device or programming error: fail fast, never half-serve
             log.exception("engine loop failed")
@@ -281,7 +294,8 @@ class EngineCore:
         self._mark_ready()
         try:
             self._drain_inbox(block=False)
-            self._iterate()
+            if not self._iterate() and self.scheduler.has_work():
+                self._drain_inbox(block=True, timeout=0.001)  # waiting for a transfer: do not spin
         except BaseException as e:
             self._die(e)
             raise
@@ -299,7 +313,11 @@ class EngineCore:
                 return n + 1
         raise AssertionError  # unreachable
 
-    def _iterate(self) -> None:
+    def _iterate(self) -> bool:
+        """One iteration; False if it neither dispatched nor read anything."""
+        # A recorded step starts here (its host work: polls, decisions, scheduling, inputs),
+        # less any synchronous load inside the scheduling, which is the load's time, not the step's.
+        begun, stalled = time.perf_counter(), self.gate.stall_s if self.gate is not None else 0.0
         if not self.runner.plan.complete.is_set():  # while warming, chunk prompts to what is built
             ready = self.runner.plan.ready_sizes("prefill")
             if ready:
@@ -328,13 +346,14 @@ class EngineCore:
         if launched is not None and self.step_log is not None:
             loading = self.lora is not None and bool(self.lora.loading or self.lora.host_jobs)
             buckets = self.runner.buckets
-            dispatched = (shape_of(plan, buckets.decode, buckets.prefill, loading), time.perf_counter())
+            stall = self.gate.stall_s - stalled if self.gate is not None else 0.0
+            dispatched = (shape_of(plan, buckets.decode, buckets.prefill, loading), begun + stall)
+        progress = launched is not None or self._in_flight is not None
         if self._in_flight is not None:
             self._process(self._in_flight)
-        elif launched is None and self.scheduler.has_work():
-            time.sleep(0.001)  # work exists but cannot run yet (an adapter loading, blocks held)
         self._in_flight, self._in_flight_step = launched, dispatched
         self.publish()
+        return progress
 
     def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
         """Handle every queued message (waiting for one if `block`, but not past the next policy
@@ -350,6 +369,8 @@ class EngineCore:
             block = False
             if isinstance(message, Stop):
                 return False
+            if isinstance(message, Wake):
+                continue
             if isinstance(message, AddRequest):
                 request = message.request
                 self.scheduler.add(request)

@@ -7,11 +7,12 @@ adapter) and on what runs beside it (an adapter transfer in flight competes for 
 `shape_of`, so the live engine (recording its steps) and the simulator (charging a cost profile
 per step, `plora_jax.serverless.sim.costs`) describe a step the same way.
 
-A recorded step's seconds are the time from the later of its dispatch and the previous step's
-read to its own read. The loop dispatches step i, then reads step i-1's tokens, so in steady
-state this is the loop's period while step i runs: device time plus whatever host work (stop
-checks, streaming, scheduling, policy decisions) did not overlap it. A synchronous adapter load
-happens before the dispatch and is not in it.
+A recorded step's seconds are the time from the later of the start of the loop iteration that
+dispatched it and the previous step's read to its own read. The loop dispatches step i, then
+reads step i-1's tokens, so in steady state this is the loop's period while step i runs: device
+time plus whatever host work (stop checks, streaming, scheduling, inputs, policy decisions) did
+not overlap it; after an idle loop it is the whole iteration's host work and the step. A
+synchronous adapter load inside the scheduling is the load's time and is left out.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class StepShape:
 @dataclass(frozen=True)
 class StepRecord:
     shape: StepShape
-    seconds: float  # from max(dispatch, previous read) to this step's read
+    seconds: float  # from max(its iteration's start, previous read) to this step's read
 
 
 def shape_of(plan: StepPlan, decode_buckets: tuple[int, ...], prefill_buckets: tuple[int, ...], loading: bool):
@@ -58,9 +59,9 @@ class StepLog:
         self.records: list[StepRecord] = []
         self._last_read = 0.0
 
-    def read(self, shape: StepShape, dispatched: float, now: float) -> None:
-        """A step whose tokens were just read at `now`."""
-        self.records.append(StepRecord(shape, now - max(dispatched, self._last_read)))
+    def read(self, shape: StepShape, begun: float, now: float) -> None:
+        """A step whose iteration began at `begun` and whose tokens were just read at `now`."""
+        self.records.append(StepRecord(shape, now - max(begun, self._last_read)))
         self._last_read = now
 
     def take(self) -> list[StepRecord]:

@@ -56,12 +56,17 @@ class Residency:
         pages.priority = host.priority = lambda name: self.priority.get(name, 0.0)
         self.free_when_unused = False  # reactive: free an adapter when its last request finishes
         self.counters = dict.fromkeys(ADAPTER_COUNTERS, 0)
-        self.load_seconds_total = 0.0
+        self.load_seconds_total = 0.0  # committed device loads, from queued to committed
+        self.transfer_seconds_total = 0.0  # the transfer's own time on them (no queueing)
         self.loading: dict[str, Job] = {}  # device loads in flight
         self.host_jobs: dict[str, Job] = {}  # host-only reads in flight
         self.prefetched: set[str] = set()  # placements made by a prefetch and not used yet
         self.removing: set[str] = set()  # removed while requests still use them
         self._seq = itertools.count()
+        # Occupancy integrated over time (bytes x seconds), brought up to date before every
+        # change of the pool: their ratio over a run is its time-averaged memory utilisation.
+        self.live_byte_seconds = self.reserved_byte_seconds = 0.0
+        self._occupancy_at = clock()
 
     @property
     def entries(self) -> dict[str, AdapterEntry]:
@@ -144,6 +149,7 @@ class Residency:
     def start_load(self, name: str, prefetch: bool = False, evict_below: float | None = None) -> bool:
         """Place `name` in the pool and queue its transfer; False if it does not fit (nothing
         evictable, or with `evict_below` nothing of lower priority)."""
+        self._tick()
         entry = self.entries[name]
         placed = self.pages.allocate(name, entry.num_pages, entry.live_bytes, evict_below)
         if placed is None:
@@ -178,6 +184,7 @@ class Residency:
             self._evict(name)
 
     def _evict(self, name: str) -> None:
+        self._tick()
         self.pages.evict(name)
         self._evicted(name)
 
@@ -273,6 +280,7 @@ class Residency:
             job.entry.load_s = self.clock() - job.started
             job.entry.error = None
             self.load_seconds_total += job.entry.load_s
+            self.transfer_seconds_total += job.busy_s
             ready.append(job)
 
     def collect_for(self, name: str) -> tuple[list[Job], list[tuple[str, BaseException]]]:
@@ -311,6 +319,14 @@ class Residency:
         self.host.drop(name)
 
     # --- accounting ---------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = self.clock()
+        dt = now - self._occupancy_at
+        if dt > 0:
+            self.live_byte_seconds += self.pages.live_bytes * dt
+            self.reserved_byte_seconds += self.pages.pages_used * self.page_bytes * dt
+        self._occupancy_at = max(now, self._occupancy_at)
+
     def memory_util(self) -> float:
         """`plora_jax.metrics.adapter_mem_util` of the pool now."""
         return adapter_mem_util(self.pages.live_bytes, self.pages.pages_used * self.page_bytes)
@@ -326,6 +342,7 @@ class Residency:
         assert all(r.pins >= 0 for r in self.pages.resident.values())
 
     def stats(self) -> dict:
+        self._tick()
         self.counters["host_evictions"] = self.host.evictions
         stats = {
             "adapters_registered": len(self.entries),
@@ -337,11 +354,14 @@ class Residency:
             "adapter_live_bytes": self.pages.live_bytes,
             "adapter_reserved_bytes": self.pages.pages_used * self.page_bytes,
             "adapter_pool_bytes": self.pages.num_pages * self.page_bytes,
+            "adapter_live_byte_s": self.live_byte_seconds,
+            "adapter_reserved_byte_s": self.reserved_byte_seconds,
             "host_cache_bytes": self.host.used,
             "host_cache_budget": self.host.budget,
             "adapter_loads": self.pages.loads,
             "adapter_evictions": self.pages.evictions,
             "adapter_load_s_total": self.load_seconds_total,
+            "adapter_transfer_s_total": self.transfer_seconds_total,
             "adapters_loading": len(self.loading),
             "adapters_pinned": sum(1 for r in self.pages.resident.values() if r.pins),
             **self.counters,

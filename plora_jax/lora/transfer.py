@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Job:
     error: BaseException | None = None
     bytes_disk: int = 0
     bytes_device: int = 0  # bytes copied to the device for it
+    busy_s: float = 0.0  # seconds the transfer spent on it (not counting its wait in the queue)
 
 
 class Transfer(Protocol):
@@ -73,6 +75,7 @@ class ThreadTransfer:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0  # submitted and not yet handed back (owner thread only)
         self._worker: threading.Thread | None = None
+        self.on_done: Callable[[], None] | None = None  # called on the worker after each job (wakes the owner)
 
     def submit(self, job: Job) -> None:
         if self._worker is None:
@@ -103,6 +106,7 @@ class ThreadTransfer:
             _, _, job = self._jobs.get()
             if job is None:
                 return
+            begun = time.perf_counter()
             try:
                 copy = job.source
                 if copy is None:
@@ -114,7 +118,10 @@ class ThreadTransfer:
             except Exception as e:
                 log.warning("loading adapter %r failed: %s", job.name, e)
                 job.error = e
+            job.busy_s = time.perf_counter() - begun
             self._done.put(job)
+            if self.on_done is not None:
+                self.on_done()
 
 
 class VirtualClock:
@@ -178,7 +185,8 @@ class SimulatedTransfer:
         ready = [j for j in self._pending if j.started <= start]
         job = min(ready, key=lambda j: (j.kind, j.seq))
         self._pending.remove(job)
-        self._running = (job, start + self.duration(job))
+        job.busy_s = self.duration(job)
+        self._running = (job, start + job.busy_s)
 
     def _run_until(self, now: float) -> None:
         while True:

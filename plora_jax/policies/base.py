@@ -75,6 +75,11 @@ class Policy:
     def start(self) -> None:
         """Start background work (the predictor thread); called when an engine adopts the policy."""
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the background work `start` began is ready to answer (a forecaster's first
+        compile done); True when ready. Replays call it before their clock starts."""
+        return True
+
     def close(self) -> None:
         """Stop background work."""
 

@@ -47,6 +47,10 @@ class Forecaster(Protocol):
     def predict(self) -> dict[str, float]:
         """Per adapter seen so far, the probability of at least one request in the next interval."""
 
+    def warm(self) -> None:
+        """Compile what `update` will run (optional: called once on the predictor thread at start,
+        so the first interval under traffic does not compile)."""
+
 
 class EwmaForecaster:
     """Per adapter an exponentially weighted request rate r; P(>= 1 request) = 1 - exp(-r)."""
@@ -109,6 +113,7 @@ class Predictive(Policy):
         self._failures = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._ready = threading.Event()  # the forecaster is warm (set on the predictor thread)
         self._started_at = clock()
 
     # --- the forecaster side (its own thread, or a simulator calling `step`) ---------------------
@@ -143,6 +148,14 @@ class Predictive(Policy):
         self._thread.start()
 
     def _run(self) -> None:
+        warm = getattr(self.forecaster, "warm", None)
+        try:
+            if warm is not None:
+                warm()
+        except Exception:
+            log.debug("forecaster warm-up failed", exc_info=True)  # its first interval will fail and report
+        finally:
+            self._ready.set()
         next_run = self.clock() + self.interval_s
         while not self._stop.wait(max(0.0, next_run - self.clock())):
             next_run += self.interval_s
@@ -150,6 +163,9 @@ class Predictive(Policy):
                 self.step()
             except Exception:
                 log.debug("forecaster failed", exc_info=True)  # the engine reports it once
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._thread is None or self._ready.wait(timeout)
 
     def close(self) -> None:
         self._stop.set()

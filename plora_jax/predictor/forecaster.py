@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
-from .features import OnlineFeatures, adapter_bucket, time_features, trace_features
+from .features import NUM_FEATURES, OnlineFeatures, adapter_bucket, time_features, trace_features
 from .model import Predictor, load_predictor, zero_carry
 from .traces import MINUTES_PER_DAY, Trace
 
@@ -59,6 +59,15 @@ class LstmForecaster:
         self._carry = fresh
         self._buckets = np.concatenate([self._buckets, np.zeros((capacity - self._capacity,), np.int32)])
         self._capacity = capacity
+
+    def warm(self) -> None:
+        """Compile the one-step call at the first bucket of rows (state untouched)."""
+        rows = max(64, self._capacity)
+        features = np.zeros((rows, 1, NUM_FEATURES), np.float32)
+        probs, _ = self.predictor.run(
+            features, np.zeros((rows,), np.int32), zero_carry(self.predictor.model_config, rows)
+        )
+        np.asarray(probs)
 
     def update(self, counts: Mapping[str, int]) -> None:
         for name in counts:

@@ -1,17 +1,20 @@
 """Live replay: a workload against real engines on this machine, in real time.
 
-`replay_live` starts `instances` engines (each the base model with every adapter of the
-workload registered from disk; none is loaded), adopts the policy on each, and submits every
-request at its arrival time from one thread: token-id prompts of the trace's lengths, greedy,
-`ignore_eos` so each produces exactly its trace output length. Requests go to an instance by
-`instances.pick_instance` (affinity, then the least loaded). The engines' own metrics (TTFT,
-adapter wait, cold start) and counters make the summary, so live and simulated runs are
-measured alike (`report.summarize`).
+`replay_live` runs one policy over a `Fleet` of engines: `min_instances` warm engines, started
+once and kept across policies (each replay resets their adapter pools and host caches, so every
+policy starts from the same cold state), and, up to `instances`, engines that start on demand
+and stop after `keep_alive_s` idle (scale to zero with `min_instances=0`). Every request is
+submitted at its arrival time from one thread: token-id prompts of the trace's lengths
+(`workload.request_lengths`), greedy, `ignore_eos`, so each produces exactly its trace output
+length. Requests go to an instance by `instances.pick_instance` (affinity, then the least
+loaded); one routed to a starting instance waits for it (its TTFT includes the wait). The
+engines' own metrics (TTFT, adapter wait, cold start) and counters make the summary, so live
+and simulated runs are measured alike (`report.summarize`).
 
-`calibrate` measures what the simulator needs from a live engine: decode step time at one row
-and at a full batch, prefill time per token, the instance start time (the engine's construction,
-with parameters and executables from the caches), and after a replay the loads' effective
-bytes per second.
+`calibrate` gives the simulator its cost profile: the steps the engines recorded during the
+replays (`Engine.record_steps`), with a few timed runs on a warm engine to cover what the
+replay may not (a full batch, long prompts, every row on an adapter), fitted by
+`sim.costs.fit`; the loads' effective bytes per second from the replays; the instance start.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import numpy as np
 
 from ..engine.sampling import SamplingParams
 from ..lora.peft import save_random_adapter
-from ..metrics import adapter_mem_util
+from ..metrics import ADAPTER_COUNTERS, adapter_mem_util
 from ..names import BASELINE_POLICY
 from .instances import InstanceLoad, keep_alive_expired, pick_instance
 from .report import RequestRecord, Run, summarize
 from .sim import Calibration
-from .workload import Workload, workload_policy
+from .sim.costs import fit
+from .workload import Workload, request_lengths, workload_policy
 
 
 def write_adapters(workload: Workload, model_config, folder: str | Path, targets: tuple[str, ...]) -> Path:
@@ -46,109 +50,259 @@ def _prompt(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
     return rng.integers(100, vocab - 1, size=n).tolist()
 
 
-def start_engines(make_engine, instances: int, adapter_dir: str | Path, workload: Workload) -> list:
-    """`instances` warm engines with every adapter of `workload` registered from `adapter_dir`."""
-    engines = []
-    try:
-        for _ in range(instances):
-            engine = make_engine()
-            engines.append(engine)
-            result = engine.add_adapter_dir(adapter_dir)
-            missing = set(workload.ranks) - set(result["added"])
+class Fleet:
+    """The engines of live replays. `make_engine(**overrides)` builds one engine; every engine
+    registers every adapter of `workload` from `adapter_dir`. The `min_instances` warm engines
+    start in `start` (or on entering the `with` block) and stay until `close`."""
+
+    def __init__(
+        self,
+        make_engine,
+        adapter_dir: str | Path,
+        workload: Workload,
+        instances: int = 1,
+        min_instances: int | None = None,
+        keep_alive_s: float = 60.0,
+        record_steps: bool = False,
+        max_num_seqs: int = 16,
+    ):
+        min_instances = instances if min_instances is None else min_instances
+        if instances < 1 or not 0 <= min_instances <= instances:
+            raise ValueError(f"need 0 <= min_instances <= instances >= 1, got {min_instances}, {instances}")
+        self.make_engine, self.adapter_dir, self.workload = make_engine, Path(adapter_dir), workload
+        self.instances, self.min_instances, self.keep_alive_s = instances, min_instances, keep_alive_s
+        self.record_steps = record_steps
+        self.max_num_seqs = max_num_seqs  # an instance's rows (the routing rule's capacity), from its engines once up
+        self.warm: list = []  # the warm engines
+        self.start_s: list[float] = []  # seconds each engine took to start (warm and on demand)
+
+    def __enter__(self) -> Fleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        try:
+            while len(self.warm) < self.min_instances:
+                self.warm.append(self.boot())
+        except BaseException:
+            self.close()
+            raise
+
+    def boot(self, warm: bool = True, **overrides):
+        """A new engine with every adapter registered (on the caller's thread); `warm`: also wait
+        for its background compiles (a fleet's warm engine; an instance started on demand serves
+        as soon as its minimal executables are ready, as a scaled-from-zero one would)."""
+        started = time.perf_counter()
+        engine = self.make_engine(**overrides)
+        try:
+            result = engine.add_adapter_dir(self.adapter_dir)
+            missing = set(self.workload.ranks) - set(result["added"])
             if missing:
                 raise ValueError(
-                    f"{adapter_dir}: adapters missing or refused: {sorted(missing)[:5]} {result['errors']}"
+                    f"{self.adapter_dir}: adapters missing or refused: {sorted(missing)[:5]} {result['errors']}"
                 )
-    except BaseException:
-        for engine in engines:
+            if self.record_steps:
+                engine.record_steps(True)
+            if warm:
+                engine.wait_warm()
+        except BaseException:
             engine.close()
-        raise
-    return engines
+            raise
+        self.start_s.append(time.perf_counter() - started)
+        self.max_num_seqs = engine.config.max_num_seqs
+        return engine
+
+    def close(self) -> None:
+        for engine in self.warm:
+            engine.close()
+        self.warm = []
 
 
-def replay_live(workload: Workload, policy: str, engines: list, predictor_checkpoint: str = "", seed: int = 0) -> Run:
-    """Run `workload` under `policy` on `engines` (see `start_engines`), from empty adapter pools
-    and host caches: every policy starts from the same cold state on the same warm engines."""
-    instances = len(engines)
-    for engine in engines:
-        engine.reset_adapters("sync" if policy == BASELINE_POLICY else "async")
+class _Slot:
+    """One instance of a replay: off, starting or up."""
+
+    def __init__(self, engine=None):
+        self.engine = engine
+        self.warm = engine is not None  # one of the fleet's warm engines (never stopped)
+        self.state = "up" if engine is not None else "off"
+        self.pending: list = []  # TraceRequests routed here while it starts
+        self.handles: list = []
+        self.idle_since: float | None = None
+        self.error: BaseException | None = None
+
+    def load(self) -> int:
+        return len(self.pending) + sum(not h.finished for h in self.handles)
+
+
+def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpoint: str = "", seed: int = 0) -> Run:
+    """Run `workload` under `policy` on `fleet` (see the module docstring)."""
+    loads = "sync" if policy == BASELINE_POLICY else "async"
     interval = workload.config.seconds_per_minute
+    lock = threading.Lock()
+    slots = [_Slot(e) for e in fleet.warm] + [_Slot() for _ in range(fleet.instances - len(fleet.warm))]
     origin = time.monotonic()  # replay time 0; set again just before the first request
     clock = lambda: time.monotonic() - origin
-    adopted = [workload_policy(policy, workload, interval, clock, predictor_checkpoint) for _ in engines]
-    before = [e.stats() for e in engines]  # before adoption: a policy may prefetch at once
-    for engine, p in zip(engines, adopted, strict=True):
-        engine.set_policy(p)
+    make_policy = lambda: workload_policy(policy, workload, interval, clock, predictor_checkpoint)
     rng = np.random.default_rng(seed)
-    vocab = engines[0].model_config.vocab_size
-    max_len = engines[0].max_model_len
-    handles, mem_samples = [], []  # mem_samples: (time, [stats per engine])
+    start_times, start_waits, submitted, steps = [], [], [], []
+    counted: list[dict] = []  # counters of every engine that ran, as deltas over this replay
+    before = {}
+    for slot in slots[: len(fleet.warm)]:
+        slot.engine.reset_adapters(loads)
+        before[id(slot)] = slot.engine.stats()  # before adoption: a policy may prefetch at once
+    policies = {id(slot): make_policy() for slot in slots if slot.warm}
+    for slot in slots[: len(fleet.warm)]:
+        slot.engine.set_policy(policies[id(slot)])
+        policies[id(slot)].wait_ready(60.0)  # a forecaster compiles before the clock starts, not under traffic
+        if fleet.record_steps:
+            slot.engine.recorded_steps()  # forget the reset's and warm-up's steps
+
+    def submit(slot: _Slot, tr, instance_wait: float = 0.0) -> None:
+        engine = slot.engine
+        prompt_len, max_tokens = request_lengths(tr, engine.max_model_len)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        handle = engine.submit(_prompt(rng, prompt_len, engine.model_config.vocab_size), params, adapter=tr.adapter)
+        slot.handles.append(handle)
+        submitted.append((tr.arrival_s, handle, instance_wait))
+
+    def boot(slot: _Slot) -> None:
+        try:
+            started = time.perf_counter()
+            engine = fleet.boot(warm=False, adapter_loads=loads)
+            p = make_policy()
+            if hasattr(p, "set_origin"):
+                p.set_origin(origin)
+            engine.set_policy(p)
+            p.wait_ready(60.0)  # part of the instance's start
+            with lock:
+                slot.engine, slot.state = engine, "up"
+                start_times.append(time.perf_counter() - started)
+                for tr in slot.pending:
+                    start_waits.append(clock() - tr.arrival_s)
+                    submit(slot, tr, start_waits[-1])
+                slot.pending.clear()
+        except BaseException as e:  # reported by the replay thread
+            slot.error = e
+
+    def launch(slot: _Slot) -> None:
+        slot.state, slot.idle_since = "starting", None
+        threading.Thread(target=boot, args=(slot,), name="plora-instance-start", daemon=True).start()
+
+    def stop(slot: _Slot) -> None:
+        """Take an engine's counters (and recorded steps); close it unless it is a warm one."""
+        engine = slot.engine
+        if fleet.record_steps:
+            steps.extend(engine.recorded_steps())
+        stats = engine.stats()
+        counted.append({k: stats.get(k, 0) - before.get(id(slot), {}).get(k, 0) for k in _COUNTED})
+        if not slot.warm:
+            engine.close()
+            slot.engine, slot.state, slot.handles, slot.idle_since = None, "off", [], None
+
+    def check() -> None:
+        failed = next((s.error for s in slots if s.error is not None), None)
+        if failed is not None:
+            raise RuntimeError(f"an instance failed to start: {failed}") from failed
+
+    def expire(now: float) -> None:
+        for slot in slots:
+            if slot.state != "up" or slot.warm:
+                continue
+            if slot.load():
+                slot.idle_since = None
+                continue
+            slot.idle_since = now if slot.idle_since is None else slot.idle_since
+            active = sum(s.state != "off" for s in slots)
+            if keep_alive_expired(slot.idle_since, now, fleet.keep_alive_s, active, fleet.min_instances):
+                stop(slot)
+                stops[0] += 1
+
     origin, origin_perf = time.monotonic(), time.perf_counter()
-    for p in adopted:
+    for p in policies.values():
         if hasattr(p, "set_origin"):
             p.set_origin(origin)  # the oracle's arrival times count from here
-    next_sample = 0.0
-    for tr in workload.requests:
-        while True:
-            now = time.monotonic() - origin
-            if now >= next_sample:  # memory use, once per interval
-                mem_samples.append((now, [e.stats() for e in engines]))
-                next_sample += interval
-            wait = min(tr.arrival_s, next_sample) - now
-            if wait <= 0 and now >= tr.arrival_s:
-                break
-            time.sleep(max(wait, 0.0))
-        prompt_len = min(tr.prompt_tokens, max_len - 2)
-        params = SamplingParams(
-            max_tokens=max(1, min(tr.output_tokens, max_len - prompt_len - 1)), temperature=0.0, ignore_eos=True
-        )
-        index = 0
-        if instances > 1:
-            inflight = [sum(not h.finished for i, h in handles if i == k) for k in range(instances)]
-            index = pick_instance(
-                [
-                    InstanceLoad(k, _holds(e, tr.adapter), inflight[k], e.config.max_num_seqs)
-                    for k, e in enumerate(engines)
-                ]
-            )
-            index = index if index is not None else min(range(instances), key=inflight.__getitem__)
-        handle = engines[index].submit(_prompt(rng, prompt_len, vocab), params, adapter=tr.adapter)
-        handles.append((index, handle))
-    while not all(h.finished for _, h in handles):  # memory use keeps being sampled until the last request ends
-        now = time.monotonic() - origin
-        if now >= next_sample:
-            mem_samples.append((now, [e.stats() for e in engines]))
+    mem_samples, next_sample, stops = [], 0.0, [0]
+
+    def sample(now: float) -> None:
+        nonlocal next_sample
+        if now >= next_sample:  # memory use, once per interval
+            mem_samples.append((now, [s.engine.stats() for s in slots if s.state == "up"]))
             next_sample += interval
-        time.sleep(min(0.01, max(0.0, next_sample - now)))
-    records = []
-    for _, handle in handles:
-        out = handle.result()
-        m = out.metrics
-        arrival = m.arrival_time - origin_perf  # seconds since the replay started
-        records.append(
-            RequestRecord(
-                arrival, arrival + m.ttft_s, arrival + m.e2e_s, m.cold_start, m.adapter_wait_s, len(out.token_ids)
-            )
-        )
-    after = [e.stats() for e in engines]
-    delta = lambda k: sum(a.get(k, 0) - b.get(k, 0) for a, b in zip(after, before, strict=True))
-    counters = {
-        k: delta(k)
-        for k in (
-            "cold_starts",
-            "prefetch_issued",
-            "prefetch_used",
-            "prefetch_hits",
-            "bytes_host_to_device",
-            "bytes_disk_to_host",
-        )
-    }
+
+    try:
+        for tr in workload.requests:
+            while True:
+                now = clock()
+                with lock:
+                    check()
+                    sample(now)
+                    expire(now)
+                if now >= tr.arrival_s:
+                    break
+                time.sleep(max(0.0, min(0.01, tr.arrival_s - now, next_sample - now)))
+            with lock:
+                active = [i for i, s in enumerate(slots) if s.state != "off"]
+                rows = [
+                    InstanceLoad(i, _holds(slots[i], tr.adapter), slots[i].load(), fleet.max_num_seqs) for i in active
+                ]
+                index = pick_instance(rows)
+                off = [s for s in slots if s.state == "off"]
+                if index is not None:
+                    slot = slots[index]
+                elif off:
+                    slot = off[0]
+                    launch(slot)
+                else:
+                    slot = min((slots[i] for i in active), key=_Slot.load)
+                if slot.state == "up":
+                    submit(slot, tr)
+                else:
+                    slot.pending.append(tr)
+        while True:  # requests still waiting for a starting instance, then the last completions
+            with lock:
+                check()
+                sample(clock())
+                if not any(s.pending for s in slots) and all(h.finished for _, h, _ in submitted):
+                    break
+            time.sleep(0.01)
+        records = []
+        for arrival, handle, instance_wait in submitted:
+            out = handle.result()
+            m = out.metrics
+            at = m.arrival_time - origin_perf  # when the engine got it (later than arrival if it waited)
+            lag = max(0.0, at - arrival - instance_wait)
+            records.append(
+                RequestRecord(
+                    arrival, at + m.ttft_s, at + m.e2e_s, m.cold_start, m.adapter_wait_s, len(out.token_ids),
+                    instance_wait, lag,
+                )
+            )  # fmt: skip
+    finally:
+        with lock:
+            for slot in slots:
+                if slot.engine is not None:
+                    stop(slot)
+    counters = {k: sum(c[k] for c in counted) for k in _COUNTED}
     memory = _memory_series(mem_samples)
-    extra = {
-        k: delta(k) for k in ("compiles_after_warmup", "adapter_loads", "adapter_load_s_total", "policy_fallbacks")
+    extra = {k: counters.pop(k) for k in _EXTRA}
+    extra |= {
+        "instance_starts": len(start_times),
+        "instance_start_mean_s": float(np.mean(start_times)) if start_times else 0.0,
+        "instance_start_wait_mean_s": float(np.mean(start_waits)) if start_waits else 0.0,
+        "instance_stops": stops[0],  # after the keep-alive, before the replay's end
     }
-    util = float(np.mean([u for _, u in memory])) if memory else 0.0
-    return Run(summarize(records, counters, util, extra), records, memory)
+    util = adapter_mem_util(extra.pop("adapter_live_byte_s"), extra.pop("adapter_reserved_byte_s"))
+    return Run(summarize(records, counters, util, extra), records, memory, steps)
+
+
+_EXTRA = (
+    *("compiles_after_warmup", "adapter_loads", "adapter_load_s_total", "adapter_transfer_s_total"),
+    *("policy_fallbacks", "adapter_live_byte_s", "adapter_reserved_byte_s"),
+)
+_COUNTED = (*ADAPTER_COUNTERS, *_EXTRA)  # what a replay reports as its engines' deltas
 
 
 def _memory_series(mem_samples: list[tuple[float, list[dict]]]) -> list[tuple[float, float]]:
@@ -160,10 +314,10 @@ def _memory_series(mem_samples: list[tuple[float, list[dict]]]) -> list[tuple[fl
     ]
 
 
-def _holds(engine, adapter: str) -> bool:
-    """Whether the adapter is placed on the engine's device, from the snapshot the engine last
-    published (a routing hint that may be a step out of date, never a decision that must hold)."""
-    return adapter in engine.resident_adapters()
+def _holds(slot: _Slot, adapter: str | None) -> bool:
+    """Whether the adapter is placed on the slot's engine's device, from the snapshot the engine
+    last published (a routing hint that may be a step out of date, never a decision that must hold)."""
+    return slot.state == "up" and adapter is not None and adapter in slot.engine.resident_adapters()
 
 
 def _resident_set(engine) -> list[str]:
@@ -181,237 +335,48 @@ def _resident_set(engine) -> list[str]:
     return chosen
 
 
-def calibrate(engine, instance_start_s: float, runs: list[dict] | None = None) -> Calibration:
-    """The simulator's costs measured on a warm `engine`: decode steps at one row and at a full
-    batch, prefill per token, and the loads' effective bytes per second from live replay
-    summaries `runs`; `instance_start_s` is how long the engine took to start (construction and
+def calibrate(engine, instance_start_s: float, runs: list[Run] = ()) -> Calibration:
+    """The simulator's cost profile for a warm `engine` (one of the fleet that ran `runs`, which
+    must have recorded their steps): step terms fitted to the replays' steps and to timed runs
+    here (decode at one row and a full batch, prefill at short and long chunks, the same with
+    every row on an adapter, loaded first so no load is timed); loads' bytes per second from
+    the replays; `instance_start_s` is how long an engine took to start (construction and
     warm-up, with whatever the parameter and compilation caches held)."""
     rng = np.random.default_rng(0)
     vocab, rows = engine.model_config.vocab_size, engine.config.max_num_seqs
     greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-    def tpot(batch: int) -> float:
-        outs = engine.generate([_prompt(rng, 8, vocab) for _ in range(batch)], greedy(33))
-        return float(np.median([o.metrics.tpot_s for o in outs]))
-
-    def ttft(tokens: int) -> float:
-        outs = [engine.generate([_prompt(rng, tokens, vocab)], greedy(1))[0] for _ in range(3)]
-        return float(np.median([o.metrics.ttft_s for o in outs]))
-
-    one, full = tpot(1), tpot(rows)
-    row_s = max(0.0, (full - one) / max(1, rows - 1))
     chunk = min(engine.runner.buckets.prefill[-1], engine.max_model_len // 2)
-    short, long = ttft(16), ttft(chunk)
-    token_s = max(0.0, (long - short) / (chunk - 16))
-    # The adapters' cost: the same full batch and long prompt with every row on an adapter (as
-    # many distinct ones as fit the pool at once, loaded first so no load is timed).
+    engine.record_steps(True)
+    engine.recorded_steps()
+
+    def timed_runs(adapters: list[str | None]) -> None:
+        names = [adapters[i % len(adapters)] for i in range(rows)]
+        for batch in (1, max(1, rows // 2), rows):
+            engine.generate([_prompt(rng, 8, vocab) for _ in range(batch)], greedy(17), adapters=names[:batch])
+        for tokens in (16, chunk):
+            for _ in range(3):
+                engine.generate([_prompt(rng, tokens, vocab)], greedy(1), adapters=names[:1])
+
+    timed_runs([None])
     adapters = _resident_set(engine)
-    adapter_row_s = adapter_token_s = 0.0
     if adapters:
         from ..policies import make_policy
 
         engine.set_policy(make_policy("lru"))  # keep them resident between the timed runs
-        names = [adapters[i % len(adapters)] for i in range(rows)]
-        prompts = [_prompt(rng, 8, vocab) for _ in range(rows)]
-        engine.generate(prompts, greedy(2), adapters=names)  # loads them
-        outs = engine.generate(prompts, greedy(33), adapters=names)
-        adapter_row_s = max(0.0, (float(np.median([o.metrics.tpot_s for o in outs])) - full) / rows)
-        prompt = _prompt(rng, chunk, vocab)
-        engine.generate([prompt], greedy(1), adapters=[adapters[0]])
-        timed = [engine.generate([prompt], greedy(1), adapters=[adapters[0]])[0] for _ in range(3)]
-        with_adapter = float(np.median([o.metrics.ttft_s - o.metrics.adapter_wait_s for o in timed]))
-        adapter_token_s = max(0.0, (with_adapter - long) / chunk)
+        engine.generate([_prompt(rng, 8, vocab) for _ in adapters], greedy(1), adapters=adapters)  # loads them
+        engine.recorded_steps()  # not the loads' steps
+        timed_runs(adapters)
+    steps = engine.recorded_steps() + [step for run in runs for step in run.steps]
     stats = engine.stats()
-    loads = [(r["adapter_load_s_total"], r["bytes_host_to_device"]) for r in runs or () if r.get("adapter_loads")]
+    loads = [(r.summary["adapter_transfer_s_total"], r.summary["bytes_host_to_device"]) for r in runs]
     seconds, nbytes = sum(s for s, _ in loads), sum(b for _, b in loads)
-    return Calibration(
-        source="live engine on this machine (plora_jax.serverless.live.calibrate)",
-        decode_base_s=max(0.0, one - row_s),
-        decode_row_s=row_s,
-        prefill_base_s=max(0.0, short - 16 * token_s - one),
-        prefill_token_s=token_s,
-        decode_adapter_row_s=adapter_row_s,
-        prefill_adapter_token_s=adapter_token_s,
+    lags = [r.submit_lag_s for run in runs for r in run.records]
+    base = Calibration(
+        request_overhead_s=float(np.mean(lags)) if lags else 0.0,
         load_base_s=0.0,
         h2d_bytes_per_s=nbytes / seconds if seconds else 2e9,
         disk_bytes_per_s=0.0,  # 0: folded into h2d (the live loads' rate includes their disk reads)
         instance_start_s=instance_start_s,
         bytes_per_rank=int(stats.get("adapter_page_bytes", 0) // engine.config.page_rows),
     )
-
-
-class _Slot:
-    """One instance slot of the live serverless replay: off, starting or up."""
-
-    def __init__(self):
-        self.engine = None
-        self.state = "off"
-        self.pending: list = []  # TraceRequests routed here while it starts
-        self.handles: list = []
-        self.idle_since: float | None = None
-        self.error: BaseException | None = None
-
-    def load(self) -> int:
-        return len(self.pending) + sum(not h.finished for h in self.handles)
-
-
-def _expire(slots: list[_Slot], now: float, keep_alive_s: float, min_instances: int, final_stats: list) -> None:
-    """Stop instances idle for `keep_alive_s`, down to `min_instances` (their counters are kept)."""
-    for slot in slots:
-        if slot.state != "up":
-            continue
-        if slot.load():
-            slot.idle_since = None
-            continue
-        slot.idle_since = now if slot.idle_since is None else slot.idle_since
-        active = sum(s.state != "off" for s in slots)
-        if keep_alive_expired(slot.idle_since, now, keep_alive_s, active, min_instances):
-            final_stats.append(slot.engine.stats())
-            slot.engine.close()
-            slot.engine, slot.state, slot.handles, slot.idle_since = None, "off", [], None
-
-
-def replay_serverless(
-    workload: Workload,
-    policy: str,
-    make_engine,
-    adapter_dir: str | Path,
-    max_instances: int,
-    min_instances: int = 0,
-    keep_alive_s: float = 60.0,
-    max_num_seqs: int = 16,
-    predictor_checkpoint: str = "",
-    seed: int = 0,
-) -> Run:
-    """Replay with instances that start on demand and stop after `keep_alive_s` idle (down to
-    `min_instances`, which start before the replay). A start is an engine's construction,
-    warm-up and adapter registration, on its own thread; requests routed to a starting instance
-    wait for it, and their TTFT includes that wait. Routing is `pick_instance`'s."""
-    if max_instances < 1 or not 0 <= min_instances <= max_instances:
-        raise ValueError(f"need 0 <= min_instances <= max_instances >= 1, got {min_instances}, {max_instances}")
-    loads = "sync" if policy == BASELINE_POLICY else "async"
-    interval = workload.config.seconds_per_minute
-    lock = threading.Lock()
-    slots = [_Slot() for _ in range(max_instances)]
-    origin, origin_perf = time.monotonic(), time.perf_counter()
-    clock = lambda: time.monotonic() - origin
-    rng = np.random.default_rng(seed)
-    start_times, start_waits, final_stats, submitted = [], [], [], []
-
-    def submit(slot: _Slot, tr) -> None:
-        engine = slot.engine
-        prompt_len = min(tr.prompt_tokens, engine.max_model_len - 2)
-        max_tokens = max(1, min(tr.output_tokens, engine.max_model_len - prompt_len - 1))
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        handle = engine.submit(_prompt(rng, prompt_len, engine.model_config.vocab_size), params, adapter=tr.adapter)
-        slot.handles.append(handle)
-        submitted.append((tr.arrival_s, handle))
-
-    def boot(slot: _Slot) -> None:
-        try:
-            started = time.perf_counter()
-            engine = make_engine(adapter_loads=loads)
-            engine.add_adapter_dir(adapter_dir)
-            p = workload_policy(policy, workload, interval, clock, predictor_checkpoint)
-            if hasattr(p, "set_origin"):
-                p.set_origin(origin)
-            engine.set_policy(p)
-            with lock:
-                slot.engine, slot.state = engine, "up"
-                start_times.append(time.perf_counter() - started)
-                for tr in slot.pending:
-                    start_waits.append(clock() - tr.arrival_s)
-                    submit(slot, tr)
-                slot.pending.clear()
-        except BaseException as e:  # reported by the replay thread
-            slot.error = e
-
-    def launch(slot: _Slot) -> threading.Thread:
-        slot.state, slot.idle_since = "starting", None
-        thread = threading.Thread(target=boot, args=(slot,), name="plora-instance-start", daemon=True)
-        thread.start()
-        return thread
-
-    def check() -> None:
-        failed = next((s.error for s in slots if s.error is not None), None)
-        if failed is not None:
-            raise RuntimeError(f"an instance failed to start: {failed}") from failed
-
-    for thread in [launch(slots[i]) for i in range(min_instances)]:
-        thread.join()
-    check()
-    start_times.clear()  # warm before the replay: not instance cold starts
-    origin, origin_perf = time.monotonic(), time.perf_counter()
-    mem_samples, next_sample = [], 0.0
-    try:
-        for tr in workload.requests:
-            while True:
-                now = clock()
-                with lock:
-                    check()
-                    if now >= next_sample:
-                        mem_samples.append((now, [s.engine.stats() for s in slots if s.state == "up"]))
-                        next_sample += interval
-                    _expire(slots, now, keep_alive_s, min_instances, final_stats)
-                if now >= tr.arrival_s:
-                    break
-                time.sleep(min(0.01, tr.arrival_s - now))
-            with lock:
-                active = [i for i, s in enumerate(slots) if s.state != "off"]
-                rows = [
-                    InstanceLoad(
-                        i, slots[i].state == "up" and _holds(slots[i].engine, tr.adapter), slots[i].load(), max_num_seqs
-                    )
-                    for i in active
-                ]
-                index = pick_instance(rows)
-                off = [s for s in slots if s.state == "off"]
-                if index is not None:
-                    slot = slots[index]
-                elif off:
-                    slot = off[0]
-                    launch(slot)
-                else:
-                    slot = min((slots[i] for i in active), key=_Slot.load)
-                if slot.state == "up":
-                    submit(slot, tr)
-                else:
-                    slot.pending.append(tr)
-        stops = len(final_stats)  # so far only `_expire` has stopped instances
-        while True:  # requests still waiting for a starting instance
-            with lock:
-                check()
-                if not any(s.pending for s in slots):
-                    break
-            time.sleep(0.01)
-        records = []
-        for arrival, handle in submitted:
-            out = handle.result()
-            m = out.metrics
-            at = m.arrival_time - origin_perf  # when the engine got it (later than arrival if it waited)
-            wait = max(0.0, at - arrival)
-            records.append(
-                RequestRecord(
-                    arrival, at + m.ttft_s, at + m.e2e_s, m.cold_start, m.adapter_wait_s, len(out.token_ids), wait
-                )
-            )
-    finally:
-        with lock:
-            for slot in slots:
-                if slot.engine is not None:
-                    final_stats.append(slot.engine.stats())
-                    slot.engine.close()
-                    slot.engine, slot.state = None, "off"
-    total = lambda k: sum(s.get(k, 0) for s in final_stats)
-    keys = ("cold_starts", "prefetch_issued", "prefetch_used", "prefetch_hits", "bytes_host_to_device")
-    counters = {k: total(k) for k in (*keys, "bytes_disk_to_host")}
-    memory = _memory_series(mem_samples)
-    extra = {
-        "compiles_after_warmup": total("compiles_after_warmup"),
-        "instance_starts": len(start_times),
-        "instance_start_mean_s": float(np.mean(start_times)) if start_times else 0.0,
-        "instance_start_wait_mean_s": float(np.mean(start_waits)) if start_waits else 0.0,
-        "instance_stops": stops,  # after the keep-alive, before the replay's end
-    }
-    util = float(np.mean([u for _, u in memory])) if memory else 0.0
-    return Run(summarize(records, counters, util, extra), records, memory)
+    return fit(steps, base, source="live engine on this machine (plora_jax.serverless.live.calibrate)")

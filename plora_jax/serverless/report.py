@@ -9,13 +9,13 @@ its adapter. From those and the run's counters:
 - throughput: completed requests and generated tokens per second, from the first arrival to the
   last completion;
 - adapter memory utilisation, prefetch precision and recall: as `plora_jax.metrics` defines them
-  (the one definition the engine and the server use too); utilisation is averaged over samples
-  taken once per interval.
+  (the one definition the engine and the server use too); utilisation is the run's time
+  average (byte-seconds), the memory samples once per interval are for the plots only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,7 @@ class RequestRecord:
     adapter_wait_s: float
     output_tokens: int
     instance_wait_s: float = 0.0  # waited for its instance to start (serverless)
+    submit_lag_s: float = 0.0  # from arrival (or its instance's start) until the engine held it: the caller's hand-off
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Run:
     summary: dict
     records: list[RequestRecord]
     memory: list[tuple[float, float]]  # (seconds since the start, adapter memory utilisation)
+    steps: list = field(default_factory=list)  # the engines' `StepRecord`s, when recorded (live)
 
 
 def _pct(values, q: float) -> float:

@@ -1,6 +1,7 @@
 """The simulator's cost profile: what a step, an adapter load and an instance start cost.
 
-A step's cost is linear in its `StepShape` (the engine's own description of a step, sizes
+A request reaches its engine `request_overhead_s` after it arrives (validation, the hand-off
+to the loop thread). A step's cost is linear in its `StepShape` (the engine's own description of a step, sizes
 padded to the compiled buckets):
 
     step_base_s                                           every step (the loop's host work)
@@ -38,6 +39,11 @@ STEP_TERMS = (
     "transfer_step_s",
 )
 
+# A recorded step this many median absolute deviations off the fit (in relative error) is left
+# out: a late compile or a long collection pause, not the tail of ordinary steps, which the
+# mean cost has to include (a mean TTFT sums them).
+OUTLIER_MADS = 20.0
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -53,13 +59,14 @@ class Calibration:
     decode_adapter_row_s: float = 0.0  # per decode row that runs an adapter
     prefill_adapter_token_s: float = 0.0  # per prefilled token that runs an adapter
     transfer_step_s: float = 0.0  # added to a step while an adapter transfer is in flight (its host share)
+    request_overhead_s: float = 0.0  # from a request's arrival until the engine holds it (the caller's hand-off)
     load_base_s: float = 0.01  # fixed cost of one adapter load (placement, commit)
     h2d_bytes_per_s: float = 2e9  # host to device copy
     disk_bytes_per_s: float = 5e8  # disk read into the host cache (0: already counted in h2d_bytes_per_s)
     instance_start_s: float = 20.0  # an instance from zero to warm (params and executables from caches)
     bytes_per_rank: int = 0  # device bytes one rank row of an adapter occupies (all layers, projections)
     fit_steps: int = 0  # recorded steps the step terms were fitted to (0: not fitted)
-    fit_outliers: int = 0  # recorded steps left out of the fit (over 5 MADs off)
+    fit_outliers: int = 0  # recorded steps left out of the fit (over OUTLIER_MADS off)
     fit_error: float = 0.0  # the fit's mean absolute error over its steps / their mean duration
 
     def step_s(self, shape: StepShape) -> float:
@@ -92,9 +99,8 @@ def features(shape: StepShape) -> tuple[float, ...]:
 
 def fit(records: Sequence[StepRecord], base: Calibration, source: str = "") -> Calibration:
     """`base` with its step terms fitted to recorded steps: non-negative least squares, refitted
-    without the steps whose relative error is more than 5 median absolute deviations off the last fit's (a collection
-    pause, a late compile) until that set settles, so a few outliers do not move every
-    coefficient."""
+    without the steps whose relative error is more than `OUTLIER_MADS` median absolute
+    deviations off the last fit's (a late compile, a long pause) until that set settles."""
     from scipy.optimize import nnls
 
     if len(records) < len(STEP_TERMS):
@@ -108,7 +114,7 @@ def fit(records: Sequence[StepRecord], base: Calibration, source: str = "") -> C
         predicted = (x / scale) @ coef
         residual = (y - predicted) / np.maximum(predicted, 1e-6)  # relative: step times vary in proportion
         mad = np.median(np.abs(residual[keep] - np.median(residual[keep]))) + 1e-6
-        again = np.abs(residual - np.median(residual[keep])) <= 5 * mad
+        again = np.abs(residual - np.median(residual[keep])) <= OUTLIER_MADS * mad
         if (again == keep).all():
             break
         keep = again

@@ -120,8 +120,8 @@ class Simulator:
             self.mem_samples.append((now, adapter_mem_util(live, reserved), adapter_pool_fill(reserved, total)))
 
     def run(self) -> Simulator:
-        for request in self.requests:
-            self.push(request.trace.arrival_s, "arrival", -1, request)
+        for request in self.requests:  # each reaches the serverless layer after the caller's hand-off
+            self.push(request.trace.arrival_s + self.calibration.request_overhead_s, "arrival", -1, request)
         horizon = self.workload.duration_s
         t = 0.0
         while t <= horizon:
@@ -163,13 +163,16 @@ class Simulator:
                     req.adapter_wait if req is not None else 0.0,
                     len(req.output_ids) if req is not None else 0,
                     r.instance_wait,
+                    self.calibration.request_overhead_s,
                 )
             )
         return out
 
     def result(self) -> Run:
         memory = [(t, u) for t, u, _ in self.mem_samples]
-        util = float(np.mean([u for _, u in memory])) if memory else 0.0
+        stats = [core.stats() for core in self.cores]
+        live, reserved = (sum(s[k] for s in stats) for k in ("adapter_live_byte_s", "adapter_reserved_byte_s"))
+        util = adapter_mem_util(live, reserved)
         waits = self.pool.start_waits
         extra = {
             "instance_starts": self.pool.starts,
