@@ -78,8 +78,11 @@ def register_adapters(engine, config: ServerConfig) -> list[Path]:
 
 
 def _announce_ready(engine, start: float, log: logging.Logger) -> None:
+    from plora_jax.engine.api import freeze_heap
+
     try:
         engine.wait_ready()
+        freeze_heap()
         log.info("ready to serve %.1fs after start (%s)", time.perf_counter() - start, engine.readiness())
     except RuntimeError as e:
         log.error("%s", e)

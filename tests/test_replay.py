@@ -234,6 +234,34 @@ def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path, capsys):
     assert "| compiles |" in printed and "predictive vs reactive_sync" in printed
 
 
+def test_the_simulator_calibrated_from_a_live_run_predicts_it(tmp_path, capsys):
+    """Issue 15's acceptance: live replays of reactive, lru and predictive on a tiny engine
+    (40 adapters, 220 requests), then the simulator with the cost profile fitted to those very
+    runs: cold starts within 15% and mean TTFT within 25% of live, per policy. The tolerances
+    are the point; they are not to be widened to pass."""
+    from benchmarks import replay
+
+    live_json, sim_json = tmp_path / "live.json", tmp_path / "sim.json"
+    workload = [
+        *("--model", "tiny", "--layout", "paged", "--policies", "reactive,lru,predictive"),
+        *("--trace", TRACE, "--llm-trace", LLM, "--adapters", "40", "--minutes", "20"),
+        *("--seconds-per-minute", "0.6", "--popularity", "--seed", "0", "--token-scale", "0.05"),
+        *("--max-output-tokens", "32", "--max-num-seqs", "4", "--max-loras", "8", "--lora-pool-pages", "17"),
+    ]  # fmt: skip
+    live_args = ["--mode", "live", *workload, "--adapter-dir", str(tmp_path / "adapters"), "--json", str(live_json)]
+    assert replay.main(live_args) == 0
+    sim_args = ["--mode", "sim", *workload, "--calibration", str(live_json), "--compare", str(live_json)]
+    assert replay.main([*sim_args, "--json", str(sim_json)]) == 0
+    compare = json.loads(sim_json.read_text())["compare"]["paged"]
+    assert set(compare) == {"reactive", "lru", "predictive"}
+    for policy, entry in compare.items():
+        cold, ttft = entry["cold_starts"], entry["ttft_mean_s"]
+        assert cold["live"] > 50, policy  # enough cold starts for 15% to mean something
+        assert abs(cold["sim_over_live"] - 1) <= 0.15, (policy, cold)
+        assert abs(ttft["sim_over_live"] - 1) <= 0.25, (policy, ttft)
+    assert "live against simulated" in capsys.readouterr().out
+
+
 def test_live_instances_start_from_zero_and_stop_after_keep_alive(tmp_path):
     """Live serverless replay on tiny engines: the first request starts an instance and waits for
     it; a burst beyond one instance's rows starts a second; both stop when idle; a late request

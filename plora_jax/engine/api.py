@@ -24,6 +24,7 @@ The pieces, along vLLM v1's seams:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -54,6 +55,15 @@ def prepare_kernels(config: EngineConfig) -> None:
     if jax.default_backend() == "cpu" and config.attention_implementation in ("auto", "cpu"):
         kernels = cache_root(config.cache_dir) / "kernels"
         threading.Thread(target=cpu_attention.ensure, args=(kernels,), name="plora-kernel-build", daemon=True).start()
+
+
+def freeze_heap() -> None:
+    """Collect, then move every live object to the collector's permanent generation (as vLLM's
+    engine does after start-up). Called once an engine is up: the model's, tokenizer's and
+    executables' objects are never scanned again, so the collections that run while serving
+    stay short (on a small host they were pauses of tens of milliseconds in the middle of steps)."""
+    gc.collect()
+    gc.freeze()
 
 
 class TextStream(Iterator[str]):

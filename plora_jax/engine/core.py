@@ -143,7 +143,8 @@ class EngineCore:
         self._outbox: list[tuple[Request, StreamEvent | BaseException]] = []  # delivered after publish()
         self._in_flight: list[Launched] | None = None
         self.step_log: StepLog | None = None  # set by `record_steps`
-        self._in_flight_step = None  # (StepShape, dispatch time) of the step in flight, when recorded
+        self._in_flight_step = None  # (StepShape, start time) of the step in flight, when recorded
+        self._woke: float | None = None  # when the loop handled its first message since the last iteration
         self._thread: threading.Thread | None = None
         self._owner = threading.get_ident()  # the thread allowed to touch device state
         self._stopped = False
@@ -315,9 +316,12 @@ class EngineCore:
 
     def _iterate(self) -> bool:
         """One iteration; False if it neither dispatched nor read anything."""
-        # A recorded step starts here (its host work: polls, decisions, scheduling, inputs),
+        # A recorded step starts here, or at the first message this iteration handled (its host
+        # work: arrivals and their policy decisions, polls, scheduling, inputs),
         # less any synchronous load inside the scheduling, which is the load's time, not the step's.
-        begun, stalled = time.perf_counter(), self.gate.stall_s if self.gate is not None else 0.0
+        begun, self._woke = self._woke or time.perf_counter(), None  # from the first message handled, if any
+        stalled = self.gate.stall_s if self.gate is not None else 0.0
+        committed = 0  # pages this iteration's poll commits (a synchronous load's are the load's time)
         if not self.runner.plan.complete.is_set():  # while warming, chunk prompts to what is built
             ready = self.runner.plan.ready_sizes("prefill")
             if ready:
@@ -325,7 +329,9 @@ class EngineCore:
         else:
             self.scheduler.max_num_batched_tokens = self.runner.buckets.prefill[-1]
         if self.lora is not None:
+            committed = -self.lora.committed_pages
             self.poll_adapters()
+            committed += self.lora.committed_pages
             if self.policy is not None and time.monotonic() >= self._next_decision:
                 self._decide()
         plan = self.scheduler.schedule()
@@ -347,7 +353,7 @@ class EngineCore:
             loading = self.lora is not None and bool(self.lora.loading or self.lora.host_jobs)
             buckets = self.runner.buckets
             stall = self.gate.stall_s - stalled if self.gate is not None else 0.0
-            dispatched = (shape_of(plan, buckets.decode, buckets.prefill, loading), begun + stall)
+            dispatched = (shape_of(plan, buckets.decode, buckets.prefill, loading, committed), begun + stall)
         progress = launched is not None or self._in_flight is not None
         if self._in_flight is not None:
             self._process(self._in_flight)
@@ -367,6 +373,8 @@ class EngineCore:
             except queue.Empty:
                 return True
             block = False
+            if self._woke is None:
+                self._woke = time.perf_counter()
             if isinstance(message, Stop):
                 return False
             if isinstance(message, Wake):

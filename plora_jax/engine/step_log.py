@@ -2,7 +2,8 @@
 
 A step's cost depends on its sizes as compiled (rows and tokens padded to their buckets), on
 counts that are data (context tokens the decode rows attend over, rows and tokens that run an
-adapter) and on what runs beside it (an adapter transfer in flight competes for the host).
+adapter), on what runs beside it (an adapter transfer in flight competes for the host) and on
+the adapter commits of its iteration (finished loads written into the device pool).
 `StepShape` holds exactly that, computed from a `StepPlan` and the engine's `Buckets` by
 `shape_of`, so the live engine (recording its steps) and the simulator (charging a cost profile
 per step, `plora_jax.serverless.sim.costs`) describe a step the same way.
@@ -31,6 +32,7 @@ class StepShape:
     adapter_rows: int  # decode rows that run an adapter
     adapter_tokens: int  # prefill tokens (unpadded) of segments that run an adapter
     loading: bool  # an adapter transfer was in flight when the step was dispatched
+    committed_pages: int = 0  # adapter pages committed into the device pool in its iteration
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,13 @@ class StepRecord:
     seconds: float  # from max(its iteration's start, previous read) to this step's read
 
 
-def shape_of(plan: StepPlan, decode_buckets: tuple[int, ...], prefill_buckets: tuple[int, ...], loading: bool):
+def shape_of(
+    plan: StepPlan,
+    decode_buckets: tuple[int, ...],
+    prefill_buckets: tuple[int, ...],
+    loading: bool,
+    committed_pages: int = 0,
+) -> StepShape:
     """The `StepShape` of `plan` under the engine's bucket tables (steady state: every bucket built)."""
     tokens = sum(len(row.token_ids) for row in plan.prefill)
     return StepShape(
@@ -49,6 +57,7 @@ def shape_of(plan: StepPlan, decode_buckets: tuple[int, ...], prefill_buckets: t
         adapter_rows=sum(row.request.adapter is not None for row in plan.decode),
         adapter_tokens=sum(len(row.token_ids) for row in plan.prefill if row.request.adapter is not None),
         loading=loading,
+        committed_pages=committed_pages,
     )
 
 

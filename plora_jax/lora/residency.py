@@ -58,6 +58,7 @@ class Residency:
         self.counters = dict.fromkeys(ADAPTER_COUNTERS, 0)
         self.load_seconds_total = 0.0  # committed device loads, from queued to committed
         self.transfer_seconds_total = 0.0  # the transfer's own time on them (no queueing)
+        self.committed_pages = 0  # pages of the device jobs handed back to commit, in all
         self.loading: dict[str, Job] = {}  # device loads in flight
         self.host_jobs: dict[str, Job] = {}  # host-only reads in flight
         self.prefetched: set[str] = set()  # placements made by a prefetch and not used yet
@@ -281,6 +282,7 @@ class Residency:
             job.entry.error = None
             self.load_seconds_total += job.entry.load_s
             self.transfer_seconds_total += job.busy_s
+            self.committed_pages += len(job.pages)
             ready.append(job)
 
     def collect_for(self, name: str) -> tuple[list[Job], list[tuple[str, BaseException]]]:

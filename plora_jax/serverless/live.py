@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.api import freeze_heap
 from ..engine.sampling import SamplingParams
 from ..lora.peft import save_random_adapter
 from ..metrics import ADAPTER_COUNTERS, adapter_mem_util
@@ -90,6 +91,7 @@ class Fleet:
         except BaseException:
             self.close()
             raise
+        freeze_heap()
 
     def boot(self, warm: bool = True, **overrides):
         """A new engine with every adapter registered (on the caller's thread); `warm`: also wait

@@ -9,6 +9,7 @@ padded to the compiled buckets):
   + prefill_base_s + prefill_token_s * tokens                                  if it prefills
   + decode_adapter_row_s * adapter rows + prefill_adapter_token_s * adapter tokens
   + transfer_step_s                                  if an adapter transfer is in flight
+  + commit_page_s * pages committed into the device pool in its iteration
 
 `fit` takes the coefficients from steps a live engine recorded (`Engine.record_steps`): a
 non-negative least-squares fit of the recorded durations, so the profile holds what the engine
@@ -37,6 +38,7 @@ STEP_TERMS = (
     "decode_adapter_row_s",
     "prefill_adapter_token_s",
     "transfer_step_s",
+    "commit_page_s",
 )
 
 # A recorded step this many median absolute deviations off the fit (in relative error) is left
@@ -59,6 +61,7 @@ class Calibration:
     decode_adapter_row_s: float = 0.0  # per decode row that runs an adapter
     prefill_adapter_token_s: float = 0.0  # per prefilled token that runs an adapter
     transfer_step_s: float = 0.0  # added to a step while an adapter transfer is in flight (its host share)
+    commit_page_s: float = 0.0  # per adapter page committed into the device pool in the step's iteration
     request_overhead_s: float = 0.0  # from a request's arrival until the engine holds it (the caller's hand-off)
     load_base_s: float = 0.01  # fixed cost of one adapter load (placement, commit)
     h2d_bytes_per_s: float = 2e9  # host to device copy
@@ -94,6 +97,7 @@ def features(shape: StepShape) -> tuple[float, ...]:
         float(shape.adapter_rows),
         float(shape.adapter_tokens),
         float(shape.loading),
+        float(shape.committed_pages),
     )
 
 

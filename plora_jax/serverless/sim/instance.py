@@ -125,13 +125,16 @@ class SimInstance:
         """One loop iteration at `now` (see the module docstring); repeats while it only reads."""
         while True:
             self.at(now)
+            committed = self.core.committed_pages
             self._poll()
+            committed = self.core.committed_pages - committed  # a synchronous load's are the load's time
             plan = self.scheduler.schedule()
             previous, self.in_flight, self.busy_until = self.in_flight, None, None
             if plan is not None:
                 core = self.core
                 buckets = self.sim.buckets
-                shape = shape_of(plan, buckets.decode, buckets.prefill, bool(core.loading or core.host_jobs))
+                loading = bool(core.loading or core.host_jobs)
+                shape = shape_of(plan, buckets.decode, buckets.prefill, loading, committed)
                 self.in_flight = plan
                 self.busy_until = self.clock() + self.sim.calibration.step_s(shape)
                 self.sim.push(self.busy_until, "step_end", self.index)
