@@ -332,9 +332,12 @@ class Engine:
             return []
         return self.core.call(lambda: self.core.score(seqs, adapters))
 
-    def stats(self) -> dict:
+    def stats(self, fresh: bool = False) -> dict:
         """Counters of the engine: the snapshot the loop published last, plus the compile plan's
-        own counters (any thread, never blocks)."""
+        own counters (any thread, never blocks). `fresh`: have the loop publish one first
+        (waits for the loop between steps), so time-integrated figures run up to now."""
+        if fresh:
+            self.core.call(lambda: None)
         plan = self._runner.plan
         stats = dict(self.core.snapshot.stats)
         stats.update(plan.describe(), warm=plan.complete.is_set())

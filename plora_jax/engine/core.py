@@ -145,6 +145,7 @@ class EngineCore:
         self.step_log: StepLog | None = None  # set by `record_steps`
         self._in_flight_step = None  # (StepShape, start time) of the step in flight, when recorded
         self._woke: float | None = None  # when the loop handled its first message since the last iteration
+        self._stall = 0.0  # seconds this iteration spent in synchronous loads
         self._thread: threading.Thread | None = None
         self._owner = threading.get_ident()  # the thread allowed to touch device state
         self._stopped = False
@@ -246,6 +247,7 @@ class EngineCore:
 
     def _mark_ready(self) -> None:
         if not self._counters.ready_s:
+            self._woke = None  # messages handled while warming up are not a step's time
             self._counters.ready_s = time.perf_counter() - self._created
             self._counters.compiles_at_ready = compile_stats.compiles_on_thread()
             self.publish()
@@ -349,10 +351,11 @@ class EngineCore:
                 self._counters.prefill_tokens += sum(len(row.token_ids) for row in plan.prefill)
             self._counters.steps += 1
         dispatched = None
+        # A synchronous load ran before the previous step's tokens are read: not that step's time either.
+        stall = self._stall = self.gate.stall_s - stalled if self.gate is not None else 0.0
         if launched is not None and self.step_log is not None:
             loading = self.lora is not None and bool(self.lora.loading or self.lora.host_jobs)
             buckets = self.runner.buckets
-            stall = self.gate.stall_s - stalled if self.gate is not None else 0.0
             dispatched = (shape_of(plan, buckets.decode, buckets.prefill, loading, committed), begun + stall)
         progress = launched is not None or self._in_flight is not None
         if self._in_flight is not None:
@@ -418,8 +421,9 @@ class EngineCore:
     def _process(self, launched: list[Launched]) -> None:
         read = [(np.asarray(step.tokens), np.asarray(step.logprobs)) for step in launched]  # waits for the device
         if self._in_flight_step is not None and self.step_log is not None:
-            self.step_log.read(*self._in_flight_step, time.perf_counter())
+            self.step_log.read(*self._in_flight_step, time.perf_counter(), self._stall)
             self._in_flight_step = None
+        self._stall = 0.0
         for step, (tokens, logprobs) in zip(launched, read, strict=True):
             for i, request in enumerate(step.requests):
                 if request is None or request.status is Status.FINISHED:

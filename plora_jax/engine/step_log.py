@@ -9,11 +9,13 @@ the adapter commits of its iteration (finished loads written into the device poo
 per step, `plora_jax.serverless.sim.costs`) describe a step the same way.
 
 A recorded step's seconds are the time from the later of the start of the loop iteration that
-dispatched it and the previous step's read to its own read. The loop dispatches step i, then
+dispatched it (its first handled message, or the iteration itself) and the previous step's read
+to its own read. The loop dispatches step i, then
 reads step i-1's tokens, so in steady state this is the loop's period while step i runs: device
 time plus whatever host work (stop checks, streaming, scheduling, inputs, policy decisions) did
 not overlap it; after an idle loop it is the whole iteration's host work and the step. A
-synchronous adapter load inside the scheduling is the load's time and is left out.
+synchronous adapter load inside the scheduling is the load's time and is left out of both the
+step it delays and the one whose read it delays.
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ class StepLog:
         self.records: list[StepRecord] = []
         self._last_read = 0.0
 
-    def read(self, shape: StepShape, begun: float, now: float) -> None:
-        """A step whose iteration began at `begun` and whose tokens were just read at `now`."""
-        self.records.append(StepRecord(shape, now - max(begun, self._last_read)))
+    def read(self, shape: StepShape, begun: float, now: float, stalled: float = 0.0) -> None:
+        """A step whose iteration began at `begun` and whose tokens were just read at `now`;
+        `stalled` seconds of that span were a synchronous load (not the step's time)."""
+        self.records.append(StepRecord(shape, now - max(begun, self._last_read) - stalled))
         self._last_read = now
 
     def take(self) -> list[StepRecord]:

@@ -57,7 +57,10 @@ class Residency:
         self.free_when_unused = False  # reactive: free an adapter when its last request finishes
         self.counters = dict.fromkeys(ADAPTER_COUNTERS, 0)
         self.load_seconds_total = 0.0  # committed device loads, from queued to committed
-        self.transfer_seconds_total = 0.0  # the transfer's own time on them (no queueing)
+        # The transfer's own time on committed device loads (no queueing) and their device
+        # bytes, for copies staged from the host cache and for those read from the folder first.
+        self.transfer_s = {"host": 0.0, "disk": 0.0}
+        self.transfer_bytes = {"host": 0, "disk": 0}
         self.committed_pages = 0  # pages of the device jobs handed back to commit, in all
         self.loading: dict[str, Job] = {}  # device loads in flight
         self.host_jobs: dict[str, Job] = {}  # host-only reads in flight
@@ -281,7 +284,9 @@ class Residency:
             job.entry.load_s = self.clock() - job.started
             job.entry.error = None
             self.load_seconds_total += job.entry.load_s
-            self.transfer_seconds_total += job.busy_s
+            tier = "host" if job.source is not None else "disk"
+            self.transfer_s[tier] += job.busy_s
+            self.transfer_bytes[tier] += job.bytes_device
             self.committed_pages += len(job.pages)
             ready.append(job)
 
@@ -363,7 +368,8 @@ class Residency:
             "adapter_loads": self.pages.loads,
             "adapter_evictions": self.pages.evictions,
             "adapter_load_s_total": self.load_seconds_total,
-            "adapter_transfer_s_total": self.transfer_seconds_total,
+            **{f"adapter_transfer_s_from_{tier}": t for tier, t in self.transfer_s.items()},
+            **{f"adapter_transfer_bytes_from_{tier}": n for tier, n in self.transfer_bytes.items()},
             "adapters_loading": len(self.loading),
             "adapters_pinned": sum(1 for r in self.pages.resident.values() if r.pins),
             **self.counters,

@@ -22,7 +22,7 @@ The routing rule is plain Python over `InstanceLoad` records, so a distributed h
 Serve deployment that scales to zero, with model multiplexing keyed by the adapter) can apply it
 to its replicas; nothing here manages a cluster. `InstancePool` applies the rules to the
 simulator's instances; the live replay applies routing, starts on demand and the keep-alive to
-real engines (`live.replay_serverless`), without pre-warming.
+real engines (`live.replay_live` over a `live.Fleet`), without pre-warming.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class InstancePool:
             return
         idle_since = None if busy else inst.idle_since
         if keep_alive_expired(idle_since, now, cfg.keep_alive_s, len(self.active()), cfg.min_instances):
+            inst.at(now)  # its pool's occupancy counts until the stop
             inst.stopped = True
             self.stops += 1
 

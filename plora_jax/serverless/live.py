@@ -19,6 +19,7 @@ replay may not (a full batch, long prompts, every row on an adapter), fitted by
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ class Fleet:
                 raise ValueError(
                     f"{self.adapter_dir}: adapters missing or refused: {sorted(missing)[:5]} {result['errors']}"
                 )
-            if self.record_steps:
+            if self.record_steps and warm:  # steps while executables still build are not a steady state
                 engine.record_steps(True)
             if warm:
                 engine.wait_warm()
@@ -152,15 +153,17 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
     start_times, start_waits, submitted, steps = [], [], [], []
     counted: list[dict] = []  # counters of every engine that ran, as deltas over this replay
     before = {}
-    for slot in slots[: len(fleet.warm)]:
-        slot.engine.reset_adapters(loads)
-        before[id(slot)] = slot.engine.stats()  # before adoption: a policy may prefetch at once
     policies = {id(slot): make_policy() for slot in slots if slot.warm}
     for slot in slots[: len(fleet.warm)]:
+        # The new policy first (the last one stops here), then the cold state it starts from.
         slot.engine.set_policy(policies[id(slot)])
         policies[id(slot)].wait_ready(60.0)  # a forecaster compiles before the clock starts, not under traffic
+        slot.engine.reset_adapters(loads)
+        before[id(slot)] = slot.engine.stats(fresh=True)
         if fleet.record_steps:
             slot.engine.recorded_steps()  # forget the reset's and warm-up's steps
+    closed = False  # the replay is over: an instance that finishes starting closes itself
+    booting: list[threading.Thread] = []
 
     def submit(slot: _Slot, tr, instance_wait: float = 0.0) -> None:
         engine = slot.engine
@@ -171,6 +174,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
         submitted.append((tr.arrival_s, handle, instance_wait))
 
     def boot(slot: _Slot) -> None:
+        engine = None
         try:
             started = time.perf_counter()
             engine = fleet.boot(warm=False, adapter_loads=loads)
@@ -180,6 +184,8 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
             engine.set_policy(p)
             p.wait_ready(60.0)  # part of the instance's start
             with lock:
+                if closed:
+                    raise RuntimeError("the replay ended while this instance started")
                 slot.engine, slot.state = engine, "up"
                 start_times.append(time.perf_counter() - started)
                 for tr in slot.pending:
@@ -187,29 +193,42 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
                     submit(slot, tr, start_waits[-1])
                 slot.pending.clear()
         except BaseException as e:  # reported by the replay thread
+            if engine is not None and slot.engine is not engine:
+                engine.close()
             slot.error = e
 
     def launch(slot: _Slot) -> None:
         slot.state, slot.idle_since = "starting", None
-        threading.Thread(target=boot, args=(slot,), name="plora-instance-start", daemon=True).start()
+        thread = threading.Thread(target=boot, args=(slot,), name="plora-instance-start", daemon=True)
+        booting.append(thread)
+        thread.start()
 
-    def stop(slot: _Slot) -> None:
-        """Take an engine's counters (and recorded steps); close it unless it is a warm one."""
+    def detach(slot: _Slot):
+        """Under the lock: take the slot's engine out of the replay (a warm one stays in its slot)."""
         engine = slot.engine
-        if fleet.record_steps:
-            steps.extend(engine.recorded_steps())
-        stats = engine.stats()
-        counted.append({k: stats.get(k, 0) - before.get(id(slot), {}).get(k, 0) for k in _COUNTED})
         if not slot.warm:
-            engine.close()
             slot.engine, slot.state, slot.handles, slot.idle_since = None, "off", [], None
+        return slot, engine
+
+    def stop(slot: _Slot, engine) -> None:
+        """Outside the lock: take the engine's counters (and recorded steps); close it unless warm."""
+        try:
+            if fleet.record_steps:
+                steps.extend(engine.recorded_steps())
+            stats = engine.stats(fresh=True)
+            counted.append({k: stats.get(k, 0) - before.get(id(slot), {}).get(k, 0) for k in _COUNTED})
+        finally:
+            if not slot.warm:
+                engine.close()
 
     def check() -> None:
         failed = next((s.error for s in slots if s.error is not None), None)
         if failed is not None:
             raise RuntimeError(f"an instance failed to start: {failed}") from failed
 
-    def expire(now: float) -> None:
+    def expire(now: float) -> list:
+        """Under the lock: detach the instances idle past the keep-alive (`stop` them after)."""
+        expired = []
         for slot in slots:
             if slot.state != "up" or slot.warm:
                 continue
@@ -219,8 +238,9 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
             slot.idle_since = now if slot.idle_since is None else slot.idle_since
             active = sum(s.state != "off" for s in slots)
             if keep_alive_expired(slot.idle_since, now, fleet.keep_alive_s, active, fleet.min_instances):
-                stop(slot)
+                expired.append(detach(slot))
                 stops[0] += 1
+        return expired
 
     origin, origin_perf = time.monotonic(), time.perf_counter()
     for p in policies.values():
@@ -241,7 +261,9 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
                 with lock:
                     check()
                     sample(now)
-                    expire(now)
+                    expired = expire(now)
+                for slot, engine in expired:
+                    stop(slot, engine)
                 if now >= tr.arrival_s:
                     break
                 time.sleep(max(0.0, min(0.01, tr.arrival_s - now, next_sample - now)))
@@ -284,9 +306,18 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
             )  # fmt: skip
     finally:
         with lock:
-            for slot in slots:
-                if slot.engine is not None:
-                    stop(slot)
+            closed = True
+            ending = [detach(slot) for slot in slots if slot.engine is not None]
+        for thread in booting:  # an instance still starting closes itself when it is up
+            thread.join()
+        errors = []
+        for slot, engine in ending:
+            try:
+                stop(slot, engine)
+            except Exception as e:  # the others still close; the replay's own error, if any, stays first
+                errors.append(e)
+        if errors and sys.exc_info()[0] is None:
+            raise errors[0]
     counters = {k: sum(c[k] for c in counted) for k in _COUNTED}
     memory = _memory_series(mem_samples)
     extra = {k: counters.pop(k) for k in _EXTRA}
@@ -301,7 +332,8 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
 
 
 _EXTRA = (
-    *("compiles_after_warmup", "adapter_loads", "adapter_load_s_total", "adapter_transfer_s_total"),
+    *("compiles_after_warmup", "adapter_loads", "adapter_load_s_total"),
+    *(f"adapter_transfer_{what}_from_{tier}" for what in ("s", "bytes") for tier in ("host", "disk")),
     *("policy_fallbacks", "adapter_live_byte_s", "adapter_reserved_byte_s"),
 )
 _COUNTED = (*ADAPTER_COUNTERS, *_EXTRA)  # what a replay reports as its engines' deltas
@@ -337,6 +369,18 @@ def _resident_set(engine) -> list[str]:
     return chosen
 
 
+def _transfer_rates(host_s: float, host_bytes: float, disk_s: float, disk_bytes: float) -> tuple[float, float]:
+    """(host-to-device, disk) bytes per second from the transfer's own time on loads staged from
+    the host cache and on loads read from the folder first: the second pay the copy too, so
+    the disk rate is what their time adds beyond it. Without host-cache loads, the disk read is
+    folded into one rate (disk rate 0, as `Calibration.load_s` reads it)."""
+    if host_s <= 0 or host_bytes <= 0:
+        return (disk_bytes / disk_s if disk_s > 0 and disk_bytes else 2e9), 0.0
+    h2d = host_bytes / host_s
+    extra = disk_s - disk_bytes / h2d
+    return h2d, (disk_bytes / extra if extra > 0 and disk_bytes else 0.0)
+
+
 def calibrate(engine, instance_start_s: float, runs: list[Run] = ()) -> Calibration:
     """The simulator's cost profile for a warm `engine` (one of the fleet that ran `runs`, which
     must have recorded their steps): step terms fitted to the replays' steps and to timed runs
@@ -370,14 +414,16 @@ def calibrate(engine, instance_start_s: float, runs: list[Run] = ()) -> Calibrat
         timed_runs(adapters)
     steps = engine.recorded_steps() + [step for run in runs for step in run.steps]
     stats = engine.stats()
-    loads = [(r.summary["adapter_transfer_s_total"], r.summary["bytes_host_to_device"]) for r in runs]
-    seconds, nbytes = sum(s for s, _ in loads), sum(b for _, b in loads)
+    total = lambda key: sum(r.summary.get(key, 0) for r in runs)
+    h2d, disk = _transfer_rates(
+        *(total(f"adapter_transfer_{w}_from_{t}") for t in ("host", "disk") for w in ("s", "bytes"))
+    )
     lags = [r.submit_lag_s for run in runs for r in run.records]
     base = Calibration(
         request_overhead_s=float(np.mean(lags)) if lags else 0.0,
         load_base_s=0.0,
-        h2d_bytes_per_s=nbytes / seconds if seconds else 2e9,
-        disk_bytes_per_s=0.0,  # 0: folded into h2d (the live loads' rate includes their disk reads)
+        h2d_bytes_per_s=h2d,
+        disk_bytes_per_s=disk,
         instance_start_s=instance_start_s,
         bytes_per_rank=int(stats.get("adapter_page_bytes", 0) // engine.config.page_rows),
     )

@@ -122,6 +122,8 @@ def fit(records: Sequence[StepRecord], base: Calibration, source: str = "") -> C
         if (again == keep).all():
             break
         keep = again
+    else:
+        coef, _ = nnls(x[keep] / scale, y[keep])  # the coefficients of the set reported
     coef = coef / scale
     kept = keep.sum()
     error = float(np.mean(np.abs(y - x @ coef)[keep]) / max(np.mean(y[keep]), 1e-12))

@@ -121,8 +121,15 @@ class SimInstance:
         if self.busy_until is None and not self.stopped and now >= self.ready_at:
             self.iterate(now)
 
+    def load_done(self, now: float) -> None:
+        """A transfer's end: the event is spent; a loop waiting for it runs (the engine's Wake). A
+        busy loop commits it at its step's end, which also schedules the next transfer event."""
+        self._load_event = None
+        self.wake(now)
+
     def iterate(self, now: float) -> None:
         """One loop iteration at `now` (see the module docstring); repeats while it only reads."""
+        was_busy = self.busy()
         while True:
             self.at(now)
             committed = self.core.committed_pages
@@ -144,7 +151,7 @@ class SimInstance:
             if plan is not None or previous is None:
                 break
             now = self.clock()  # tokens read, nothing dispatched: the loop goes again at once
-        if self.in_flight is None and not self.scheduler.has_work():
+        if was_busy and not self.busy():  # only a busy loop going idle starts the keep-alive
             self.idle_since = self.clock()
             self.sim.instance_idle(self, self.idle_since)
 

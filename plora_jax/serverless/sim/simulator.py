@@ -139,7 +139,7 @@ class Simulator:
             elif kind == "step_end":
                 self.pool.instances[index].iterate(now)
             elif kind == "load_done":
-                self.pool.instances[index].wake(now)
+                self.pool.instances[index].load_done(now)
             elif kind == "instance_ready":
                 self.pool.ready(index, now)
             elif kind == "keep_alive":
