@@ -127,15 +127,7 @@ class EngineCore:
             self.gate = AdapterGate(
                 lora, time.perf_counter, lambda: self.scheduler.waiting, self._wait_for, config.adapter_loads == "sync"
             )
-        self.scheduler = Scheduler(
-            config.num_kv_blocks,
-            config.block_size,
-            config.max_num_seqs,
-            runner.buckets.prefill[-1],
-            config.max_prefill_seqs,
-            acquire_adapter=self.gate and self.gate.acquire,
-            release_adapter=self.gate and self.gate.release,
-        )
+        self.scheduler = Scheduler.for_engine(config, runner.buckets.prefill[-1], self.gate)
         self.policy: Policy | None = None
         self._policy_warned = False
         self._next_decision = 0.0  # time.monotonic() of the next interval decision

@@ -145,6 +145,22 @@ class Scheduler:
         self._acquire_adapter = acquire_adapter
         self._release_adapter = release_adapter
 
+    @classmethod
+    def for_engine(cls, config, max_num_batched_tokens: int, gate=None, clock: Callable[[], float] = time.perf_counter):
+        """The scheduler of an engine with `config` (an `EngineConfig`), its prefill chunk the
+        largest prefill bucket, admitting adapters through `gate` (an `AdapterGate`, or None
+        without LoRA): the live engine's and each simulated instance's."""
+        return cls(
+            config.num_kv_blocks,
+            config.block_size,
+            config.max_num_seqs,
+            max_num_batched_tokens,
+            config.max_prefill_seqs,
+            gate and gate.acquire,
+            gate and gate.release,
+            clock,
+        )
+
     # --- queue --------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.waiting.append(request)

@@ -44,16 +44,7 @@ class SimInstance:
         self.gate = AdapterGate(
             self.core, self.clock, lambda: self.scheduler.waiting, self._wait_for, c.adapter_loads == "sync"
         )
-        self.scheduler = Scheduler(
-            c.num_kv_blocks,
-            c.block_size,
-            c.max_num_seqs,
-            sim.buckets.prefill[-1],
-            c.max_prefill_seqs,
-            self.gate.acquire,
-            self.gate.release,
-            clock=self.clock,
-        )
+        self.scheduler = Scheduler.for_engine(c, sim.buckets.prefill[-1], self.gate, self.clock)
         sim.cores.append(self.core)
         self.in_flight: StepPlan | None = None  # the plan dispatched last, its tokens not read yet
         self.busy_until: float | None = None  # end of the plan in flight
