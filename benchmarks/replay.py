@@ -205,6 +205,7 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
         "adapters": len(workload.ranks),
     }
     for layout, by_policy in runs.items():
+        report.pair(by_policy)  # the paired cold-start latency, against reactive_sync's cold requests
         block = {name: r.summary for name, r in by_policy.items()}
         payload["layouts"][layout] = {"policies": block, "claims": report.claims(block)}
         print(f"\n{cfg.mode} replay, layout {layout}:\n{report.table(block)}")

@@ -14,6 +14,16 @@ Counters (`ADAPTER_COUNTERS`), counted at each request's *first* admission attem
   `load_failures`: loads that raised; `host_prefetch_issued`, `host_evictions`: the host tier's;
 - `bytes_disk_to_host`, `bytes_host_to_device`: bytes moved between tiers.
 
+Per request (`serverless/report.py` computes them, live and simulated alike):
+- adapter wait: from the request's first admission attempt until its adapter is on the device
+  (0 when it already was);
+- cold-start latency, conditional: the adapter wait over a run's own cold starts
+  (`cold_start_{median,mean,p99}_s`); paired: over the requests that were cold starts in the
+  baseline's run (`reactive_sync`) of the same workload (`baseline_cold_{median,mean,p99}_s`),
+  the paper's figure;
+- `stall_s`: the seconds each synchronous load held the engine loop, times the running
+  requests it held up (0 with asynchronous loads).
+
 Ratios (each 0.0 when its denominator is 0):
 - adapter memory utilisation = live adapter bytes (at true rank) / device bytes reserved for
   the resident adapters. The paged layout loses only the rounding to whole pages; the

@@ -163,6 +163,43 @@ def test_simulator_sync_loads_stall_the_whole_batch():
     assert a_sync.finished == 10.0
     b_sync = results["reactive_sync"].records[1]
     assert b_sync.cold and b_sync.adapter_wait_s == pytest.approx(2.0)
+    # stall: the 2 s load held the one running request (A); async loads hold nobody
+    assert results["reactive_sync"].summary["stall_s"] == pytest.approx(2.0)
+    assert results["reactive"].summary["stall_s"] == 0.0
+
+
+def test_paired_cold_start_latency_follows_the_baselines_cold_requests():
+    from plora_jax.serverless.report import RequestRecord, Run, claims, pair, summarize
+
+    def run(rows):  # (request, cold, wait, completed)
+        records = [
+            RequestRecord(0.0, 1.0 if d else None, 2.0 if d else None, c, w, 1, request=i) for i, c, w, d in rows
+        ]
+        return Run(summarize(records, {}, 1.0), records, [])
+
+    # Request 0: cold in both (waits 0.5 and 0.1); 1: cold in the baseline, resident in ours
+    # (wait 0); 2: cold only in ours (not paired); 3: cold in the baseline but it never
+    # completed there (left out); 4: a hit in both.
+    yes, no = True, False
+    base = run([(0, yes, 0.5, yes), (1, yes, 0.3, yes), (2, no, 0.0, yes), (3, yes, 0.9, no), (4, no, 0.0, yes)])
+    ours = run([(0, yes, 0.1, yes), (1, no, 0.0, yes), (2, yes, 0.7, yes), (3, no, 0.0, yes), (4, no, 0.0, yes)])
+    runs = {"reactive_sync": base, "predictive": ours}
+    pair(runs)
+    b, o = base.summary, ours.summary
+    assert b["baseline_cold_requests"] == o["baseline_cold_requests"] == 2
+    assert b["baseline_cold_median_s"] == pytest.approx(0.4) and b["baseline_cold_mean_s"] == pytest.approx(0.4)
+    assert o["baseline_cold_median_s"] == pytest.approx(0.05) and o["baseline_cold_mean_s"] == pytest.approx(0.05)
+    assert o["baseline_cold_p99_s"] == pytest.approx(0.1 * 0.99)
+    # the conditional figure over ours' own cold starts (0 and 2) rises, the paired one falls
+    assert o["cold_start_median_s"] == pytest.approx(0.4)
+    assert o["adapter_wait_mean_s"] == pytest.approx(0.8 / 5)
+    c = claims({k: r.summary for k, r in runs.items()})
+    assert c["cold_start_median_measure"] == "paired"
+    assert c["cold_start_median_change"] == pytest.approx(0.05 / 0.4 - 1)
+    # records that do not name their requests cannot be paired
+    unnamed = Run({}, [RequestRecord(0.0, 1.0, 2.0, True, 0.1, 1)], [])
+    with pytest.raises(ValueError, match="name their requests"):
+        pair({"reactive_sync": unnamed})
 
 
 def test_paged_layout_holds_more_mixed_rank_adapters_than_contiguous():

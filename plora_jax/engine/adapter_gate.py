@@ -32,15 +32,18 @@ class AdapterGate:
         waiting: Callable[[], Iterable[Request]],
         wait_for: Callable[[str], Failures],
         sync: bool = False,
+        running: Callable[[], int] = lambda: 0,
     ):
         self.core = core
         self.clock = clock
         self.waiting = waiting  # the requests waiting for admission (the scheduler's queue)
         self.wait_for = wait_for  # block until a load in flight is committed; its failures
         self.sync = sync
+        self.running = running  # how many requests the scheduler runs (a synchronous load holds them all)
         self.unservable: list[Request] = []  # asked for an adapter removed after they were accepted
         self.failures: Failures = []  # synchronous loads that failed inside schedule(), reported at the next poll
         self.stall_s = 0.0  # seconds spent in synchronous loads, in all
+        self.stall_row_s = 0.0  # those seconds times the running requests each held up (`metrics`: stall_s)
 
     def acquire(self, request: Request) -> bool:
         """Scheduler callback: put the request's adapter on the device and pin it; False: wait."""
@@ -57,9 +60,10 @@ class AdapterGate:
         slot = core.acquire(request.adapter, first=not request.adapter_counted)
         request.adapter_counted = True
         if slot is None and self.sync and core.is_loading(request.adapter):
-            began = self.clock()
+            began, held = self.clock(), self.running()
             failures = self.wait_for(request.adapter)
             self.stall_s += self.clock() - began
+            self.stall_row_s += (self.clock() - began) * held
             self.failures += failures  # the queue is not ours to edit inside schedule()
             if all(name != request.adapter for name, _ in failures):
                 slot = core.acquire(request.adapter, first=False)

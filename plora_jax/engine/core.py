@@ -125,7 +125,12 @@ class EngineCore:
         self.gate = None  # admission to adapters (with LoRA)
         if lora is not None:
             self.gate = AdapterGate(
-                lora, time.perf_counter, lambda: self.scheduler.waiting, self._wait_for, config.adapter_loads == "sync"
+                lora,
+                time.perf_counter,
+                lambda: self.scheduler.waiting,
+                self._wait_for,
+                config.adapter_loads == "sync",
+                lambda: len(self.scheduler.running),
             )
         self.scheduler = Scheduler.for_engine(config, runner.buckets.prefill[-1], self.gate)
         self.policy: Policy | None = None
@@ -472,7 +477,7 @@ class EngineCore:
         }
         adapters = on_device = frozenset()
         if self.lora is not None:
-            stats.update(self.lora.stats())
+            stats.update(self.lora.stats(), stall_s=self.gate.stall_row_s, sync_load_s=self.gate.stall_s)
             tiers = dict.fromkeys(("disk", "host", "loading", "device"), 0)
             for name in self.lora.entries:
                 tiers[self.lora.residency(name)] += 1

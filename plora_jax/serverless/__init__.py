@@ -6,7 +6,7 @@ The simulator (`sim`) runs the engine's host-side parts on a virtual clock; the 
 (`live`) runs real engines."""
 
 from .instances import InstanceLoad, pick_instance
-from .report import RequestRecord, Run, claims, summarize
+from .report import RequestRecord, Run, claims, pair, summarize
 from .sim import Calibration, SimConfig, Simulator, simulate
 from .workload import TraceRequest, Workload, WorkloadConfig, generate
 
@@ -22,6 +22,7 @@ __all__ = [
     "WorkloadConfig",
     "claims",
     "generate",
+    "pair",
     "pick_instance",
     "simulate",
     "summarize",

@@ -164,6 +164,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
             slot.engine.recorded_steps()  # forget the reset's and warm-up's steps
     closed = False  # the replay is over: an instance that finishes starting closes itself
     booting: list[threading.Thread] = []
+    index_of = {id(tr): i for i, tr in enumerate(workload.requests)}  # records name their request
 
     def submit(slot: _Slot, tr, instance_wait: float = 0.0) -> None:
         engine = slot.engine
@@ -171,7 +172,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         handle = engine.submit(_prompt(rng, prompt_len, engine.model_config.vocab_size), params, adapter=tr.adapter)
         slot.handles.append(handle)
-        submitted.append((tr.arrival_s, handle, instance_wait))
+        submitted.append((index_of[id(tr)], tr.arrival_s, handle, instance_wait))
 
     def boot(slot: _Slot) -> None:
         engine = None
@@ -289,11 +290,11 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
             with lock:
                 check()
                 sample(clock())
-                if not any(s.pending for s in slots) and all(h.finished for _, h, _ in submitted):
+                if not any(s.pending for s in slots) and all(h.finished for _, _, h, _ in submitted):
                     break
             time.sleep(0.01)
         records = []
-        for arrival, handle, instance_wait in submitted:
+        for index, arrival, handle, instance_wait in submitted:
             out = handle.result()
             m = out.metrics
             at = m.arrival_time - origin_perf  # when the engine got it (later than arrival if it waited)
@@ -301,7 +302,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
             records.append(
                 RequestRecord(
                     arrival, at + m.ttft_s, at + m.e2e_s, m.cold_start, m.adapter_wait_s, len(out.token_ids),
-                    instance_wait, lag,
+                    instance_wait, lag, index,
                 )
             )  # fmt: skip
     finally:
@@ -334,7 +335,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
 _EXTRA = (
     *("compiles_after_warmup", "adapter_loads", "adapter_load_s_total"),
     *(f"adapter_transfer_{what}_from_{tier}" for what in ("s", "bytes") for tier in ("host", "disk")),
-    *("policy_fallbacks", "adapter_live_byte_s", "adapter_reserved_byte_s"),
+    *("policy_fallbacks", "adapter_live_byte_s", "adapter_reserved_byte_s", "stall_s"),
 )
 _COUNTED = (*ADAPTER_COUNTERS, *_EXTRA)  # what a replay reports as its engines' deltas
 

@@ -42,10 +42,16 @@ class SimInstance:
         self.core = Residency(registry, self.pages, host, self.transfer, self.clock, c.max_prefetch_inflight)
         self.core.free_when_unused = policy.free_when_unused
         self.gate = AdapterGate(
-            self.core, self.clock, lambda: self.scheduler.waiting, self._wait_for, c.adapter_loads == "sync"
+            self.core,
+            self.clock,
+            lambda: self.scheduler.waiting,
+            self._wait_for,
+            c.adapter_loads == "sync",
+            lambda: len(self.scheduler.running),
         )
         self.scheduler = Scheduler.for_engine(c, sim.buckets.prefill[-1], self.gate, self.clock)
         sim.cores.append(self.core)
+        sim.gates.append(self.gate)
         self.in_flight: StepPlan | None = None  # the plan dispatched last, its tokens not read yet
         self.busy_until: float | None = None  # end of the plan in flight
         self._load_event: float | None = None  # the "load_done" event pushed and not yet run

@@ -86,6 +86,7 @@ class Simulator:
         self.page_bytes = config.engine.page_rows * calibration.bytes_per_rank
         self.buckets = Buckets.build(config.engine, config.engine.max_model_len, 0)  # the compiled step sizes
         self.cores: list[Residency] = []  # every instance's residency core, stopped ones included
+        self.gates: list = []  # every instance's adapter gate, likewise
         self.seq = itertools.count()
         self.events: list = []
         self.finished = self.failed = 0
@@ -164,6 +165,7 @@ class Simulator:
                     len(req.output_ids) if req is not None else 0,
                     r.instance_wait,
                     self.calibration.request_overhead_s,
+                    r.index,
                 )
             )
         return out
@@ -180,6 +182,7 @@ class Simulator:
             "instance_stops": self.pool.stops,
             "instance_start_wait_mean_s": float(np.mean(waits)) if waits else 0.0,
             "compiles_after_warmup": 0,
+            "stall_s": sum(gate.stall_row_s for gate in self.gates),
         }
         records = self.records()
         return Run(summarize(records, self.counters(), util, extra), records, memory)
