@@ -217,6 +217,9 @@ class EngineConfig:
     policy_interval_s: float = 60.0  # seconds between policy decisions and forecaster runs
     max_prefetch_inflight: int = 2  # device prefetches queued on the transfer thread at once
     adapter_loads: str = "async"  # "async": loads overlap steps | "sync": a step waits for its missing adapter (S-LoRA)
+    # async: a demand load copied from the host cache is waited for at admission (one copy to the
+    # device, never a read from disk), so its request joins the step being planned, not the next.
+    wait_host_copies: bool = True
     predictor_checkpoint: str = ""  # predictive's forecaster: "" shipped LSTM, a checkpoint folder, or "ewma"
 
     def __post_init__(self):

@@ -1,8 +1,11 @@
-"""Asynchronous adapter loads: the loop keeps stepping while a transfer is in flight, a stale
-staged copy is never committed, and a load that fails ends only the requests that needed it.
+"""Asynchronous adapter loads: the loop keeps stepping while a transfer is in flight, a copy
+from the host cache is issued by the loop and committed at the first step boundary after it
+lands, never behind a read from disk, a stale staged copy is never committed, and a load that
+fails ends only the requests that needed it.
 
 The engines here are built with start=False and driven with `engine.core.step()` on the test
-thread; the transfer thread is held on an explicit gate, so nothing depends on timing."""
+thread; reads on the transfer thread are held on an explicit gate, and copies to the device
+are made to land when the test says, so nothing depends on timing."""
 
 import threading
 
@@ -14,6 +17,7 @@ from helpers import write_peft_adapter
 from plora_jax import Engine, SamplingParams
 from plora_jax.config import tiny
 from plora_jax.engine.outputs import RequestFailed
+from plora_jax.lora import transfer
 from plora_jax.models.llama import init_params
 
 CFG = tiny()
@@ -45,29 +49,35 @@ def step_until(core, done, max_steps: int = 10_000) -> None:
 
 
 class HeldTransfers:
-    """Holds every adapter transfer at a gate: `started` is set when the transfer thread picks a
-    job up, and the job waits until `release()`. Records the engine's decode steps at the
-    start of each transfer and at each commit."""
+    """Holds every read from disk on the transfer thread at a gate: `started` is set when the
+    thread picks a read up, and it waits until `release()`. Drops the host copies of `names`
+    first, so their loads read the folder. Records the engine's decode steps at the start of
+    each read and at each commit."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, *names: str):
         self.engine = engine
         self.started, self._gate = threading.Event(), threading.Event()
+        self.handed_back = threading.Event()  # a read is back from the thread, for the loop to take
         self.steps_at_start: list[int] = []
         self.steps_at_commit: list[int] = []
         lora = engine.core.lora
-        stage, commit = lora._stage, lora.commit
+        for name in names:
+            engine.core.call(lambda name=name: lora.drop_host_copy(name))
+        read, commit = lora._read, lora.commit
 
-        def held_stage(*args):
+        def held_read(*args):
             self.steps_at_start.append(self.decode_steps())
             self.started.set()
             assert self._gate.wait(60), "the test never released the transfer"
-            return stage(*args)
+            return read(*args)
 
         def recorded_commit(*args):
             self.steps_at_commit.append(self.decode_steps())
             return commit(*args)
 
-        lora._stage, lora.commit = held_stage, recorded_commit
+        lora._read, lora.commit = held_read, recorded_commit
+        wake = lora.transfer.on_done
+        lora.transfer.on_done = lambda: (self.handed_back.set(), wake and wake())
 
     def decode_steps(self) -> int:
         return self.engine.core.snapshot.stats["decode_steps"]
@@ -78,7 +88,7 @@ class HeldTransfers:
 
 def test_running_request_advances_every_step_while_an_adapter_loads(engine, tmp_path):
     engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=32))
-    held = HeldTransfers(engine)
+    held = HeldTransfers(engine, "a")
     base = engine.submit(PROMPT, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     core = engine.core
     for _ in range(3):
@@ -100,6 +110,78 @@ def test_running_request_advances_every_step_while_an_adapter_loads(engine, tmp_
     core.run_until_idle()
 
 
+def test_a_demand_load_from_the_host_cache_commits_at_the_first_boundary_after_it_lands(tmp_path, monkeypatch):
+    """Issue 16's acceptance: with the adapter's copy in the host cache, the loop itself issues
+    the copy to the device (no transfer thread), keeps stepping while it is in flight, and
+    commits it at the first step boundary after it has landed, admitting the request there.
+    (Without waiting for host copies at admission: the default's case is the next test.)"""
+    engine = make_engine(wait_host_copies=False, policy="reactive")  # reactive: no prefetch on arrival
+    engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=24))
+    core, lora = engine.core, engine.core.lora
+    assert lora.residency("a") == "host"
+    landed = threading.Event()  # the copy counts as landed when the test says
+    monkeypatch.setattr(transfer, "_landed", lambda staged: landed.is_set())
+    base = engine.submit(PROMPT, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    core.step()
+    request = engine.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0), adapter="a")
+    core.step()  # admission starts the load: the loop issues the copy at once
+    assert lora.is_loading("a") and lora.transfer.landing and lora.transfer._worker is None
+    steps = core.snapshot.stats["decode_steps"]
+    for _ in range(3):  # not landed: the loop steps on, the request waits
+        core.step()
+    assert lora.is_loading("a") and core.snapshot.stats["decode_steps"] == steps + 3
+    assert any(r.request_id == request.request_id for r in core.scheduler.waiting)
+    landed.set()
+    core.step()  # the first boundary after it landed: committed, the request admitted
+    assert lora.residency("a") == "device" and not lora.transfer.landing
+    assert any(r.request_id == request.request_id for r in core.scheduler.running)
+    step_until(core, lambda: request.finished)
+    out = request.result(timeout=0)
+    assert out.metrics.cold_start and len(out.token_ids) == 3
+    assert (
+        out.token_ids
+        == engine.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0), adapters=["a"])[0].token_ids
+    )
+    base.cancel()
+    core.run_until_idle()
+    engine.close()
+
+
+def test_by_default_a_copy_from_the_host_is_waited_for_and_joins_the_step_being_planned(tmp_path):
+    engine = make_engine(policy="reactive")  # no prefetch on arrival: the request's own load
+    engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=24))
+    core = engine.core
+    base = engine.submit(PROMPT, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    core.step()
+    request = engine.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0), adapter="a")
+    core.step()  # admission issues the copy, waits the one copy, commits it and admits the request
+    assert core.lora.residency("a") == "device"
+    assert any(r.request_id == request.request_id for r in core.scheduler.running)
+    stats = engine.stats()
+    assert stats["sync_load_s"] > 0 and stats["stall_s"] > 0  # the running request waited the copy
+    step_until(core, lambda: request.finished)
+    assert request.result(timeout=0).metrics.cold_start
+    base.cancel()
+    core.run_until_idle()
+    engine.close()
+
+
+def test_a_copy_from_the_host_never_waits_behind_a_read_from_disk(engine, tmp_path):
+    engine.add_adapter("cold", write_peft_adapter(tmp_path / "cold", CFG, rank=8))
+    engine.add_adapter("warm", write_peft_adapter(tmp_path / "warm", CFG, rank=8, seed=4))
+    held = HeldTransfers(engine, "cold")  # "cold" reads its folder, held on the thread
+    core, lora = engine.core, engine.core.lora
+    first = engine.submit(PROMPT, SamplingParams(max_tokens=2, temperature=0), adapter="cold")
+    core.step()
+    assert held.started.wait(60) and lora.is_loading("cold")
+    second = engine.submit(PROMPT, SamplingParams(max_tokens=2, temperature=0), adapter="warm")
+    step_until(core, lambda: second.finished)  # served while the read of "cold" is held
+    assert lora.is_loading("cold") and not first.finished
+    held.release()
+    step_until(core, lambda: first.finished)
+    assert len(first.result(timeout=0).token_ids) == 2
+
+
 def test_stale_staged_copy_is_dropped(engine, tmp_path):
     """An adapter removed (its pages freed and reused) while its copy is in flight: the copy is
     dropped, and the adapter registered again gives the same output as before."""
@@ -110,13 +192,17 @@ def test_stale_staged_copy_is_dropped(engine, tmp_path):
     engine.remove_adapter("a")
     engine.add_adapter("a", path)
     engine.add_adapter("b", other)
-    held = HeldTransfers(engine)
+    held = HeldTransfers(engine, "a")
     lora = engine.core.lora
     engine.core.call(lambda: lora.start_load("a"))
     assert held.started.wait(60)
     engine.remove_adapter("a")  # its placement goes; "b" may take the same pages
     engine.add_adapter("a", path)
     held.release()
+    assert held.handed_back.wait(60)
+    engine.core.step()  # takes the read back and issues its (stale) copy
+    engine.core.call(lora.transfer.wait_landing)
+    engine.core.step()  # the copy has landed: handed back, and dropped as stale
     got_b = engine.logits(PROMPT, adapter="b")
     got_a = engine.logits(PROMPT, adapter="a")
     stats = engine.stats()
@@ -161,7 +247,7 @@ def test_sync_loads_stall_every_running_request_as_s_lora_does(tmp_path):
     try:
         engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=32))
         engine.add_adapter("bad", write_peft_adapter(tmp_path / "bad", CFG, rank=8))
-        held = HeldTransfers(engine)
+        held = HeldTransfers(engine, "a")
         core = engine.core
         base = engine.submit(PROMPT, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
         for _ in range(3):

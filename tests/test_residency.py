@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from plora_jax.config import tiny
 from plora_jax.lora import HostCache, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
+from plora_jax.lora.host_cache import HostCopy
 from plora_jax.lora.transfer import DEMAND
 from plora_jax.policies import Decision
 
@@ -68,6 +69,20 @@ def test_demand_loads_go_before_prefetches_on_the_one_channel():
     assert [j.name for j in ready] == ["a", "c"] and [j.kind for j in ready][1] == DEMAND
     clock.advance_to(6.0)
     assert [j.name for j in core.collect()[0]] == ["b"]
+
+
+def test_a_copy_from_the_host_does_not_wait_behind_a_read_from_disk():
+    core, clock, _ = make_core()
+    for name in "ab":
+        register(core, name, 8)  # 1 page: 2 s from disk, 1 s from the host cache
+    core.host.put("b", HostCopy(None, None, 800))
+    core.apply(Decision(device=["a"], priority={"a": 1.0}))  # a disk read, 0-2
+    core.acquire("b")  # a demand from the host: its own channel, 0-1
+    clock.advance_to(1.0)
+    assert [j.name for j in core.collect()[0]] == ["b"] and core.is_loading("a")
+    clock.advance_to(2.0)
+    assert [j.name for j in core.collect()[0]] == ["a"]
+    core.check()
 
 
 def test_a_placement_evicted_in_flight_is_dropped_and_never_committed():

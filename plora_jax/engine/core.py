@@ -131,6 +131,7 @@ class EngineCore:
                 self._wait_for,
                 config.adapter_loads == "sync",
                 lambda: len(self.scheduler.running),
+                config.wait_host_copies,
             )
         self.scheduler = Scheduler.for_engine(config, runner.buckets.prefill[-1], self.gate)
         self.policy: Policy | None = None
@@ -226,9 +227,13 @@ class EngineCore:
             progress = True
             while True:
                 # Nothing in flight and nothing that could run (work waits for an adapter
-                # transfer or the pool): block until a message (a request, a call, a finished
-                # transfer's Wake) or the next policy decision.
+                # transfer or the pool): wait for a copy to the device about to land, else block
+                # until a message (a request, a call, a finished read's Wake) or the next policy
+                # decision.
                 idle = self._in_flight is None and (not progress or not self.scheduler.has_work())
+                if idle and self._landing():
+                    self.lora.transfer.wait_landing()  # a copy to the device about to land: commit it next
+                    idle = False
                 if not self._drain_inbox(block=idle, timeout=_WAIT_S if self.scheduler.has_work() else None):
                     break
                 progress = self._iterate()
@@ -236,6 +241,10 @@ class EngineCore:
         except BaseException as e:  # a device or programming error: fail fast, never half-serve
             log.exception("engine loop failed")
             self._die(e)
+
+    def _landing(self) -> bool:
+        """Whether an adapter's copy to the device is in flight (issued by this loop)."""
+        return self.lora is not None and self.lora.transfer.landing
 
     def _check_plan(self) -> None:
         failure = self.runner.plan.failure
@@ -295,7 +304,10 @@ class EngineCore:
         try:
             self._drain_inbox(block=False)
             if not self._iterate() and self.scheduler.has_work():
-                self._drain_inbox(block=True, timeout=0.001)  # waiting for a transfer: do not spin
+                if self._landing():
+                    self.lora.transfer.wait_landing()
+                else:
+                    self._drain_inbox(block=True, timeout=0.001)  # waiting for a read: do not spin
         except BaseException as e:
             self._die(e)
             raise

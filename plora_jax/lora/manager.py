@@ -1,12 +1,13 @@
 """The live residency: the core of `residency.py` on the real clock, with the transfer thread,
 and the device side of a load (staging and the donated commit).
 
-The transfer thread reads an adapter's folder when there is no host copy, lays the pages out
-padded to the commit bucket, and copies them to the device into fresh staging arrays (on GPU
-through pinned host memory, so the copy to the device is a DMA). At every step boundary the
-engine loop calls `poll`, which commits finished jobs with the donated `commit_adapter` (a
-write of arrays already on the device into the pool), so the loop never waits on disk or
-host-to-device copies. How a staged adapter reaches the pool is injectable (`commit`,
+The transfer thread reads an adapter's folder when there is no host copy and lays its pages
+out. The loop then issues the copy to the device (`_issue`: the commit's arguments padded to
+the commit bucket, `device_put` without waiting; on GPU through pinned host memory, so the copy
+is a DMA), at once for a copy already in the host cache. At every step boundary the engine
+loop calls `poll`, which commits the copies that have landed with the donated
+`commit_adapter` (a write of arrays already on the device into the pool), so the loop never
+waits on disk or host-to-device copies. How a staged adapter reaches the pool is injectable (`commit`,
 `commit_size`): an engine routes both through its compile plan, so only built sizes are used.
 """
 
@@ -45,8 +46,9 @@ class LoraManager(Residency):
             num_pages - 1, one_page,
         )  # fmt: skip
         host = HostCache(int(config.host_cache_mb * 2**20))
-        # `_stage` is looked up at each job, so a test may hold it.
-        transfer = ThreadTransfer(registry.read, lambda job, copy: self._stage(job, copy))
+        # `_read` and `_issue` are looked up at each job, so a test may hold them.
+        self._read = registry.read
+        transfer = ThreadTransfer(lambda entry: self._read(entry), lambda job, copy: self._issue(job, copy))
         super().__init__(registry, pages, host, transfer, time.perf_counter, config.max_prefetch_inflight)
         device = jax.devices()[0]
         self.stage_via_pinned = device.platform == "gpu" and "pinned_host" in {
@@ -142,15 +144,16 @@ class LoraManager(Residency):
 
         return np.int32(job.slot), page_ids, table_row, np.int32(n), pad(copy.a_pages), pad(copy.b_pages)
 
-    def _stage(self, job: Job, copy: HostCopy) -> tuple:
-        """The commit's arguments, copied to the device (transfer thread). Through pinned host
-        memory where the backend offers it (GPU): the copy to the device is then a DMA."""
+    def _issue(self, job: Job, copy: HostCopy) -> tuple:
+        """The commit's arguments, copied to the device without waiting (the loop; `finished`
+        hands the job back once they have landed). Through pinned host memory where the backend
+        offers it (GPU): the copy to the device is then a DMA."""
         args = self._commit_args(job, copy, self.commit_size(len(job.pages)))
         if self.stage_via_pinned:
             device = jax.devices()[0]
             args = jax.device_put(args, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
             args = jax.device_put(args, jax.sharding.SingleDeviceSharding(device, memory_kind="device"))
-        return jax.block_until_ready(jax.device_put(args))
+        return jax.device_put(args)
 
     def close(self) -> None:
         self.transfer.close()

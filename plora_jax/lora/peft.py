@@ -289,17 +289,27 @@ def layout_pages(
     layers = model_config.num_layers
     a_pages, b_pages = {}, {}
     for module, (d_in, d_out) in module_dims(model_config, modules).items():
-        a_full = np.zeros((layers, rows, d_in), np.float32)
-        b_full = np.zeros((layers, rows, d_out), np.float32)
+        a_full = aligned_zeros((layers, rows, d_in), dtype)
+        b_full = aligned_zeros((layers, rows, d_out), dtype)
         for layer in range(layers):
             pair = adapter.weights.get((layer, module))
             if pair is not None:
                 a, b = pair
                 a_full[layer, : a.shape[0]] = a
                 b_full[layer, : b.shape[1]] = b.T
-        a_pages[module] = a_full.reshape(layers, num_pages, page_rows, d_in).astype(dtype, copy=False)
-        b_pages[module] = b_full.reshape(layers, num_pages, page_rows, d_out).astype(dtype, copy=False)
+        a_pages[module] = a_full.reshape(layers, num_pages, page_rows, d_in)
+        b_pages[module] = b_full.reshape(layers, num_pages, page_rows, d_out)
     return a_pages, b_pages, num_pages
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """Zeros whose data starts on an `align`-byte boundary: on the CPU backend `device_put`
+    then shares the buffer instead of copying it (host copies are never written again)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = np.zeros(nbytes + align, np.uint8)
+    offset = -buffer.ctypes.data % align
+    return buffer[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def save_random_adapter(

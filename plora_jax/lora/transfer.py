@@ -1,4 +1,4 @@
-"""Moving adapters between tiers: the transfer thread of a live engine, and its simulated twin.
+"""Moving adapters between tiers: the live transfers of an engine, and their simulated twin.
 
 A `Job` is one transfer. The residency core (`residency.py`) places it (device jobs get their
 pages and slot first), hands it to a `Transfer`, and takes it back from `finished` at a step
@@ -9,12 +9,18 @@ so the owner of those (the engine loop) is their only writer.
 Kinds, in the order a transfer serves them: `DEMAND` (a request waits for it), `PREFETCH` (a
 policy's device prefetch), `HOST` (a policy's read into the host cache only).
 
-- `ThreadTransfer` runs jobs on one thread, below the loop's OS priority: it reads the folder
-  if the job has no host copy, then, for device jobs, stages the commit's arguments on the
-  device (`stage`, given by the owner).
-- `SimulatedTransfer` runs them on a virtual clock: one channel, jobs one at a time in the same
-  order, each lasting `duration(job)` seconds (from a cost profile). `finished(block=True)`
-  advances the clock to the next completion, as a blocking wait would take that long.
+Two channels, so a copy already in host memory never waits behind a read from disk:
+- disk to host: a thread, below the loop's OS priority, reads and lays out an adapter's folder
+  (host reads, and device jobs without a host copy), one job at a time in kind order;
+- host to device: issued by the owner (the loop) as a non-blocking `device_put` of the commit's
+  arguments (`issue`), at once for a copy already in the host cache, or when the thread hands
+  back its read. `finished` hands the job back at the first step boundary after its arrays
+  have landed (`jax.Array.is_ready`), so a loop with steps to run never waits on a copy; an
+  idle loop waits for the oldest with `wait_landing`.
+
+`ThreadTransfer` is the live pair; `SimulatedTransfer` runs the same two channels on a
+virtual clock, each job lasting `duration(job)` seconds (from a cost profile);
+`finished(block=True)` advances the clock to the next completion, as a blocking wait would.
 """
 
 from __future__ import annotations
@@ -69,33 +75,100 @@ class Transfer(Protocol):
 
 
 class ThreadTransfer:
-    def __init__(self, read: Callable[[AdapterEntry], HostCopy], stage: Callable[[Job, HostCopy], tuple]):
-        self.read, self.stage = read, stage
+    def __init__(self, read: Callable[[AdapterEntry], HostCopy], issue: Callable[[Job, HostCopy], tuple]):
+        self.read = read  # disk to host (the thread)
+        self.issue = issue  # host to device: the commit's arguments on the device, not waited on (the owner)
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._queued = 0  # submitted and not yet handed back (owner thread only)
+        self._queued = 0  # on the thread and not yet handed back (owner thread only)
+        self._landing: deque[Job] = deque()  # host-to-device copies issued, oldest first (owner only)
+        self._ready: deque[Job] = deque()  # back from the thread with nothing to copy (owner only)
         self._worker: threading.Thread | None = None
-        self.on_done: Callable[[], None] | None = None  # called on the worker after each job (wakes the owner)
+        self.on_done: Callable[[], None] | None = None  # called on the worker after each read (wakes the owner)
 
     def submit(self, job: Job) -> None:
+        if job.kind != HOST and job.source is not None:
+            self._issue(job, job.source)  # already in host memory: straight to the device
+            return
         if self._worker is None:
             self._worker = threading.Thread(target=self._loop, name="plora-adapter-transfer", daemon=True)
             self._worker.start()
         self._queued += 1
         self._jobs.put((job.kind, job.seq, job))
 
+    @property
+    def landing(self) -> bool:
+        """Whether a host-to-device copy is in flight."""
+        return bool(self._landing)
+
+    def wait_landing(self) -> None:
+        """Wait until the oldest copy in flight has landed (an idle loop, instead of sleeping)."""
+        if self._landing:
+            self._wait(self._landing[0])
+
     def finished(self, block: bool = False) -> Job | None:
-        try:
-            job = self._done.get(block=block and self._queued > 0)
-        except queue.Empty:
-            return None
-        self._queued -= 1
-        return job
+        while True:
+            self._take_reads()
+            for job in self._landing:
+                if job.error is not None or _landed(job.staged):
+                    self._landing.remove(job)
+                    return job
+            if self._ready:
+                return self._ready.popleft()
+            if not block:
+                return None
+            if self._landing:
+                job = self._landing.popleft()
+                self._wait(job)
+                return job
+            if not self._queued:
+                return None
+            self._take_read(self._done.get())
 
     def close(self) -> None:
         if self._worker is not None:
             self._jobs.put((-1, -1, None))
             self._worker.join(timeout=30)
+        self._landing.clear()
+
+    def _take_reads(self) -> None:
+        while True:
+            try:
+                job = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._take_read(job)
+
+    def _take_read(self, job: Job) -> None:
+        """A job back from the thread: a device job's copy is issued now; the others are done."""
+        self._queued -= 1
+        if job.kind != HOST and job.error is None:
+            self._issue(job, job.read)
+        else:
+            self._ready.append(job)
+
+    def _issue(self, job: Job, copy: HostCopy) -> None:
+        begun = time.perf_counter()
+        try:
+            job.staged = self.issue(job, copy)
+            job.bytes_device = sum(getattr(a, "nbytes", 0) for a in _leaves(job.staged))
+        except Exception as e:
+            log.warning("copying adapter %r to the device failed: %s", job.name, e)
+            job.error = e
+        job.busy_s += time.perf_counter() - begun
+        self._landing.append(job)
+
+    def _wait(self, job: Job) -> None:
+        """Block until the job's copy has landed; its time counts as the job's."""
+        begun = time.perf_counter()
+        for leaf in _leaves(job.staged) if job.error is None else ():
+            if hasattr(leaf, "block_until_ready"):
+                try:
+                    leaf.block_until_ready()
+                except Exception as e:
+                    job.error = e
+                    break
+        job.busy_s += time.perf_counter() - begun
 
     def _loop(self) -> None:
         # Below the loop's priority: on a host with few cores, reading and laying out an adapter
@@ -108,13 +181,8 @@ class ThreadTransfer:
                 return
             begun = time.perf_counter()
             try:
-                copy = job.source
-                if copy is None:
-                    copy = job.read = self.read(job.entry)
-                    job.bytes_disk = job.entry.live_bytes
-                if job.kind != HOST:
-                    job.staged = self.stage(job, copy)
-                    job.bytes_device = sum(getattr(a, "nbytes", 0) for a in _leaves(job.staged))
+                job.read = self.read(job.entry)
+                job.bytes_disk = job.entry.live_bytes
             except Exception as e:
                 log.warning("loading adapter %r failed: %s", job.name, e)
                 job.error = e
@@ -122,6 +190,11 @@ class ThreadTransfer:
             self._done.put(job)
             if self.on_done is not None:
                 self.on_done()
+
+
+def _landed(staged) -> bool:
+    """Whether every array of a staged copy is on the device (objects without the method are)."""
+    return all(leaf.is_ready() for leaf in _leaves(staged) if hasattr(leaf, "is_ready"))
 
 
 class VirtualClock:
@@ -137,6 +210,27 @@ class VirtualClock:
         self.now = max(self.now, t)
 
 
+class _Channel:
+    """One simulated channel: jobs one at a time, the first queued in serving order first."""
+
+    def __init__(self):
+        self.pending: list[Job] = []
+        self.running: tuple[Job, float] | None = None  # (job, when it finishes)
+        self.free_at = 0.0  # when it finished its last job
+
+    def start_next(self, duration: Callable[[Job], float]) -> None:
+        if self.running is not None or not self.pending:
+            return
+        # The channel frees at free_at; of the jobs queued by then, the first in serving order
+        # runs (if none was queued yet, the earliest to arrive).
+        start = max(self.free_at, min(j.started for j in self.pending))
+        ready = [j for j in self.pending if j.started <= start]
+        job = min(ready, key=lambda j: (j.kind, j.seq))
+        self.pending.remove(job)
+        job.busy_s = duration(job)
+        self.running = (job, start + job.busy_s)
+
+
 class SimulatedTransfer:
     def __init__(
         self,
@@ -146,23 +240,22 @@ class SimulatedTransfer:
     ):
         # `failure` (fault injection): the error a job ends with, or None for success.
         self.clock, self.duration, self.failure = clock, duration, failure
-        self._pending: list[Job] = []
-        self._running: tuple[Job, float] | None = None  # (job, when it finishes)
-        self._free_at = 0.0  # when the channel finished its last job
+        self._read, self._copy = _Channel(), _Channel()  # disk to host (and on), host to device
         self._done: deque[Job] = deque()
 
     def submit(self, job: Job) -> None:
-        self._run_until(self.clock())  # an idle channel starts the job now, as a thread would
-        self._pending.append(job)
-        self._start_next()
+        self._run_until(self.clock())  # an idle channel starts the job now, as the live ones would
+        channel = self._copy if job.kind != HOST and job.source is not None else self._read
+        channel.pending.append(job)
+        channel.start_next(self.duration)
 
     def next_finish(self) -> float | None:
         """When the next job finishes (None if none is queued)."""
         self._run_until(self.clock())
         if self._done:
             return self.clock()
-        self._start_next()
-        return self._running[1] if self._running else None
+        ends = [c.running[1] for c in (self._read, self._copy) if c.running is not None]
+        return min(ends) if ends else None
 
     def finished(self, block: bool = False) -> Job | None:
         self._run_until(self.clock())
@@ -176,24 +269,16 @@ class SimulatedTransfer:
     def close(self) -> None:
         pass
 
-    def _start_next(self) -> None:
-        if self._running is not None or not self._pending:
-            return
-        # The channel frees at _free_at; of the jobs queued by then, the first in serving order
-        # runs (if none was queued yet, the earliest to arrive).
-        start = max(self._free_at, min(j.started for j in self._pending))
-        ready = [j for j in self._pending if j.started <= start]
-        job = min(ready, key=lambda j: (j.kind, j.seq))
-        self._pending.remove(job)
-        job.busy_s = self.duration(job)
-        self._running = (job, start + job.busy_s)
-
     def _run_until(self, now: float) -> None:
+        """Finish, in time order across both channels, every job that ends by `now`."""
         while True:
-            self._start_next()
-            if self._running is None or self._running[1] > now:
+            for channel in (self._read, self._copy):
+                channel.start_next(self.duration)
+            running = [c for c in (self._read, self._copy) if c.running is not None and c.running[1] <= now]
+            if not running:
                 return
-            job, end = self._running
+            channel = min(running, key=lambda c: c.running[1])
+            job, end = channel.running
             job.error = self.failure(job) if self.failure is not None else None
             if job.error is None:
                 if job.source is None:  # read from "disk": the copy is as big as its pages
@@ -202,7 +287,7 @@ class SimulatedTransfer:
                 if job.kind != HOST:
                     job.bytes_device = job.entry.device_bytes
             self._done.append(job)
-            self._free_at, self._running = end, None
+            channel.free_at, channel.running = end, None
 
 
 def _leaves(tree) -> list:

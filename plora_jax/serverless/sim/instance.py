@@ -48,6 +48,7 @@ class SimInstance:
             self._wait_for,
             c.adapter_loads == "sync",
             lambda: len(self.scheduler.running),
+            c.wait_host_copies,
         )
         self.scheduler = Scheduler.for_engine(c, sim.buckets.prefill[-1], self.gate, self.clock)
         sim.cores.append(self.core)
