@@ -1,22 +1,32 @@
-"""Azure-trace replay: every residency policy on the same requests, live or simulated, per layout.
+"""Azure-trace replay: every residency policy on the same requests, live or simulated, per
+layout, at every point of a grid of pool budgets and loads.
 
     python -m benchmarks.replay --mode live --adapters 24 --minutes 6 --seconds-per-minute 15 --json OUT --plot OUT.png
-    python -m benchmarks.replay --mode sim --adapters 1000 --minutes 120 --calibration CAL.json --json OUT
+    python -m benchmarks.replay --mode sim --adapters 150 --minutes 120 --pool-budget 0.1,0.3,0.5 --load 0.5,1,1.2
+    python -m benchmarks.replay --mode sim --profile a100-llama2-7b --json OUT
 
 One workload (`plora_jax.serverless.workload`) is generated from the traces; each policy in
 `--policies` then replays it, on fresh engines (`live`) or in the simulator (`sim`), once per
-layout in `--layout`. `reactive_sync` is `reactive` with synchronous adapter loads: S-LoRA as
-released, the baseline of the paper's claims. Prints one table per layout and the claims as
-ratios of predictive against reactive_sync; `--json` writes
-`{"layouts": {layout: {"policies": {...}}}, "claims": ..., "config": ..., "calibration": ...}`
-(with one layout, its `policies` block is also at the top level), `--plot` the TTFT CDF,
-cumulative cold starts and memory utilisation over time per policy.
+layout in `--layout` and per point: the device pool is `--pool-budget` x the pages of all the
+workload's adapters (unless `--lora-pool-pages` is given), and with `--load` the trace's time
+is stretched or compressed so that requests arrive at X x one instance's capacity
+(`plora_jax.serverless.sweep`). `reactive_sync` is `reactive` with synchronous adapter loads:
+S-LoRA as released, the baseline of the paper's claims and of the paired cold-start latency.
+Prints one table per layout and point and the claims as ratios of predictive against
+reactive_sync; `--json` writes `{"points": [{"point": ..., "layouts": {layout: {"policies":
+..., "claims": ...}}}], "config": ..., "calibration": ...}` with the first point's
+`layouts` (and, with one layout, its `policies`) also at the top level; `--plot` the TTFT CDF,
+cumulative cold starts and memory utilisation over time per policy at the first point, and
+with several points `*_sweep.png`: cold starts and paired cold-start latency against the
+budget, TTFT and throughput against the load.
 
 A live run measures the cost profile the simulator uses (step terms fitted to the steps the
 engines recorded, load and instance start costs; `plora_jax.serverless.live.calibrate`) and
 writes it into its JSON; `--calibration` reads it back for `sim` (from a replay JSON or a bare
-calibration JSON). With `--min-instances` below `--instances`, the others start on demand and
-stop after `--keep-alive-s` (scale to zero with 0); the cost profile needs a warm engine.
+calibration JSON), and `--profile` replaces it with a GPU's on paper
+(`plora_jax.serverless.sim.profiles`). With `--min-instances` below `--instances`, the others
+start on demand and stop after `--keep-alive-s` (scale to zero with 0); the cost profile needs
+a warm engine.
 """
 
 from __future__ import annotations
@@ -49,8 +59,11 @@ class ReplayConfig:
     calibration: str = ""  # sim: replay or calibration JSON ("": the committed live CPU run)
     predictor_checkpoint: str = ""  # predictive's forecaster ("": the shipped LSTM; "ewma")
     max_num_seqs: int = 16  # decode rows per instance
-    max_loras: int = 32  # adapter slots per instance
-    lora_pool_pages: int = 65  # adapter pages per instance (page 0 reserved)
+    pool_budget: str = "0.3"  # comma-separated: device pools of F x the adapters' pages (plora_jax.serverless.sweep)
+    load: str = ""  # comma-separated: arrival rate X x one instance's capacity ("": the trace's own time compression)
+    max_loras: int = 0  # adapter slots per instance (0: as many as the pool's pages could hold)
+    lora_pool_pages: int = 0  # adapter pages per instance, page 0 reserved (0: from pool_budget)
+    profile: str = ""  # a cost profile on paper in place of a calibration: a100-llama2-7b | h100-llama3-8b
     page_rows: int = 8
     max_lora_rank: int = 64
     host_cache_mb: float = 4096.0
@@ -79,13 +92,76 @@ def load_calibration(path: str):
     return Calibration(**block)
 
 
-def engine_settings(cfg: ReplayConfig, layout: str) -> dict:
+@dataclass(frozen=True)
+class Point:
+    """One operating point of the sweep: its pool and its workload."""
+
+    pool_budget: float | None  # None: --lora-pool-pages given
+    load: float | None  # None: the trace's own time compression
+    lora_pool_pages: int
+    max_loras: int
+    workload_config: object  # WorkloadConfig
+    workload: object  # Workload
+
+    def describe(self) -> dict:
+        return {
+            "pool_budget": self.pool_budget,
+            "load": self.load,
+            "lora_pool_pages": self.lora_pool_pages,
+            "max_loras": self.max_loras,
+            "seconds_per_minute": self.workload_config.seconds_per_minute,
+            "requests": len(self.workload.requests),
+        }
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name}: comma-separated numbers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise SystemExit(f"--{name}: every value must be > 0, got {text!r}")
+    return values
+
+
+def points(cfg: ReplayConfig, wcfg, calibration) -> list[Point]:
+    """The sweep's grid, budgets x loads, every point on the same requests (module docstring of
+    `plora_jax.serverless.sweep`). Capacity for `--load` comes from `calibration`."""
+    from plora_jax.config import EngineConfig
+    from plora_jax.serverless import sweep
+    from plora_jax.serverless.workload import generate
+
+    base = generate(wcfg)
+    loads = _floats(cfg.load, "load") or [None]
+    budgets = [None] if cfg.lora_pool_pages else _floats(cfg.pool_budget, "pool-budget")
+    if not budgets:
+        raise SystemExit("--pool-budget: give at least one fraction (or --lora-pool-pages)")
+    ranks = list(base.ranks.values())
+    out = []
+    for load in loads:
+        wc, workload = wcfg, base
+        if load is not None:
+            probe = EngineConfig(**engine_settings(cfg, "paged", (2, 1)))
+            wc, workload = sweep.scale_to_load(wcfg, base, load, sweep.capacity_rps(calibration, base, probe))
+        for budget in budgets:
+            if budget is None:
+                pages = cfg.lora_pool_pages
+                _, slots = sweep.pool_for_budget(
+                    ranks, (pages - 1) / sweep.adapter_pages(ranks, cfg.page_rows), cfg.page_rows
+                )
+            else:
+                pages, slots = sweep.pool_for_budget(ranks, budget, cfg.page_rows)
+            out.append(Point(budget, load, pages, cfg.max_loras or slots, wc, workload))
+    return out
+
+
+def engine_settings(cfg: ReplayConfig, layout: str, pool: tuple[int, int]) -> dict:
     """The `EngineConfig` fields of every instance, live and simulated alike (one source, so a
-    simulation runs the settings of the live run it is compared with)."""
+    simulation runs the settings of the live run it is compared with); `pool` is (pages, slots)."""
     options = dict(
         max_num_seqs=cfg.max_num_seqs,
-        max_loras=cfg.max_loras,
-        lora_pool_pages=cfg.lora_pool_pages,
+        max_loras=pool[1],
+        lora_pool_pages=pool[0],
         page_rows=cfg.page_rows,
         max_lora_rank=cfg.max_lora_rank,
         host_cache_mb=cfg.host_cache_mb,
@@ -95,13 +171,17 @@ def engine_settings(cfg: ReplayConfig, layout: str) -> dict:
     )
     if cfg.model == "tiny":  # few buckets: the whole warm-up compiles in seconds
         options |= dict(max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=32, max_prefill_seqs=2)
+    if cfg.profile:  # the GPU's KV cache, and the context of the model it is drawn for
+        from plora_jax.serverless.sim import profiles
+
+        options |= dict(max_model_len=4096, num_kv_blocks=profiles.named(cfg.profile)[1])
     return options
 
 
-def engine_factory(cfg: ReplayConfig, layout: str):
+def engine_factory(cfg: ReplayConfig, layout: str, pool: tuple[int, int]):
     from plora_jax import Engine
 
-    options = engine_settings(cfg, layout)
+    options = engine_settings(cfg, layout, pool)
     if cfg.model == "tiny":
         import jax.numpy as jnp
 
@@ -119,26 +199,40 @@ def engine_factory(cfg: ReplayConfig, layout: str):
     return model_config, make
 
 
-def sim_config(cfg: ReplayConfig, layout: str):
+def sim_config(cfg: ReplayConfig, layout: str, pool: tuple[int, int]):
     from plora_jax.config import EngineConfig
     from plora_jax.serverless.sim import SimConfig
 
     return SimConfig(
-        engine=EngineConfig(**engine_settings(cfg, layout)),
+        engine=EngineConfig(**engine_settings(cfg, layout, pool)),
         instances=cfg.instances,
         min_instances=cfg.min_instances,
         keep_alive_s=cfg.keep_alive_s,
     )
 
 
+def cost_profile(cfg: ReplayConfig, wcfg):
+    """The cost profile a simulation runs on, and that `--load` takes capacity from: a profile on
+    paper (`--profile`, drawn for the workload's mean rank) or a calibration JSON."""
+    if cfg.profile:
+        from plora_jax.serverless.sim import profiles
+
+        try:
+            return profiles.named(cfg.profile, mean_rank=sum(wcfg.ranks) / len(wcfg.ranks))[0]
+        except ValueError as e:
+            raise SystemExit(f"--profile: {e}") from None
+    return load_calibration(cfg.calibration)
+
+
 def run(cfg: ReplayConfig, wcfg) -> dict:
-    from plora_jax.serverless import live, report, sim
-    from plora_jax.serverless.workload import generate
+    from plora_jax.serverless import report
 
     if cfg.mode not in ("live", "sim"):
         raise SystemExit(f"--mode must be live or sim, got {cfg.mode!r}")
     if cfg.compare and cfg.mode != "sim":
         raise SystemExit("--compare: compares a simulation with a live run (use it with --mode sim)")
+    if cfg.profile and cfg.mode != "sim":
+        raise SystemExit("--profile: a cost profile on paper is for --mode sim")
     policies = [p for p in cfg.policies.split(",") if p]
     known = set(ALL_POLICIES.split(","))
     if not policies or set(policies) - known:
@@ -146,90 +240,124 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
     layouts = [x for x in cfg.layout.split(",") if x]
     if not layouts or set(layouts) - set(LORA_LAYOUTS):
         raise SystemExit(f"--layout: choose from paged,contiguous, got {cfg.layout!r}")
-    workload = generate(wcfg)
+    profile = cost_profile(cfg, wcfg) if (cfg.mode == "sim" or cfg.load) else None
+    grid = points(cfg, wcfg, profile)
     print(f"machine: {machine()}", flush=True)
-    print(
-        f"workload: {len(workload.requests)} requests, {len(workload.ranks)} adapters, "
-        f"{wcfg.minutes} trace minutes at {wcfg.seconds_per_minute} s each",
-        flush=True,
-    )
-    runs: dict[str, dict[str, report.Run]] = {}
     calibration = None
-    with tempfile.TemporaryDirectory(prefix="plora-replay-") as tmp:
-        if cfg.mode == "live":
-            adapter_dir = Path(cfg.adapter_dir or tmp)
-            for layout in layouts:
-                model_config, make = engine_factory(cfg, layout)
-                if model_config is None:
-                    probe = make(warmup=False, max_loras=0)
-                    model_config = probe.model_config
-                    probe.close()
-                live.write_adapters(workload, model_config, adapter_dir, TARGETS)
-                fleet = live.Fleet(
-                    make, adapter_dir, workload, cfg.instances, cfg.min_instances, cfg.keep_alive_s,
-                    record_steps=True, max_num_seqs=cfg.max_num_seqs,
-                )  # fmt: skip
-                with fleet:
-                    if fleet.warm:
-                        print(
-                            f"  {layout}: {len(fleet.warm)} warm engine(s), {fleet.start_s[0]:.0f} s to start",
-                            flush=True,
-                        )
-                    runs[layout] = {}
-                    for policy in policies:
-                        start = time.perf_counter()
-                        runs[layout][policy] = live.replay_live(
-                            workload, policy, fleet, cfg.predictor_checkpoint, wcfg.seed
-                        )
-                        print(f"  {layout}/{policy}: {time.perf_counter() - start:.0f} s", flush=True)
-                    if calibration is None and fleet.warm:  # the cost profile, from this layout's runs
-                        start_s = sum(fleet.start_s) / len(fleet.start_s)
-                        calibration = live.calibrate(fleet.warm[0], start_s, list(runs[layout].values()))
-        else:
-            calibration = load_calibration(cfg.calibration)
-            for layout in layouts:
-                runs[layout] = {}
-                for policy in policies:
-                    start = time.perf_counter()
-                    runs[layout][policy] = sim.simulate(
-                        workload, policy, sim_config(cfg, layout), calibration, cfg.predictor_checkpoint
-                    )
-                    print(f"  {layout}/{policy}: {time.perf_counter() - start:.1f} s", flush=True)
+    results = []
+    for point in grid:
+        w, wc = point.workload, point.workload_config
+        print(
+            f"point: pool budget {point.pool_budget} ({point.lora_pool_pages} pages, {point.max_loras} slots), "
+            f"load {point.load}: {len(w.requests)} requests, {len(w.ranks)} adapters, "
+            f"{wc.minutes} trace minutes at {wc.seconds_per_minute:.3g} s each",
+            flush=True,
+        )
+        runs, measured = run_point(cfg, point, layouts, policies, profile)
+        calibration = calibration or measured
+        results.append((point, runs))
     payload = {
         "machine": machine(),
         "mode": cfg.mode,
-        "layouts": {},
         "config": {"replay": dataclasses.asdict(cfg), "workload": dataclasses.asdict(wcfg)},
-        "calibration": calibration.to_dict() if calibration else {},
-        "requests": len(workload.requests),
-        "adapters": len(workload.ranks),
+        "calibration": (calibration or profile).to_dict() if (calibration or profile) else {},
+        "points": [],
     }
-    for layout, by_policy in runs.items():
-        report.pair(by_policy)  # the paired cold-start latency, against reactive_sync's cold requests
-        block = {name: r.summary for name, r in by_policy.items()}
-        payload["layouts"][layout] = {"policies": block, "claims": report.claims(block)}
-        print(f"\n{cfg.mode} replay, layout {layout}:\n{report.table(block)}")
-        line = report.format_claims(report.claims(block))
-        if line:
-            print(line)
+    for point, runs in results:
+        block = {"point": point.describe(), "layouts": {}}
+        for layout, by_policy in runs.items():
+            report.pair(by_policy)  # the paired cold-start latency, against reactive_sync's cold requests
+            summary = {name: r.summary for name, r in by_policy.items()}
+            block["layouts"][layout] = {"policies": summary, "claims": report.claims(summary)}
+            print(f"\n{cfg.mode} replay, layout {layout}, {_label(point)}:\n{report.table(summary)}")
+            line = report.format_claims(report.claims(summary))
+            if line:
+                print(line)
+        if "paged" in runs and "contiguous" in runs:
+            mem = {
+                p: (runs["paged"][p].summary["adapter_mem_util"], runs["contiguous"][p].summary["adapter_mem_util"])
+                for p in runs["paged"]
+            }
+            block["memory"] = {p: {"paged": a, "contiguous": b} for p, (a, b) in mem.items()}
+            print(
+                "adapter memory utilisation paged / contiguous: "
+                + ", ".join(f"{p} {a:.1%}/{b:.1%}" for p, (a, b) in mem.items())
+            )
+        payload["points"].append(block)
+    first, first_point = payload["points"][0], grid[0]
+    payload |= {  # the first point at the top level too (a single-point run's whole result)
+        "layouts": first["layouts"],
+        "requests": len(first_point.workload.requests),
+        "adapters": len(first_point.workload.ranks),
+    }
     if len(layouts) == 1:
-        payload["policies"] = payload["layouts"][layouts[0]]["policies"]
-    if "paged" in runs and "contiguous" in runs:
-        mem = {
-            p: (runs["paged"][p].summary["adapter_mem_util"], runs["contiguous"][p].summary["adapter_mem_util"])
-            for p in runs["paged"]
-        }
-        payload["memory"] = {p: {"paged": a, "contiguous": b} for p, (a, b) in mem.items()}
-        print(
-            "adapter memory utilisation paged / contiguous: "
-            + ", ".join(f"{p} {a:.1%}/{b:.1%}" for p, (a, b) in mem.items())
-        )
+        payload["policies"] = first["layouts"][layouts[0]]["policies"]
+    if "memory" in first:
+        payload["memory"] = first["memory"]
     if cfg.compare:
         payload["compare"] = compare_with_live(cfg.compare, payload)
     write_json(cfg.json or None, payload)
     if cfg.plot:
-        plot(runs, cfg.plot, f"{cfg.mode} replay: {len(workload.requests)} requests, {len(workload.ranks)} adapters")
+        point, runs = results[0]
+        w = point.workload
+        plot(runs, cfg.plot, f"{cfg.mode} replay: {len(w.requests)} requests, {len(w.ranks)} adapters, {_label(point)}")
+        if len(results) > 1:
+            plot_sweep(payload["points"], layouts[0], str(Path(cfg.plot).with_suffix("")) + "_sweep.png")
     return payload
+
+
+def _label(point: Point) -> str:
+    budget = f"budget {point.pool_budget:g}" if point.pool_budget is not None else f"{point.lora_pool_pages} pages"
+    return budget + (f", load {point.load:g}" if point.load is not None else "")
+
+
+def run_point(cfg: ReplayConfig, point: Point, layouts: list[str], policies: list[str], profile):
+    """Every policy at one point, per layout: {layout: {policy: Run}}, and (live) the cost
+    profile measured from the first layout's runs."""
+    from plora_jax.serverless import live, sim
+
+    workload, pool = point.workload, (point.lora_pool_pages, point.max_loras)
+    runs: dict = {}
+    calibration = None
+    if cfg.mode == "sim":
+        for layout in layouts:
+            runs[layout] = {}
+            for policy in policies:
+                start = time.perf_counter()
+                runs[layout][policy] = sim.simulate(
+                    workload, policy, sim_config(cfg, layout, pool), profile, cfg.predictor_checkpoint
+                )
+                print(f"  {layout}/{policy}: {time.perf_counter() - start:.1f} s", flush=True)
+        return runs, None
+    with tempfile.TemporaryDirectory(prefix="plora-replay-") as tmp:
+        adapter_dir = Path(cfg.adapter_dir or tmp)
+        for layout in layouts:
+            model_config, make = engine_factory(cfg, layout, pool)
+            if model_config is None:
+                probe = make(warmup=False, max_loras=0)
+                model_config = probe.model_config
+                probe.close()
+            live.write_adapters(workload, model_config, adapter_dir, TARGETS)
+            fleet = live.Fleet(
+                make, adapter_dir, workload, cfg.instances, cfg.min_instances, cfg.keep_alive_s,
+                record_steps=True, max_num_seqs=cfg.max_num_seqs,
+            )  # fmt: skip
+            with fleet:
+                if fleet.warm:
+                    print(
+                        f"  {layout}: {len(fleet.warm)} warm engine(s), {fleet.start_s[0]:.0f} s to start", flush=True
+                    )
+                runs[layout] = {}
+                for policy in policies:
+                    start = time.perf_counter()
+                    runs[layout][policy] = live.replay_live(
+                        workload, policy, fleet, cfg.predictor_checkpoint, point.workload_config.seed
+                    )
+                    print(f"  {layout}/{policy}: {time.perf_counter() - start:.0f} s", flush=True)
+                if calibration is None and fleet.warm:  # the cost profile, from this layout's runs
+                    start_s = sum(fleet.start_s) / len(fleet.start_s)
+                    calibration = live.calibrate(fleet.warm[0], start_s, list(runs[layout].values()))
+    return runs, calibration
 
 
 COMPARED = ("cold_starts", "ttft_mean_s")
@@ -298,6 +426,46 @@ def plot(runs: dict, path: str, title: str) -> None:
         )
         row[0].legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+SWEEP_PANELS = (  # (x axis, y key, label); budget panels at the load nearest 1, load panels at the budget nearest 0.3
+    ("pool_budget", "cold_starts", "cold starts"),
+    ("pool_budget", "baseline_cold_median_s", "paired median cold-start latency (s)"),
+    ("load", "ttft_mean_s", "mean TTFT (s)"),
+    ("load", "throughput_rps", "throughput (req/s)"),
+)
+
+
+def plot_sweep(blocks: list[dict], layout: str, path: str) -> None:
+    """Per policy: cold starts and paired cold-start latency against the pool budget, mean
+    TTFT and throughput against the load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def nearest(key: str, target: float):
+        values = sorted({b["point"][key] for b in blocks if b["point"][key] is not None})
+        return min(values, key=lambda v: abs(v - target)) if values else None
+
+    fixed = {"pool_budget": ("load", nearest("load", 1.0)), "load": ("pool_budget", nearest("pool_budget", 0.3))}
+    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(5 * len(SWEEP_PANELS), 4))
+    for ax, (x_key, y_key, label) in zip(axes, SWEEP_PANELS, strict=True):
+        other, value = fixed[x_key]
+        chosen = sorted(
+            (b for b in blocks if b["point"][x_key] is not None and b["point"][other] == value),
+            key=lambda b: b["point"][x_key],
+        )
+        policies = chosen[0]["layouts"][layout]["policies"] if chosen else {}
+        for policy in policies:
+            xs = [b["point"][x_key] for b in chosen]
+            ys = [b["layouts"][layout]["policies"][policy].get(y_key, float("nan")) for b in chosen]
+            ax.plot(xs, ys, marker="o", label=policy)
+        ax.set(xlabel=x_key.replace("_", " "), ylabel=label, title=f"{label} ({layout}, {other} {value})")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

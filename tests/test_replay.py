@@ -389,3 +389,84 @@ def test_the_simulator_runs_the_engine_scheduler_kv_blocks_and_preemption():
     assert result.summary["completed"] == 2
     assert sum(r.request.num_preemptions for r in sim.requests) >= 1
     assert all(len(r.request.output_ids) == 20 for r in sim.requests)
+
+
+# --- operating points and the GPU profile on paper -----------------------------------------------
+def test_a_pool_budget_sizes_pages_and_slots_and_a_load_scales_trace_time():
+    from plora_jax.serverless import sweep
+
+    ranks = [8, 12, 16, 24, 40, 64]  # pages of 8 rows: 1, 2, 2, 3, 5, 8 = 21
+    assert sweep.adapter_pages(ranks, 8) == 21
+    # 30%: round(6.3) = 6 usable pages (+ page 0); the smallest that fit together: 1 + 2 + 2 = 5 -> 3 slots
+    assert sweep.pool_for_budget(ranks, 0.3, 8) == (7, 3)
+    assert sweep.pool_for_budget(ranks, 1.0, 8) == (22, 6)
+    w = generate(workload_config(adapters=8, minutes=5, seconds_per_minute=10.0))
+    cal = Calibration(decode_base_s=0.01, decode_row_s=0.001, prefill_token_s=0.0001)
+    capacity = sweep.capacity_rps(cal, w, EngineConfig(max_num_seqs=4, max_model_len=1024))
+    # by hand: a decode step of 4 rows costs 0.01 + 4 x 0.001; a request its output tokens in
+    # such steps (a quarter each) plus its prompt tokens at 0.1 ms
+    prompt = np.mean([r.prompt_tokens for r in w.requests])
+    output = np.mean([r.output_tokens for r in w.requests])
+    assert capacity == pytest.approx(1 / (output * 0.014 / 4 + min(prompt, 1022) * 1e-4))
+    for load in (0.5, 2.0):
+        wc, scaled = sweep.scale_to_load(w.config, w, load, capacity)
+        assert len(scaled.requests) / scaled.duration_s == pytest.approx(load * capacity)
+        assert [r.adapter for r in scaled.requests] == [r.adapter for r in w.requests]  # the same requests
+        assert np.allclose(
+            [r.arrival_s / wc.seconds_per_minute for r in scaled.requests], [r.arrival_s / 10.0 for r in w.requests]
+        )
+
+
+def test_a_gpu_profile_on_paper_costs_its_hand_arithmetic():
+    from plora_jax.serverless.sim import profiles
+
+    cal, blocks = profiles.named("a100-llama2-7b", mean_rank=32.0)
+    hbm, flops = 2.039e12 * 0.7, 312e12 * 0.5
+    per_rank = 32 * ((4096 + 4096) * 4 + (4096 + 11008) * 3) * 2  # 32 layers, 7 projections, bf16
+    assert cal.bytes_per_rank == per_rank
+    # a step decoding 8 rows (all with adapters) over 8 x 1000 context tokens, nothing loading
+    shape = StepShape(8, 8000, 0, 8, 0, False)
+    by_hand = 1e-3 + 2 * 6.74e9 / hbm + 8 * 2 * 6.74e9 / flops + 8000 * 524288 / hbm + 8 * 32 * per_rank / hbm
+    assert cal.step_s(shape) == pytest.approx(by_hand)
+    assert 0.01 < cal.step_s(shape) < 0.05  # a 7B decode step on an A100: tens of milliseconds
+    # a rank-64 adapter: 1 ms + its bytes over PCIe 4.0 (25 GB/s), plus NVMe (3.5 GB/s) from disk
+    nbytes = 64 * per_rank
+    assert cal.load_s(nbytes, on_host=True) == pytest.approx(1e-3 + nbytes / 25e9)
+    assert cal.load_s(nbytes, on_host=False) == pytest.approx(1e-3 + nbytes / 25e9 + nbytes / 3.5e9)
+    # the KV cache beside 13.5 GB of weights in 90% of 80 GB, at 0.5 MiB per token, in 16-token blocks
+    assert blocks == int((80e9 * 0.9 - 2 * 6.74e9) // 524288) // 16
+    with pytest.raises(ValueError, match="choose from"):
+        profiles.named("tpu-v9")
+
+
+def test_a_sweep_of_two_budgets_and_two_loads_writes_every_point_and_its_plots(tmp_path, capsys):
+    from benchmarks import replay
+
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    argv = [
+        *("--mode", "sim", "--layout", "paged,contiguous", "--trace", TRACE, "--llm-trace", LLM),
+        *("--adapters", "16", "--minutes", "10", "--seconds-per-minute", "6", "--seed", "0"),
+        *("--policies", "reactive_sync,lru,predictive", "--pool-budget", "0.2,0.5", "--load", "0.8,1.2"),
+        *("--profile", "a100-llama2-7b", "--json", str(out), "--plot", str(png)),
+    ]  # fmt: skip
+    assert replay.main(argv) == 0
+    payload = json.loads(out.read_text())
+    got = {(b["point"]["pool_budget"], b["point"]["load"]) for b in payload["points"]}
+    assert got == {(0.2, 0.8), (0.5, 0.8), (0.2, 1.2), (0.5, 1.2)}
+    for block in payload["points"]:
+        for layout in ("paged", "contiguous"):
+            policies = block["layouts"][layout]["policies"]
+            assert set(policies) == {"reactive_sync", "lru", "predictive"}
+            for m in policies.values():
+                assert m["completed"] == m["requests"] == block["point"]["requests"]
+                assert m["baseline_cold_requests"] == policies["reactive_sync"]["cold_starts"]  # all completed
+        assert block["layouts"]["paged"]["claims"]["cold_start_median_measure"] == "paired"
+        assert set(block["memory"]["lru"]) == {"paged", "contiguous"}
+    # a bigger pool holds more: fewer lru cold starts at the same load
+    by = {(b["point"]["pool_budget"], b["point"]["load"]): b["layouts"]["paged"]["policies"] for b in payload["points"]}
+    assert by[(0.5, 0.8)]["lru"]["cold_starts"] <= by[(0.2, 0.8)]["lru"]["cold_starts"]
+    # the higher load compresses the same requests into less time
+    spm = {b["point"]["load"]: b["point"]["seconds_per_minute"] for b in payload["points"]}
+    assert spm[1.2] == pytest.approx(spm[0.8] * 0.8 / 1.2)
+    assert png.stat().st_size > 10_000 and (tmp_path / "sweep_sweep.png").stat().st_size > 10_000
+    assert "budget 0.5, load 1.2" in capsys.readouterr().out

@@ -1,8 +1,9 @@
 """Replayable multi-LoRA workloads from the Azure traces.
 
 One function of an Azure Functions per-minute invocation trace becomes one adapter; its rank is
-drawn from a mix (default {8, 16, 32, 64}). The `c` invocations of a function in trace minute m
-become `c` requests inside that minute: a Poisson process conditioned on its count places them
+drawn from a mix (default {8, 12, 16, 24, 40, 64}: not all multiples of a page's 8 rows, so
+what the paged and contiguous layouts waste differs). The `c` invocations of a function in
+trace minute m become `c` requests inside that minute: a Poisson process conditioned on its count places them
 uniformly at random (`arrivals="poisson"`), or they are spread evenly (`"uniform"`). Prompt and
 output lengths are drawn together, as pairs, from an Azure LLM inference trace
 (`TIMESTAMP,ContextTokens,GeneratedTokens`). Time compression maps one trace minute onto
@@ -41,7 +42,7 @@ class WorkloadConfig:
     minutes: int = 10  # trace minutes replayed
     start_minute: int = 0  # first trace column replayed (0-based)
     seconds_per_minute: float = 60.0  # time compression: one trace minute lasts this many seconds
-    ranks: tuple[int, ...] = (8, 16, 32, 64)  # adapter ranks, drawn uniformly per adapter
+    ranks: tuple[int, ...] = (8, 12, 16, 24, 40, 64)  # adapter ranks, drawn uniformly per adapter (not all page multiples)
     arrivals: str = "poisson"  # "poisson" (uniform times given the count) | "uniform" (evenly spaced)
     popularity: bool = True  # sample functions to the In-Vitro popularity CDF (False: the first rows)
     token_scale: float = 1.0  # multiply sampled token lengths (CPU live runs shrink them)
