@@ -4,7 +4,8 @@
 (`serverless/report.py`, live and simulated alike) and the benchmarks all take their counter
 names and their ratios from here, so a figure means the same thing wherever it is printed.
 
-Counters (`ADAPTER_COUNTERS`), counted at each request's *first* admission attempt unless said:
+Counters (`ADAPTER_COUNTERS`), counted as each request reaches the engine (queued, before any
+decision its arrival triggers, so a load it set off is still its cold start) unless said:
 - `cold_starts`: the request's adapter was not on the device (a load in flight counts as cold);
 - `device_hits`: it was; `host_hits`: it was cold but its pages were in the host cache;
 - `prefetch_issued`: device prefetches a policy started; `prefetch_used`: prefetched adapters

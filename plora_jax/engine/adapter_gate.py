@@ -52,6 +52,14 @@ class AdapterGate:
         self.stall_s = 0.0  # seconds spent in synchronous loads, in all
         self.stall_row_s = 0.0  # those seconds times the running requests each held up (`metrics`: stall_s)
 
+    def arrive(self, request: Request) -> None:
+        """Scheduler callback as a request is queued: whether it is a cold start is decided here,
+        by where its adapter is before anything its arrival triggers (a policy's prefetch)."""
+        if request.adapter_counted or request.adapter not in self.core.entries:
+            return
+        request.adapter_cold = not self.core.arrive(request.adapter)
+        request.adapter_counted = True
+
     def acquire(self, request: Request) -> bool:
         """Scheduler callback: put the request's adapter on the device and pin it; False: wait."""
         core = self.core
@@ -62,10 +70,9 @@ class AdapterGate:
         first_attempt = request.adapter_wait_start is None
         if first_attempt:
             request.adapter_wait_start = self.clock()
-        if not request.adapter_counted:
-            request.adapter_cold = core.residency(request.adapter) != "device"
-        slot = core.acquire(request.adapter, first=not request.adapter_counted)
-        request.adapter_counted = True
+        self.arrive(request)  # a request queued without the callback is counted at its first attempt
+        slot = core.acquire(request.adapter, first=False)
+        at_once = first_attempt and slot is not None  # on the device at its first attempt: waited 0
         if slot is None and self._waits_for(request.adapter):
             began, held = self.clock(), self.running()
             failures = self.wait_for(request.adapter)
@@ -77,7 +84,7 @@ class AdapterGate:
         if slot is None:
             return False
         request.adapter_slot = slot
-        if not (first_attempt and not request.adapter_cold):  # a hit at the first attempt waits 0
+        if not at_once:
             request.adapter_wait += self.clock() - request.adapter_wait_start
         request.adapter_wait_start = None
         return True

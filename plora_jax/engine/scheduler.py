@@ -63,8 +63,8 @@ class Request:
     adapter_slot: int = 0  # the adapter's slot in the device pool while admitted (0: none)
     adapter_wait: float = 0.0  # seconds spent waiting for the adapter (loads, full pool)
     adapter_wait_start: float | None = None
-    adapter_counted: bool = False  # its first acquisition was counted (hit or cold start)
-    adapter_cold: bool = False  # its adapter was not on the device when it first asked (a cold start)
+    adapter_counted: bool = False  # its arrival was counted (hit or cold start)
+    adapter_cold: bool = False  # its adapter was not on the device when it arrived (a cold start)
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -130,6 +130,7 @@ class Scheduler:
         acquire_adapter=None,
         release_adapter=None,
         clock: Callable[[], float] = time.perf_counter,
+        arrive_adapter=None,
     ):
         self.clock = clock  # the engine's wall clock, or a simulator's virtual one
         self.blocks = BlockAllocator(num_kv_blocks)
@@ -144,6 +145,7 @@ class Scheduler:
         # Adapter residency is the engine's (it owns the device pool); these pin and unpin.
         self._acquire_adapter = acquire_adapter
         self._release_adapter = release_adapter
+        self._arrive_adapter = arrive_adapter  # as a request is queued (counts its hit or cold start)
 
     @classmethod
     def for_engine(cls, config, max_num_batched_tokens: int, gate=None, clock: Callable[[], float] = time.perf_counter):
@@ -159,11 +161,14 @@ class Scheduler:
             gate and gate.acquire,
             gate and gate.release,
             clock,
+            gate and gate.arrive,
         )
 
     # --- queue --------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        if request.adapter is not None and self._arrive_adapter is not None:
+            self._arrive_adapter(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

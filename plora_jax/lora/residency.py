@@ -9,10 +9,11 @@ commit into the device pool.
 Tiers: the registry (disk), the host cache (`host_cache.HostCache`) and the page allocator
 (`page_allocator.PagePool`, the device pool's bookkeeping).
 
+- `arrive` (a request reaches the engine): the hit and cold-start counters count it here, before
+  any decision its arrival triggers, so a load started because it came is still its cold start.
 - `acquire` (a request's admission attempt): the adapter's slot, pinned, if it is on the device;
   else None, with a demand load started (pages reserved now, so placement is this thread's
   decision) or already in flight. A loading adapter is pinned, so loads cannot evict each other.
-  The first attempt of each request is what the hit and cold-start counters count.
 - `apply` (a policy `Decision`): install its priorities (they order both tiers' evictions),
   drop what it evicts, start device prefetches (which may only displace adapters of strictly
   lower priority) and host reads, at most `max_prefetch_inflight` of each in flight.
@@ -132,17 +133,26 @@ class Residency:
     def is_loading(self, name: str) -> bool:
         return name in self.loading
 
+    def arrive(self, name: str) -> bool:
+        """Count a request for `name` as it reaches the engine (a hit or a cold start, before any
+        decision its arrival triggers); True if the adapter is on the device."""
+        on_device = self.pages.get(name) is not None and name not in self.loading
+        self.counters["device_hits" if on_device else "cold_starts"] += 1
+        if not on_device and name in self.host:
+            self.counters["host_hits"] += 1
+        if name in self.prefetched:
+            self.prefetched.discard(name)
+            self.counters["prefetch_used"] += 1
+            self.counters["prefetch_hits"] += on_device  # the prefetch finished in time
+        return on_device
+
     def acquire(self, name: str, first: bool = True) -> int | None:
+        """The adapter's slot, pinned, if it is on the device; else None, with its load started
+        (or in flight). `first`: count the request too (`arrive`), for callers that did not."""
+        if first:
+            self.arrive(name)
         res = self.pages.get(name)
         on_device = res is not None and name not in self.loading
-        if first:
-            self.counters["device_hits" if on_device else "cold_starts"] += 1
-            if not on_device and name in self.host:
-                self.counters["host_hits"] += 1
-            if name in self.prefetched:
-                self.prefetched.discard(name)
-                self.counters["prefetch_used"] += 1
-                self.counters["prefetch_hits"] += on_device  # the prefetch finished in time
         if on_device:
             self.pages.pin(name)
             return res.slot

@@ -42,7 +42,7 @@ class WorkloadConfig:
     minutes: int = 10  # trace minutes replayed
     start_minute: int = 0  # first trace column replayed (0-based)
     seconds_per_minute: float = 60.0  # time compression: one trace minute lasts this many seconds
-    ranks: tuple[int, ...] = (8, 12, 16, 24, 40, 64)  # adapter ranks, drawn uniformly per adapter (not all page multiples)
+    ranks: tuple[int, ...] = (8, 12, 16, 24, 40, 64)  # adapter ranks, drawn uniformly per adapter
     arrivals: str = "poisson"  # "poisson" (uniform times given the count) | "uniform" (evenly spaced)
     popularity: bool = True  # sample functions to the In-Vitro popularity CDF (False: the first rows)
     token_scale: float = 1.0  # multiply sampled token lengths (CPU live runs shrink them)
