@@ -3,8 +3,10 @@
 #   1. the kernel and attention tests compiled for the GPU (tests marked `gpu`; not interpreted),
 #   2. the throughput benchmark at Llama-3-8B shapes with random weights, ours against
 #      transformers on the same GPU (skipped if transformers is not installed there),
-#   3. the decode step at 32 rows and 512 context beside its weight matmuls alone.
-# Results land in $OUT (or ./gpu-results): gpu_tests.log, gpu_throughput.json, gpu.log.
+#   3. the decode step at 32 rows and 512 context beside its weight matmuls alone,
+#   4. a measured cost profile for the simulator (benchmarks.gpu_profile: step terms fitted to
+#      recorded steps, host-to-device and disk rates of real adapter loads).
+# Results land in $OUT (or ./gpu-results): gpu_tests.log, gpu_throughput.json, gpu_profile.json, gpu.log.
 # `bash benchmarks/gpu.sh --cpu-check` runs the same steps at tiny shapes on a CPU (CI does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +35,5 @@ fi
   "$PYTHON" -c 'import transformers, torch' 2>/dev/null || HF=(--skip-hf)
   "$PYTHON" -m benchmarks.gpu_throughput --preset "$PRESET" --concurrency "${CONCURRENCY[@]}" \
     --step-rows "${CONCURRENCY[-1]}" --step-context 512 "${HF[@]}" --json "$OUT/gpu_throughput.json"
+  "$PYTHON" -m benchmarks.gpu_profile --preset "$PRESET" --rows "${CONCURRENCY[-1]}" --json "$OUT/gpu_profile.json"
 } 2>&1 | tee "$OUT/gpu.log"

@@ -470,3 +470,46 @@ def test_a_sweep_of_two_budgets_and_two_loads_writes_every_point_and_its_plots(t
     assert spm[1.2] == pytest.approx(spm[0.8] * 0.8 / 1.2)
     assert png.stat().st_size > 10_000 and (tmp_path / "sweep_sweep.png").stat().st_size > 10_000
     assert "budget 0.5, load 1.2" in capsys.readouterr().out
+
+
+def test_s_loras_synthetic_workload_follows_its_power_law_gamma_arrivals_and_length_range():
+    from plora_jax.serverless.workload import synthetic
+
+    w = synthetic(20, rate_rps=50.0, duration_s=120.0, alpha=1.0, cv=1.0, seed=3)
+    assert w.requests == synthetic(20, rate_rps=50.0, duration_s=120.0, alpha=1.0, cv=1.0, seed=3).requests
+    n = len(w.requests)
+    assert abs(n - 6000) < 6 * 6000**0.5  # Poisson-like count around rate x duration
+    gaps = np.diff([0.0] + [r.arrival_s for r in w.requests])
+    assert gaps.mean() == pytest.approx(1 / 50.0, rel=0.1) and gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.1)
+    counts = np.array([sum(r.adapter == name for r in w.requests) for name in w.ranks])
+    assert counts[0] / counts[1] == pytest.approx(2.0, rel=0.2) and counts[0] > counts[9] > counts[19]  # 1/(i+1)
+    lengths = np.array([(r.prompt_tokens, r.output_tokens) for r in w.requests])
+    assert lengths.min() >= 8 and lengths.max() <= 512 and abs(lengths.mean() - 260) < 10
+    assert set(w.ranks.values()) <= {8, 16, 32, 64} and np.array_equal(w.per_minute_counts(), w.counts)
+    bursty = synthetic(20, rate_rps=50.0, duration_s=120.0, cv=2.0, seed=3)
+    bgaps = np.diff([r.arrival_s for r in bursty.requests])
+    assert bgaps.std() / bgaps.mean() == pytest.approx(2.0, rel=0.15)
+
+
+def test_the_s_lora_check_runs_the_baseline_on_the_a100_profile(tmp_path, capsys):
+    from benchmarks import slora_check
+
+    out = tmp_path / "slora.json"
+    argv = [
+        "--adapters",
+        "5",
+        "--rate",
+        "2",
+        "--duration-s",
+        "20",
+        "--policies",
+        "reactive_sync,lru",
+        "--json",
+        str(out),
+    ]
+    assert slora_check.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["reactive_sync", "lru"]
+    base = rows[0]
+    assert base["published_rps"] == 7.48 and base["throughput_rps"] > 0 and rows[1]["published_rps"] is None
+    assert "S-LoRA 7.48" in capsys.readouterr().out

@@ -178,3 +178,26 @@ def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, se
     stats = core.stats()
     assert committed + failed + stats["stale_dropped"] == len(device_jobs)
     assert stats["load_failures"] == sum(j.error is not None for j in submitted)
+
+
+def test_an_adapter_wait_ends_when_the_adapter_lands_not_when_the_request_is_admitted():
+    from plora_jax.engine.adapter_gate import AdapterGate
+    from plora_jax.engine.sampling import SamplingParams
+    from plora_jax.engine.scheduler import Request
+
+    core, clock, _ = make_core()
+    register(core, "a", 16)  # a 3 s load from "disk"
+    gate = AdapterGate(core, clock, lambda: [], lambda name: [])
+    request = Request("r", [1, 2], SamplingParams(max_tokens=1), 0, frozenset(), 64, "a")
+    gate.arrive(request)
+    assert request.adapter_cold and core.stats()["cold_starts"] == 1
+    assert not gate.acquire(request)  # its load starts at t = 0
+    clock.advance_to(3.0)
+    core.collect()  # landed and committed at 3 s
+    clock.advance_to(5.0)  # the batch had no free row until 5 s
+    assert gate.acquire(request) and request.adapter_wait == pytest.approx(3.0)
+    # a request arriving once it is resident is a hit that waits 0
+    hit = Request("h", [1], SamplingParams(max_tokens=1), 0, frozenset(), 64, "a")
+    gate.arrive(hit)
+    assert not hit.adapter_cold and gate.acquire(hit) and hit.adapter_wait == 0.0
+    assert core.stats()["device_hits"] == 1 and core.stats()["cold_starts"] == 1

@@ -84,8 +84,9 @@ class AdapterGate:
         if slot is None:
             return False
         request.adapter_slot = slot
-        if not at_once:
-            request.adapter_wait += self.clock() - request.adapter_wait_start
+        if not at_once:  # waited until its adapter was on the device, not until a batch row freed
+            landed = min(self.clock(), core.ready_at.get(request.adapter, self.clock()))
+            request.adapter_wait += max(0.0, landed - request.adapter_wait_start)
         request.adapter_wait_start = None
         return True
 

@@ -63,6 +63,7 @@ class Residency:
         self.transfer_s = {"host": 0.0, "disk": 0.0}
         self.transfer_bytes = {"host": 0, "disk": 0}
         self.committed_pages = 0  # pages of the device jobs handed back to commit, in all
+        self.ready_at: dict[str, float] = {}  # when each adapter's last device load was handed back to commit
         self.loading: dict[str, Job] = {}  # device loads in flight
         self.host_jobs: dict[str, Job] = {}  # host-only reads in flight
         self.prefetched: set[str] = set()  # placements made by a prefetch and not used yet
@@ -298,6 +299,7 @@ class Residency:
             self.transfer_s[tier] += job.busy_s
             self.transfer_bytes[tier] += job.bytes_device
             self.committed_pages += len(job.pages)
+            self.ready_at[job.name] = self.clock()
             ready.append(job)
 
     def collect_for(self, name: str) -> tuple[list[Job], list[tuple[str, BaseException]]]:

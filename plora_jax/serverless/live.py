@@ -370,7 +370,7 @@ def _resident_set(engine) -> list[str]:
     return chosen
 
 
-def _transfer_rates(host_s: float, host_bytes: float, disk_s: float, disk_bytes: float) -> tuple[float, float]:
+def transfer_rates(host_s: float, host_bytes: float, disk_s: float, disk_bytes: float) -> tuple[float, float]:
     """(host-to-device, disk) bytes per second from the transfer's own time on loads staged from
     the host cache and on loads read from the folder first: the second pay the copy too, so
     the disk rate is what their time adds beyond it. Without host-cache loads, the disk read is
@@ -416,7 +416,7 @@ def calibrate(engine, instance_start_s: float, runs: list[Run] = ()) -> Calibrat
     steps = engine.recorded_steps() + [step for run in runs for step in run.steps]
     stats = engine.stats()
     total = lambda key: sum(r.summary.get(key, 0) for r in runs)
-    h2d, disk = _transfer_rates(
+    h2d, disk = transfer_rates(
         *(total(f"adapter_transfer_{w}_from_{t}") for t in ("host", "disk") for w in ("s", "bytes"))
     )
     lags = [r.submit_lag_s for run in runs for r in run.records]

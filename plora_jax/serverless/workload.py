@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -190,6 +191,49 @@ def generate(config: WorkloadConfig) -> Workload:
     order = np.argsort(times, kind="stable")
     requests = [TraceRequest(float(times[j]), adapters[j], int(prompt[j]), int(output[j]), minutes[j]) for j in order]
     return Workload(config, ranks, requests, trace.counts.astype(np.int64), trace.first_minute)
+
+
+def synthetic(
+    adapters: int,
+    rate_rps: float,
+    duration_s: float,
+    alpha: float = 1.0,
+    cv: float = 1.0,
+    lengths: tuple[int, int] = (8, 512),
+    ranks: tuple[int, ...] = (64, 32, 16, 8),
+    seed: int = 0,
+) -> Workload:
+    """S-LoRA's synthetic workload (Sheng et al., 2023, section 7.1): adapter i drawn with
+    probability proportional to (i + 1)^-alpha (a power law), arrivals a gamma process of
+    `rate_rps` with coefficient of variation `cv`, input and output lengths uniform in
+    `lengths` (inclusive), ranks drawn uniformly from `ranks`. One "trace minute" is 60 s."""
+    if adapters < 1 or rate_rps <= 0 or duration_s <= 0 or cv <= 0:
+        raise ValueError("synthetic: adapters >= 1, and rate_rps, duration_s, cv > 0")
+    rng = np.random.default_rng(seed)
+    names = [f"lora{i:04d}" for i in range(adapters)]
+    weights = (np.arange(adapters) + 1.0) ** -alpha
+    shape = 1.0 / cv**2  # gamma inter-arrivals with mean 1/rate and the asked CV
+    times, t = [], 0.0
+    while True:
+        t += rng.gamma(shape, 1.0 / (shape * rate_rps))
+        if t >= duration_s:
+            break
+        times.append(t)
+    picks = rng.choice(adapters, size=len(times), p=weights / weights.sum())
+    lo, hi = lengths
+    prompt, output = rng.integers(lo, hi + 1, size=(2, len(times)))
+    minutes = max(1, math.ceil(duration_s / 60.0))
+    requests = [
+        TraceRequest(float(t), names[a], int(p), int(o), int(t // 60.0))
+        for t, a, p, o in zip(times, picks, prompt, output, strict=True)
+    ]
+    counts = np.zeros((adapters, minutes), np.int64)
+    for r in requests:
+        counts[int(r.adapter[4:]), r.minute] += 1
+    config = WorkloadConfig(
+        trace="synthetic", llm_trace="synthetic", adapters=adapters, minutes=minutes, ranks=ranks, seed=seed
+    )
+    return Workload(config, {n: int(rng.choice(ranks)) for n in names}, requests, counts)
 
 
 def request_lengths(trace: TraceRequest, max_model_len: int) -> tuple[int, int]:

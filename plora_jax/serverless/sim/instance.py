@@ -22,6 +22,7 @@ from ...engine.outputs import OutputProcessor
 from ...engine.scheduler import Request, Scheduler, Status, StepPlan
 from ...engine.step_log import shape_of
 from ...lora import HostCache, Job, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
+from ...lora.host_cache import HostCopy
 from ...lora.transfer import HOST
 from ...policies import Policy
 
@@ -39,6 +40,9 @@ class SimInstance:
         self.pages = PagePool(sim.config.pool_pages, c.max_loras + 1, cdiv(c.max_lora_rank, c.page_rows), c.layout)
         self.transfer = SimulatedTransfer(self.clock, self._transfer_s)
         host = HostCache(sim.config.host_cache_bytes)
+        if sim.config.adapters_on_host:
+            for name, entry in registry.entries.items():
+                host.put(name, HostCopy(None, None, entry.host_bytes))
         self.core = Residency(registry, self.pages, host, self.transfer, self.clock, c.max_prefetch_inflight)
         self.core.free_when_unused = policy.free_when_unused
         self.gate = AdapterGate(

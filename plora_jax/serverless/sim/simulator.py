@@ -46,6 +46,7 @@ class SimConfig:
     min_instances: int = 1  # instances kept warm (0: scale to zero)
     keep_alive_s: float = 600.0  # an idle instance above min_instances stops after this long
     prewarm: bool = True  # a forecasting policy may start an instance ahead of demand
+    adapters_on_host: bool = False  # every adapter starts in the host cache (S-LoRA keeps them all in host memory)
 
     def __post_init__(self):
         if self.engine.lora_pool_pages < 2:
