@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             manager.apply(Decision(evict=["a"]))
             if source == "disk":
                 manager.drop_host_copy("a")  # force a read of the folder
-            manager.start_load("a")
+            manager.start_load("a", prefetch=True)  # a policy prefetch: the background reader
 
         def poll(until: float | None = None) -> None:
             # Both phases poll the stats alike (every 5 ms), so the poller's share of the GIL

@@ -125,7 +125,7 @@ def test_a_demand_load_from_the_host_cache_commits_at_the_first_boundary_after_i
     core.step()
     request = engine.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0), adapter="a")
     core.step()  # admission starts the load: the loop issues the copy at once
-    assert lora.is_loading("a") and lora.transfer.landing and lora.transfer._worker is None
+    assert lora.is_loading("a") and lora.transfer.landing and not lora.transfer.reading
     steps = core.snapshot.stats["decode_steps"]
     for _ in range(3):  # not landed: the loop steps on, the request waits
         core.step()

@@ -58,17 +58,19 @@ def test_a_demand_load_takes_its_simulated_time_and_then_hits():
     core.check()
 
 
-def test_demand_loads_go_before_prefetches_on_the_one_channel():
+def test_demand_reads_never_wait_behind_prefetches():
     core, clock, _ = make_core()
-    for name in "abc":
-        register(core, name, 8)  # 1 page: 2 s each
-    core.apply(Decision(device=["a", "b"], priority={"a": 1.0, "b": 1.0}))  # a runs 0-2, b queued
-    core.acquire("c")  # demand: jumps the queued prefetch
-    clock.advance_to(4.0)
+    for name in "abcd":
+        register(core, name, 8)  # 1 page: 2 s each from disk
+    core.apply(Decision(device=["a", "b"], priority={"a": 1.0, "b": 1.0}))  # a reads 0-2, b queued behind it
+    clock.advance_to(1.0)
+    core.acquire("c")  # demand: its own reader, 1-3, while the prefetches take theirs
+    core.acquire("d")  # a second demand queues behind the first: 3-5
+    clock.advance_to(3.0)
     ready, _ = core.collect()
-    assert [j.name for j in ready] == ["a", "c"] and [j.kind for j in ready][1] == DEMAND
-    clock.advance_to(6.0)
-    assert [j.name for j in core.collect()[0]] == ["b"]
+    assert [j.name for j in ready] == ["a", "c"] and ready[1].kind == DEMAND
+    clock.advance_to(5.0)
+    assert [j.name for j in core.collect()[0]] == ["b", "d"]  # b 2-4, d 3-5
 
 
 def test_a_copy_from_the_host_does_not_wait_behind_a_read_from_disk():

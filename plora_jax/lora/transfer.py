@@ -9,16 +9,19 @@ so the owner of those (the engine loop) is their only writer.
 Kinds, in the order a transfer serves them: `DEMAND` (a request waits for it), `PREFETCH` (a
 policy's device prefetch), `HOST` (a policy's read into the host cache only).
 
-Two channels, so a copy already in host memory never waits behind a read from disk:
-- disk to host: a thread, below the loop's OS priority, reads and lays out an adapter's folder
-  (host reads, and device jobs without a host copy), one job at a time in kind order;
+Three channels, so a demand load never waits behind a prefetch or a host read, and a copy
+already in host memory never waits behind a read from disk:
+- disk to host: a thread reads and lays out an adapter's folder, one job at a time, for the
+  device jobs without a host copy and the host reads. Demand reads have their own thread at
+  the loop's OS priority; prefetches and host reads share one below it (kind order), so on a
+  host with few cores they take CPU from the steps only when it is idle;
 - host to device: issued by the owner (the loop) as a non-blocking `device_put` of the commit's
   arguments (`issue`), at once for a copy already in the host cache, or when the thread hands
   back its read. `finished` hands the job back at the first step boundary after its arrays
   have landed (`jax.Array.is_ready`), so a loop with steps to run never waits on a copy; an
   idle loop waits for the oldest with `wait_landing`.
 
-`ThreadTransfer` is the live pair; `SimulatedTransfer` runs the same two channels on a
+`ThreadTransfer` is the live set; `SimulatedTransfer` runs the same three channels on a
 virtual clock, each job lasting `duration(job)` seconds (from a cost profile);
 `finished(block=True)` advances the clock to the next completion, as a blocking wait would.
 """
@@ -78,28 +81,35 @@ class ThreadTransfer:
     def __init__(self, read: Callable[[AdapterEntry], HostCopy], issue: Callable[[Job, HostCopy], tuple]):
         self.read = read  # disk to host (the thread)
         self.issue = issue  # host to device: the commit's arguments on the device, not waited on (the owner)
-        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._jobs = {demand: queue.PriorityQueue() for demand in (True, False)}  # per reader thread
         self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._queued = 0  # on the thread and not yet handed back (owner thread only)
+        self._queued = 0  # on the threads and not yet handed back (owner thread only)
         self._landing: deque[Job] = deque()  # host-to-device copies issued, oldest first (owner only)
-        self._ready: deque[Job] = deque()  # back from the thread with nothing to copy (owner only)
-        self._worker: threading.Thread | None = None
-        self.on_done: Callable[[], None] | None = None  # called on the worker after each read (wakes the owner)
+        self._ready: deque[Job] = deque()  # back from a thread with nothing to copy (owner only)
+        self._workers: dict[bool, threading.Thread] = {}
+        self.on_done: Callable[[], None] | None = None  # called on a worker after each read (wakes the owner)
 
     def submit(self, job: Job) -> None:
         if job.kind != HOST and job.source is not None:
             self._issue(job, job.source)  # already in host memory: straight to the device
             return
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._loop, name="plora-adapter-transfer", daemon=True)
-            self._worker.start()
+        demand = job.kind == DEMAND
+        if demand not in self._workers:
+            name = "plora-adapter-read" + ("" if demand else "-background")
+            self._workers[demand] = threading.Thread(target=self._loop, args=(demand,), name=name, daemon=True)
+            self._workers[demand].start()
         self._queued += 1
-        self._jobs.put((job.kind, job.seq, job))
+        self._jobs[demand].put((job.kind, job.seq, job))
 
     @property
     def landing(self) -> bool:
         """Whether a host-to-device copy is in flight."""
         return bool(self._landing)
+
+    @property
+    def reading(self) -> bool:
+        """Whether a read from disk is queued or running."""
+        return self._queued > 0
 
     def wait_landing(self) -> None:
         """Wait until the oldest copy in flight has landed (an idle loop, instead of sleeping)."""
@@ -126,9 +136,9 @@ class ThreadTransfer:
             self._take_read(self._done.get())
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._jobs.put((-1, -1, None))
-            self._worker.join(timeout=30)
+        for demand, worker in self._workers.items():
+            self._jobs[demand].put((-1, -1, None))
+            worker.join(timeout=30)
         self._landing.clear()
 
     def _take_reads(self) -> None:
@@ -170,13 +180,15 @@ class ThreadTransfer:
                     break
         job.busy_s += time.perf_counter() - begun
 
-    def _loop(self) -> None:
-        # Below the loop's priority: on a host with few cores, reading and laying out an adapter
-        # would otherwise take CPU from the running steps (it only has to finish before it is needed).
-        with contextlib.suppress(AttributeError, OSError):  # not on this platform or not permitted
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    def _loop(self, demand: bool) -> None:
+        # Background reads below the loop's priority: on a host with few cores, reading and laying
+        # out an adapter would otherwise take CPU from the running steps (a prefetch only has to
+        # finish before it is needed). A demand read has a request waiting: the loop's priority.
+        if not demand:
+            with contextlib.suppress(AttributeError, OSError):  # not on this platform or not permitted
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
-            _, _, job = self._jobs.get()
+            _, _, job = self._jobs[demand].get()
             if job is None:
                 return
             begun = time.perf_counter()
@@ -240,12 +252,17 @@ class SimulatedTransfer:
     ):
         # `failure` (fault injection): the error a job ends with, or None for success.
         self.clock, self.duration, self.failure = clock, duration, failure
-        self._read, self._copy = _Channel(), _Channel()  # disk to host (and on), host to device
+        # Disk reads for demand loads, disk reads for the rest, copies from the host to the device.
+        self._demand, self._background, self._copy = _Channel(), _Channel(), _Channel()
+        self._channels = (self._demand, self._background, self._copy)
         self._done: deque[Job] = deque()
 
     def submit(self, job: Job) -> None:
         self._run_until(self.clock())  # an idle channel starts the job now, as the live ones would
-        channel = self._copy if job.kind != HOST and job.source is not None else self._read
+        if job.kind != HOST and job.source is not None:
+            channel = self._copy
+        else:
+            channel = self._demand if job.kind == DEMAND else self._background
         channel.pending.append(job)
         channel.start_next(self.duration)
 
@@ -254,7 +271,7 @@ class SimulatedTransfer:
         self._run_until(self.clock())
         if self._done:
             return self.clock()
-        ends = [c.running[1] for c in (self._read, self._copy) if c.running is not None]
+        ends = [c.running[1] for c in self._channels if c.running is not None]
         return min(ends) if ends else None
 
     def finished(self, block: bool = False) -> Job | None:
@@ -270,11 +287,11 @@ class SimulatedTransfer:
         pass
 
     def _run_until(self, now: float) -> None:
-        """Finish, in time order across both channels, every job that ends by `now`."""
+        """Finish, in time order across the channels, every job that ends by `now`."""
         while True:
-            for channel in (self._read, self._copy):
+            for channel in self._channels:
                 channel.start_next(self.duration)
-            running = [c for c in (self._read, self._copy) if c.running is not None and c.running[1] <= now]
+            running = [c for c in self._channels if c.running is not None and c.running[1] <= now]
             if not running:
                 return
             channel = min(running, key=lambda c: c.running[1])
