@@ -73,7 +73,7 @@ class ReplayConfig:
     plot: str = ""  # write the plots here (PNG)
 
 
-DEFAULT_CALIBRATION = Path(__file__).parent / "results" / "replay_live_cpu.json"  # its "calibration" block
+DEFAULT_CALIBRATION = Path(__file__).parent / "results" / "replay_live_hc_cpu.json"  # its "calibration" block
 
 
 def load_calibration(path: str):

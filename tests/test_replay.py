@@ -196,6 +196,7 @@ def test_paired_cold_start_latency_follows_the_baselines_cold_requests():
     c = claims({k: r.summary for k, r in runs.items()})
     assert c["cold_start_median_measure"] == "paired"
     assert c["cold_start_median_change"] == pytest.approx(0.05 / 0.4 - 1)
+    assert c["cold_start_mean_change"] == pytest.approx(0.05 / 0.4 - 1)
     # records that do not name their requests cannot be paired
     unnamed = Run({}, [RequestRecord(0.0, 1.0, 2.0, True, 0.1, 1)], [])
     with pytest.raises(ValueError, match="name their requests"):
