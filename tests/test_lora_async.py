@@ -280,3 +280,26 @@ def test_sync_loads_stall_every_running_request_as_s_lora_does(tmp_path):
         assert not again.metrics.cold_start and engine.stats()["load_failures"] == 1
     finally:
         engine.close()
+
+
+def test_an_explicit_prefetch_makes_the_first_request_a_device_hit(tmp_path):
+    """`Engine.prefetch` (the cluster forecaster's pre-load): the adapter is on the device before
+    any request names it, so its first request is not a cold start; the snapshot lists it on the
+    host and on the device; an unknown name is refused."""
+    engine = make_engine(policy="reactive")  # reactive: no prefetch of its own
+    try:
+        engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=16))
+        core = engine.core
+        assert engine.host_adapters() == {"a"} and engine.resident_adapters() == frozenset()
+        assert engine.prefetch("a") in ("loading", "device")
+        core.wait_for_adapter("a")
+        core.step()
+        assert engine.resident_adapters() == {"a"} and engine.prefetch("a") == "device"  # a second call is a no-op
+        request = engine.submit(PROMPT, SamplingParams(max_tokens=2, temperature=0), adapter="a")
+        step_until(core, lambda: request.finished)
+        assert not request.result(timeout=0).metrics.cold_start
+        assert core.snapshot.stats["prefetch_issued"] == 1
+        with pytest.raises(ValueError, match="'nope' is not registered"):
+            engine.prefetch("nope")
+    finally:
+        engine.close()

@@ -420,6 +420,25 @@ class Engine:
         """Whether `name` is registered (read from the published snapshot, without a round trip)."""
         return name in self.core.snapshot.adapters
 
+    def prefetch(self, name: str) -> str:
+        """Start loading a registered adapter onto the device now, before any request asks for it
+        (what a cluster's forecaster does on the replica it picks). It may displace unpinned
+        adapters of lower priority; returns the adapter's residency afterwards."""
+        lora = self._lora()
+
+        def start() -> str:  # on the loop thread, between steps
+            if name not in lora.entries:
+                raise ValueError(f"adapter {name!r} is not registered")
+            if lora.pages.get(name) is None:
+                lora.start_load(name, prefetch=True)
+            return lora.residency(name)
+
+        return self.core.call(start)
+
+    def host_adapters(self) -> frozenset[str]:
+        """Adapters with a copy in the host cache, from the published snapshot."""
+        return self.core.snapshot.on_host
+
     def resident_adapters(self) -> frozenset[str]:
         """Adapters placed in the device pool (or loading into it), from the published snapshot."""
         return self.core.snapshot.on_device

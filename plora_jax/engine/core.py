@@ -92,6 +92,7 @@ class EngineSnapshot:
     stats: MappingProxyType  # the `Engine.stats()` dict
     adapters: frozenset[str] = frozenset()  # registered adapter names
     on_device: frozenset[str] = frozenset()  # adapters placed in the device pool (or loading into it)
+    on_host: frozenset[str] = frozenset()  # adapters with a copy in the host cache
     waiting: int = 0  # requests waiting for admission (the server's 429 rule)
 
 
@@ -487,14 +488,16 @@ class EngineCore:
             "attention_implementation": self.runner.attention_implementation,
             "lora_implementation": self.runner.lora_implementation,
         }
-        adapters = on_device = frozenset()
+        adapters = on_device = on_host = frozenset()
         if self.lora is not None:
             stats.update(self.lora.stats(), stall_s=self.gate.stall_row_s, sync_load_s=self.gate.stall_s)
             tiers = dict.fromkeys(("disk", "host", "loading", "device"), 0)
             for name in self.lora.entries:
                 tiers[self.lora.residency(name)] += 1
             stats.update({f"adapters_tier_{tier}": count for tier, count in tiers.items()})
-            adapters, on_device = frozenset(self.lora.entries), frozenset(self.lora.pages.resident)
+            adapters, on_device, on_host = map(
+                frozenset, (self.lora.entries, self.lora.pages.resident, self.lora.host.copies)
+            )
         if self.policy is not None:
             stats.update(
                 policy=self.policy.name,
@@ -502,7 +505,7 @@ class EngineCore:
                 policy_fallbacks=c.policy_fallbacks,
                 **self.policy.stats(),
             )
-        self.snapshot = EngineSnapshot(MappingProxyType(stats), adapters, on_device, len(s.waiting))
+        self.snapshot = EngineSnapshot(MappingProxyType(stats), adapters, on_device, on_host, len(s.waiting))
 
     # --- adapters (residency changes run on the owner thread) -------------------------------
     def _set_pool(self, pool) -> None:
