@@ -16,22 +16,27 @@ from plora_jax.metrics import adapter_mem_util, adapter_pool_fill, prefetch_prec
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-class EngineCollector:
-    """Engine gauges computed at scrape time."""
+TIERS = ("disk", "host", "loading", "device")
 
-    def __init__(self, engine):
-        self.engine = engine
 
-    def collect(self):
-        stats = self.engine.stats()  # the engine's published snapshot: never waits for the loop
-        residency = GaugeMetricFamily("plora_adapters", "Registered adapters by residency tier", labels=["tier"])
-        for tier in ("disk", "host", "loading", "device"):
-            residency.add_metric([tier], stats.get(f"adapters_tier_{tier}", 0))
-        yield residency
-        values = {
-            "plora_queue_depth": ("Requests waiting for admission", stats["waiting"]),
-            "plora_running_requests": ("Requests running", stats["running"]),
-            "plora_kv_blocks_used": ("KV cache blocks in use", stats["kv_blocks_used"]),
+def engine_values(stats: dict) -> dict[str, tuple[str, float]]:
+    """Name -> (help, value) of the engine gauges, from an `Engine.stats()` dict: the one list
+    of names, shared by this server's Prometheus collector and the Ray Serve replicas' gauges
+    (`serving.cluster`). A gauge whose source field a caller's stats lack is left out."""
+    values = {
+        "plora_queue_depth": ("Requests waiting for admission", stats.get("waiting")),
+        "plora_running_requests": ("Requests running", stats.get("running")),
+        "plora_kv_blocks_used": ("KV cache blocks in use", stats.get("kv_blocks_used")),
+        "plora_cold_starts": ("Requests whose adapter was not on the device", stats.get("cold_starts")),
+        "plora_device_hits": ("Requests whose adapter was on the device", stats.get("device_hits")),
+        "plora_prefetch_issued": ("Device prefetches started by the policy", stats.get("prefetch_issued")),
+        "plora_compiles_after_warmup": (
+            "XLA compiles on the loop thread after warm-up",
+            stats.get("compiles_after_warmup"),
+        ),
+    }
+    if "adapter_pool_bytes" in stats:
+        values |= {
             "plora_adapter_pool_utilisation": (
                 "Live adapter bytes at true rank / device bytes reserved for resident adapters",
                 adapter_mem_util(stats.get("adapter_live_bytes", 0), stats.get("adapter_reserved_bytes", 0)),
@@ -40,21 +45,39 @@ class EngineCollector:
                 "Device bytes reserved for resident adapters / adapter pool bytes",
                 adapter_pool_fill(stats.get("adapter_reserved_bytes", 0), stats.get("adapter_pool_bytes", 0)),
             ),
-            "plora_cold_starts": ("Requests whose adapter was not on the device", stats.get("cold_starts", 0)),
-            "plora_device_hits": ("Requests whose adapter was on the device", stats.get("device_hits", 0)),
-            "plora_prefetch_issued": ("Device prefetches started by the policy", stats.get("prefetch_issued", 0)),
             "plora_prefetch_precision": ("Prefetches used by a request / prefetches issued", prefetch_precision(stats)),
             "plora_prefetch_recall": (
                 "Requests a finished prefetch served / those plus the cold starts",
                 prefetch_recall(stats),
             ),
-            "plora_compiles_after_warmup": (
-                "XLA compiles on the loop thread after warm-up",
-                stats["compiles_after_warmup"],
-            ),
         }
-        for name, (help_text, value) in values.items():
-            yield GaugeMetricFamily(name, help_text, value=float(value))
+    return {name: (text, float(value)) for name, (text, value) in values.items() if value is not None}
+
+
+RESIDENCY = ("plora_adapters", "Registered adapters by residency tier")  # a gauge tagged by tier
+
+
+def tier_counts(stats: dict) -> dict[str, int]:
+    """Registered adapters per residency tier ({} for an engine without adapters)."""
+    return {tier: stats[f"adapters_tier_{tier}"] for tier in TIERS if f"adapters_tier_{tier}" in stats}
+
+
+class EngineCollector:
+    """Engine gauges computed at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()  # the engine's published snapshot: never waits for the loop
+        tiers = tier_counts(stats)
+        if tiers:
+            residency = GaugeMetricFamily(*RESIDENCY, labels=["tier"])
+            for tier, count in tiers.items():
+                residency.add_metric([tier], count)
+            yield residency
+        for name, (help_text, value) in engine_values(stats).items():
+            yield GaugeMetricFamily(name, help_text, value=value)
 
 
 class ServerMetrics:

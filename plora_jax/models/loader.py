@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
 from .convert import CheckpointError
-from .gguf_loader import load_gguf
-from .hf_loader import load_hf_folder
+from .gguf_loader import config_from_gguf, load_gguf, open_gguf
+from .hf_loader import config_from_hf, load_hf_folder
 from .llama import param_shapes
 from .registry import cache_root, resolve_model
 
@@ -153,4 +153,17 @@ def load_model(
     return LoadedModel(config, params, tokenizer, source, False, seconds)
 
 
-__all__ = ["CheckpointError", "LoadedModel", "load_model"]
+def load_front_end(
+    name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> tuple[ModelConfig, Tokenizer]:
+    """The model's config and tokenizer without its weights (what a gateway in front of
+    engine replicas needs to validate and tokenize requests): from the GGUF header or the
+    Hugging Face folder's JSON files."""
+    source = resolve_model(name_or_path, cache_dir)
+    if source.is_file():
+        reader = open_gguf(source)
+        return config_from_gguf(reader, source), Tokenizer.from_gguf(reader, source)
+    return config_from_hf(source), Tokenizer.from_hf_folder(source)
+
+
+__all__ = ["CheckpointError", "LoadedModel", "load_front_end", "load_model"]

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..policies import Policy
+from .placement import ReplicaState, rank_replicas
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,14 @@ class InstanceLoad:
 
 
 def pick_instance(instances: Sequence[InstanceLoad]) -> int | None:
-    """Affinity first, then the least loaded, among instances with room; None if all are full."""
-    open_ = [i for i in instances if i.load < i.capacity]
-    if not open_:
-        return None
-    return min(open_, key=lambda i: (not i.holds, i.load, i.index)).index
+    """Affinity first, then the least loaded, among instances with room; None if all are full
+    (`placement.rank_replicas`, which the Ray Serve router applies to its replicas too)."""
+    open_ = [
+        ReplicaState(i.index, frozenset({"a"}) if i.holds else frozenset(), queue=i.load)
+        for i in instances
+        if i.load < i.capacity
+    ]
+    return rank_replicas("a", open_)[0] if open_ else None
 
 
 def keep_alive_expired(

@@ -1,0 +1,120 @@
+"""LoraEngine: one Ray Serve replica holding one `Engine` (the base model loaded once).
+
+Serve's model multiplexing keys each request by its adapter id. Here the multiplexed loader
+only *registers* the adapter in the engine (its config and tensor header are validated, its
+weights read into the host tier); which adapters sit on the device, how pages are freed, and
+what is loaded ahead is the engine's business (its paged pool, tiers and policy), not Serve's
+lock-per-replica LRU (ray-project/ray#65346). Serve's registration cap is therefore unlimited
+by default: unregistering an adapter whose requests still wait would fail them.
+
+The replica reports what the router and the autoscaler need: `record_routing_stats` returns
+the adapters on its device and in its host memory, its queue depth and free adapter pages
+(read from the engine's published snapshot, never waiting for the loop), and publishes the
+engine's gauges under the same names as `/metrics` of the single-engine server, tagged by
+replica (`ray.serve.metrics`, exported on Ray's metrics port). `prefetch` is the forecaster's
+pre-load: tagged with the adapter id, it registers the adapter (so Serve advertises the id
+from this replica) and starts its transfer to the device before any request asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from ray import serve
+from ray.serve import metrics as serve_metrics
+
+from serving.metrics import RESIDENCY, engine_values, tier_counts
+
+
+class ReplicaGauges:
+    """`serving.metrics`' engine gauges as Ray Serve gauges (Serve adds deployment and replica tags)."""
+
+    def __init__(self, stats: dict):
+        self.gauges = {
+            name: serve_metrics.Gauge(name, description=text) for name, (text, _) in engine_values(stats).items()
+        }
+        self.tiers = serve_metrics.Gauge(RESIDENCY[0], description=RESIDENCY[1], tag_keys=("tier",))
+
+    def update(self, stats: dict) -> None:
+        for name, (_, value) in engine_values(stats).items():
+            if name in self.gauges:
+                self.gauges[name].set(value)
+        for tier, count in tier_counts(stats).items():
+            self.tiers.set(count, tags={"tier": tier})
+
+
+class LoraEngine:
+    def __init__(self, model: str, engine_options: dict, max_adapters: int = -1, forecaster_app: str | None = None):
+        from plora_jax import Engine
+
+        self.engine = Engine.from_pretrained(model, **engine_options)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.paths: dict[str, str] = {}  # adapter id -> folder (written on the replica's event loop only)
+
+        async def register(adapter: str) -> str:
+            if not self.engine.has_adapter(adapter):
+                await asyncio.to_thread(self.engine.add_adapter, adapter, self.paths[adapter])
+            return adapter
+
+        # Wired at init so the cap is configuration (Serve detects multiplexing on the instance).
+        self.register = serve.multiplexed(max_num_models_per_replica=max_adapters)(register)
+        self.gauges = ReplicaGauges(self.engine.stats())
+        self.forecaster_app = forecaster_app  # the app whose Forecaster hears this replica's residency
+        self._forecaster = None
+
+    async def _ensure(self, adapter: str | None, path: str | None) -> None:
+        if adapter:
+            if path is None:
+                raise ValueError(f"adapter {adapter!r} came without its folder")
+            self.paths.setdefault(adapter, path)
+            await self.register(adapter)
+
+    async def generate(self, prompt_ids: list[int], params, adapter: str | None = None, path: str | None = None):
+        """Stream the request's `StreamEvent`s; a cancelled stream cancels the request."""
+        await self._ensure(adapter, path)
+        handle = self.engine.submit(prompt_ids, params, adapter)
+        try:
+            async for event in handle.events():
+                yield event
+        finally:
+            handle.cancel()  # a no-op once finished; frees the KV blocks and pin of an abandoned one
+
+    async def prefetch(self, adapter: str, path: str, spread: bool = False) -> dict:
+        """Register `adapter` and start loading it onto the device (the router picked this
+        replica; `spread` is the router's concern). Returns where it now is."""
+        await self._ensure(adapter, path)
+        residency = await asyncio.to_thread(self.engine.prefetch, adapter)
+        return {"replica": self.replica, "adapter": adapter, "residency": residency}
+
+    def describe(self) -> dict:
+        """This replica's identity and residency (tests and benchmarks read it)."""
+        stats = self.engine.stats()
+        return {"replica": self.replica, "pid": os.getpid(), **self.record_routing_stats(), "stats": stats}
+
+    def record_routing_stats(self) -> dict:
+        stats = self.engine.stats()
+        self.gauges.update(stats)
+        free = stats.get("adapter_pages_total", 0) - stats.get("adapter_pages_used", 0)
+        report = {
+            "device": sorted(self.engine.resident_adapters()),
+            "host": sorted(self.engine.host_adapters()),
+            "queue": stats["waiting"] + stats["running"],
+            "free_pages": free,
+            "cold_starts": stats.get("cold_starts", 0),
+            "device_hits": stats.get("device_hits", 0),
+        }
+        if self.forecaster_app is not None:
+            if self._forecaster is None:
+                self._forecaster = serve.get_deployment_handle("Forecaster", self.forecaster_app)
+            self._forecaster.report.remote(self.replica, report)  # not awaited: a report, not a call
+        return report
+
+    def record_autoscaling_stats(self) -> dict:
+        stats = self.engine.stats()
+        return {"queue": stats["waiting"] + stats["running"], "cold_starts": stats.get("cold_starts", 0)}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()

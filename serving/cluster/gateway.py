@@ -1,0 +1,240 @@
+"""Gateway: the cluster's ingress, the same OpenAI-compatible app as the single-engine server.
+
+`serving.app.build_app` is written against an engine; `ClusterEngine` is that engine's
+interface over the LoraEngine deployment, so both servers run one implementation of the API
+(validation, errors, streaming, metrics). The gateway holds the model's config and tokenizer,
+not its weights (`load_front_end`): it validates and tokenizes every request as the engine
+would, answers bad input itself, and sends token ids to a replica through the deployment
+handle, tagged with the adapter id (`multiplexed_model_id`) so the router can place it.
+
+The adapter catalog lives here: names, folders and ranks, registered from `--adapter-dir` at
+start and by `/v1/load_lora_adapter` at run time. Loading a name again after an unload gives it
+a new id (`name@2`), so a replica that still holds the old weights never serves them for the
+new version. Replicas register an adapter the first time a request (or a pre-load) brings it.
+
+A stream that breaks (its replica died, or the engine failed the request) raises
+`RequestFailed`, which the app turns into an error chunk: the client sees it, nothing hangs.
+Every `report_s` the gateway sends the forecaster its arrivals per adapter and the service
+times of finished requests, and publishes the hot adapters it gets back for its router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+from plora_jax.config import EngineConfig
+from plora_jax.engine.inputs import InputProcessor
+from plora_jax.engine.outputs import RequestFailed
+from plora_jax.lora.peft import AdapterError, inspect_adapter, parse_target_modules
+from plora_jax.models.loader import load_front_end
+
+from . import router
+
+log = logging.getLogger(__name__)
+
+
+class AdapterCatalog:
+    """Adapter names -> (id, folder, rank); validated from config and tensor header only."""
+
+    def __init__(self, model_config, max_rank: int, modules: tuple[str, ...]):
+        self.model_config, self.max_rank, self.modules = model_config, max_rank, modules
+        self.entries: dict[str, tuple[str, Path, int]] = {}
+        self.versions: Counter = Counter()  # name -> times it was added (the id's suffix)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.entries)
+
+    def add(self, name: str, path: str | Path) -> dict:
+        if name in self.entries:
+            raise AdapterError(f"adapter name {name!r} is already registered")
+        path = Path(path).expanduser().resolve()
+        info = inspect_adapter(path, self.model_config, self.max_rank, self.modules)
+        self.versions[name] += 1
+        version = self.versions[name]
+        adapter_id = name if version == 1 else f"{name}@{version}"
+        self.entries[name] = (adapter_id, path, info.rank)
+        return self.describe(name)
+
+    def add_dir(self, folder: str | Path) -> dict:
+        added, errors = [], {}
+        for sub in sorted(Path(folder).expanduser().iterdir()):
+            if not (sub / "adapter_config.json").is_file() or sub.name in self.entries:
+                continue
+            try:
+                self.add(sub.name, sub)
+                added.append(sub.name)
+            except AdapterError as e:
+                errors[sub.name] = str(e)
+        return {"added": added, "errors": errors}
+
+    def remove(self, name: str) -> None:
+        del self.entries[name]
+
+    def describe(self, name: str) -> dict:
+        adapter_id, path, rank = self.entries[name]
+        # Residency is per replica (the routing stats); the catalog does not guess one.
+        return {"name": name, "id": adapter_id, "path": str(path), "rank": rank, "residency": "cluster"}
+
+
+class ClusterRequest:
+    """The handle `serving.app` awaits, over one streaming call to a LoraEngine replica."""
+
+    def __init__(self, response, on_end):
+        self.response, self.on_end = response, on_end
+        self.finished = False
+
+    async def events(self):
+        try:
+            async for event in self.response:
+                if event.finished:
+                    self.finished = True
+                yield event
+        except RequestFailed:
+            raise
+        except Exception as e:  # the replica died, or the engine failed the request there
+            raise RequestFailed(f"the engine replica failed the request: {type(e).__name__}: {e}") from None
+        finally:
+            self.on_end(self.finished)
+        if not self.finished:
+            raise RequestFailed("the engine replica ended the stream before the request finished")
+
+    async def aresult(self):
+        output = None
+        async for event in self.events():
+            if event.finished:
+                output = event.output
+        return output
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.response.cancel()
+
+
+class ClusterEngine:
+    """The engine interface `serving.app` uses, served by the LoraEngine deployment."""
+
+    def __init__(self, engine, model: str, engine_options: dict, forecaster=None, report_s: float = 1.0):
+        config = EngineConfig(model=model, **engine_options)
+        model_config, self.tokenizer = load_front_end(model, config.cache_dir)
+        max_model_len = min(config.max_model_len, model_config.max_position_embeddings)
+        modules = parse_target_modules(config.lora_target_modules)
+        self.catalog = AdapterCatalog(model_config, config.max_lora_rank, modules)
+        self.inputs = InputProcessor(
+            model_config, self.tokenizer, max_model_len, config.seed, True, lambda: self.catalog.names
+        )
+        self.engine, self.forecaster, self.report_s = engine, forecaster, report_s
+        # Event-loop state (the gateway's one thread of handlers is its only writer).
+        self.arrivals: Counter = Counter()
+        self.paths: dict[str, str] = {}
+        self.service_s: list[float] = []
+        self.pending = 0
+        self._reporter: asyncio.Task | None = None
+
+    # --- what serving.app reads ----------------------------------------------------------
+    def readiness(self) -> dict:
+        return {"status": "ok", "engine": "LoraEngine deployment (autoscaled)"}
+
+    def stats(self) -> dict:
+        # In flight through this gateway (Serve queues them at the handle beyond the replicas'
+        # capacity): what the 429 rule counts.
+        return {"waiting": self.pending}
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.catalog.entries
+
+    def adapters(self) -> list[dict]:
+        return [self.catalog.describe(n) for n in sorted(self.catalog.entries)]
+
+    def add_adapter(self, name: str, path) -> dict:
+        return self.catalog.add(name, path)
+
+    def add_adapter_dir(self, folder) -> dict:
+        return self.catalog.add_dir(folder)
+
+    def remove_adapter(self, name: str) -> None:
+        self.catalog.remove(name)
+
+    def submit(self, prompt, params, adapter: str | None = None) -> ClusterRequest:
+        request = self.inputs.make_request(prompt, params, adapter)  # ValueError names the field
+        adapter_id = path = None
+        if adapter is not None:
+            adapter_id, folder, _ = self.catalog.entries[adapter]
+            path = str(folder)
+            self.paths[adapter_id] = path
+        self.arrivals[adapter_id or ""] += 1
+        self._start_reporter()
+        started = time.perf_counter()
+        response = self.engine.options(multiplexed_model_id=adapter_id or "", stream=True).generate.remote(
+            request.prompt_ids, params, adapter_id, path
+        )
+        self.pending += 1
+
+        def on_end(finished: bool) -> None:
+            self.pending -= 1
+            if finished:
+                self.service_s.append(time.perf_counter() - started)
+
+        return ClusterRequest(response, on_end)
+
+    # --- reports to the forecaster ---------------------------------------------------------
+    def _start_reporter(self) -> None:
+        if self.forecaster is not None and self._reporter is None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.report_s)  # a reporting period, not a wait for another thread
+            await self.report()
+
+    async def report(self) -> list[str]:
+        """Send the arrivals since the last report; publish the hot set the forecaster returns."""
+        arrivals, self.arrivals = self.arrivals, Counter()
+        service, self.service_s = self.service_s, []
+        try:
+            hot = await self.forecaster.observe.remote(dict(arrivals), dict(self.paths), service)
+        except Exception as e:  # the forecaster is down: routing goes on without the hot set
+            log.warning("the forecaster did not take a report: %s", e)
+            return []
+        router.publish_hot(frozenset(hot))
+        return hot
+
+
+class Gateway:
+    """The ingress deployment: `serving.app`'s FastAPI app over a `ClusterEngine`."""
+
+    def __init__(
+        self,
+        engine,
+        forecaster,
+        model: str,
+        engine_options: dict,
+        served_model_name: str = "",
+        adapter_dirs: tuple[str, ...] = (),
+        api_key: str | None = None,
+        max_queue: int = 256,
+        report_s: float = 1.0,
+    ):
+        from serving.app import ServerState
+
+        self.engine = ClusterEngine(engine, model, engine_options, forecaster, report_s)
+        roots = []
+        for folder in adapter_dirs:
+            result = self.engine.add_adapter_dir(folder)
+            for name, why in result["errors"].items():
+                log.warning("adapter %r refused: %s", name, why)
+            roots.append(Path(folder).expanduser().resolve())
+        self.state = ServerState(self.engine, served_model_name or model, roots, api_key, max_queue)
+
+    def __serve_build_asgi_app__(self):
+        from serving.app import build_app
+
+        return build_app(self.state)
+
+    async def report(self) -> list[str]:
+        """Report to the forecaster now (tests and benchmarks call it instead of waiting)."""
+        return await self.engine.report() if self.engine.forecaster is not None else []

@@ -1,0 +1,80 @@
+"""The adapter-affinity request router for the LoraEngine deployment (a Ray Serve
+`RequestRouter`, built on its public FIFO and multiplex mixins).
+
+Serve's default router (power of two choices) prefers, for a second or two, replicas that have
+*registered* the request's model id, then falls back to any: it cannot tell a replica whose
+adapter is on the device from one that would have to read it from disk, and it pins a hot
+adapter to the replica that first loaded it. This router ranks every candidate with
+`placement.rank_replicas` over what each replica reports through `record_routing_stats`
+(adapters on the device, adapters in host memory, queue depth) and what this router itself
+knows sooner: where it routed each adapter since the last report, and how many of its own
+requests each replica is running. A forecaster's pre-load call carries `spread=True` when the
+adapter is hot; requests for adapters the forecaster marked hot (`publish_hot`, written by the
+gateway that owns this router's process) spread the same way.
+
+Ranked groups of one replica each are returned: Serve tries them in order and takes the
+first with room (fewer than `max_ongoing_requests` in flight).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
+
+from plora_jax.serverless.placement import ReplicaState, rank_replicas
+
+_hot: frozenset[str] = frozenset()  # adapters the forecaster marks hot (replaced whole, never mutated)
+
+
+def publish_hot(adapters: frozenset[str]) -> None:
+    """Replace the hot set the routers of this process read (the gateway is its one writer)."""
+    global _hot
+    _hot = frozenset(adapters)
+
+
+def hot() -> frozenset[str]:
+    return _hot
+
+
+class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    def initialize_state(self, spread_queue: int = 8, memory_s: float = 5.0) -> None:
+        """`spread_queue`: the queue depth of every device holder at which an adapter spreads to
+        another replica; `memory_s`: how long a routing decision counts as residency before the
+        replica's own report replaces it."""
+        self.spread_queue = spread_queue
+        self.memory_s = memory_s
+        self.routed: dict[str, dict[object, float]] = defaultdict(dict)  # adapter -> replica id -> when
+        self.inflight: dict[object, int] = defaultdict(int)  # replica id -> requests of this router running there
+
+    def state_of(self, replica: RunningReplica, now: float) -> ReplicaState:
+        stats = replica.routing_stats or {}
+        rid = replica.replica_id
+        recent = {a for a, where in self.routed.items() if now - where.get(rid, -1e18) < self.memory_s}
+        device = frozenset(stats.get("device", ())) | recent
+        host = frozenset(stats.get("host", ())) | frozenset(replica.multiplexed_model_ids)
+        queue = max(int(stats.get("queue", 0)), self.inflight[rid])
+        return ReplicaState(rid, device, host, queue)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        spread = bool(pending_request.kwargs.get("spread")) if pending_request is not None else False
+        now = time.monotonic()
+        states = [self.state_of(r, now) for r in candidate_replicas]
+        ranked = rank_replicas(adapter or None, states, self.spread_queue, hot=spread or adapter in _hot)
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        return [[by_id[rid]] for rid in ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        self.inflight[replica_id] += 1
+        adapter = pending_request.metadata.multiplexed_model_id
+        if adapter:
+            self.routed[adapter][replica_id] = time.monotonic()
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        self.inflight[replica_id] = max(0, self.inflight[replica_id] - 1)
