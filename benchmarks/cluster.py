@@ -16,8 +16,10 @@ request whose adapter was not on its replica's device, its wait the time until i
 measured here, from the request's arrival to its first token, and includes a replica's start.
 Printed and in `--json`: per arm requests, completed, lost (no final event), cold starts, the
 paired cold-start latency (over the requests cold under `serve`), mean and p99 TTFT, replica
-starts (increases of the replica count, polled), and Ray's start time and memory (resident
-set of Ray's own processes against the engine replicas').
+starts (increases of the replica count, polled) and replica-seconds, why requests failed, and
+Ray's start time and memory (resident set of Ray's own processes against the engine replicas').
+A warm-up deployment serves one request before either arm, so that neither pays alone for
+filling the compilation and parameter caches.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +82,9 @@ def rss_by_role() -> dict:
     return {"engine_replicas_mib": engine / 2**20, "ray_mib": ray_own / 2**20}
 
 
-async def replay(client, workload, max_model_len: int, vocab: int, seed: int, app: str) -> tuple[list, int]:
-    """Send every request at its arrival time; returns the records and the replica starts."""
+async def replay(client, workload, max_model_len: int, vocab: int, seed: int, app: str) -> dict:
+    """Send every request at its arrival time; returns the records, the replica starts, the
+    replica-seconds (replicas up, integrated over the replay) and why requests failed."""
     from ray import serve
 
     rng = np.random.default_rng(seed)
@@ -91,19 +95,22 @@ async def replay(client, workload, max_model_len: int, vocab: int, seed: int, ap
     loop = asyncio.get_running_loop()
     origin = time.perf_counter()
     records: list[RequestRecord | None] = [None] * len(prompts)
-    starts = 0
+    starts, replica_s = 0, 0.0
+    failures: Counter = Counter()
     done = asyncio.Event()
 
     async def watch_replicas() -> None:
-        nonlocal starts
-        last = None
+        nonlocal starts, replica_s
+        last, seen = None, time.perf_counter()
         while not done.is_set():
             status = await asyncio.to_thread(serve.status)
             states = status.applications[app].deployments["LoraEngine"].replica_states
             count = sum(n for s, n in states.items() if str(s).split(".")[-1] in ("STARTING", "RUNNING"))
-            if last is not None and count > last:
-                starts += count - last
-            last = count
+            now = time.perf_counter()
+            if last is not None:
+                starts += max(0, count - last)
+                replica_s += last * (now - seen)
+            last, seen = count, now
             await asyncio.sleep(0.25)  # the polling period of a counter, not a wait for another actor
 
     async def one(i: int) -> None:
@@ -125,26 +132,25 @@ async def replay(client, workload, max_model_len: int, vocab: int, seed: int, ap
             records[i] = RequestRecord(
                 arrival, first, time.perf_counter(), m.cold_start, m.adapter_wait_s, len(output.token_ids), request=i
             )
-        except RequestFailed:
+        except RequestFailed as e:
+            failures[str(e)[:160]] += 1
             records[i] = RequestRecord(arrival, None, None, False, 0.0, 0, request=i)
 
     watcher = loop.create_task(watch_replicas())
     await asyncio.gather(*(one(i) for i in range(len(prompts))))
     done.set()
     await watcher
-    return records, starts
+    return {"records": records, "replica_starts": starts, "replica_s": replica_s, "failures": dict(failures)}
 
 
-def run_arm(arm: str, bench: ClusterBench, engine_config: EngineConfig, workload, folder: Path, port: int) -> dict:
-    from ray import serve
+def arm_config(arm: str, bench: ClusterBench, port: int, app_name: str = ""):
+    """One arm's `ClusterConfig`: the same replicas, limits and keep-alive for both; Serve's
+    arm caps each replica's registered adapters at its device slots, as its multiplex LRU does."""
+    from serving.cluster import ClusterConfig
 
-    from serving.cluster import ClusterConfig, start
-    from serving.cluster.app import engine_options
-    from serving.cluster.gateway import ClusterEngine
-
-    config = ClusterConfig(
+    return ClusterConfig(
         routing=arm,
-        app_name=f"bench-{arm}",
+        app_name=app_name or f"bench-{arm}",
         port=port,
         min_replicas=0,
         max_replicas=bench.max_replicas,
@@ -154,11 +160,44 @@ def run_arm(arm: str, bench: ClusterBench, engine_config: EngineConfig, workload
         downscale_delay_s=bench.keep_alive_s,
         target_ongoing_requests=2.0,
         replica_cpus=bench.replica_cpus,
+        max_adapters_per_replica=bench.max_loras if arm == "serve" else -1,
         forecast_interval_s=bench.seconds_per_minute,
         report_s=1.0,
         hot_rate=2.0 / bench.seconds_per_minute,
         routing_stats_period_s=0.5,
     )
+
+
+def warm_up(bench: ClusterBench, engine_config: EngineConfig, port: int) -> float:
+    """Deploy once and serve one request, then delete: the first deployment on a machine fills
+    the compilation and parameter caches, which neither measured arm should pay alone."""
+    from ray import serve
+
+    from serving.cluster import start
+
+    config = arm_config("serve", bench, port, app_name="bench-warm-up")
+    started = time.perf_counter()
+    start(config, engine_config, route_prefix="/warm-up")
+    engine = serve.get_deployment_handle("LoraEngine", config.app_name)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    async def one() -> None:
+        async for _ in engine.options(multiplexed_model_id="", stream=True).generate.remote([1, 2, 3], params):
+            pass
+
+    asyncio.run(one())
+    serve.delete(config.app_name)
+    return time.perf_counter() - started
+
+
+def run_arm(arm: str, bench: ClusterBench, engine_config: EngineConfig, workload, folder: Path, port: int) -> dict:
+    from ray import serve
+
+    from serving.cluster import start
+    from serving.cluster.app import engine_options
+    from serving.cluster.gateway import ClusterEngine
+
+    config = arm_config(arm, bench, port)
     started = time.perf_counter()
     start(config, engine_config, route_prefix=f"/{config.app_name}")
     deploy_s = time.perf_counter() - started
@@ -169,13 +208,11 @@ def run_arm(arm: str, bench: ClusterBench, engine_config: EngineConfig, workload
     )
     client.add_adapter_dir(folder)
     vocab = client.inputs.vocab_size
-    records, starts = asyncio.run(
-        replay(client, workload, client.inputs.max_model_len, vocab, bench.seed, config.app_name)
-    )
+    result = asyncio.run(replay(client, workload, client.inputs.max_model_len, vocab, bench.seed, config.app_name))
     memory = rss_by_role()
     serve.delete(config.app_name)
-    lost = sum(r.finished is None for r in records)
-    return {"records": records, "replica_starts": starts, "lost": lost, "deploy_s": deploy_s, **memory}
+    lost = sum(r.finished is None for r in result["records"])
+    return {**result, "lost": lost, "deploy_s": deploy_s, **memory}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": bench.port})
     ray_start_s = time.perf_counter() - began
     idle_memory = rss_by_role()
+    warm_up_s = warm_up(bench, engine_config, bench.port)
     arms, runs = {}, {}
     for arm in ARMS:
         result = run_arm(arm, bench, engine_config, workload, folder, bench.port)
@@ -245,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
             "ttft_p99_s": s["ttft_p99_s"],
             "throughput_rps": s["throughput_rps"],
             "replica_starts": arms[arm]["replica_starts"],
+            "replica_s": arms[arm]["replica_s"],
+            "failures": arms[arm]["failures"],
             "deploy_s": arms[arm]["deploy_s"],
             "engine_replicas_mib": arms[arm]["engine_replicas_mib"],
             "ray_mib": arms[arm]["ray_mib"],
@@ -256,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         "requests": len(workload.requests),
         "ray_start_s": ray_start_s,
         "ray_idle_memory": idle_memory,
+        "warm_up_s": warm_up_s,
         "arms": table,
         "cold_starts_ratio": ratio(ours["cold_starts"], base["cold_starts"]),
         "ttft_mean_change": ratio(ours["ttft_mean_s"], base["ttft_mean_s"]) - 1.0,
@@ -273,15 +314,19 @@ def main(argv: list[str] | None = None) -> dict:
         "ttft mean s",
         "ttft p99 s",
         "starts",
+        "replica s",
         "engine MiB",
         "ray MiB",
     ]
     print(" | ".join(header))
     for arm, t in table.items():
         cells = [arm, t["completed"], t["lost"], t["cold_starts"], f"{t['baseline_cold_median_s'] or 0:.3f}"]
-        cells += [f"{t['ttft_mean_s']:.3f}", f"{t['ttft_p99_s']:.3f}", t["replica_starts"]]
+        cells += [f"{t['ttft_mean_s']:.3f}", f"{t['ttft_p99_s']:.3f}", t["replica_starts"], f"{t['replica_s']:.0f}"]
         cells += [f"{t['engine_replicas_mib']:.0f}", f"{t['ray_mib']:.0f}"]
         print(" | ".join(str(c) for c in cells))
+    for arm, t in table.items():
+        for why, n in t["failures"].items():
+            print(f"{arm}: {n} failed: {why}")
     print(
         f"plora / serve: cold starts {result['cold_starts_ratio']:.2f}x, mean TTFT {result['ttft_mean_change']:+.0%}, "
         f"paired cold-start median {result['paired_cold_median_change']:+.0%}"

@@ -24,7 +24,7 @@ def _field_comments(cls) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
 
 
-def _unwrap_optional(tp):
+def unwrap_optional(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
@@ -42,7 +42,7 @@ def add_dataclass_args(
         if f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
-        tp = _unwrap_optional(hints[f.name])
+        tp = unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{comments.get(f.name, '')} (default: {default})".strip()
         if tp is bool:

@@ -422,8 +422,9 @@ class Engine:
 
     def prefetch(self, name: str) -> str:
         """Start loading a registered adapter onto the device now, before any request asks for it
-        (what a cluster's forecaster does on the replica it picks). It may displace unpinned
-        adapters of lower priority; returns the adapter's residency afterwards."""
+        (what a cluster's forecaster does on the replica it picks). To make room it evicts as a
+        demand load would: any unpinned adapter, least recently used first; when nothing can be
+        evicted it does nothing. Returns the adapter's residency afterwards."""
         lora = self._lora()
 
         def start() -> str:  # on the loop thread, between steps

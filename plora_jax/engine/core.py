@@ -16,13 +16,12 @@ One iteration (`step`):
 5. read the *previous* iteration's tokens, which the device copied to host meanwhile: stop
    checks, detokenization and streaming overlap device work.
 
-Adapters: the scheduler admits a request only with its adapter on the device, through the
-`adapter_gate.AdapterGate` the simulator runs too. With `record_steps`, every step's shape and
-duration is kept (`step_log`), the data a simulator's cost profile is fitted to.
+Adapters: the scheduler admits a request only with its adapter on the device (`AdapterGate`, run
+by the simulator too). `record_steps` keeps each step's shape and duration (`step_log`).
 
-The loop serves once the compile plan's minimal set is ready (`warm-up`); until then requests
-wait in the inbox. A device or programming error ends the loop: every open request fails with
-it (never a half-serving engine), and later calls raise.
+The loop serves once the compile plan's minimal set is ready (warm-up; requests wait in the
+inbox). A device or programming error ends the loop: every open request fails (never a
+half-serving engine), and later calls raise.
 """
 
 from __future__ import annotations
@@ -495,9 +494,8 @@ class EngineCore:
             for name in self.lora.entries:
                 tiers[self.lora.residency(name)] += 1
             stats.update({f"adapters_tier_{tier}": count for tier, count in tiers.items()})
-            adapters, on_device, on_host = map(
-                frozenset, (self.lora.entries, self.lora.pages.resident, self.lora.host.copies)
-            )
+            adapters, on_device = frozenset(self.lora.entries), frozenset(self.lora.pages.resident)
+            on_host = frozenset(self.lora.host.copies)
         if self.policy is not None:
             stats.update(
                 policy=self.policy.name,

@@ -3,7 +3,9 @@
 Starts a local Ray instance (`--address local`, the default) or joins a running cluster
 (`--address auto`), deploys the application of `serving.cluster.app` and serves the OpenAI API
 on 127.0.0.1:8000 by default. Every `ClusterConfig` and `EngineConfig` field is a flag.
-SIGTERM or Ctrl-C shuts Serve down (and the local Ray instance with it) and exits 0.
+SIGTERM or Ctrl-C shuts Serve down with the local Ray instance (on a running cluster, deletes
+only this application) and exits 0. On a cluster where Serve already runs, its HTTP proxy keeps
+the host and port it was started with.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         "serving %s on http://%s:%d/v1 (routing=%s)", engine_config.model, config.host, config.port, config.routing
     )
     stop.wait()
-    serve.shutdown()
+    if config.address == "local":
+        serve.shutdown()  # this process started Ray and Serve: stop both
+    else:
+        serve.delete(config.app_name)  # a shared cluster: remove only this application
     ray.shutdown()
     return 0
 

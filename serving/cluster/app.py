@@ -146,6 +146,7 @@ def build_application(config: ClusterConfig, engine_config: EngineConfig):
             config.hot_rate,
             config.min_replicas,
             config.max_replicas,
+            report_ttl_s=3 * max(1.0, config.routing_stats_period_s),
         )
     gateway = serve.deployment(
         serve.ingress()(Gateway), name="Gateway", num_replicas=1, ray_actor_options={"num_cpus": 0.1}
@@ -161,6 +162,37 @@ def build_application(config: ClusterConfig, engine_config: EngineConfig):
         config.report_s,
     )
     return gateway
+
+
+def _coerce(cls, name: str, value):
+    """A `serve run` argument (a string from the command line, or a YAML value) as `cls.name`'s type."""
+    import typing
+
+    from plora_jax.cli import unwrap_optional
+
+    tp = unwrap_optional(typing.get_type_hints(cls)[name])
+    if typing.get_origin(tp) is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(typing.get_args(tp)[0](v) for v in items if v != "")
+    if tp is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    return tp(value) if tp in (int, float, str) and value is not None else value
+
+
+def app_builder(args: dict):
+    """The application for `serve run serving.cluster.app:app_builder model=llama adapter_dir=DIR`
+    or a Serve config file's `args`: `ClusterConfig` and `EngineConfig` fields by name (Ray and
+    the HTTP proxy are then configured by `serve run`, not by `address`, `host` or `port`)."""
+    cluster = {f.name for f in dataclasses.fields(ClusterConfig)}
+    engine = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(args) - cluster - engine)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; valid: ClusterConfig and EngineConfig fields")
+    config = ClusterConfig(**{k: _coerce(ClusterConfig, k, v) for k, v in args.items() if k in cluster})
+    engine_config = EngineConfig(**{k: _coerce(EngineConfig, k, v) for k, v in args.items() if k in engine})
+    return build_application(config, engine_config)
 
 
 def start(config: ClusterConfig, engine_config: EngineConfig, ray_init: dict | None = None, route_prefix: str = "/"):

@@ -3,9 +3,13 @@
 Serve's model multiplexing keys each request by its adapter id. Here the multiplexed loader
 only *registers* the adapter in the engine (its config and tensor header are validated, its
 weights read into the host tier); which adapters sit on the device, how pages are freed, and
-what is loaded ahead is the engine's business (its paged pool, tiers and policy), not Serve's
-lock-per-replica LRU (ray-project/ray#65346). Serve's registration cap is therefore unlimited
-by default: unregistering an adapter whose requests still wait would fail them.
+what is loaded ahead is the engine's business (its paged pool, tiers and policy). Serve runs
+the loader under its per-replica lock (ray-project/ray#65346), so a replica's first-time
+registrations are read one at a time, but device loads and every later request for a
+registered adapter never wait on that lock. Serve's registration cap is unlimited by default
+(`max_adapters`: -1): evicting a registered id only makes Serve forget it, the engine keeps the
+adapter, so the cap would cost re-registration and routing affinity for nothing. The baseline
+arm of `benchmarks.cluster` sets it to the engine's device slots, as Serve's own LRU would.
 
 The replica reports what the router and the autoscaler need: `record_routing_stats` returns
 the adapters on its device and in its host memory, its queue depth and free adapter pages
@@ -60,8 +64,8 @@ class LoraEngine:
         # Wired at init so the cap is configuration (Serve detects multiplexing on the instance).
         self.register = serve.multiplexed(max_num_models_per_replica=max_adapters)(register)
         self.gauges = ReplicaGauges(self.engine.stats())
-        self.forecaster_app = forecaster_app  # the app whose Forecaster hears this replica's residency
-        self._forecaster = None
+        # The Forecaster that hears this replica's residency (None: Serve's default routing).
+        self.forecaster = None if forecaster_app is None else serve.get_deployment_handle("Forecaster", forecaster_app)
 
     async def _ensure(self, adapter: str | None, path: str | None) -> None:
         if adapter:
@@ -90,7 +94,7 @@ class LoraEngine:
     def describe(self) -> dict:
         """This replica's identity and residency (tests and benchmarks read it)."""
         stats = self.engine.stats()
-        return {"replica": self.replica, "pid": os.getpid(), **self.record_routing_stats(), "stats": stats}
+        return {"replica": self.replica, **self.record_routing_stats(), "stats": stats}
 
     def record_routing_stats(self) -> dict:
         stats = self.engine.stats()
@@ -100,14 +104,13 @@ class LoraEngine:
             "device": sorted(self.engine.resident_adapters()),
             "host": sorted(self.engine.host_adapters()),
             "queue": stats["waiting"] + stats["running"],
+            "pid": os.getpid(),  # with the replica id: which process to look at (or, in a test, kill)
             "free_pages": free,
             "cold_starts": stats.get("cold_starts", 0),
             "device_hits": stats.get("device_hits", 0),
         }
-        if self.forecaster_app is not None:
-            if self._forecaster is None:
-                self._forecaster = serve.get_deployment_handle("Forecaster", self.forecaster_app)
-            self._forecaster.report.remote(self.replica, report)  # not awaited: a report, not a call
+        if self.forecaster is not None:
+            self.forecaster.report.remote(self.replica, report)  # not awaited: a report, not a call
         return report
 
     def record_autoscaling_stats(self) -> dict:

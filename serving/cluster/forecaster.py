@@ -1,14 +1,16 @@
 """The forecaster of the cluster, and the autoscaling policy that reads it.
 
 `Forecaster` is one small CPU replica. The gateway reports each second's arrivals per adapter
-(`observe`); replicas report their residency (`report`, from their routing stats). Every
+(`observe`); replicas report their residency (`report`, from their routing stats; a report
+older than `report_ttl_s` is from a replica that died or scaled away, and is dropped). Every
 `interval_s` the forecaster's thread, the one owner of its state, runs the shipped LSTM
 (`plora_jax.policies.predictive.make_forecaster`: P(at least one request next interval) per
 adapter) and acts:
 - pre-loads the likeliest adapters (`placement.prefetch_plan`) through the LoraEngine handle,
   each call tagged with its adapter id so the router places it (a no-op at a replica already
   holding it; on a second replica when the adapter is hot), which also starts a replica from
-  zero when demand is forecast (the pre-warm);
+  zero when demand is forecast (the pre-warm); nothing is pre-loaded when the forecast needs
+  no replica, so pre-loads never keep a deployment from scaling to zero;
 - publishes the replicas the forecast needs (`placement.replicas_needed`) to a small named
   actor, `ForecastBoard`, which the autoscaling policy polls without blocking;
 - publishes the hot adapters, returned to the gateway with each `observe` for its router.
@@ -98,6 +100,18 @@ class ForecastAutoscaler:
         return max(target, self.forecast_replicas()), state
 
 
+def collect(calls: list) -> list[dict]:
+    """Wait for pre-load calls; each failure is logged and returned as {"error": ...}."""
+    results = []
+    for call in calls:
+        try:
+            results.append(call.result(timeout_s=120))
+        except Exception as e:
+            log.warning("a pre-load failed: %s", e)
+            results.append({"error": str(e)})
+    return results
+
+
 class Forecaster:
     def __init__(
         self,
@@ -111,12 +125,14 @@ class Forecaster:
         hot_rate: float = 1.0,
         min_replicas: int = 0,
         max_replicas: int = 1,
+        report_ttl_s: float = 3.0,
     ):
         from plora_jax.policies.predictive import make_forecaster
 
         self.engine, self.interval_s = engine, interval_s
         self.min_score, self.slots_per_replica, self.hot_rate = min_score, slots_per_replica, hot_rate
         self.target_ongoing, self.min_replicas, self.max_replicas = target_ongoing, min_replicas, max_replicas
+        self.report_ttl_s = report_ttl_s  # a report older than this is from a replica that is gone
         self.model = make_forecaster(checkpoint, interval_s)
         self.board = ForecastBoard.options(
             name=board_name(app_name), namespace=BOARD_NAMESPACE, get_if_exists=True
@@ -127,7 +143,7 @@ class Forecaster:
         self.rates: dict[str, float] = {}  # adapter -> EWMA requests per second
         self.total_rate = 0.0
         self.service_s = 1.0  # EWMA of a request's gateway time (Little's law)
-        self.residency: dict[str, dict] = {}  # replica -> its last routing stats
+        self.residency: dict[str, tuple[float, dict]] = {}  # replica -> (when, its last routing stats)
         self.published: dict = {"hot": [], "replicas": 0, "forecast": {}, "plan": []}
         self.reported: dict[str, dict] = {}  # replica -> its last report (a published copy)
         self.hot: frozenset[str] = frozenset()
@@ -157,9 +173,12 @@ class Forecaster:
 
     # --- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
-        warm = getattr(self.model, "warm", None)
-        if warm is not None:
-            warm()
+        try:
+            warm = getattr(self.model, "warm", None)
+            if warm is not None:
+                warm()
+        except Exception:  # the first interval compiles instead; the forecaster still runs
+            log.exception("forecaster warm-up failed")
         pending: Counter = Counter()
         due = time.monotonic() + self.interval_s
         while not self._stop.is_set():
@@ -174,8 +193,8 @@ class Forecaster:
                 for s in service_s:
                     self.service_s = 0.9 * self.service_s + 0.1 * float(s)
             elif kind == "report":
-                self.residency[payload[0]] = payload[1]
-                self.reported = dict(self.residency)  # published whole: handlers read this copy
+                self.residency[payload[0]] = (time.monotonic(), payload[1])
+                self._forget_stale()
             elif kind in ("tick", "step"):
                 try:
                     published = self._interval(pending, wait=kind == "step")
@@ -186,6 +205,12 @@ class Forecaster:
                 due = time.monotonic() + self.interval_s
                 if kind == "step":
                     payload.put(published)
+
+    def _forget_stale(self) -> None:
+        """Drop the reports of replicas that stopped reporting; publish the rest whole."""
+        now = time.monotonic()
+        self.residency = {r: (t, st) for r, (t, st) in self.residency.items() if now - t <= self.report_ttl_s}
+        self.reported = {r: stats for r, (_, stats) in self.residency.items()}
 
     def _interval(self, counts: Counter, wait: bool) -> dict:
         alpha = 0.3
@@ -208,12 +233,18 @@ class Forecaster:
             self.max_replicas,
         )
         self.board.put.remote({"replicas": replicas, "published_at": time.time()})
-        plan = [
-            (a, s)
-            for a, s in prefetch_plan(forecast, self.slots_per_replica * max(1, replicas), self.min_score, self.hot)
-            if a in self.paths
-        ]
-        on_device = {a for stats in self.residency.values() for a in stats.get("device", ())}
+        # No replicas forecast: pre-loading would start one, which is the autoscaler's call.
+        plan = (
+            [
+                (a, s)
+                for a, s in prefetch_plan(forecast, self.slots_per_replica * replicas, self.min_score, self.hot)
+                if a in self.paths
+            ]
+            if replicas
+            else []
+        )
+        self._forget_stale()
+        on_device = {a for _, stats in self.residency.values() for a in stats.get("device", ())}
         # A pre-load of an adapter some device holds is a no-op, unless it is to spread.
         calls = [
             self.engine.options(multiplexed_model_id=a).prefetch.remote(a, self.paths[a], spread=s)
@@ -222,11 +253,9 @@ class Forecaster:
         ]
         results = []
         if wait:
-            for call in calls:
-                try:
-                    results.append(call.result(timeout_s=120))
-                except Exception as e:
-                    results.append({"error": str(e)})
+            results = collect(calls)
+        elif calls:  # a timer's interval does not wait; a failed pre-load is still logged
+            threading.Thread(target=collect, args=(calls,), name="plora-preloads", daemon=True).start()
         self.published = {
             "hot": sorted(self.hot),
             "replicas": replicas,

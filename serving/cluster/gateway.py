@@ -14,8 +14,14 @@ new version. Replicas register an adapter the first time a request (or a pre-loa
 
 A stream that breaks (its replica died, or the engine failed the request) raises
 `RequestFailed`, which the app turns into an error chunk: the client sees it, nothing hangs.
-Every `report_s` the gateway sends the forecaster its arrivals per adapter and the service
-times of finished requests, and publishes the hot adapters it gets back for its router.
+From its first request on, every `report_s` the gateway sends the forecaster its arrivals per
+adapter and the service times of finished requests, and publishes the hot adapters it gets back
+for the routers of its process.
+
+The routers' process state (the hot set, and the routers themselves for `routing_view`) lives
+here, not in `router.py`: Serve ships a custom router's module to each process by value, so
+that module's globals are a private copy per unpickled class and nothing written to them from
+outside would reach a router. This module is imported by name everywhere, so its state is one.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -32,9 +39,32 @@ from plora_jax.engine.outputs import RequestFailed
 from plora_jax.lora.peft import AdapterError, inspect_adapter, parse_target_modules
 from plora_jax.models.loader import load_front_end
 
-from . import router
-
 log = logging.getLogger(__name__)
+
+# --- the routers' state in this process (see the module docstring) ---------------------------
+_hot: frozenset[str] = frozenset()  # adapters the forecaster marks hot (replaced whole, never mutated)
+_routers: weakref.WeakSet = weakref.WeakSet()  # the adapter-affinity routers of this process
+
+
+def publish_hot(adapters: frozenset[str]) -> None:
+    """Replace the hot set the routers of this process read (the gateway is its one writer)."""
+    global _hot
+    _hot = frozenset(adapters)
+
+
+def hot() -> frozenset[str]:
+    return _hot
+
+
+def register_router(router) -> None:
+    _routers.add(router)
+
+
+def routing_views() -> list[dict]:
+    """What each router of this process saw at its last update, replica by replica (device,
+    host, queue): an operator's view of routing, and what tests wait on before a placement.
+    Each router publishes its view whole from its own loop; this reads the published copies."""
+    return [r.view for r in list(_routers)]
 
 
 class AdapterCatalog:
@@ -85,8 +115,15 @@ class ClusterRequest:
     """The handle `serving.app` awaits, over one streaming call to a LoraEngine replica."""
 
     def __init__(self, response, on_end):
-        self.response, self.on_end = response, on_end
+        self.response, self._on_end = response, on_end
         self.finished = False
+        self.ended = False
+
+    def on_end(self, finished: bool) -> None:
+        # Once per request: from the stream's end, or from a cancel before it was read.
+        if not self.ended:
+            self.ended = True
+            self._on_end(finished)
 
     async def events(self):
         try:
@@ -113,6 +150,7 @@ class ClusterRequest:
     def cancel(self) -> None:
         if not self.finished:
             self.response.cancel()
+            self.on_end(False)
 
 
 class ClusterEngine:
@@ -200,7 +238,7 @@ class ClusterEngine:
         except Exception as e:  # the forecaster is down: routing goes on without the hot set
             log.warning("the forecaster did not take a report: %s", e)
             return []
-        router.publish_hot(frozenset(hot))
+        publish_hot(frozenset(hot))
         return hot
 
 
@@ -234,6 +272,10 @@ class Gateway:
         from serving.app import build_app
 
         return build_app(self.state)
+
+    def routing_view(self) -> list[dict]:
+        """What this gateway's routers see of the LoraEngine replicas (`routing_views`)."""
+        return routing_views()
 
     async def report(self) -> list[str]:
         """Report to the forecaster now (tests and benchmarks call it instead of waiting)."""

@@ -13,7 +13,9 @@ adapter is hot; requests for adapters the forecaster marked hot (`publish_hot`, 
 gateway that owns this router's process) spread the same way.
 
 Ranked groups of one replica each are returned: Serve tries them in order and takes the
-first with room (fewer than `max_ongoing_requests` in flight).
+first with room (fewer than `max_ongoing_requests` in flight). When none has room, Serve backs
+off before asking again (`should_backoff`), rather than spinning on a saturated deployment.
+The hot set is per process: a gateway replica and the routers in it serve one application.
 """
 
 from __future__ import annotations
@@ -25,17 +27,9 @@ from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, 
 
 from plora_jax.serverless.placement import ReplicaState, rank_replicas
 
-_hot: frozenset[str] = frozenset()  # adapters the forecaster marks hot (replaced whole, never mutated)
-
-
-def publish_hot(adapters: frozenset[str]) -> None:
-    """Replace the hot set the routers of this process read (the gateway is its one writer)."""
-    global _hot
-    _hot = frozenset(adapters)
-
-
-def hot() -> frozenset[str]:
-    return _hot
+# Serve pickles this module by value into each process: its globals are a private copy, so the
+# process state the gateway writes (the hot set) and reads (the views) lives in `gateway`.
+from . import gateway
 
 
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
@@ -47,13 +41,31 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self.memory_s = memory_s
         self.routed: dict[str, dict[object, float]] = defaultdict(dict)  # adapter -> replica id -> when
         self.inflight: dict[object, int] = defaultdict(int)  # replica id -> requests of this router running there
+        self.view: dict = {"app": self.app_name, "replicas": {}}  # published whole by publish_view
+        gateway.register_router(self)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)  # Serve calls this with each new replica set and reports
+        self.publish_view()
+
+    def publish_view(self) -> None:
+        now = time.monotonic()
+        states = [self.state_of(replica, now) for replica in self.curr_replicas.values()]
+        self.view = {
+            "app": self.app_name,
+            "replicas": {
+                s.replica_id.unique_id: {"device": sorted(s.device), "host": sorted(s.host), "queue": s.queue}
+                for s in states
+            },
+        }
 
     def state_of(self, replica: RunningReplica, now: float) -> ReplicaState:
         stats = replica.routing_stats or {}
         rid = replica.replica_id
         recent = {a for a, where in self.routed.items() if now - where.get(rid, -1e18) < self.memory_s}
         device = frozenset(stats.get("device", ())) | recent
-        host = frozenset(stats.get("host", ())) | frozenset(replica.multiplexed_model_ids)
+        # Before its first report, the ids Serve says it registered stand in for its host tier.
+        host = frozenset(stats["host"]) if "host" in stats else frozenset(replica.multiplexed_model_ids)
         queue = max(int(stats.get("queue", 0)), self.inflight[rid])
         return ReplicaState(rid, device, host, queue)
 
@@ -62,19 +74,36 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:
+            # Without it, the base class retries at once when every replica is full: a busy
+            # loop on the gateway's event loop for as long as the deployment is saturated.
+            pending_request.routing_context.should_backoff = True
+        self.forget_gone(candidate_replicas)
         adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         spread = bool(pending_request.kwargs.get("spread")) if pending_request is not None else False
         now = time.monotonic()
         states = [self.state_of(r, now) for r in candidate_replicas]
-        ranked = rank_replicas(adapter or None, states, self.spread_queue, hot=spread or adapter in _hot)
+        ranked = rank_replicas(adapter or None, states, self.spread_queue, hot=spread or adapter in gateway.hot())
         by_id = {r.replica_id: r for r in candidate_replicas}
         return [[by_id[rid]] for rid in ranked]
+
+    def forget_gone(self, replicas: list[RunningReplica]) -> None:
+        """Drop what this router remembers of replicas no longer in the deployment (died or
+        scaled away), so a replica id never lingers as a holder."""
+        live = {r.replica_id for r in replicas}
+        if set(self.inflight) <= live and all(set(w) <= live for w in self.routed.values()):
+            return
+        self.inflight = defaultdict(int, {rid: n for rid, n in self.inflight.items() if rid in live})
+        routed = {a: {rid: t for rid, t in w.items() if rid in live} for a, w in self.routed.items()}
+        self.routed = defaultdict(dict, {a: w for a, w in routed.items() if w})
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
         self.inflight[replica_id] += 1
         adapter = pending_request.metadata.multiplexed_model_id
         if adapter:
             self.routed[adapter][replica_id] = time.monotonic()
+        self.publish_view()
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
-        self.inflight[replica_id] = max(0, self.inflight[replica_id] - 1)
+        if replica_id in self.inflight:
+            self.inflight[replica_id] = max(0, self.inflight[replica_id] - 1)
