@@ -11,6 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PLORA_PROGRESS=0
+# transformers runs in the same process as our engine: leave it room beside JAX's pool.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}"
 OUT="${OUT:-$PWD/gpu-results}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
@@ -26,14 +28,22 @@ fi
     if [[ "$PRESET" == "tiny" ]]; then
       "$PYTHON" -m pytest -q tests/test_attention.py -k "hand_worked or lowering" 2>&1 | tee "$OUT/gpu_tests.log"
     else
-      "$PYTHON" -m pytest -q -m gpu tests/test_attention.py tests/test_lora_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
+      # The suite pins JAX to the CPU unless JAX_PLATFORMS says otherwise (tests/conftest.py).
+      JAX_PLATFORMS=cuda "$PYTHON" -m pytest -q -rs -m gpu tests/test_attention.py tests/test_lora_kernels.py 2>&1 \
+        | tee "$OUT/gpu_tests.log" || true
     fi
   else
     echo "pytest is not installed here: kernel tests skipped" | tee "$OUT/gpu_tests.log"
   fi
   HF=()
   "$PYTHON" -c 'import transformers, torch' 2>/dev/null || HF=(--skip-hf)
+  # Each step runs even if the one before failed (a lent machine's minutes are few); the script
+  # still exits non-zero if any failed.
+  failed=0
   "$PYTHON" -m benchmarks.gpu_throughput --preset "$PRESET" --concurrency "${CONCURRENCY[@]}" \
-    --step-rows "${CONCURRENCY[-1]}" --step-context 512 "${HF[@]}" --json "$OUT/gpu_throughput.json"
-  "$PYTHON" -m benchmarks.gpu_profile --preset "$PRESET" --rows "${CONCURRENCY[-1]}" --json "$OUT/gpu_profile.json"
+    --step-rows "${CONCURRENCY[-1]}" --step-context 512 "${HF[@]}" --json "$OUT/gpu_throughput.json" \
+    || { echo "FAILED: benchmarks.gpu_throughput"; failed=1; }
+  "$PYTHON" -m benchmarks.gpu_profile --preset "$PRESET" --rows "${CONCURRENCY[-1]}" --json "$OUT/gpu_profile.json" \
+    || { echo "FAILED: benchmarks.gpu_profile"; failed=1; }
+  exit "$failed"
 } 2>&1 | tee "$OUT/gpu.log"

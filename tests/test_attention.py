@@ -178,12 +178,14 @@ def test_loading_the_cpu_kernel_keeps_ieee_subnormals():
     assert tiny > 0 and tiny / np.float32(2) > 0
 
 
-def test_cuda_and_tpu_lowering_at_llama3_8b_shapes():
+@pytest.mark.parametrize("width", [256, 33, 13, 3])
+def test_cuda_and_tpu_lowering_at_llama3_8b_shapes(width):
     """jax's Pallas kernels lower for both accelerators from this CPU at real shapes (bf16, 32
-    query heads, 8 KV heads, head_dim 128, blocks of 16, 256 blocks per row)."""
+    query heads, 8 KV heads, head_dim 128, blocks of 16) and table widths with and without a
+    power-of-two divisor (33 blocks: a 528-token context, which Triton refused before padding)."""
     from plora_jax.pallas.attention import gpu, tpu
 
-    batch, heads, kv, d, blocks, width = 8, 32, 8, 128, 4096, 256
+    batch, heads, kv, d, blocks = 8, 32, 8, 128, 4096
     s = jax.ShapeDtypeStruct
     args = (
         s((batch, heads, d), jnp.bfloat16),

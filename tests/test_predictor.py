@@ -203,6 +203,24 @@ def test_orbax_round_trip_gives_identical_predictions(trained, tmp_path):
         load_predictor(tmp_path / "nothing")
 
 
+def test_a_checkpoint_saved_on_another_device_loads_here(tmp_path):
+    """The shipped checkpoint was saved on a CPU; a GPU process lists no cpu:0. Its saved sharding
+    is rewritten to name a device this process lacks: restoring must not depend on it."""
+    import shutil
+
+    from plora_jax.predictor.model import SHIPPED_CHECKPOINT
+
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(SHIPPED_CHECKPOINT, copy)
+    sharding_file = copy / "params" / "_sharding"
+    text = sharding_file.read_text()
+    assert "cpu:0" in text
+    sharding_file.write_text(text.replace("cpu:0", "cuda:7"))
+    restored = load_predictor(copy)
+    trace = synthetic_trace(15, 120, seed=3)
+    np.testing.assert_array_equal(score_trace(restored, trace), score_trace(load_predictor(), trace))
+
+
 def test_online_forecaster_matches_the_offline_scores(trained):
     predictor = load_predictor(trained[0])
     trace = synthetic_trace(70, 40, seed=5)  # 70 adapters: the forecaster's rows grow past 64

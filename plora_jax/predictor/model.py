@@ -119,5 +119,9 @@ def load_predictor(directory: str | Path | None = None) -> Predictor:
     model_config = ModelConfig(**settings["model"])
     # An abstract template (no eager init: a start would compile dozens of tiny executables).
     template = jax.eval_shape(lambda: init_params(DemandLSTM(model_config, windows.num_buckets)))
+    # The template names the device to restore onto: without one, orbax takes the device saved
+    # in the checkpoint's metadata (cpu:0 for the shipped one), which a GPU process does not list.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    template = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), template)
     params = ocp.StandardCheckpointer().restore((directory / "params").resolve(), template)
     return Predictor(windows, model_config, params)

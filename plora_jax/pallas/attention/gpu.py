@@ -4,7 +4,10 @@ ours: `[num_kv_heads, num_blocks, block_size, head_dim]`). Semantics: `reference
 
 The kernel splits each row's table into `k_splits` partitions (run in parallel, merged by a
 final flash rescaling) and walks each partition in compute blocks of pages; both must divide
-the table width, so they are picked from its divisors. It applies no softmax scale (we scale
+the table width, and Triton wants the compute block (a slice of the table) to be a power of two.
+A table width with no such divisor (33 pages for a 528-token context) is padded with the
+reserved block 0 up to a multiple of the compute block: the kernel never reads past a row's
+length, so the padding costs a few table entries and nothing else. It applies no softmax scale (we scale
 q) and knows no sliding window (the switch sends windowed models to the XLA path). Prefill on
 GPU runs `xla.xla_prefill`.
 """
@@ -21,8 +24,11 @@ def decode(q, k_cache, v_cache, block_tables, context_lens, interpret: bool = Fa
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
     width = block_tables.shape[1]
-    k_splits = divisor_at_most(width, 16)
-    per_block = divisor_at_most(width // k_splits, 8)
+    per_block = 8 if width >= 8 else 1 << (width - 1).bit_length()  # a power of two
+    padded = -(-width // per_block) * per_block
+    if padded != width:
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, padded - width)))
+    k_splits = divisor_at_most(padded // per_block, 16)
     out = paged_attention(
         q * q.shape[-1] ** -0.5,
         k_cache,
