@@ -163,7 +163,6 @@ def arm_config(arm: str, bench: ClusterBench, port: int, app_name: str = ""):
         max_adapters_per_replica=bench.max_loras if arm == "serve" else -1,
         forecast_interval_s=bench.seconds_per_minute,
         report_s=1.0,
-        hot_rate=2.0 / bench.seconds_per_minute,
         routing_stats_period_s=0.5,
     )
 
@@ -242,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     model_config, _ = load_front_end(bench.model, bench.cache_dir or None)
+    page_rows = EngineConfig.page_rows
     engine_config = EngineConfig(
         model=bench.model,
         dtype="float32",
@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
         num_kv_blocks=80,
         max_num_seqs=8,
         max_loras=bench.max_loras,
-        lora_pool_mb=64.0,
+        # Room for `max_loras` adapters of the workload's largest rank (and the reserved page 0),
+        # so every adapter fits and the slots, not the pages, bound residency.
+        lora_pool_pages=bench.max_loras * -(-max(workload.ranks.values()) // page_rows) + 1,
+        page_rows=page_rows,
         cache_dir=bench.cache_dir or None,
     )
     folder = Path(tempfile.mkdtemp(prefix="plora-cluster-adapters-"))

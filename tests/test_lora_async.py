@@ -303,3 +303,27 @@ def test_an_explicit_prefetch_makes_the_first_request_a_device_hit(tmp_path):
             engine.prefetch("nope")
     finally:
         engine.close()
+
+
+def test_a_prefetch_evicts_none_of_the_adapters_it_is_told_to_keep(tmp_path):
+    """The forecaster passes the adapters it rates above the one it pre-loads: into a full pool
+    the pre-load evicts only others, and does nothing when every resident is to be kept."""
+    engine = make_engine(policy="reactive", max_loras=2)
+    try:
+        for name in "abc":
+            engine.add_adapter(name, write_peft_adapter(tmp_path / name, CFG, rank=8))
+        core = engine.core
+        for name in "ab":
+            engine.prefetch(name)
+            core.wait_for_adapter(name)
+        core.step()
+        assert engine.resident_adapters() == {"a", "b"}
+        assert engine.prefetch("c", keep=("a", "b")) == "host"  # no room without evicting a kept one
+        core.step()
+        assert engine.resident_adapters() == {"a", "b"}
+        assert engine.prefetch("c", keep=("b",)) in ("loading", "device")  # "a", least recently used, goes
+        core.wait_for_adapter("c")
+        core.step()
+        assert engine.resident_adapters() == {"b", "c"}
+    finally:
+        engine.close()

@@ -8,6 +8,7 @@ from plora_jax.serverless.instances import InstanceLoad, pick_instance
 from plora_jax.serverless.placement import (
     ReplicaState,
     hot_adapters,
+    prefetch_keep,
     prefetch_plan,
     rank_replicas,
     replicas_needed,
@@ -60,6 +61,25 @@ def test_prefetch_plan_takes_the_likeliest_up_to_the_device_slots():
     assert prefetch_plan(forecast, 10, min_score=0.05) == [("a", False), ("d", False), ("c", False), ("e", False)]
     assert prefetch_plan(forecast, 2, hot=frozenset({"d"})) == [("a", False), ("d", True)]
     assert prefetch_plan(forecast, 0) == []
+
+
+def test_prefetch_plan_into_full_pools_displaces_only_less_likely_adapters():
+    forecast = {"a": 0.9, "c": 0.5, "d": 0.7, "e": 0.06}
+    # Full (3 slots, 3 resident): "a" and "d" displace the two weakest residents ("x" unrated, "e").
+    assert prefetch_plan(forecast, 3, resident=["c", "e", "x"]) == [("a", False), ("d", False), ("c", False)]
+    # One slot free: "a" takes it, "d" displaces "e".
+    assert prefetch_plan(forecast, 3, resident=["c", "e"]) == [("a", False), ("d", False), ("c", False)]
+    # A hot adapter's second copy needs a slot too; with "a" on both devices nothing weaker is left.
+    hot = frozenset({"a"})
+    assert prefetch_plan(forecast, 2, hot=hot, resident=["a", "a"]) == []
+    assert prefetch_plan(forecast, 2, hot=hot, resident=["a", "e"]) == [("a", True)]
+
+
+def test_a_prefetch_keeps_the_adapters_forecast_at_least_as_likely():
+    forecast = {"a": 0.9, "c": 0.5, "d": 0.7, "e": 0.5}
+    assert prefetch_keep(forecast, "c") == ("a", "d", "e")  # "e" ties with "c": kept
+    assert prefetch_keep(forecast, "a") == ()
+    assert prefetch_keep(forecast, "new") == ("a", "c", "d", "e")  # unrated: keeps every rated one
 
 
 def test_hot_adapters_by_rate():

@@ -27,7 +27,7 @@ import dataclasses
 import gc
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -420,18 +420,19 @@ class Engine:
         """Whether `name` is registered (read from the published snapshot, without a round trip)."""
         return name in self.core.snapshot.adapters
 
-    def prefetch(self, name: str) -> str:
+    def prefetch(self, name: str, keep: Collection[str] = ()) -> str:
         """Start loading a registered adapter onto the device now, before any request asks for it
         (what a cluster's forecaster does on the replica it picks). To make room it evicts as a
-        demand load would: any unpinned adapter, least recently used first; when nothing can be
-        evicted it does nothing. Returns the adapter's residency afterwards."""
+        demand load would (any unpinned adapter, least recently used first) except those in
+        `keep` (the caller's adapters more likely to be asked for than this one); when nothing
+        can be evicted it does nothing. Returns the adapter's residency afterwards."""
         lora = self._lora()
 
         def start() -> str:  # on the loop thread, between steps
             if name not in lora.entries:
                 raise ValueError(f"adapter {name!r} is not registered")
             if lora.pages.get(name) is None:
-                lora.start_load(name, prefetch=True)
+                lora.start_load(name, prefetch=True, keep=frozenset(keep))
             return lora.residency(name)
 
         return self.core.call(start)

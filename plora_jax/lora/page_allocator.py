@@ -21,7 +21,7 @@ Two layouts behind the same interface:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..names import LORA_LAYOUTS, check_name
@@ -93,18 +93,24 @@ class PagePool:
         return free_slots > 0 and (self.layout == "contiguous" or free_pages >= num_pages)
 
     def allocate(
-        self, name: str, num_pages: int, live_bytes: int, evict_below: float | None = None
+        self,
+        name: str,
+        num_pages: int,
+        live_bytes: int,
+        evict_below: float | None = None,
+        keep: Collection[str] = (),
     ) -> tuple[Resident, list[str]] | None:
         """Place `name`, evicting unpinned adapters if needed (lowest priority first, least
-        recently used among equals; with `evict_below`, only those of lower priority). None if
-        it cannot fit until pinned adapters are released. Returns (placement, evicted names)."""
+        recently used among equals; with `evict_below`, only those of lower priority; never one
+        in `keep`). None if it cannot fit until pinned adapters are released. Returns
+        (placement, evicted names)."""
         if name in self.resident:
             raise ValueError(f"adapter {name!r} is already resident")
         if num_pages > self.max_pages:
             raise ValueError(f"adapter {name!r} needs {num_pages} pages, more than max_pages={self.max_pages}")
         free_slots, free_pages = len(self._free_slots), len(self._free_pages)
         fits = self._fits(num_pages, free_slots, free_pages)
-        victims = [] if fits else self._victims(num_pages, evict_below)
+        victims = [] if fits else self._victims(num_pages, evict_below, keep)
         free_slots += len(victims)
         free_pages += sum(len(self.resident[v].pages) for v in victims)
         if not self._fits(num_pages, free_slots, free_pages):
@@ -123,12 +129,12 @@ class PagePool:
         self.loads += 1
         return res, victims
 
-    def _victims(self, num_pages: int, evict_below: float | None) -> list[str]:
+    def _victims(self, num_pages: int, evict_below: float | None, keep: Collection[str] = ()) -> list[str]:
         """Unpinned adapters to evict so that `num_pages` fit: lowest priority and least recently
         used first, but size-aware within the first half: if one adapter there frees enough pages
         on its own, the smallest such goes (evicting a rank-128 adapter to make room for a rank-8
         one would leave most of its pages idle). The contiguous layout only needs a slot."""
-        candidates = [name for name, res in self.resident.items() if res.pins == 0]
+        candidates = [name for name, res in self.resident.items() if res.pins == 0 and name not in keep]
         candidates.sort(key=self.priority)  # stable: least recently used first among equals
         if evict_below is not None:
             candidates = [name for name in candidates if self.priority(name) < evict_below]

@@ -30,7 +30,7 @@ Counters and ratios are `plora_jax.metrics`'s.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import MappingProxyType
 
 from ..metrics import ADAPTER_COUNTERS, adapter_mem_util, adapter_ratios
@@ -161,12 +161,14 @@ class Residency:
             self.start_load(name)
         return None
 
-    def start_load(self, name: str, prefetch: bool = False, evict_below: float | None = None) -> bool:
+    def start_load(
+        self, name: str, prefetch: bool = False, evict_below: float | None = None, keep: Collection[str] = ()
+    ) -> bool:
         """Place `name` in the pool and queue its transfer; False if it does not fit (nothing
-        evictable, or with `evict_below` nothing of lower priority)."""
+        evictable, or with `evict_below` nothing of lower priority, or all else in `keep`)."""
         self._tick()
         entry = self.entries[name]
-        placed = self.pages.allocate(name, entry.num_pages, entry.live_bytes, evict_below)
+        placed = self.pages.allocate(name, entry.num_pages, entry.live_bytes, evict_below, keep)
         if placed is None:
             return False
         res, evicted = placed

@@ -12,9 +12,10 @@ non-holder is put first, so the request (or a pre-load) brings the adapter there
 adapter spreads.
 
 Pre-loading (`prefetch_plan`): the adapters most likely to be requested next interval, at most
-as many as the replicas' device slots together, each marked to spread when hot. Where each
-goes is the router's choice (`rank_replicas` again), so a pre-load of an adapter already on a
-device is a no-op at its holder.
+as many as the replicas' device slots together, each marked to spread when hot; into full
+pools, only as many as there are resident adapters the forecast rates lower (each pre-load
+evicts one). Where each goes is the router's choice (`rank_replicas` again), so a pre-load of
+an adapter already on a device is a no-op at its holder.
 
 Replica count (`replicas_needed`): Little's law over the forecast request rate and the mean
 service time, against the target of ongoing requests per replica, and enough device slots for
@@ -61,15 +62,48 @@ def rank_replicas(
 
 
 def prefetch_plan(
-    forecast: Mapping[str, float], device_slots: int, min_score: float = 0.05, hot: frozenset[str] = frozenset()
+    forecast: Mapping[str, float],
+    device_slots: int,
+    min_score: float = 0.05,
+    hot: frozenset[str] = frozenset(),
+    resident: Sequence[str] = (),
 ) -> list[tuple[str, bool]]:
     """(adapter, spread) pairs to pre-load this interval, most likely first: the adapters whose
-    probability of a request next interval is at least `min_score`, at most `device_slots`."""
+    probability of a request next interval is at least `min_score`, at most `device_slots`.
+
+    `resident` lists the adapters on the replicas' devices (one entry per copy). A pre-load into
+    a full pool evicts an adapter, so one that needs a copy (not resident, or hot and to spread)
+    is planned only while a slot is free or a resident adapter is less likely than it, and each
+    such pre-load uses up the weakest of those: pre-loads never outnumber the evictions the
+    forecast expects to pay off. (Which adapter a replica evicts is its own LRU choice; this
+    bounds how many.)"""
     if device_slots <= 0:
         return []
     likely = sorted((p, a) for a, p in forecast.items() if p >= min_score)
     likely.reverse()
-    return [(a, a in hot) for _, a in likely[:device_slots]]
+    on_device = set(resident)
+    free = device_slots - len(resident)
+    weaker = sorted(forecast.get(a, 0.0) for a in resident)  # displaced from the weakest up
+    displaced = 0
+    plan = []
+    for p, a in likely[:device_slots]:
+        spread = a in hot
+        if spread or a not in on_device:
+            if free > 0:
+                free -= 1
+            elif displaced < len(weaker) and weaker[displaced] < p:
+                displaced += 1
+            else:
+                continue
+        plan.append((a, spread))
+    return plan
+
+
+def prefetch_keep(forecast: Mapping[str, float], adapter: str) -> tuple[str, ...]:
+    """The adapters a pre-load of `adapter` must not evict (a replica's own choice is LRU, which
+    would as soon evict the likeliest adapter of all): those forecast at least as likely."""
+    p = forecast.get(adapter, 0.0)
+    return tuple(sorted(a for a, q in forecast.items() if q >= p and a != adapter))
 
 
 def hot_adapters(rates: Mapping[str, float], hot_rate: float) -> frozenset[str]:

@@ -84,11 +84,11 @@ class LoraEngine:
         finally:
             handle.cancel()  # a no-op once finished; frees the KV blocks and pin of an abandoned one
 
-    async def prefetch(self, adapter: str, path: str, spread: bool = False) -> dict:
-        """Register `adapter` and start loading it onto the device (the router picked this
-        replica; `spread` is the router's concern). Returns where it now is."""
+    async def prefetch(self, adapter: str, path: str, spread: bool = False, keep: tuple[str, ...] = ()) -> dict:
+        """Register `adapter` and start loading it onto the device, evicting none of `keep`
+        (the router picked this replica; `spread` is the router's concern). Returns where it now is."""
         await self._ensure(adapter, path)
-        residency = await asyncio.to_thread(self.engine.prefetch, adapter)
+        residency = await asyncio.to_thread(self.engine.prefetch, adapter, keep)
         return {"replica": self.replica, "adapter": adapter, "residency": residency}
 
     def describe(self) -> dict:

@@ -34,7 +34,7 @@ from collections import Counter
 import ray
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 
-from plora_jax.serverless.placement import hot_adapters, prefetch_plan, replicas_needed
+from plora_jax.serverless.placement import hot_adapters, prefetch_keep, prefetch_plan, replicas_needed
 
 log = logging.getLogger(__name__)
 
@@ -233,21 +233,28 @@ class Forecaster:
             self.max_replicas,
         )
         self.board.put.remote({"replicas": replicas, "published_at": time.time()})
+        self._forget_stale()
+        resident = [a for _, stats in self.residency.values() for a in stats.get("device", ())]
         # No replicas forecast: pre-loading would start one, which is the autoscaler's call.
         plan = (
             [
                 (a, s)
-                for a, s in prefetch_plan(forecast, self.slots_per_replica * replicas, self.min_score, self.hot)
+                for a, s in prefetch_plan(
+                    forecast, self.slots_per_replica * replicas, self.min_score, self.hot, resident
+                )
                 if a in self.paths
             ]
             if replicas
             else []
         )
-        self._forget_stale()
-        on_device = {a for _, stats in self.residency.values() for a in stats.get("device", ())}
-        # A pre-load of an adapter some device holds is a no-op, unless it is to spread.
+        on_device = set(resident)
+        # A pre-load of an adapter some device holds is a no-op, unless it is to spread. It may
+        # evict only adapters the forecast rates below it: a replica's own choice is LRU, which
+        # would as soon evict the likeliest adapter of all.
         calls = [
-            self.engine.options(multiplexed_model_id=a).prefetch.remote(a, self.paths[a], spread=s)
+            self.engine.options(multiplexed_model_id=a).prefetch.remote(
+                a, self.paths[a], spread=s, keep=prefetch_keep(forecast, a)
+            )
             for a, s in plan
             if s or a not in on_device
         ]

@@ -134,7 +134,8 @@ class ClusterRequest:
         except RequestFailed:
             raise
         except Exception as e:  # the replica died, or the engine failed the request there
-            raise RequestFailed(f"the engine replica failed the request: {type(e).__name__}: {e}") from None
+            cause = getattr(e, "cause", None) or e  # a RayTaskError carries the replica's own exception
+            raise RequestFailed(f"the engine replica failed the request: {type(cause).__name__}: {cause}") from None
         finally:
             self.on_end(self.finished)
         if not self.finished:
