@@ -43,6 +43,7 @@ from .. import compile_stats
 from ..config import EngineConfig
 from ..lora.manager import LoraManager
 from ..lora.peft import AdapterError
+from ..lora.residency import RETIRED
 from ..policies import Decision, Policy
 from . import scoring
 from .adapter_gate import AdapterGate
@@ -494,7 +495,8 @@ class EngineCore:
             for name in self.lora.entries:
                 tiers[self.lora.residency(name)] += 1
             stats.update({f"adapters_tier_{tier}": count for tier, count in tiers.items()})
-            adapters, on_device = frozenset(self.lora.entries), frozenset(self.lora.pages.resident)
+            adapters = frozenset(self.lora.entries)
+            on_device = frozenset(n for n in self.lora.pages.resident if RETIRED not in n)
             on_host = frozenset(self.lora.host.copies)
         if self.policy is not None:
             stats.update(
@@ -512,7 +514,8 @@ class EngineCore:
     def _fail_unservable(self) -> None:
         for request in self.gate.unservable:
             if request.status is not Status.FINISHED:
-                self._fail_request(request, AdapterError(f"adapter {request.adapter!r} was removed"))
+                name = request.adapter.split(RETIRED)[0]
+                self._fail_request(request, AdapterError(f"adapter {name!r} was removed"))
         self.gate.unservable.clear()
 
     def _wait_for(self, name: str) -> list[tuple[str, BaseException]]:
@@ -547,7 +550,11 @@ class EngineCore:
         for request in list(self.scheduler.waiting):
             if request.adapter == name:
                 self._fail_request(request, AdapterError(f"adapter {name!r} was removed"))
-        self.lora.remove(name)
+        retired = self.lora.remove(name)
+        if retired is not None:  # running requests finish on the old version's pages
+            for request in self.scheduler.running:
+                if request.adapter == name:
+                    request.adapter = retired
 
     def reset_adapters(self, adapter_loads: str | None) -> None:
         if self.scheduler.has_work():

@@ -88,6 +88,12 @@ class PagePool:
         if res is not None and res.pins > 0:
             res.pins -= 1
 
+    def rename(self, old: str, new: str) -> None:
+        """Keep `old`'s placement (pins, pages, recency) under the name `new`."""
+        if new in self.resident:
+            raise ValueError(f"adapter {new!r} is already resident")
+        self.resident = OrderedDict((new if name == old else name, res) for name, res in self.resident.items())
+
     # --- allocation ---------------------------------------------------------------------
     def _fits(self, num_pages: int, free_slots: int, free_pages: int) -> bool:
         return free_slots > 0 and (self.layout == "contiguous" or free_pages >= num_pages)

@@ -40,8 +40,10 @@ class AdapterEntry:
 
 
 def check_name(name) -> None:
-    if not isinstance(name, str) or not name or name.strip() != name:
-        raise AdapterError(f"adapter name {name!r} must be a non-empty string without surrounding spaces")
+    if not isinstance(name, str) or not name or name.strip() != name or not name.isprintable():
+        raise AdapterError(
+            f"adapter name {name!r} must be a non-empty string without surrounding spaces or control characters"
+        )
 
 
 class Registry:
@@ -96,11 +98,9 @@ class Registry:
         return HostCopy.of(a_pages, b_pages)
 
     # --- the owner's ----------------------------------------------------------------------
-    def insert(self, entry: AdapterEntry, removing: set[str] = frozenset()) -> None:
+    def insert(self, entry: AdapterEntry) -> None:
         if entry.name in self.entries:
             raise AdapterError(f"adapter name {entry.name!r} is already registered")
-        if entry.name in removing:
-            raise AdapterError(f"adapter name {entry.name!r} was removed and is still used by running requests")
         self.entries[entry.name] = entry
 
     def scan(self, folder: str | Path) -> tuple[list[AdapterEntry], dict[str, str]]:

@@ -40,6 +40,10 @@ from .page_allocator import PagePool
 from .registry import AdapterEntry, Registry
 from .transfer import DEMAND, HOST, PREFETCH, Job, Transfer
 
+# A removed adapter's placement, while running requests still read it, is kept under its name
+# plus this and a number: no registered name contains a NUL, so the name is free for a new version.
+RETIRED = "\0removed-"
+
 
 class Residency:
     def __init__(
@@ -67,7 +71,7 @@ class Residency:
         self.loading: dict[str, Job] = {}  # device loads in flight
         self.host_jobs: dict[str, Job] = {}  # host-only reads in flight
         self.prefetched: set[str] = set()  # placements made by a prefetch and not used yet
-        self.removing: set[str] = set()  # removed while requests still use them
+        self.removing: set[str] = set()  # retired keys of removed adapters that running requests still use
         self._seq = itertools.count()
         # Occupancy integrated over time (bytes x seconds), brought up to date before every
         # change of the pool: their ratio over a run is its time-averaged memory utilisation.
@@ -85,29 +89,36 @@ class Residency:
     # --- registry -----------------------------------------------------------------------
     def insert(self, entry: AdapterEntry, copy: HostCopy | None = None) -> AdapterEntry:
         """Register a prepared entry (and its host copy, if it was read)."""
-        self.registry.insert(entry, self.removing)
+        self.registry.insert(entry)
         if copy is not None:
             self.host.put(entry.name, copy, self._busy())
         return entry
 
-    def remove(self, name: str) -> None:
-        """Unregister `name`. Its device pages are freed now, or when the last running request
-        using it finishes; a load in flight becomes stale and is dropped."""
+    def remove(self, name: str) -> str | None:
+        """Unregister `name`. Its device pages are freed now, or, while running requests still
+        read them, when the last of those finishes: the placement is then kept under a retired
+        key (returned; the caller moves those requests to it), so that the name is free at once
+        for a new version (vLLM's unload-then-load). A load in flight becomes stale and is dropped."""
         if name not in self.entries:
             raise ValueError(f"adapter {name!r} is not registered")
         if self.loading.pop(name, None) is not None:
             self.pages.unpin(name)  # the load's own pin
+        retired = None
         res = self.pages.get(name)
         if res is not None:
             if res.pins:
-                self.removing.add(name)
+                retired = f"{name}{RETIRED}{next(self._seq)}"
+                self.pages.rename(name, retired)
+                self.removing.add(retired)
             else:
                 self._evict(name)
         self.host.drop(name)
         self.host_jobs.pop(name, None)
         self.prefetched.discard(name)
         self.priority.pop(name, None)
+        self.ready_at.pop(name, None)
         del self.entries[name]
+        return retired
 
     def residency(self, name: str) -> str:
         if name in self.loading:
