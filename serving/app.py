@@ -11,8 +11,10 @@ tokenization happen in the caller, which is cheap) and their events awaited thro
 handle's asyncio interface. A streaming client that disconnects cancels its request, which
 frees its KV blocks and adapter pin at the engine's next step. Admission control is one rule:
 when `max_queue` requests already wait, a new one gets 429 with Retry-After. Errors are OpenAI's
-error JSON with the status the issue asks for (404 unknown model, 400 bad parameters or
-malformed JSON, 401 bad key, 429 full queue).
+error JSON with the status the issue asks for (404 unknown model, 400 bad parameters, an
+unsupported field or malformed JSON, 401 bad key, 413 a body over `max_body_bytes`, 429 full
+queue). An omitted `max_tokens` means up to the context; one larger than the context leaves
+after the prompt is a 400 naming the limit.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ from plora_jax.engine.outputs import RequestFailed
 from plora_jax.lora.peft import AdapterError
 
 from .metrics import ServerMetrics
-from .protocol import ApiError, GenerationRequest, chunk, new_id, parse_request, response, usage_chunk
+from .protocol import (
+    ApiError,
+    GenerationRequest,
+    chunk,
+    fit_max_tokens,
+    new_id,
+    parse_request,
+    response,
+    usage_chunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,7 @@ class ServerState:
     adapter_roots: list[Path] = field(default_factory=list)  # load_lora_adapter paths must lie inside one
     api_key: str | None = None
     max_queue: int = 256
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 (read no further)
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -74,8 +86,18 @@ def build_app(state: ServerState) -> FastAPI:
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
     async def json_body(request: Request):
+        limit = state.max_body_bytes
+        too_large = ApiError(413, f"the request body is larger than the server's limit of {limit} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        raw = bytearray()
+        async for part in request.stream():  # a body sent without a length is cut off at the limit too
+            raw += part
+            if len(raw) > limit:
+                raise too_large
         try:
-            return json.loads(await request.body())
+            return json.loads(bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}") from None
 
@@ -157,6 +179,7 @@ def build_app(state: ServerState) -> FastAPI:
         body = await json_body(request)
         req = parse_request(body, chat, lambda messages: engine.tokenizer.apply_chat_template(messages))
         req.adapter = resolve_model(req.model)
+        fit_max_tokens(req, len(engine.tokenizer.encode(req.prompt)), engine.max_model_len)
         if engine.stats()["waiting"] >= state.max_queue:
             metrics.finished(endpoint, "429")
             raise ApiError(429, f"the waiting queue is full ({state.max_queue} requests); retry later")

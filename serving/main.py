@@ -35,6 +35,7 @@ class ServerConfig:
     adapter_dir: tuple[str, ...] = ()  # a folder whose subfolders are adapters; load_lora_adapter paths must lie in one
     served_model_name: str = ""  # the base model's name in the API ("" : the --model value)
     max_queue: int = 256  # waiting requests beyond which new ones get 429
+    max_body_mb: float = 8.0  # request bodies larger than this get 413
     api_key: str | None = None  # if set, /v1 requires "Authorization: Bearer <key>"
     log_level: str = "info"
     grace_s: float = 30.0  # seconds in-flight requests may take to finish after SIGTERM
@@ -48,6 +49,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if not self.max_body_mb > 0:
+            raise ValueError(f"max_body_mb must be > 0, got {self.max_body_mb}")
 
 
 _REPEATABLE = ("adapter", "adapter_dir")
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             roots,
             server_config.api_key,
             server_config.max_queue,
+            int(server_config.max_body_mb * 2**20),
         )
         # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
         # handler it found installed; this one lets main() close the engine and exit 0.

@@ -2,13 +2,15 @@
 responses, stream chunks and error bodies.
 
 Parsing is strict where a wrong value would silently change the answer (types, ranges, unknown
-roles) and lenient where clients commonly send fields we do not act on (`user`, `logit_bias`
-when empty, `n` = 1). Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error
-JSON, with `param` naming the field.
+roles, and every OpenAI field we do not implement, `UNSUPPORTED_FIELDS`, set to anything but its
+neutral value) and lenient where nothing changes (unknown fields, `user`, `n` = 1, an empty
+`logit_bias`). Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error JSON,
+with `param` naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ class ApiError(Exception):
             400: "invalid_request_error",
             401: "authentication_error",
             404: "not_found_error",
+            413: "invalid_request_error",
             429: "rate_limit_error",
         }.get(self.status, "server_error")
 
@@ -48,9 +51,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage
     chat: bool
-
-
-_IGNORED_FIELDS = {"user", "logit_bias", "n", "stream_options", "frequency_penalty", "presence_penalty", "echo"}
+    max_tokens_field: str | None = None  # the field that set max_tokens; None: omitted (up to the context)
 
 
 def _number(body: dict, name: str, default, kind=float, low=None, high=None):
@@ -79,16 +80,36 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
+# OpenAI fields this server does not implement. Ignoring one would answer with something the
+# client did not ask for (plain text for a tool call or a JSON schema, no logprobs), so a request
+# that sets one gets 400 naming it. Each maps to its neutral values, which are accepted.
+UNSUPPORTED_FIELDS = {
+    "n": (1,),
+    "best_of": (1,),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "echo": (False,),
+    "logit_bias": ({},),
+    "logprobs": (False, 0),  # chat: a boolean; completions: an integer
+    "top_logprobs": (0,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (),  # meaningless without tools: any value is refused
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+}
+
+
 def _check_unsupported(body: dict) -> None:
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "'n' must be 1 (one choice per request)", "n")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name, 0) not in (0, None):
-            raise ApiError(400, f"'{name}' is not supported (only 0)", name)
-    if body.get("echo"):
-        raise ApiError(400, "'echo' is not supported", "echo")
-    if body.get("logit_bias"):
-        raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
+    for name, neutral in UNSUPPORTED_FIELDS.items():
+        value = body.get(name)
+        # 0.0 is 0, but False is not 0: booleans and numbers are told apart.
+        if value is None or any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral):
+            continue
+        allowed = f" (only {', '.join(repr(v) for v in neutral)})" if neutral else ""
+        raise ApiError(400, f"'{name}' is not supported{allowed}", name)
 
 
 def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
@@ -136,7 +157,7 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
         raise ApiError(400, f"'seed' must be an integer in [0, 2**32), got {seed!r}", "seed")
     try:
         params = SamplingParams(
-            max_tokens=_number(body, max_name, 16, int, 1),
+            max_tokens=_number(body, max_name, 1, int, 1),
             temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
             top_p=_number(body, "top_p", 1.0, float, 1e-9, 1.0),
             seed=seed,
@@ -145,7 +166,26 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
         )
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    return GenerationRequest(model, None, prompt, params, stream, bool(options.get("include_usage")), chat)
+    given = max_name if body.get(max_name) is not None else None
+    return GenerationRequest(model, None, prompt, params, stream, bool(options.get("include_usage")), chat, given)
+
+
+def fit_max_tokens(req: GenerationRequest, prompt_tokens: int, max_model_len: int) -> None:
+    """Omitted, `max_tokens` is what the context leaves after the prompt (vLLM's rule); given and
+    larger than that, it is a 400 naming the field and the limit. A prompt that fills the context
+    is left to the engine, whose error names the prompt."""
+    room = max_model_len - prompt_tokens
+    if room <= 0:
+        return
+    if req.max_tokens_field is None:
+        req.params = dataclasses.replace(req.params, max_tokens=room)
+    elif req.params.max_tokens > room:
+        raise ApiError(
+            400,
+            f"'{req.max_tokens_field}' is {req.params.max_tokens}, but the prompt has {prompt_tokens} tokens and "
+            f"the context holds {max_model_len}: at most {room} can be generated",
+            req.max_tokens_field,
+        )
 
 
 def new_id(chat: bool) -> str:

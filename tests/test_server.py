@@ -216,6 +216,13 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
         ({"model": "llama", "prompt": "x", "seed": -1}, 400, "seed"),
         ({"model": "llama", "prompt": "x", "stop": [1]}, 400, "stop"),
         ({"model": "llama", "prompt": "x", "n": 2}, 400, "n"),
+        ({"model": "llama", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": "llama", "prompt": "x", "best_of": 2}, 400, "best_of"),
+        ({"model": "llama", "prompt": "x", "suffix": "!"}, 400, "suffix"),
+        ({"model": "llama", "prompt": "x", "logprobs": 1}, 400, "logprobs"),
+        ({"model": "llama", "prompt": "x", "echo": True}, 400, "echo"),
+        ({"model": "llama", "prompt": "x", "logit_bias": {"13": 5}}, 400, "logit_bias"),
+        ({"model": "llama", "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
         ({"model": "llama"}, 400, "prompt"),
         ({"prompt": "x"}, 400, "model"),
     ],
@@ -225,6 +232,98 @@ def test_errors_are_openai_json(server, body, status, param):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
+
+
+CHAT = {"model": "llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        ("tool_choice", "auto"),
+        ("parallel_tool_calls", False),
+        ("functions", [{"name": "f", "parameters": {}}]),
+        ("function_call", "auto"),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("presence_penalty", -1.0),
+        ("n", 3),
+    ],
+)
+def test_each_unimplemented_field_is_refused_by_name(server, client, field, value):
+    """Never silence: a tool definition, a JSON schema or logprobs would otherwise be ignored."""
+    r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and "not supported" in error["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**{**CHAT, field: value})
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(server, client):
+    neutral = {"n": 1, "frequency_penalty": 0.0, "presence_penalty": 0, "logprobs": False, "tool_choice": "none"}
+    out = client.chat.completions.create(**CHAT, **neutral, response_format={"type": "text"}, logit_bias={})
+    assert out.choices[0].finish_reason == "length"
+    out = client.completions.create(model="llama", prompt="x", max_tokens=1, logprobs=0, echo=False, best_of=1)
+    assert out.usage.completion_tokens == 1
+
+
+def test_max_tokens_beyond_the_context_names_the_limit(server):
+    prompt_tokens = len(server.engine.tokenizer.encode(PROMPT))
+    room = server.engine.max_model_len - prompt_tokens
+    r = httpx.post(server.url + "/v1/completions", json={"model": "llama", "prompt": PROMPT, "max_tokens": room + 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert f"at most {room} can be generated" in r.json()["error"]["message"]
+    chat = {**CHAT, "max_tokens": None, "max_completion_tokens": 10**6}
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_oversized_bodies_get_413_and_the_server_stays_healthy(server, client):
+    server.state.max_body_bytes = 4096
+    try:
+        big = {"model": "llama", "prompt": "word " * 2000, "max_tokens": 1}
+        r = httpx.post(server.url + "/v1/completions", json=big)
+        assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: cut off while reading
+            yield b'{"model": "llama", "prompt": "'
+            for _ in range(100):
+                yield b"word " * 20
+            yield b'"}'
+
+        r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=1).usage.completion_tokens == 1
+    finally:
+        server.state.max_body_bytes = 8 * 2**20
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_replacing_an_adapter_while_a_stream_runs_on_the_old_version(server, client):
+    """Unload then load of one name (vLLM's way to replace an adapter) while a stream reads the
+    old version: the load succeeds at once, the stream ends with the old version's text, the
+    next request gets the new version's, and no adapter page is left pinned."""
+    old, new = server.root / "lora2", server.root / "lora3"
+    greedy = dict(prompt=PROMPT, max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+    want_old = client.completions.create(model="lora2", **greedy).choices[0].text
+    want_new = client.completions.create(model="lora3", **greedy).choices[0].text
+    assert want_old != want_new
+    with httpx.Client(base_url=server.url) as http:
+        assert http.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(old)}).status_code == 200
+        stream = iter(client.completions.create(model="swap", stream=True, **greedy))
+        text = next(stream).choices[0].text  # the old version is running
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(new)})
+        assert r.status_code == 200, r.text
+        assert client.completions.create(model="swap", **greedy).choices[0].text == want_new
+        text += "".join(c.choices[0].text for c in stream)
+        assert text == want_old
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
+    wait_idle(server.engine)
+    assert server.engine.stats()["adapters_pinned"] == 0
 
 
 def test_malformed_json_unknown_route_and_api_key(server, client):

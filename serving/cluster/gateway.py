@@ -160,7 +160,7 @@ class ClusterEngine:
     def __init__(self, engine, model: str, engine_options: dict, forecaster=None, report_s: float = 1.0):
         config = EngineConfig(model=model, **engine_options)
         model_config, self.tokenizer = load_front_end(model, config.cache_dir)
-        max_model_len = min(config.max_model_len, model_config.max_position_embeddings)
+        self.max_model_len = max_model_len = min(config.max_model_len, model_config.max_position_embeddings)
         modules = parse_target_modules(config.lora_target_modules)
         self.catalog = AdapterCatalog(model_config, config.max_lora_rank, modules)
         self.inputs = InputProcessor(
