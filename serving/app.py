@@ -19,6 +19,7 @@ after the prompt is a 400 naming the limit.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -179,62 +180,87 @@ def build_app(state: ServerState) -> FastAPI:
         body = await json_body(request)
         req = parse_request(body, chat, lambda messages: engine.tokenizer.apply_chat_template(messages))
         req.adapter = resolve_model(req.model)
-        fit_max_tokens(req, len(engine.tokenizer.encode(req.prompt)), engine.max_model_len)
+        per_prompt = [
+            fit_max_tokens(
+                req, len(p) if isinstance(p, list) else len(engine.tokenizer.encode(p)), engine.max_model_len
+            )
+            for p in req.prompts
+        ]
         if engine.stats()["waiting"] >= state.max_queue:
             metrics.finished(endpoint, "429")
             raise ApiError(429, f"the waiting queue is full ({state.max_queue} requests); retry later")
+        handles = []
         try:
-            handle = engine.submit(req.prompt, req.params, req.adapter)
+            for prompt, params in req.choices(per_prompt):
+                handles.append(engine.submit(prompt, params, req.adapter))
         except ValueError as e:
+            for handle in handles:
+                handle.cancel()
             metrics.finished(endpoint, "400")
             raise ApiError(400, str(e)) from None
         rid = new_id(chat)
         if req.stream:
-            return StreamingResponse(_stream(req, rid, handle, endpoint), media_type="text/event-stream")
+            return StreamingResponse(_stream(req, rid, handles, endpoint), media_type="text/event-stream")
         try:
-            output = await handle.aresult()
+            outputs = await asyncio.gather(*(handle.aresult() for handle in handles))
         except RequestFailed as e:
             metrics.finished(endpoint, "500")
             raise ApiError(500, str(e)) from None
         finally:
-            handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
-        metrics.finished(endpoint, "200", output)
-        return response(
-            req, rid, output.text, output.finish_reason, len(output.prompt_token_ids), len(output.token_ids)
-        )
+            for handle in handles:
+                handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
+        metrics.finished(endpoint, "200", *outputs)
+        return response(req, rid, outputs)
 
-    async def _stream(req: GenerationRequest, rid: str, handle, endpoint: str):
+    async def _stream(req: GenerationRequest, rid: str, handles: list, endpoint: str):
+        """The choices' events merged as they come (each chunk carries its choice's index); an
+        engine failure ends the stream with an error chunk, never a silent truncation."""
         created = int(time.time())
-        first = True
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, handle) -> None:
+            try:
+                async for event in handle.events():
+                    await events.put((index, event, None))
+            except Exception as e:  # reported in the stream, whatever it is
+                await events.put((index, None, e))
+
+        pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        outputs: list = [None] * len(handles)
         status = "disconnected"
         try:
             if req.chat:
-                yield _sse(chunk(req, rid, created, "", None, first=True))
-                first = False
-            async for event in handle.events():
-                if event.finished:
-                    out = event.output
-                    if event.text:
-                        yield _sse(chunk(req, rid, created, event.text, None, first))
-                    yield _sse(chunk(req, rid, created, None if req.chat else "", out.finish_reason))
-                    if req.include_usage:
-                        yield _sse(usage_chunk(req, rid, created, len(out.prompt_token_ids), len(out.token_ids)))
-                    yield "data: [DONE]\n\n"
-                    status = "200"
-                    metrics.finished(endpoint, status, out)
-                    return
+                for index in range(len(handles)):
+                    yield _sse(chunk(req, rid, created, index, "", None, first=True))
+            remaining = len(handles)
+            while remaining:
+                index, event, error = await events.get()
+                if error is not None:
+                    raise error
                 if event.text:
-                    yield _sse(chunk(req, rid, created, event.text, None, first))
-                    first = False
-        except RequestFailed as e:
+                    yield _sse(chunk(req, rid, created, index, event.text, None))
+                if event.finished:
+                    outputs[index] = event.output
+                    remaining -= 1
+                    yield _sse(chunk(req, rid, created, index, None if req.chat else "", event.output.finish_reason))
+            if req.include_usage:
+                yield _sse(usage_chunk(req, rid, created, outputs))
+            yield "data: [DONE]\n\n"
+            status = "200"
+            metrics.finished(endpoint, status, *outputs)
+        except Exception as e:
             status = "500"
             metrics.finished(endpoint, status)
-            yield _sse(ApiError(500, str(e)).body())
+            message = str(e) if isinstance(e, RequestFailed) else f"the stream failed: {type(e).__name__}: {e}"
+            yield _sse(ApiError(500, message).body())
             yield "data: [DONE]\n\n"
         finally:
+            for task in pumps:
+                task.cancel()
             if status == "disconnected":
                 metrics.finished(endpoint, status)
-            handle.cancel()  # the client went away (or we are done): free the request's resources
+            for handle in handles:
+                handle.cancel()  # the client went away (or we are done): free the requests' resources
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -100,9 +100,10 @@ class ServerMetrics:
         )
         self.registry.register(EngineCollector(engine))
 
-    def finished(self, endpoint: str, status: str, output=None) -> None:
+    def finished(self, endpoint: str, status: str, *outputs) -> None:
+        """One HTTP request ended with `status`; `outputs`: its choices' engine outputs."""
         self.requests.labels(endpoint, status).inc()
-        if output is not None:
+        for output in outputs:
             self.prompt_tokens.inc(len(output.prompt_token_ids))
             self.generation_tokens.inc(len(output.token_ids))
             if output.metrics is not None:

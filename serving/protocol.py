@@ -46,12 +46,23 @@ class GenerationRequest:
 
     model: str
     adapter: str | None  # None: the base model
-    prompt: str
+    prompts: list[str | list[int]]  # text or token ids; chat: the one rendered conversation
     params: SamplingParams
     stream: bool
     include_usage: bool  # stream_options.include_usage
     chat: bool
     max_tokens_field: str | None = None  # the field that set max_tokens; None: omitted (up to the context)
+    n: int = 1  # samples of each prompt
+
+    def choices(self, params_per_prompt: list[SamplingParams]) -> list[tuple[str | list[int], SamplingParams]]:
+        """(prompt, params) of every choice, in OpenAI's order (prompt by prompt, then sample by
+        sample). Sample j of a seeded request uses seed + j, so sample 0 is the single request's."""
+        out = []
+        for prompt, params in zip(self.prompts, params_per_prompt, strict=True):
+            for j in range(self.n):
+                seed = params.seed if params.seed is None or j == 0 else (params.seed + j) % 2**32
+                out.append((prompt, dataclasses.replace(params, seed=seed)))
+        return out
 
 
 def _number(body: dict, name: str, default, kind=float, low=None, high=None):
@@ -84,7 +95,6 @@ def _stop(body: dict) -> tuple[str, ...]:
 # client did not ask for (plain text for a tool call or a JSON schema, no logprobs), so a request
 # that sets one gets 400 naming it. Each maps to its neutral values, which are accepted.
 UNSUPPORTED_FIELDS = {
-    "n": (1,),
     "best_of": (1,),
     "frequency_penalty": (0,),
     "presence_penalty": (0,),
@@ -100,6 +110,38 @@ UNSUPPORTED_FIELDS = {
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
 }
+
+
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_N = 16  # samples of each prompt
+
+
+def _is_token(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def _prompts(value) -> list[str | list[int]]:
+    """OpenAI's four forms: a string, a list of strings, a list of token ids, a list of those."""
+    if isinstance(value, str):
+        prompts = [value]
+    elif isinstance(value, list) and value and all(_is_token(t) for t in value):
+        prompts = [list(value)]
+    elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        prompts = list(value)
+    elif isinstance(value, list) and value and all(isinstance(p, list) and p and all(map(_is_token, p)) for p in value):
+        prompts = [list(p) for p in value]
+    else:
+        prompts = []
+    if not prompts or any(p == "" for p in prompts):
+        raise ApiError(
+            400,
+            "'prompt' must be a non-empty string, a list of them, a list of token ids (integers >= 0) "
+            "or a list of those",
+            "prompt",
+        )
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts, more than {MAX_PROMPTS}", "prompt")
+    return prompts
 
 
 def _check_unsupported(body: dict) -> None:
@@ -135,13 +177,10 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
                 messages[i] = m
             if not isinstance(m.get("content"), str):
                 raise ApiError(400, f"messages[{i}]: 'content' must be a string", f"messages[{i}].content")
-        prompt = render_chat(messages)
+        prompts = [render_chat(messages)]
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+        prompts = _prompts(body.get("prompt"))
+    n = _number(body, "n", 1, int, 1, MAX_N)
     max_name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -167,25 +206,26 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     given = max_name if body.get(max_name) is not None else None
-    return GenerationRequest(model, None, prompt, params, stream, bool(options.get("include_usage")), chat, given)
+    return GenerationRequest(model, None, prompts, params, stream, bool(options.get("include_usage")), chat, given, n)
 
 
-def fit_max_tokens(req: GenerationRequest, prompt_tokens: int, max_model_len: int) -> None:
-    """Omitted, `max_tokens` is what the context leaves after the prompt (vLLM's rule); given and
-    larger than that, it is a 400 naming the field and the limit. A prompt that fills the context
-    is left to the engine, whose error names the prompt."""
+def fit_max_tokens(req: GenerationRequest, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """The params for one prompt of `req`. Omitted, `max_tokens` is what the context leaves after
+    the prompt (vLLM's rule); given and larger than that, it is a 400 naming the field and the
+    limit. A prompt that fills the context is left to the engine, whose error names the prompt."""
     room = max_model_len - prompt_tokens
     if room <= 0:
-        return
+        return req.params
     if req.max_tokens_field is None:
-        req.params = dataclasses.replace(req.params, max_tokens=room)
-    elif req.params.max_tokens > room:
+        return dataclasses.replace(req.params, max_tokens=room)
+    if req.params.max_tokens > room:
         raise ApiError(
             400,
             f"'{req.max_tokens_field}' is {req.params.max_tokens}, but the prompt has {prompt_tokens} tokens and "
             f"the context holds {max_model_len}: at most {room} can be generated",
             req.max_tokens_field,
         )
+    return req.params
 
 
 def new_id(chat: bool) -> str:
@@ -204,41 +244,52 @@ def openai_finish_reason(reason: str | None) -> str | None:
     return {"abort": "stop"}.get(reason, reason)
 
 
-def response(req: GenerationRequest, rid: str, text: str, finish_reason: str, prompt_tokens: int, tokens: int) -> dict:
-    created = int(time.time())
-    if req.chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": openai_finish_reason(finish_reason),
-            "logprobs": None,
-        }
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": openai_finish_reason(finish_reason), "logprobs": None}
-        kind = "text_completion"
+def usage_of(req: GenerationRequest, outputs) -> dict:
+    """Prompt tokens counted once per prompt (not per sample), completion tokens per choice."""
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs[:: req.n])
+    return usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))
+
+
+def response(req: GenerationRequest, rid: str, outputs) -> dict:
+    """The whole answer: one choice per output, indexed in order."""
+    choices = []
+    for index, out in enumerate(outputs):
+        reason = openai_finish_reason(out.finish_reason)
+        if req.chat:
+            message = {"role": "assistant", "content": out.text}
+            choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
+        else:
+            choices.append({"index": index, "text": out.text, "finish_reason": reason, "logprobs": None})
     return {
         "id": rid,
-        "object": kind,
-        "created": created,
+        "object": "chat.completion" if req.chat else "text_completion",
+        "created": int(time.time()),
         "model": req.model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, tokens),
+        "choices": choices,
+        "usage": usage_of(req, outputs),
     }
 
 
-def chunk(req: GenerationRequest, rid: str, created: int, text: str | None, finish_reason: str | None, first=False):
+def chunk(
+    req: GenerationRequest, rid: str, created: int, index: int, text: str | None, finish_reason: str | None, first=False
+):
+    """One stream chunk of choice `index`: a text delta, or (with `finish_reason`) its end."""
     if req.chat:
         delta: dict = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": openai_finish_reason(finish_reason), "logprobs": None}
+        choice = {
+            "index": index,
+            "delta": delta,
+            "finish_reason": openai_finish_reason(finish_reason),
+            "logprobs": None,
+        }
         kind = "chat.completion.chunk"
     else:
         choice = {
-            "index": 0,
+            "index": index,
             "text": text or "",
             "finish_reason": openai_finish_reason(finish_reason),
             "logprobs": None,
@@ -247,7 +298,7 @@ def chunk(req: GenerationRequest, rid: str, created: int, text: str | None, fini
     return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": [choice]}
 
 
-def usage_chunk(req: GenerationRequest, rid: str, created: int, prompt_tokens: int, tokens: int) -> dict:
+def usage_chunk(req: GenerationRequest, rid: str, created: int, outputs) -> dict:
     kind = "chat.completion.chunk" if req.chat else "text_completion"
     return {
         "id": rid,
@@ -255,5 +306,5 @@ def usage_chunk(req: GenerationRequest, rid: str, created: int, prompt_tokens: i
         "created": created,
         "model": req.model,
         "choices": [],
-        "usage": usage(prompt_tokens, tokens),
+        "usage": usage_of(req, outputs),
     }

@@ -270,7 +270,7 @@ def test_a_killed_replica_ends_its_stream_with_an_error_and_later_requests_succe
     complete(cluster.url, "lora1")
     reports_after(cluster, lambda rep: all(r["queue"] == 0 for r in rep.values()), "both replicas idle")
     stream = client(cluster.url).completions.create(
-        model="lora1", prompt=PROMPT, max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        model="lora1", prompt=PROMPT, max_tokens=500, temperature=0, stream=True, extra_body={"ignore_eos": True}
     )
     chunks = iter(stream)
     next(chunks)

@@ -69,6 +69,20 @@ def test_scan_registers_a_thousand_adapters_without_reading_weights(engine, tmp_
         engine.add_adapter_dir(tmp_path / "nowhere")
 
 
+def test_a_scanned_symlink_must_resolve_inside_the_folder(engine, tmp_path):
+    """One confinement rule, as the server's load_lora_adapter applies it: a subfolder that is a
+    symlink to a folder elsewhere is refused, naming where it leads; one within is registered."""
+    root, elsewhere = tmp_path / "adapters", tmp_path / "elsewhere"
+    write_peft_adapter(root / "real", CFG, rank=8)
+    write_peft_adapter(elsewhere / "outside", CFG, rank=8)
+    (root / "escape").symlink_to(elsewhere / "outside", target_is_directory=True)
+    (root / "alias").symlink_to(root / "real", target_is_directory=True)
+    result = engine.add_adapter_dir(root)
+    assert sorted(result["added"]) == ["alias", "real"] and list(result["errors"]) == ["escape"]
+    assert "outside the adapter folder" in result["errors"]["escape"] and "elsewhere" in result["errors"]["escape"]
+    assert not engine.has_adapter("escape")
+
+
 def test_host_cache_keeps_its_budget_and_evicts_least_recently_used(tmp_path):
     manager = LoraManager(CFG, EngineConfig(lora_pool_pages=40, host_cache_mb=1.0), np.float32)
     paths = [write_peft_adapter(tmp_path / f"a{i}", CFG, rank=64, seed=i) for i in range(4)]

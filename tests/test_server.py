@@ -129,6 +129,13 @@ def test_models_and_load_unload_round_trip(server, client):
         assert r.status_code == 400 and "outside the configured adapter folders" in r.json()["error"]["message"]
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(server.root / ".." / "x")})
         assert r.status_code == 400
+        link = server.root / "escape"  # the scan's rule: a symlink must resolve inside the folder
+        link.symlink_to(server.extra / "outside", target_is_directory=True)
+        try:
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(link)})
+            assert r.status_code == 400 and "outside the configured adapter folders" in r.json()["error"]["message"]
+        finally:
+            link.unlink()
         r = http.post("/v1/unload_lora_adapter", json={"lora_name": "never"})
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
@@ -215,7 +222,11 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
         ({"model": "llama", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": "llama", "prompt": "x", "seed": -1}, 400, "seed"),
         ({"model": "llama", "prompt": "x", "stop": [1]}, 400, "stop"),
-        ({"model": "llama", "prompt": "x", "n": 2}, 400, "n"),
+        ({"model": "llama", "prompt": "x", "n": 17}, 400, "n"),
+        ({"model": "llama", "prompt": []}, 400, "prompt"),
+        ({"model": "llama", "prompt": [1, "a"]}, 400, "prompt"),
+        ({"model": "llama", "prompt": [[5, -1]]}, 400, "prompt"),
+        ({"model": "llama", "prompt": ["x"] * 65}, 400, "prompt"),
         ({"model": "llama", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
         ({"model": "llama", "prompt": "x", "best_of": 2}, 400, "best_of"),
         ({"model": "llama", "prompt": "x", "suffix": "!"}, 400, "suffix"),
@@ -249,7 +260,6 @@ CHAT = {"model": "llama", "messages": [{"role": "user", "content": "Hi"}], "max_
         ("logprobs", True),
         ("top_logprobs", 3),
         ("presence_penalty", -1.0),
-        ("n", 3),
     ],
 )
 def test_each_unimplemented_field_is_refused_by_name(server, client, field, value):
@@ -268,6 +278,43 @@ def test_neutral_values_of_unimplemented_fields_are_accepted(server, client):
     assert out.choices[0].finish_reason == "length"
     out = client.completions.create(model="llama", prompt="x", max_tokens=1, logprobs=0, echo=False, best_of=1)
     assert out.usage.completion_tokens == 1
+
+
+def test_token_id_and_batched_prompts_and_n_equal_single_requests(server, client):
+    """Choices come prompt by prompt, then sample by sample; sample j of a seeded request is the
+    single request with seed + j; token ids are the same prompt as its text; streamed choices
+    (merged, each chunk carrying its index) equal the whole answer's."""
+    sampled = dict(max_tokens=8, temperature=0.9, top_p=0.95)
+    other = "Water boils at"
+
+    def single(prompt, seed):
+        return client.completions.create(model="lora0", prompt=prompt, seed=seed, **sampled).choices[0].text
+
+    ids = server.engine.tokenizer.encode(PROMPT)
+    assert single(ids, 3) == single(PROMPT, 3)
+    out = client.completions.create(model="lora0", prompt=[PROMPT, other], n=2, seed=3, **sampled)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert texts == [single(PROMPT, 3), single(PROMPT, 4), single(other, 3), single(other, 4)]
+    assert texts[0] != texts[1]  # two samples, not one twice
+    assert out.usage.prompt_tokens == len(ids) + len(server.engine.tokenizer.encode(other))  # once per prompt
+    assert out.usage.completion_tokens == 4 * 8
+    batched_ids = client.completions.create(
+        model="lora0", prompt=[ids, server.engine.tokenizer.encode(other)], n=2, seed=3, **sampled
+    )
+    assert [c.text for c in batched_ids.choices] == texts
+    streamed = ["", "", "", ""]
+    finished = set()
+    for c in client.completions.create(model="lora0", prompt=[PROMPT, other], n=2, seed=3, stream=True, **sampled):
+        for choice in c.choices:
+            streamed[choice.index] += choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert streamed == texts and finished == {0, 1, 2, 3}
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model="lora0", messages=messages, n=3, seed=5, **sampled)
+    alone = client.chat.completions.create(model="lora0", messages=messages, seed=7, **sampled)
+    assert len(chat.choices) == 3 and chat.choices[2].message.content == alone.choices[0].message.content
 
 
 def test_max_tokens_beyond_the_context_names_the_limit(server):

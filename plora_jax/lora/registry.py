@@ -46,6 +46,24 @@ def check_name(name) -> None:
         )
 
 
+def adapter_subfolders(folder: str | Path) -> tuple[list[Path], dict[str, str]]:
+    """The subfolders of `folder` holding adapter_config.json, and {name: why} for those that
+    resolve outside it (a symlink to elsewhere). One confinement rule for every way in, start-up
+    scans and run-time loads alike: an adapter's path, symlinks resolved, lies inside the folder."""
+    folder = Path(folder).expanduser()
+    root = folder.resolve()
+    inside, refused = [], {}
+    for sub in sorted(folder.iterdir()):
+        if not (sub / "adapter_config.json").is_file():
+            continue
+        target = sub.resolve()
+        if target.is_relative_to(root):
+            inside.append(sub)
+        else:
+            refused[sub.name] = f"{sub}: resolves to {target}, outside the adapter folder {root}"
+    return inside, refused
+
+
 class Registry:
     def __init__(
         self,
@@ -106,14 +124,13 @@ class Registry:
     def scan(self, folder: str | Path) -> tuple[list[AdapterEntry], dict[str, str]]:
         """Entries for every subfolder of `folder` holding adapter_config.json, named after it
         (validated from config and header only), skipping those registered under the same name
-        and path; plus {name: error} for the folders refused."""
+        and path; plus {name: error} for the folders refused (invalid, or outside `folder`)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise AdapterError(f"{folder}: adapter folder not found")
-        found, errors = [], {}
-        for sub in sorted(folder.iterdir()):
-            if not (sub / "adapter_config.json").is_file():
-                continue
+        found = []
+        subfolders, errors = adapter_subfolders(folder)
+        for sub in subfolders:
             existing = self.entries.get(sub.name)
             if existing is not None and existing.path == sub:
                 continue

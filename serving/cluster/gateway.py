@@ -37,6 +37,7 @@ from plora_jax.config import EngineConfig
 from plora_jax.engine.inputs import InputProcessor
 from plora_jax.engine.outputs import RequestFailed
 from plora_jax.lora.peft import AdapterError, inspect_adapter, parse_target_modules
+from plora_jax.lora.registry import adapter_subfolders
 from plora_jax.models.loader import load_front_end
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,10 @@ class AdapterCatalog:
         return self.describe(name)
 
     def add_dir(self, folder: str | Path) -> dict:
-        added, errors = [], {}
-        for sub in sorted(Path(folder).expanduser().iterdir()):
-            if not (sub / "adapter_config.json").is_file() or sub.name in self.entries:
+        added = []
+        subfolders, errors = adapter_subfolders(folder)
+        for sub in subfolders:
+            if sub.name in self.entries:
                 continue
             try:
                 self.add(sub.name, sub)
