@@ -186,16 +186,22 @@ def build_app(state: ServerState) -> FastAPI:
             )
             for p in req.prompts
         ]
-        if engine.stats()["waiting"] >= state.max_queue:
+        choices = req.choices(per_prompt)
+        if len(choices) > max(1, state.max_queue):  # could never be admitted (one choice always may be, later)
+            message = f"{len(choices)} choices (prompts x n) are more than the queue holds ({state.max_queue})"
+            raise ApiError(400, message, "n")
+        if engine.stats()["waiting"] + len(choices) > state.max_queue:
             metrics.finished(endpoint, "429")
             raise ApiError(429, f"the waiting queue is full ({state.max_queue} requests); retry later")
         handles = []
         try:
-            for prompt, params in req.choices(per_prompt):
+            for prompt, params in choices:
                 handles.append(engine.submit(prompt, params, req.adapter))
-        except ValueError as e:
+        except BaseException as e:  # none of the request's choices may outlive a failed submit
             for handle in handles:
                 handle.cancel()
+            if not isinstance(e, ValueError):
+                raise
             metrics.finished(endpoint, "400")
             raise ApiError(400, str(e)) from None
         rid = new_id(chat)
@@ -210,7 +216,7 @@ def build_app(state: ServerState) -> FastAPI:
             for handle in handles:
                 handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
         metrics.finished(endpoint, "200", *outputs)
-        return response(req, rid, outputs)
+        return response(req, rid, outputs, lambda t: engine.tokenizer.decode([t], skip_special_tokens=False))
 
     async def _stream(req: GenerationRequest, rid: str, handles: list, endpoint: str):
         """The choices' events merged as they come (each chunk carries its choice's index); an

@@ -3,8 +3,8 @@ responses, stream chunks and error bodies.
 
 Parsing is strict where a wrong value would silently change the answer (types, ranges, unknown
 roles, and every OpenAI field we do not implement, `UNSUPPORTED_FIELDS`, set to anything but its
-neutral value) and lenient where nothing changes (unknown fields, `user`, `n` = 1, an empty
-`logit_bias`). Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error JSON,
+neutral value) and lenient where nothing changes (unknown fields, `user`, an empty
+`logit_bias`, `best_of` = 1). Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error JSON,
 with `param` naming the field.
 """
 
@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from plora_jax.engine.sampling import SamplingParams
+from plora_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class ApiError(Exception):
@@ -100,8 +100,6 @@ UNSUPPORTED_FIELDS = {
     "presence_penalty": (0,),
     "echo": (False,),
     "logit_bias": ({},),
-    "logprobs": (False, 0),  # chat: a boolean; completions: an integer
-    "top_logprobs": (0,),
     "suffix": ("",),
     "tools": ([],),
     "tool_choice": ("none",),
@@ -144,6 +142,21 @@ def _prompts(value) -> list[str | list[int]]:
     return prompts
 
 
+def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
+    """(return log-probabilities, how many top alternatives): chat's boolean `logprobs` with
+    `top_logprobs`, or completions' integer `logprobs` (the number of alternatives)."""
+    if not chat:
+        value = _number(body, "logprobs", None, int, 0, MAX_TOP_LOGPROBS)
+        return value is not None, value or 0
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(400, f"'logprobs' must be true or false, got {wanted!r}", "logprobs")
+    top = _number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
+    if top and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return bool(wanted), top
+
+
 def _check_unsupported(body: dict) -> None:
     for name, neutral in UNSUPPORTED_FIELDS.items():
         value = body.get(name)
@@ -181,7 +194,7 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
     else:
         prompts = _prompts(body.get("prompt"))
     n = _number(body, "n", 1, int, 1, MAX_N)
-    max_name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+    max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
@@ -191,6 +204,9 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
     ignore_eos = body.get("ignore_eos", False)  # vLLM's extension, for benchmarks and tests
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
+    logprobs, top_logprobs = _logprobs(body, chat)
+    if logprobs and stream:
+        raise ApiError(400, "'logprobs' with 'stream' is not supported (ask without streaming)", "logprobs")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
         raise ApiError(400, f"'seed' must be an integer in [0, 2**32), got {seed!r}", "seed")
@@ -202,6 +218,8 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
             seed=seed,
             stop=_stop(body),
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
     except ValueError as e:
         raise ApiError(400, str(e)) from None
@@ -250,16 +268,46 @@ def usage_of(req: GenerationRequest, outputs) -> dict:
     return usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))
 
 
-def response(req: GenerationRequest, rid: str, outputs) -> dict:
-    """The whole answer: one choice per output, indexed in order."""
+def completion_logprobs(out, token_text) -> dict:
+    """Completions' shape: parallel lists over the generated tokens; `text_offset` is each
+    token's start in the concatenated token strings."""
+    tokens = [token_text(t) for t in out.token_ids]
+    offsets = [0]
+    for text in tokens[:-1]:
+        offsets.append(offsets[-1] + len(text))
+    top = [{token_text(t): lp for t, lp in alts} for alts in out.top_logprobs or [[] for _ in tokens]]
+    return {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(out, token_text) -> dict:
+    """Chat's shape: `content`, one entry per generated token with its top alternatives."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    alternatives = out.top_logprobs or [[] for _ in out.token_ids]
+    return {
+        "content": [
+            {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
+            for t, lp, alts in zip(out.token_ids, out.logprobs, alternatives, strict=True)
+        ]
+    }
+
+
+def response(req: GenerationRequest, rid: str, outputs, token_text=None) -> dict:
+    """The whole answer: one choice per output, indexed in order. `token_text(id)`: a token's
+    text, for log-probabilities (when the request asked for them)."""
     choices = []
     for index, out in enumerate(outputs):
         reason = openai_finish_reason(out.finish_reason)
         if req.chat:
             message = {"role": "assistant", "content": out.text}
-            choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
+            logprobs = chat_logprobs(out, token_text) if req.params.logprobs else None
+            choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": logprobs})
         else:
-            choices.append({"index": index, "text": out.text, "finish_reason": reason, "logprobs": None})
+            logprobs = completion_logprobs(out, token_text) if req.params.logprobs else None
+            choices.append({"index": index, "text": out.text, "finish_reason": reason, "logprobs": logprobs})
     return {
         "id": rid,
         "object": "chat.completion" if req.chat else "text_completion",

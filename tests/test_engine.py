@@ -76,13 +76,27 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_engine):
     assert other[0].token_ids != alone
 
 
-def test_logprobs_are_those_of_the_model(tiny_engine):
+def test_logprobs_are_those_of_the_distribution_sampled_from(tiny_engine):
+    """Each token's log-probability, and the top 5 at each position, under the model's logits
+    divided by the temperature (greedy: the model's own), from the scoring path's logits."""
     p = prompts(1, seed=4)[0]
-    out = tiny_engine.generate([p], SamplingParams(max_tokens=6, temperature=0.8, seed=5, logprobs=True))[0]
-    logits = tiny_engine.logits(p + out.token_ids[:-1])[len(p) - 1 :]
-    expected = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(out.token_ids)), out.token_ids]
-    np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
-    assert tiny_engine.generate([p], SamplingParams(max_tokens=2))[0].logprobs is None
+    for temperature in (0.8, 0.0):
+        params = SamplingParams(max_tokens=6, temperature=temperature, seed=5, logprobs=True, top_logprobs=5)
+        out = tiny_engine.generate([p], params)[0]
+        logits = tiny_engine.logits(p + out.token_ids[:-1])[len(p) - 1 :]
+        scaled = jax.nn.log_softmax(logits / (temperature or 1.0), axis=-1)
+        expected = scaled[np.arange(len(out.token_ids)), out.token_ids]
+        np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+        for position, top in enumerate(out.top_logprobs):
+            ids, values = zip(*top, strict=True)
+            assert list(ids) == np.argsort(-np.asarray(scaled[position]))[:5].tolist()
+            np.testing.assert_allclose(values, np.asarray(scaled[position])[list(ids)], atol=1e-4)
+        if temperature == 0:
+            assert all(top[0][0] == t for top, t in zip(out.top_logprobs, out.token_ids, strict=True))
+    plain = tiny_engine.generate([p], SamplingParams(max_tokens=2))[0]
+    assert plain.logprobs is None and plain.top_logprobs is None
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(logprobs=True, top_logprobs=21)
 
 
 def test_no_compiles_after_warmup_over_mixed_steps():

@@ -11,6 +11,7 @@ import time
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -205,6 +206,9 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
         assert r.json()["error"]["type"] == "rate_limit_error"
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="llama", prompt=PROMPT, max_tokens=2)
+        server.state.max_queue = 2  # one request's choices count against the queue too
+        r = httpx.post(server.url + "/v1/completions", json={"model": "llama", "prompt": PROMPT, "n": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     finally:
         server.state.max_queue = 64
     health = httpx.get(server.url + "/health")
@@ -230,7 +234,8 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
         ({"model": "llama", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
         ({"model": "llama", "prompt": "x", "best_of": 2}, 400, "best_of"),
         ({"model": "llama", "prompt": "x", "suffix": "!"}, 400, "suffix"),
-        ({"model": "llama", "prompt": "x", "logprobs": 1}, 400, "logprobs"),
+        ({"model": "llama", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+        ({"model": "llama", "prompt": "x", "logprobs": 2, "stream": True}, 400, "logprobs"),
         ({"model": "llama", "prompt": "x", "echo": True}, 400, "echo"),
         ({"model": "llama", "prompt": "x", "logit_bias": {"13": 5}}, 400, "logit_bias"),
         ({"model": "llama", "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
@@ -257,8 +262,6 @@ CHAT = {"model": "llama", "messages": [{"role": "user", "content": "Hi"}], "max_
         ("functions", [{"name": "f", "parameters": {}}]),
         ("function_call", "auto"),
         ("response_format", {"type": "json_object"}),
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("presence_penalty", -1.0),
     ],
 )
@@ -317,6 +320,55 @@ def test_token_id_and_batched_prompts_and_n_equal_single_requests(server, client
     assert len(chat.choices) == 3 and chat.choices[2].message.content == alone.choices[0].message.content
 
 
+def test_logprobs_equal_transformers_log_softmax(server, client, hf_model):
+    """Completions' and chat's log-probabilities of the chosen and top tokens against
+    transformers' log-softmax at the same positions (base model, f32), greedy and at
+    temperature 0.7 (the temperature-scaled distribution the token was drawn from)."""
+    import torch
+
+    tokenizer = server.engine.tokenizer
+    text_of = lambda t: tokenizer.decode([t], skip_special_tokens=False)
+
+    def reference(prompt: str, n: int, temperature: float, seed: int):
+        """The engine's own tokens for the same request, and transformers' log-softmax there."""
+        params = SamplingParams(max_tokens=n, temperature=temperature, seed=seed)
+        out = server.engine.generate([prompt], params)[0]
+        ids = out.prompt_token_ids + out.token_ids[:-1]
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids])).logits[0, len(out.prompt_token_ids) - 1 :]
+        return out.token_ids, torch.log_softmax(logits / (temperature or 1.0), dim=-1).numpy()
+
+    def check_top(alternatives: dict, row, k: int) -> None:
+        best = np.argsort(-row)[:k]
+        assert set(alternatives) == {text_of(t) for t in best}
+        np.testing.assert_allclose(sorted(alternatives.values()), sorted(row[best]), atol=1e-3)
+
+    for temperature in (0.0, 0.7):
+        out = client.completions.create(
+            model="llama", prompt=PROMPT, max_tokens=6, temperature=temperature, seed=11, logprobs=3
+        ).choices[0]
+        ids, ref = reference(PROMPT, 6, temperature, 11)
+        lp = out.logprobs
+        assert lp.tokens == [text_of(t) for t in ids]
+        np.testing.assert_allclose(lp.token_logprobs, ref[np.arange(len(ids)), ids], atol=1e-3)
+        for i, top in enumerate(lp.top_logprobs):
+            check_top(top, ref[i], 3)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    kwargs = dict(max_tokens=5, temperature=0.7, seed=2)
+    out = client.chat.completions.create(model="llama", messages=messages, logprobs=True, top_logprobs=4, **kwargs)
+    ids, ref = reference(tokenizer.apply_chat_template(messages), 5, 0.7, 2)
+    entries = out.choices[0].logprobs.content
+    assert [e.token for e in entries] == [text_of(t) for t in ids]
+    for i, e in enumerate(entries):
+        assert abs(e.logprob - ref[i, ids[i]]) <= 1e-3 and bytes(e.bytes).decode() == e.token
+        check_top({a.token: a.logprob for a in e.top_logprobs}, ref[i], 4)
+    r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=1).choices[0].logprobs is None
+
+
 def test_max_tokens_beyond_the_context_names_the_limit(server):
     prompt_tokens = len(server.engine.tokenizer.encode(PROMPT))
     room = server.engine.max_model_len - prompt_tokens
@@ -354,7 +406,7 @@ def test_replacing_an_adapter_while_a_stream_runs_on_the_old_version(server, cli
     old version: the load succeeds at once, the stream ends with the old version's text, the
     next request gets the new version's, and no adapter page is left pinned."""
     old, new = server.root / "lora2", server.root / "lora3"
-    greedy = dict(prompt=PROMPT, max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+    greedy = dict(prompt=PROMPT, max_tokens=120, temperature=0, extra_body={"ignore_eos": True})
     want_old = client.completions.create(model="lora2", **greedy).choices[0].text
     want_new = client.completions.create(model="lora3", **greedy).choices[0].text
     assert want_old != want_new
@@ -362,6 +414,7 @@ def test_replacing_an_adapter_while_a_stream_runs_on_the_old_version(server, cli
         assert http.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(old)}).status_code == 200
         stream = iter(client.completions.create(model="swap", stream=True, **greedy))
         text = next(stream).choices[0].text  # the old version is running
+        assert server.engine.stats()["adapters_pinned"] >= 1  # still running (120 tokens take seconds here)
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(new)})
         assert r.status_code == 200, r.text

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import jax
 import numpy as np
 
 from .. import compile_stats
@@ -429,17 +430,26 @@ class EngineCore:
 
     # --- outputs ----------------------------------------------------------------------------
     def _process(self, launched: list[Launched]) -> None:
-        read = [(np.asarray(step.tokens), np.asarray(step.logprobs)) for step in launched]  # waits for the device
+        read = [np.asarray(step.tokens) for step in launched]  # waits for the device
         if self._in_flight_step is not None and self.step_log is not None:
             self.step_log.read(*self._in_flight_step, time.perf_counter(), self._stall)
             self._in_flight_step = None
         self._stall = 0.0
-        for step, (tokens, logprobs) in zip(launched, read, strict=True):
+        for step, tokens in zip(launched, read, strict=True):
+            logprobs = None  # read from the device only when one of the step's rows asked
             for i, request in enumerate(step.requests):
                 if request is None or request.status is Status.FINISHED:
                     continue  # a chunk that samples nothing, or a token past the end
                 request.pending -= 1
-                ended, event = self.outputs.append(request, int(tokens[i]), float(logprobs[i]))
+                chosen, top = 0.0, None
+                if request.params.logprobs:
+                    if logprobs is None:
+                        logprobs = jax.tree.map(np.asarray, step.logprobs)
+                    chosen = float(logprobs.chosen[i])
+                    k = request.params.top_logprobs
+                    if k:
+                        top = list(zip(logprobs.top_ids[i, :k].tolist(), logprobs.top[i, :k].tolist(), strict=True))
+                ended, event = self.outputs.append(request, int(tokens[i]), chosen, top=top)
                 if ended is not None:
                     self._end(request, *ended)
                 else:

@@ -54,6 +54,8 @@ class RequestOutput:
     finish_reason: str  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[float] | None = None  # log-probability of each generated token, if asked
+    # per generated token, its `top_logprobs` likeliest (token id, log-probability), if asked
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     metrics: RequestMetrics | None = None
     prompt: str | None = None
 
@@ -167,12 +169,15 @@ class OutputProcessor:
     returned for the core to deliver."""
 
     @staticmethod
-    def append(request: Request, token: int, logprob: float, now: float | None = None):
+    def append(request: Request, token: int, logprob: float, now: float | None = None, top=None):
         """Record one sampled token (read at `now`, default the wall clock; a simulator passes
-        its own). Returns ((finish_reason, stop_reason), None) if it ends the request, else
-        (None, the StreamEvent carrying its text)."""
+        its own), its log-probability and `top` [(token id, log-probability)]. Returns
+        ((finish_reason, stop_reason), None) if it ends the request, else (None, the
+        StreamEvent carrying its text)."""
         request.output_ids.append(token)
         request.logprobs.append(logprob)
+        if top is not None:
+            request.top_logprobs.append(top)
         if request.first_token is None:
             request.first_token = time.perf_counter() if now is None else now
         detok = request.detokenizer
@@ -220,6 +225,7 @@ class OutputProcessor:
             finish_reason=request.finish_reason,
             stop_reason=stop_reason,
             logprobs=list(request.logprobs) if request.params.logprobs else None,
+            top_logprobs=list(request.top_logprobs) if request.params.top_logprobs else None,
             metrics=metrics,
             prompt=request.prompt_text,
         )

@@ -41,7 +41,7 @@ from ..pallas.attention import cpu as cpu_attention
 from ..pallas.attention import ops as attention
 from ..pallas.lora import ops as lora_ops
 from .compile_plan import Buckets, CompilePlan, ExecutableCache, Spec, fingerprint
-from .sampling import SamplingInputs, sample
+from .sampling import Logprobs, SamplingInputs, sample
 from .scheduler import DecodeRow, PrefillRow, Request
 from .state import DecodeMetadata, EngineState, KVCache, PrefillMetadata, device_zeros
 
@@ -62,7 +62,7 @@ class Launched:
 
     requests: list[Request | None]
     tokens: jax.Array  # [padded_rows] i32
-    logprobs: jax.Array  # [padded_rows] f32
+    logprobs: Logprobs  # [padded_rows] of each field
 
 
 @dataclass(frozen=True)
@@ -308,9 +308,9 @@ class ModelRunner:
         return self._launched([row.request if row.final else None for row in rows], new, logprobs)
 
     @staticmethod
-    def _launched(requests, new, logprobs) -> Launched:
-        new.copy_to_host_async()
-        logprobs.copy_to_host_async()
+    def _launched(requests, new, logprobs: Logprobs) -> Launched:
+        for array in (new, *jax.tree.leaves(logprobs)):
+            array.copy_to_host_async()
         return Launched(requests, new, logprobs)
 
     def score(self, segments: list[Segment]) -> list[np.ndarray]:

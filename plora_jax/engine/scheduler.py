@@ -69,6 +69,7 @@ class Request:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.top_logprobs
     prefill_ids: list[int] = field(default_factory=list)  # what the current admission prefills
     num_computed: int = 0  # tokens whose K/V are in the cache
     prefilled: bool = False  # the newest token lives in the device buffer; decode may run
