@@ -30,17 +30,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plora_jax.engine.outputs import RequestFailed
+from plora_jax.engine.outputs import RequestFailed, RequestOutput
 from plora_jax.lora.peft import AdapterError
 
 from .metrics import ServerMetrics
 from .protocol import (
     ApiError,
+    EchoedPrompt,
     GenerationRequest,
     chunk,
     fit_max_tokens,
     new_id,
     parse_request,
+    prompt_logprobs,
     response,
     usage_chunk,
 )
@@ -186,6 +188,7 @@ def build_app(state: ServerState) -> FastAPI:
             )
             for p in req.prompts
         ]
+        echoed = await echo_prompts(req) if req.echo else None
         choices = req.choices(per_prompt)
         if len(choices) > max(1, state.max_queue):  # could never be admitted (one choice always may be, later)
             message = f"{len(choices)} choices (prompts x n) are more than the queue holds ({state.max_queue})"
@@ -193,6 +196,11 @@ def build_app(state: ServerState) -> FastAPI:
         if engine.stats()["waiting"] + len(choices) > state.max_queue:
             metrics.finished(endpoint, "429")
             raise ApiError(429, f"the waiting queue is full ({state.max_queue} requests); retry later")
+        rid, token_text = new_id(chat), lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
+        if req.score_only:  # echo with max_tokens 0: the prompts' scores are the whole answer
+            outputs = [RequestOutput("", e.ids, [], "", "length", logprobs=[], top_logprobs=[]) for e in echoed]
+            metrics.finished(endpoint, "200")
+            return response(req, rid, [o for o in outputs for _ in range(req.n)], token_text, echoed)
         handles = []
         try:
             for prompt, params in choices:
@@ -204,7 +212,6 @@ def build_app(state: ServerState) -> FastAPI:
                 raise
             metrics.finished(endpoint, "400")
             raise ApiError(400, str(e)) from None
-        rid = new_id(chat)
         if req.stream:
             return StreamingResponse(_stream(req, rid, handles, endpoint), media_type="text/event-stream")
         try:
@@ -216,7 +223,29 @@ def build_app(state: ServerState) -> FastAPI:
             for handle in handles:
                 handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
         metrics.finished(endpoint, "200", *outputs)
-        return response(req, rid, outputs, lambda t: engine.tokenizer.decode([t], skip_special_tokens=False))
+        return response(req, rid, outputs, token_text, echoed)
+
+    async def echo_prompts(req: GenerationRequest) -> list[EchoedPrompt]:
+        """Each prompt's text and ids, with logprobs its scores (the engine's scoring path, off
+        the event loop)."""
+        logits_of = getattr(engine, "logits", None)
+        if logits_of is None:
+            raise ApiError(400, "'echo' is not supported by this server's engine (it cannot score prompts)", "echo")
+        echoed = []
+        for prompt in req.prompts:
+            ids = prompt if isinstance(prompt, list) else engine.tokenizer.encode(prompt)
+            text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids, skip_special_tokens=False)
+            echo = EchoedPrompt(text, list(ids))
+            if req.params.logprobs:
+                try:
+                    logits = await asyncio.to_thread(logits_of, ids, req.adapter)
+                except ValueError as e:
+                    raise ApiError(400, str(e), "prompt") from None
+                echo.logprobs, echo.top_logprobs = prompt_logprobs(
+                    logits, echo.ids, req.params.temperature, req.params.top_logprobs
+                )
+            echoed.append(echo)
+        return echoed
 
     async def _stream(req: GenerationRequest, rid: str, handles: list, endpoint: str):
         """The choices' events merged as they come (each chunk carries its choice's index); an

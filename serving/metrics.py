@@ -37,6 +37,7 @@ def engine_values(stats: dict) -> dict[str, tuple[str, float]]:
     }
     if "adapter_pool_bytes" in stats:
         values |= {
+            "plora_adapters_pinned": ("Device adapters in use by running requests", stats.get("adapters_pinned")),
             "plora_adapter_pool_utilisation": (
                 "Live adapter bytes at true rank / device bytes reserved for resident adapters",
                 adapter_mem_util(stats.get("adapter_live_bytes", 0), stats.get("adapter_reserved_bytes", 0)),

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from plora_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
@@ -53,6 +55,8 @@ class GenerationRequest:
     chat: bool
     max_tokens_field: str | None = None  # the field that set max_tokens; None: omitted (up to the context)
     n: int = 1  # samples of each prompt
+    echo: bool = False  # completions: the answer repeats the prompt (with its logprobs, if asked)
+    score_only: bool = False  # echo with max_tokens 0: nothing is generated
 
     def choices(self, params_per_prompt: list[SamplingParams]) -> list[tuple[str | list[int], SamplingParams]]:
         """(prompt, params) of every choice, in OpenAI's order (prompt by prompt, then sample by
@@ -98,7 +102,6 @@ UNSUPPORTED_FIELDS = {
     "best_of": (1,),
     "frequency_penalty": (0,),
     "presence_penalty": (0,),
-    "echo": (False,),
     "logit_bias": ({},),
     "suffix": ("",),
     "tools": ([],),
@@ -207,12 +210,18 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
     logprobs, top_logprobs = _logprobs(body, chat)
     if logprobs and stream:
         raise ApiError(400, "'logprobs' with 'stream' is not supported (ask without streaming)", "logprobs")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise ApiError(400, f"'echo' must be true or false, got {echo!r}", "echo")
+    if echo and (chat or stream):
+        raise ApiError(400, "'echo' is supported for completions without 'stream' only", "echo")
+    max_tokens = _number(body, max_name, 1, int, 0 if echo else 1)
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
         raise ApiError(400, f"'seed' must be an integer in [0, 2**32), got {seed!r}", "seed")
     try:
         params = SamplingParams(
-            max_tokens=_number(body, max_name, 1, int, 1),
+            max_tokens=max(1, max_tokens),  # 0 (echo only): nothing is submitted
             temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
             top_p=_number(body, "top_p", 1.0, float, 1e-9, 1.0),
             seed=seed,
@@ -224,7 +233,8 @@ def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     given = max_name if body.get(max_name) is not None else None
-    return GenerationRequest(model, None, prompts, params, stream, bool(options.get("include_usage")), chat, given, n)
+    include_usage, echo, score_only = bool(options.get("include_usage")), bool(echo), max_tokens == 0
+    return GenerationRequest(model, None, prompts, params, stream, include_usage, chat, given, n, echo, score_only)
 
 
 def fit_max_tokens(req: GenerationRequest, prompt_tokens: int, max_model_len: int) -> SamplingParams:
@@ -232,7 +242,7 @@ def fit_max_tokens(req: GenerationRequest, prompt_tokens: int, max_model_len: in
     the prompt (vLLM's rule); given and larger than that, it is a 400 naming the field and the
     limit. A prompt that fills the context is left to the engine, whose error names the prompt."""
     room = max_model_len - prompt_tokens
-    if room <= 0:
+    if room <= 0 or req.score_only:
         return req.params
     if req.max_tokens_field is None:
         return dataclasses.replace(req.params, max_tokens=room)
@@ -268,15 +278,47 @@ def usage_of(req: GenerationRequest, outputs) -> dict:
     return usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))
 
 
-def completion_logprobs(out, token_text) -> dict:
-    """Completions' shape: parallel lists over the generated tokens; `text_offset` is each
-    token's start in the concatenated token strings."""
-    tokens = [token_text(t) for t in out.token_ids]
+@dataclass
+class EchoedPrompt:
+    """A prompt repeated in its answer (`echo`): its text, ids and, with logprobs, each token's
+    log-probability and alternatives (None for the first, which nothing predicts)."""
+
+    text: str
+    ids: list[int]
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+def prompt_logprobs(logits: np.ndarray, ids: list[int], temperature: float, top: int) -> tuple[list, list]:
+    """The prompt's own log-probabilities from its logits [len(ids), vocab]: token i under the
+    distribution after token i - 1, scaled by the temperature as generated tokens are."""
+    scaled = np.asarray(logits[:-1], np.float32) / np.float32(temperature or 1.0)
+    peak = scaled.max(axis=-1, keepdims=True)
+    norm = (peak + np.log(np.exp(scaled - peak).sum(axis=-1, keepdims=True)))[:, 0]
+    rows = np.arange(len(ids) - 1)
+    chosen = scaled[rows, ids[1:]] - norm
+    tops: list = [None]
+    for i in rows:
+        best = np.argpartition(-scaled[i], top)[:top] if top else np.array([], int)
+        best = best[np.argsort(-scaled[i, best])]
+        tops.append([(int(t), float(scaled[i, t] - norm[i])) for t in best])
+    return [None, *chosen.tolist()], tops
+
+
+def completion_logprobs(out, token_text, echoed: EchoedPrompt | None = None) -> dict:
+    """Completions' shape: parallel lists over the tokens (the prompt's first, when echoed);
+    `text_offset` is each token's start in the concatenated token strings."""
+    ids, logprobs = list(out.token_ids), list(out.logprobs)
+    alternatives = list(out.top_logprobs or [[] for _ in ids])
+    if echoed is not None:
+        ids, logprobs = echoed.ids + ids, echoed.logprobs + logprobs
+        alternatives = list(echoed.top_logprobs) + alternatives
+    tokens = [token_text(t) for t in ids]
     offsets = [0]
     for text in tokens[:-1]:
         offsets.append(offsets[-1] + len(text))
-    top = [{token_text(t): lp for t, lp in alts} for alts in out.top_logprobs or [[] for _ in tokens]]
-    return {"tokens": tokens, "token_logprobs": out.logprobs, "top_logprobs": top, "text_offset": offsets}
+    top = [None if alts is None else {token_text(t): lp for t, lp in alts} for alts in alternatives]
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 def chat_logprobs(out, token_text) -> dict:
@@ -295,9 +337,10 @@ def chat_logprobs(out, token_text) -> dict:
     }
 
 
-def response(req: GenerationRequest, rid: str, outputs, token_text=None) -> dict:
+def response(req: GenerationRequest, rid: str, outputs, token_text=None, echoed=None) -> dict:
     """The whole answer: one choice per output, indexed in order. `token_text(id)`: a token's
-    text, for log-probabilities (when the request asked for them)."""
+    text, for log-probabilities (when the request asked for them); `echoed`: per prompt, its
+    `EchoedPrompt` (with `echo`)."""
     choices = []
     for index, out in enumerate(outputs):
         reason = openai_finish_reason(out.finish_reason)
@@ -306,8 +349,10 @@ def response(req: GenerationRequest, rid: str, outputs, token_text=None) -> dict
             logprobs = chat_logprobs(out, token_text) if req.params.logprobs else None
             choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": logprobs})
         else:
-            logprobs = completion_logprobs(out, token_text) if req.params.logprobs else None
-            choices.append({"index": index, "text": out.text, "finish_reason": reason, "logprobs": logprobs})
+            echo = echoed[index // req.n] if echoed else None
+            logprobs = completion_logprobs(out, token_text, echo) if req.params.logprobs else None
+            text = echo.text + out.text if echo else out.text
+            choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs})
     return {
         "id": rid,
         "object": "chat.completion" if req.chat else "text_completion",

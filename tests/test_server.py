@@ -236,7 +236,9 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
         ({"model": "llama", "prompt": "x", "suffix": "!"}, 400, "suffix"),
         ({"model": "llama", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
         ({"model": "llama", "prompt": "x", "logprobs": 2, "stream": True}, 400, "logprobs"),
-        ({"model": "llama", "prompt": "x", "echo": True}, 400, "echo"),
+        ({"model": "llama", "prompt": "x", "echo": "yes"}, 400, "echo"),
+        ({"model": "llama", "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
+        ({"model": "llama", "prompt": "x", "echo": False, "max_tokens": 0}, 400, "max_tokens"),
         ({"model": "llama", "prompt": "x", "logit_bias": {"13": 5}}, 400, "logit_bias"),
         ({"model": "llama", "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
         ({"model": "llama"}, 400, "prompt"),
@@ -367,6 +369,38 @@ def test_logprobs_equal_transformers_log_softmax(server, client, hf_model):
     r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=1).choices[0].logprobs is None
+
+
+def test_echo_returns_the_prompt_with_its_logprobs(server, client, hf_model):
+    """lm-evaluation-harness's loglikelihood request (echo, max_tokens 0, logprobs 1): the
+    prompt's tokens with transformers' log-softmax at each position (the first: null); with
+    max_tokens 3, the generated tokens follow, as the request without echo gives them."""
+    import torch
+
+    tokenizer = server.engine.tokenizer
+    text_of = lambda t: tokenizer.decode([t], skip_special_tokens=False)
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0], dim=-1).numpy()
+    out = client.completions.create(model="llama", prompt=PROMPT, echo=True, max_tokens=0, logprobs=1)
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == PROMPT and lp.tokens == [text_of(t) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-3)
+    for i, top in enumerate(lp.top_logprobs[1:]):
+        ((text, value),) = top.items()
+        assert text == text_of(int(np.argmax(ref[i]))) and abs(value - ref[i].max()) <= 1e-3
+    greedy = dict(model="llama", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=0)
+    more = client.completions.create(echo=True, **greedy).choices[0]
+    alone = client.completions.create(**greedy).choices[0]
+    assert more.text == PROMPT + alone.text
+    assert more.logprobs.tokens == lp.tokens + alone.logprobs.tokens
+    np.testing.assert_allclose(more.logprobs.token_logprobs[len(ids) :], alone.logprobs.token_logprobs, atol=1e-5)
+    by_ids = client.completions.create(model="llama", prompt=ids, echo=True, max_tokens=1)
+    assert by_ids.choices[0].text.startswith(tokenizer.decode(ids, skip_special_tokens=False))
+    r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
 def test_max_tokens_beyond_the_context_names_the_limit(server):
