@@ -40,6 +40,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_server(model: str, adapter_dir: Path, flags: list[str]) -> tuple[subprocess.Popen, str, float]:
+    """`python -m serving.main` on a free local port with `adapter_dir`, waited for until /health
+    answers 200 (warm-up included): (the process, its URL, seconds to ready)."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "serving.main", "--model", model, "--port", str(port)]
+    command += ["--adapter-dir", str(adapter_dir), "--log-level", "warning", *flags]
+    started = time.perf_counter()
+    server = subprocess.Popen(command, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url, time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)  # polling another process's health endpoint
+
+
 async def client_loop(client, models, requests: int, offset: int, max_tokens: int, records: list) -> None:
     for k in range(requests):
         model = models[(offset + k) % len(models)]
@@ -109,40 +131,9 @@ def main(argv=None) -> int:
             save_random_adapter(
                 root / f"lora{i}", smollm2_135m(), rank, ("q_proj", "k_proj", "v_proj", "o_proj"), seed=i
             )
-        port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "serving.main",
-            "--model",
-            args.model,
-            "--port",
-            str(port),
-            "--adapter-dir",
-            str(root),
-            "--max-num-seqs",
-            str(args.max_num_seqs),
-            "--max-model-len",
-            "1024",
-            "--max-queue",
-            "1024",
-            "--log-level",
-            "warning",
-        ]
-        started = time.perf_counter()
-        server = subprocess.Popen(command, env=os.environ.copy())
-        url = f"http://127.0.0.1:{port}"
+        flags = ["--max-num-seqs", str(args.max_num_seqs), "--max-model-len", "1024", "--max-queue", "1024"]
+        server, url, ready_s = launch_server(args.model, root, flags)
         try:
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"the server exited with {server.returncode}")
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-            ready_s = time.perf_counter() - started
             print(f"machine: {machine()}\nserver ready in {ready_s:.0f} s (warm-up included)", flush=True)
             models = ["llama", *(f"lora{i}" for i in range(args.adapters))]
             results = []
