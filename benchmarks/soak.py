@@ -14,7 +14,7 @@ still waiting for the adapter when it was unloaded), or lost (none of those: the
 without a finish chunk or the client raised anything else). Printed and in `--json`: the
 counts, 5xx responses, the swaps and their failed calls, the requests for the swapped adapter
 answered 404 (the gap between the unload and the load), the server's resident memory at ready,
-after the first minute and at the end, and, once idle, the KV blocks, adapter pins and running
+after the first minute, every 10 s and at the end, and, once idle, the KV blocks, adapter pins and running
 requests left (from /metrics), and the server's exit code after SIGTERM.
 """
 
@@ -116,7 +116,7 @@ async def swapper(url: str, folders: list[Path], soak: Soak, deadline: float, co
 
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         turn = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() + soak.swap_every_s < deadline:
             await asyncio.sleep(soak.swap_every_s)  # the swap's period, not a wait for another task
             turn += 1
             unload = await http.post("/v1/unload_lora_adapter", json={"lora_name": SWAPPED})
@@ -145,13 +145,20 @@ async def run(url: str, folders: list[Path], soak: Soak, rss, memory: dict) -> C
     deadline = time.monotonic() + soak.minutes * 60
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
-    async def after_first_minute() -> None:
-        await asyncio.sleep(min(60.0, soak.minutes * 30))  # the sampling time of a reading
-        memory["after_first_minute_mib"] = rss()
+    async def sample_memory() -> None:
+        """The server's resident memory every 10 s (and after the first minute)."""
+        first = min(60.0, soak.minutes * 30)
+        begin = time.monotonic()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(10.0, first))  # the sampling period of a reading
+            now = time.monotonic() - begin
+            memory["series"].append((round(now, 1), round(rss(), 1)))
+            if "after_first_minute_mib" not in memory and now >= first:
+                memory["after_first_minute_mib"] = rss()
 
     tasks = [client_loop(client, models, soak, i, deadline, counts) for i in range(soak.clients)]
     tasks += [swapper(url, folders, soak, deadline, counts), scraper(url, soak, deadline, counts)]
-    await asyncio.gather(*tasks, after_first_minute())
+    await asyncio.gather(*tasks, sample_memory())
     await client.close()
     return counts
 
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         server, url, ready_s = launch_server(soak.model, root, flags)
         process = psutil.Process(server.pid)
         rss = lambda: process.memory_info().rss / 2**20
-        memory = {"ready_mib": rss()}
+        memory = {"ready_mib": rss(), "series": []}
         try:
             print(f"machine: {machine()}\nserver ready in {ready_s:.0f} s", flush=True)
             started = time.perf_counter()
@@ -212,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             "adapters_pinned": gauge(metrics, "plora_adapters_pinned"),
             "running_requests": gauge(metrics, "plora_running_requests"),
         },
+        "compiles_after_warmup": gauge(metrics, "plora_compiles_after_warmup"),
         "server_exit_code": code,
     }
     c = counts
