@@ -306,13 +306,14 @@ def test_replacing_an_adapter_while_its_old_version_runs(tmp_path):
         engine.remove_adapter("a")
         engine.add_adapter("a", new)  # at once, while the old version runs
         assert engine.has_adapter("a")
+        assert engine.stats()["adapters_retiring"] == 1 and engine.stats()["adapters_on_device"] == 0
         following = engine.submit(PROMPT, long, adapter="a")
         engine.core.run_until_idle()
         assert running.result(timeout=0).token_ids == want_old
         assert following.result(timeout=0).token_ids == want_new
         stats = engine.stats()
         assert stats["running"] == 0 and stats["kv_blocks_used"] == 0
-        assert stats["adapters_on_device"] == 1  # the new version only: the old pages are free
+        assert stats["adapters_on_device"] == 1 and stats["adapters_retiring"] == 0  # the old pages are free
         assert stats["adapter_pages_used"] == engine.adapters()[0]["num_pages"]
         engine.core.lora.check()
     finally:

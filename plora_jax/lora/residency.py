@@ -378,7 +378,8 @@ class Residency:
         self.counters["host_evictions"] = self.host.evictions
         stats = {
             "adapters_registered": len(self.entries),
-            "adapters_on_device": len(self.pages.resident),
+            "adapters_on_device": len(self.pages.resident) - len(self.removing),
+            "adapters_retiring": len(self.removing),  # removed, their pages still read by running requests
             "adapters_on_host": len(self.host),
             "adapter_pages_used": self.pages.pages_used,
             "adapter_pages_total": self.pages.num_pages - 1,
