@@ -182,13 +182,11 @@ def build_app(state: ServerState) -> FastAPI:
         body = await json_body(request)
         req = parse_request(body, chat, lambda messages: engine.tokenizer.apply_chat_template(messages))
         req.adapter = resolve_model(req.model)
-        per_prompt = [
-            fit_max_tokens(
-                req, len(p) if isinstance(p, list) else len(engine.tokenizer.encode(p)), engine.max_model_len
-            )
-            for p in req.prompts
-        ]
-        echoed = await echo_prompts(req) if req.echo else None
+        # Tokenized once here: the lengths fit max_tokens, and the engine gets the ids.
+        texts = [p if isinstance(p, str) else None for p in req.prompts]
+        req.prompts = [p if isinstance(p, list) else engine.tokenizer.encode(p) for p in req.prompts]
+        per_prompt = [fit_max_tokens(req, len(ids), engine.max_model_len) for ids in req.prompts]
+        echoed = await echo_prompts(req, texts) if req.echo else None
         choices = req.choices(per_prompt)
         if len(choices) > max(1, state.max_queue):  # could never be admitted (one choice always may be, later)
             message = f"{len(choices)} choices (prompts x n) are more than the queue holds ({state.max_queue})"
@@ -225,16 +223,15 @@ def build_app(state: ServerState) -> FastAPI:
         metrics.finished(endpoint, "200", *outputs)
         return response(req, rid, outputs, token_text, echoed)
 
-    async def echo_prompts(req: GenerationRequest) -> list[EchoedPrompt]:
-        """Each prompt's text and ids, with logprobs its scores (the engine's scoring path, off
-        the event loop)."""
+    async def echo_prompts(req: GenerationRequest, texts: list[str | None]) -> list[EchoedPrompt]:
+        """Each prompt's text (as sent, or decoded from its ids) and ids, with logprobs its
+        scores (the engine's scoring path, off the event loop)."""
         logits_of = getattr(engine, "logits", None)
         if logits_of is None:
             raise ApiError(400, "'echo' is not supported by this server's engine (it cannot score prompts)", "echo")
         echoed = []
-        for prompt in req.prompts:
-            ids = prompt if isinstance(prompt, list) else engine.tokenizer.encode(prompt)
-            text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids, skip_special_tokens=False)
+        for ids, text in zip(req.prompts, texts, strict=True):
+            text = text if text is not None else engine.tokenizer.decode(ids, skip_special_tokens=False)
             echo = EchoedPrompt(text, list(ids))
             if req.params.logprobs:
                 try:

@@ -16,9 +16,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from plora_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from plora_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, logprobs_of
 
 
 class ApiError(Exception):
@@ -292,17 +293,11 @@ class EchoedPrompt:
 def prompt_logprobs(logits: np.ndarray, ids: list[int], temperature: float, top: int) -> tuple[list, list]:
     """The prompt's own log-probabilities from its logits [len(ids), vocab]: token i under the
     distribution after token i - 1, scaled by the temperature as generated tokens are."""
-    scaled = np.asarray(logits[:-1], np.float32) / np.float32(temperature or 1.0)
-    peak = scaled.max(axis=-1, keepdims=True)
-    norm = (peak + np.log(np.exp(scaled - peak).sum(axis=-1, keepdims=True)))[:, 0]
-    rows = np.arange(len(ids) - 1)
-    chosen = scaled[rows, ids[1:]] - norm
-    tops: list = [None]
-    for i in rows:
-        best = np.argpartition(-scaled[i], top)[:top] if top else np.array([], int)
-        best = best[np.argsort(-scaled[i, best])]
-        tops.append([(int(t), float(scaled[i, t] - norm[i])) for t in best])
-    return [None, *chosen.tolist()], tops
+    rows = len(ids) - 1
+    lp = logprobs_of(jnp.asarray(logits[:-1]), jnp.asarray(ids[1:], jnp.int32), jnp.full((rows,), temperature))
+    chosen, top_ids, top_lps = (np.asarray(x) for x in (lp.chosen, lp.top_ids, lp.top))
+    tops = [list(zip(top_ids[i, :top].tolist(), top_lps[i, :top].tolist(), strict=True)) for i in range(rows)]
+    return [None, *chosen.tolist()], [None, *tops]
 
 
 def completion_logprobs(out, token_text, echoed: EchoedPrompt | None = None) -> dict:

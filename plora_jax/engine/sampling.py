@@ -104,6 +104,17 @@ class Logprobs:
     top: jax.Array  # [batch, MAX_TOP_LOGPROBS] f32, their log-probabilities
 
 
+def logprobs_of(logits: jax.Array, tokens: jax.Array, temperature: jax.Array) -> Logprobs:
+    """`Logprobs` of `tokens` [batch] under `logits` [batch, vocab] / `temperature` [batch] (0: the
+    model's own): log_softmax without the full array, scaled - logsumexp(scaled). The sampler's
+    and the server's (a prompt's own tokens, for `echo`)."""
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    norm = jax.nn.logsumexp(scaled, axis=-1)
+    chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - norm
+    top, top_ids = jax.lax.top_k(scaled, MAX_TOP_LOGPROBS)
+    return Logprobs(chosen, top_ids.astype(jnp.int32), top - norm[:, None])
+
+
 def sample(logits: jax.Array, inputs: SamplingInputs) -> tuple[jax.Array, Logprobs]:
     """Tokens [batch] i32 and their `Logprobs` (zeros when no row asked for them: the reductions
     over the vocabulary cost milliseconds per step on CPU)."""
@@ -111,12 +122,7 @@ def sample(logits: jax.Array, inputs: SamplingInputs) -> tuple[jax.Array, Logpro
     batch = tokens.shape[0]
 
     def logprobs(_):
-        # log_softmax(logits / T) without the full array: scaled - logsumexp(scaled).
-        scaled = logits / jnp.where(inputs.temperature > 0, inputs.temperature, 1.0)[:, None]
-        norm = jax.nn.logsumexp(scaled, axis=-1)
-        chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - norm
-        top, top_ids = jax.lax.top_k(scaled, MAX_TOP_LOGPROBS)
-        return Logprobs(chosen, top_ids.astype(jnp.int32), top - norm[:, None])
+        return logprobs_of(logits, tokens, inputs.temperature)
 
     def zeros(_):
         empty = jnp.zeros((batch, MAX_TOP_LOGPROBS), jnp.float32)
