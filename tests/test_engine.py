@@ -99,6 +99,59 @@ def test_logprobs_are_those_of_the_distribution_sampled_from(tiny_engine):
         SamplingParams(logprobs=True, top_logprobs=21)
 
 
+def penalised_greedy(engine, prompt, sp) -> list[int]:
+    """Greedy tokens under `sp`'s penalties, by hand: the model's logits of each position
+    (`Engine.logits`), penalised in numpy as OpenAI and vLLM define it, then the argmax."""
+    out: list[int] = []
+    for _ in range(sp.max_tokens):
+        logits = engine.logits(prompt + out)[-1].astype(np.float64)
+        counts = np.bincount(np.asarray(out, np.int64), minlength=logits.size)
+        seen = counts > 0
+        seen[prompt] = True
+        rep = sp.repetition_penalty
+        logits = np.where(seen, np.where(logits > 0, logits / rep, logits * rep), logits)
+        logits -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
+        out.append(int(np.argmax(logits)))
+    return out
+
+
+PENALTIES = [
+    dict(frequency_penalty=1.5),
+    dict(presence_penalty=2.0),
+    dict(repetition_penalty=3.0),
+    dict(frequency_penalty=-0.5, presence_penalty=0.5, repetition_penalty=0.8),
+]
+
+
+@pytest.mark.parametrize("penalty", PENALTIES, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_penalties_change_greedy_output_as_computed_by_hand(tiny_engine, penalty):
+    """Each penalty, sampled in one batch with an unpenalised request and a second penalised
+    one, gives the hand-computed greedy tokens; without it the tokens differ (so a sampler that
+    ignored it fails), and the unpenalised neighbour is untouched."""
+    prompt = [7, 7, 7, 9, 3, 7]
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, **penalty)
+    expected = penalised_greedy(tiny_engine, prompt, sp)
+    reference = tiny_engine.generate([prompt], plain)[0].token_ids
+    assert expected != reference
+    outs = tiny_engine.generate([prompt, [1, 2, 3, 2, 1], prompt], [sp, sp, plain])
+    assert outs[0].token_ids == expected
+    assert outs[1].token_ids == penalised_greedy(tiny_engine, [1, 2, 3, 2, 1], sp)
+    assert outs[2].token_ids == reference
+
+
+def test_penalties_survive_preemption_and_slot_reuse():
+    """A penalised request preempted under block pressure (its tables rebuilt by the recompute
+    prefill) and requests reusing its slots give the same tokens as with room for all."""
+    ps = prompts(6, seed=9)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, frequency_penalty=0.7, repetition_penalty=1.3)
+    with make_engine(num_kv_blocks=20) as small, make_engine(num_kv_blocks=200) as large:
+        pressured = small.generate(ps, sp)
+        assert small.stats()["num_preemptions"] > 0
+        assert [o.token_ids for o in pressured] == [o.token_ids for o in large.generate(ps, sp)]
+        assert pressured[0].token_ids == penalised_greedy(large, ps[0], sp)
+
+
 def test_no_compiles_after_warmup_over_mixed_steps():
     """Arrivals, finishes, cancels and preemptions over 200+ steps trigger no compilation."""
     with make_engine(
@@ -221,6 +274,9 @@ def test_bad_input_names_the_field_and_others_keep_running(tiny_engine):
         ("top_k", -2, "top_k must be"),
         ("seed", -1, "seed must be"),
         ("stop", [""], "stop must be"),
+        ("frequency_penalty", 2.5, r"frequency_penalty must be a number in \[-2, 2\]"),
+        ("presence_penalty", "1", r"presence_penalty must be a number in \[-2, 2\]"),
+        ("repetition_penalty", 0, r"repetition_penalty must be a number in \[0.01, 100.0\]"),
     ],
 )
 def test_sampling_params_validation(field, value, message):

@@ -9,9 +9,13 @@ Steps (each one jitted function, defined once, donating what it updates):
 
 - `decode`: one token per row. The row's input token is read from the device buffer
   `last_tokens[seq_slot]`, so a decode never waits for the host to see the previous token; the
-  sampler runs in the same executable and writes the new token back to that buffer.
+  sampler runs in the same executable and writes the new token back to that buffer (and counts
+  it in the penalty tables).
 - `prefill`: the packed chunks of up to `max_prefill_seqs` requests in one row of tokens; the
-  last token of every segment whose chunk ends its prompt is sampled and written back.
+  last token of every segment whose chunk ends its prompt is sampled and written back. A
+  request's first chunk clears its slot's penalty tables; every chunk's tokens are entered
+  there (prompt tokens as seen, the tokens a preempted request had generated as counts), so
+  the tables follow recompute without the host sending them.
 - `score`: logits of every token of packed chunks (`Engine.logits`).
 - `commit`: an adapter's staged pages into the pool (called by the adapter manager).
 
@@ -41,7 +45,7 @@ from ..pallas.attention import cpu as cpu_attention
 from ..pallas.attention import ops as attention
 from ..pallas.lora import ops as lora_ops
 from .compile_plan import Buckets, CompilePlan, ExecutableCache, Spec, fingerprint
-from .sampling import Logprobs, SamplingInputs, sample
+from .sampling import Logprobs, PenaltyTables, SamplingInputs, penalised_logits, sample
 from .scheduler import DecodeRow, PrefillRow, Request
 from .state import DecodeMetadata, EngineState, KVCache, PrefillMetadata, device_zeros
 
@@ -63,6 +67,19 @@ class Launched:
     requests: list[Request | None]
     tokens: jax.Array  # [padded_rows] i32
     logprobs: Logprobs  # [padded_rows] of each field
+
+
+_STEP_DONATES = ("kv", "last_tokens", "penalties")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PrefillSlots:
+    """Where each segment of a packed prefill belongs (padding segments: `max_num_seqs`, out of range)."""
+
+    seq_slots: jax.Array  # [max_segments] i32, the segment's request's seq_slot
+    write_slots: jax.Array  # [max_segments] i32, the same where the chunk ends its prefill (a token is sampled)
+    prompt_lens: jax.Array  # [max_segments] i32, the request's prompt length (later positions: generated tokens)
 
 
 @dataclass(frozen=True)
@@ -118,12 +135,16 @@ class ModelRunner:
                 attention.k_transposed(self.attention_implementation),
             ),
             last_tokens=device_zeros((config.max_num_seqs,), _I32),
+            penalties=PenaltyTables(
+                device_zeros((config.max_num_seqs, cfg.vocab_size), _I32),
+                device_zeros((config.max_num_seqs, cfg.vocab_size), jnp.bool_),
+            ),
             lora=lora_pool,
         )
         self.buckets = Buckets.build(config, max_model_len, max_lora_pages if lora_pool is not None else 0)
         specs = {
-            "decode": Spec(jax.jit(self._decode_step, donate_argnames=("kv", "last_tokens")), self._decode_args),
-            "prefill": Spec(jax.jit(self._prefill_step, donate_argnames=("kv", "last_tokens")), self._prefill_args),
+            "decode": Spec(jax.jit(self._decode_step, donate_argnames=_STEP_DONATES), self._decode_args),
+            "prefill": Spec(jax.jit(self._prefill_step, donate_argnames=_STEP_DONATES), self._prefill_args),
             "score": Spec(jax.jit(self._score_step, donate_argnames=("kv",)), self._score_args),
         }
         if lora_pool is not None:
@@ -142,18 +163,27 @@ class ModelRunner:
         self._lazy = not config.warmup  # build executables on first use instead of at warm-up
 
     # --- traced step functions --------------------------------------------------------------
-    def _decode_step(self, params, kv, last_tokens, seq_slots, meta, lora, sampling):
+    def _decode_step(self, params, kv, last_tokens, penalties, seq_slots, meta, lora, sampling):
         tokens = last_tokens.at[seq_slots].get(mode="clip")  # padding rows' out-of-range slots clip
         logits, kv = self.model.apply({"params": params}, tokens, kv, meta, None, lora)
-        new, logprobs = sample(logits, sampling)
-        return kv, last_tokens.at[seq_slots].set(new, mode="drop"), new, logprobs
+        new, logprobs = sample(penalised_logits(logits, penalties, seq_slots, sampling), sampling)
+        penalties = penalties.record(seq_slots, new)
+        return kv, last_tokens.at[seq_slots].set(new, mode="drop"), penalties, new, logprobs
 
-    def _prefill_step(self, params, kv, last_tokens, tokens, meta, lora, sampling, write_slots):
+    def _prefill_step(self, params, kv, last_tokens, penalties, tokens, meta, lora, sampling, slots):
+        # slots: a PrefillSlots; padding segments carry an out-of-range slot (writes dropped).
+        drop = last_tokens.shape[0]
+        segment = jnp.maximum(meta.segment_ids, 0)
+        token_slots = jnp.where(meta.segment_ids >= 0, slots.seq_slots[segment], drop)
+        first_chunk = jnp.where(meta.seq_starts == 0, slots.seq_slots, drop)
+        is_prompt = meta.positions < slots.prompt_lens[segment]
+        penalties = penalties.admit(first_chunk, tokens, token_slots, is_prompt)
         logits, kv = self.model.apply({"params": params}, tokens, kv, meta, meta.logits_indices, lora)
-        new, logprobs = sample(logits, sampling)
-        # Segments that sample nothing (padding, a chunk that does not end its prompt) carry an
-        # out-of-range slot: their write is dropped.
-        return kv, last_tokens.at[write_slots].set(new, mode="drop"), new, logprobs
+        new, logprobs = sample(penalised_logits(logits, penalties, slots.seq_slots, sampling), sampling)
+        # Segments that sample nothing (padding, a chunk that does not end its prompt) write to
+        # an out-of-range slot: dropped.
+        penalties = penalties.record(slots.write_slots, new)
+        return kv, last_tokens.at[slots.write_slots].set(new, mode="drop"), penalties, new, logprobs
 
     def _score_step(self, params, kv, tokens, meta, lora):
         logits, kv = self.model.apply({"params": params}, tokens, kv, meta, None, lora)
@@ -169,7 +199,7 @@ class ModelRunner:
     @staticmethod
     def _sampling_args(rows: int) -> SamplingInputs:
         s = lambda dtype: jax.ShapeDtypeStruct((rows,), dtype)
-        return SamplingInputs(s(_F32), s(_I32), s(_F32), s(_U32), s(_I32), s(jnp.bool_))
+        return SamplingInputs(s(_F32), s(_I32), s(_F32), s(_U32), s(_I32), s(jnp.bool_), s(_F32), s(_F32), s(_F32))
 
     def _prefill_meta_args(self, tokens: int) -> PrefillMetadata:
         t = jax.ShapeDtypeStruct((tokens,), _I32)
@@ -182,7 +212,16 @@ class ModelRunner:
         meta = DecodeMetadata(r, r, jax.ShapeDtypeStruct((rows, self.buckets.max_blocks), _I32), r)
         state = _abstract(self.state)
         lora = self._lora_args(rows, grouped=False)
-        return (_abstract(self.params), state.kv, state.last_tokens, r, meta, lora, self._sampling_args(rows))
+        return (
+            _abstract(self.params),
+            state.kv,
+            state.last_tokens,
+            state.penalties,
+            r,
+            meta,
+            lora,
+            self._sampling_args(rows),
+        )
 
     def _prefill_args(self, tokens: int) -> tuple:
         segments = self.buckets.max_segments
@@ -191,11 +230,12 @@ class ModelRunner:
             _abstract(self.params),
             state.kv,
             state.last_tokens,
+            state.penalties,
             jax.ShapeDtypeStruct((tokens,), _I32),
             self._prefill_meta_args(tokens),
             self._lora_args(tokens, grouped=True),
             self._sampling_args(segments),
-            jax.ShapeDtypeStruct((segments,), _I32),
+            PrefillSlots(*(jax.ShapeDtypeStruct((segments,), _I32),) * 3),
         )
 
     def _score_args(self, tokens: int) -> tuple:
@@ -219,12 +259,15 @@ class ModelRunner:
         pad = rows - len(requests)
         params = [r.params for r in requests]
         return SamplingInputs(
-            temperature=np.array([p.temperature for p in params] + [0.0] * pad, np.float32),
+            temperature=np.array([0.0 if p.greedy else p.temperature for p in params] + [0.0] * pad, np.float32),
             top_k=np.array([p.top_k for p in params] + [0] * pad, np.int32),
             top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
             seeds=np.array([r.seed for r in requests] + [0] * pad, np.uint32),
             steps=np.array(steps + [0] * pad, np.int32),
             want_logprobs=np.array([p.logprobs for p in params] + [False] * pad, np.bool_),
+            frequency_penalty=np.array([p.frequency_penalty for p in params] + [0.0] * pad, np.float32),
+            presence_penalty=np.array([p.presence_penalty for p in params] + [0.0] * pad, np.float32),
+            repetition_penalty=np.array([p.repetition_penalty for p in params] + [1.0] * pad, np.float32),
         )
 
     def _packed(self, segments: list[Segment], size: int) -> tuple[np.ndarray, PrefillMetadata, LoraBatch | None]:
@@ -285,8 +328,10 @@ class ModelRunner:
         requests = [row.request for row in rows]
         sampling = self._sampling(requests, [row.step for row in rows], size)
         state = self.state
-        kv, last, new, logprobs = step(self.params, state.kv, state.last_tokens, seq_slots, meta, lora, sampling)
-        self.state = dataclasses.replace(state, kv=kv, last_tokens=last)
+        kv, last, penalties, new, logprobs = step(
+            self.params, state.kv, state.last_tokens, state.penalties, seq_slots, meta, lora, sampling
+        )
+        self.state = dataclasses.replace(state, kv=kv, last_tokens=last, penalties=penalties)
         return self._launched(requests, new, logprobs)
 
     def prefill(self, rows: list[PrefillRow]) -> Launched:
@@ -295,16 +340,20 @@ class ModelRunner:
         size, step = self.plan.pick("prefill", total, self._lazy)
         segments = [Segment(row.token_ids, row.start, row.request.blocks, row.request.adapter_slot) for row in rows]
         tokens, meta, lora = self._packed(segments, size)
-        write_slots = np.full((self.buckets.max_segments,), self.config.max_num_seqs, np.int32)
+        width, drop = self.buckets.max_segments, self.config.max_num_seqs
+        full = lambda: np.full((width,), drop, np.int32)
+        slots = PrefillSlots(full(), full(), np.zeros(width, np.int32))
         for i, row in enumerate(rows):
+            slots.seq_slots[i] = row.request.seq_slot
+            slots.prompt_lens[i] = len(row.request.prompt_ids)
             if row.final:
-                write_slots[i] = row.request.seq_slot
-        sampling = self._sampling([row.request for row in rows], [row.step for row in rows], self.buckets.max_segments)
+                slots.write_slots[i] = row.request.seq_slot
+        sampling = self._sampling([row.request for row in rows], [row.step for row in rows], width)
         state = self.state
-        kv, last, new, logprobs = step(
-            self.params, state.kv, state.last_tokens, tokens, meta, lora, sampling, write_slots
+        kv, last, penalties, new, logprobs = step(
+            self.params, state.kv, state.last_tokens, state.penalties, tokens, meta, lora, sampling, slots
         )
-        self.state = dataclasses.replace(state, kv=kv, last_tokens=last)
+        self.state = dataclasses.replace(state, kv=kv, last_tokens=last, penalties=penalties)
         return self._launched([row.request if row.final else None for row in rows], new, logprobs)
 
     @staticmethod

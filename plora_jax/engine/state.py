@@ -96,4 +96,5 @@ class EngineState:
     # Newest sampled token of each seq_slot: the next decode reads its input here, so the host
     # never waits for a token before dispatching the step that consumes it.
     last_tokens: jax.Array  # [max_num_seqs] i32, donated to every step (padding rows' writes are dropped)
+    penalties: Any = None  # sampling.PenaltyTables ([max_num_seqs, vocab] each), donated to every step
     lora: Any = None  # LoraPool (donated to adapter commits; read by steps), None without LoRA
