@@ -33,6 +33,8 @@ def test_greedy_top_k_1_and_tiny_top_p_pick_the_argmax():
     assert (_run(logits, [0.0] * 6, [0] * 6, [1.0] * 6, range(6)) == best).all()
     assert (_run(logits, [1.5] * 6, [1] * 6, [1.0] * 6, range(6)) == best).all()
     assert (_run(logits, [1.5] * 6, [0] * 6, [1e-6] * 6, range(6)) == best).all()
+    # A top_p that rounds to 0 in float32 (the API accepts 5e-324) still keeps the likeliest token.
+    assert (_run(logits, [1.5] * 6, [0] * 6, [5e-324] * 6, range(6)) == best).all()
 
 
 def test_top_k_and_top_p_restrict_the_support():
