@@ -6,6 +6,10 @@ adapter, with rank and residency), POST /v1/load_lora_adapter and /v1/unload_lor
 (vLLM's bodies; paths must lie inside a configured adapter folder), GET /health and GET
 /metrics (Prometheus).
 
+Requests, responses and stream events are the Pydantic models of `serving.schema`, so FastAPI
+validates every body and `/openapi.json` documents all of it; `BodyGate` enforces the body-size
+limit before any parsing, and validation errors become OpenAI's error JSON naming the field.
+
 The handlers never block the event loop on the engine: requests are submitted (validation and
 tokenization happen in the caller, which is cheap) and their events awaited through the
 handle's asyncio interface. A streaming client that disconnects cancels its request, which
@@ -25,9 +29,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plora_jax.engine.outputs import RequestFailed, RequestOutput
@@ -45,6 +52,20 @@ from .protocol import (
     prompt_logprobs,
     response,
     usage_chunk,
+)
+from .schema import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    LoadLoraRequest,
+    ModelList,
+    UnloadLoraRequest,
+    describe_error,
 )
 
 log = logging.getLogger(__name__)
@@ -65,8 +86,103 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+class BodyGate:
+    """ASGI middleware in front of every POST: a body over the limit gets 413 before anything
+    parses it (a declared length at once, an undeclared one when it passes the limit), and a
+    body sent without a Content-Type is taken as JSON (some clients send none)."""
+
+    def __init__(self, app, limit_of):
+        self.app, self.limit_of = app, limit_of
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        limit = self.limit_of()
+        too_large = _error(ApiError(413, f"the request body is larger than the server's limit of {limit} bytes"))
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await too_large(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await too_large(scope, receive, send)
+        if b"content-type" not in headers:
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # after the body: the client's disconnect, which a stream watches for
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+# Every error an endpoint answers, in the schema (the body is always `ErrorResponse`).
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500)}
+_STREAMED = "With `stream`: server-sent events, each `data:` a {} (an `ErrorResponse` if it fails), then `[DONE]`."
+
+
+_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+_CHUNKS = (CompletionChunk, ChatCompletionChunk)  # documented as the event stream's items
+
+
+def _event_schema(chunk_model) -> dict:
+    """One server-sent event as OpenAPI describes it: its `data` a chunk's (or an error's) JSON,
+    or the closing `[DONE]`."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk_model, ErrorResponse)]}
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}, "event": {"type": "string"}},
+    }
+
+
+def _generation_responses(model, chunk_model) -> dict:
+    schema = _event_schema(chunk_model)
+    return {
+        200: {
+            "model": model,
+            "description": _STREAMED.format(chunk_model.__name__),
+            "content": {"text/event-stream": {"schema": schema}},
+        },
+        **_ERRORS,
+    }
+
+
+def _with_chunk_schemas(app: FastAPI):
+    """`app.openapi` with the stream chunks' models in the components (FastAPI adds only the
+    models of JSON bodies), so the event stream's `$ref`s resolve."""
+    default = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = default()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in _CHUNKS:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in body.pop("$defs", {}).items():
+                    components.setdefault(name, sub)
+                components.setdefault(model.__name__, body)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="P-LoRA", version="0.1.0")
+    app = FastAPI(title="P-LoRA", version="0.1.0", separate_input_output_schemas=False)
+    app.openapi = _with_chunk_schemas(app)
+    app.add_middleware(BodyGate, limit_of=lambda: state.max_body_bytes)
     metrics = ServerMetrics(state.engine)
     app.state.plora = state
     app.state.metrics = metrics
@@ -76,33 +192,24 @@ def build_app(state: ServerState) -> FastAPI:
     async def api_error(_: Request, e: ApiError):
         return _error(e)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, e: RequestValidationError):
+        message, param = describe_error(e.errors()[0])
+        return _error(ApiError(400, message, param))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
         status = e.status_code
         return _error(ApiError(status, str(e.detail) if status != 404 else "no such endpoint"))
 
-    def authorize(request: Request) -> None:
-        if state.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {state.api_key}":
+    bearer = HTTPBearer(auto_error=False, description="The server's API key (--api-key).")
+
+    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if credentials is None or credentials.credentials != state.api_key:
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
-    async def json_body(request: Request):
-        limit = state.max_body_bytes
-        too_large = ApiError(413, f"the request body is larger than the server's limit of {limit} bytes")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        raw = bytearray()
-        async for part in request.stream():  # a body sent without a length is cut off at the limit too
-            raw += part
-            if len(raw) > limit:
-                raise too_large
-        try:
-            return json.loads(bytes(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON body: {e}") from None
+    # The schema declares the bearer scheme only where a key is required.
+    auth = [Depends(authorize)] if state.api_key is not None else []
 
     def resolve_model(name: str) -> str | None:
         if name == state.model_name:
@@ -111,20 +218,19 @@ def build_app(state: ServerState) -> FastAPI:
             return name
         raise ApiError(404, f"the model '{name}' does not exist", "model", "model_not_found")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health():
         # 503 while the engine builds its smallest set of executables, 200 once it can serve
         # (the other sizes may still be compiling in the background: `compiled` < `total`).
         readiness = engine.readiness()
         return JSONResponse(readiness, status_code=200 if readiness["status"] == "ok" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, dependencies=auth)
+    async def models():
         created = int(time.time())
         data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "plora", "root": None}]
         for a in engine.adapters():
@@ -150,37 +256,30 @@ def build_app(state: ServerState) -> FastAPI:
             raise ApiError(400, f"lora_path {path!r} is outside the configured adapter folders", "lora_path")
         return resolved
 
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora(request: Request):
-        authorize(request)
-        body = await json_body(request)
-        name, path = (body.get("lora_name"), body.get("lora_path")) if isinstance(body, dict) else (None, None)
-        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-            raise ApiError(400, "'lora_name' and 'lora_path' are required strings")
+    lora_route = dict(response_model=None, responses={200: _TEXT, **_ERRORS}, dependencies=auth)
+
+    @app.post("/v1/load_lora_adapter", **lora_route)
+    async def load_lora(body: LoadLoraRequest):
+        name, path = body.lora_name, body.lora_path
         resolved = inside_roots(path)
         try:
             engine.add_adapter(name, resolved)
         except (AdapterError, ValueError) as e:
             raise ApiError(400, str(e), "lora_path") from None
-        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(request: Request):
-        authorize(request)
-        body = await json_body(request)
-        name = body.get("lora_name") if isinstance(body, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "'lora_name' is a required string", "lora_name")
+    @app.post("/v1/unload_lora_adapter", **lora_route)
+    async def unload_lora(body: UnloadLoraRequest):
+        name = body.lora_name
         if not engine.has_adapter(name):
             raise ApiError(404, f"the adapter '{name}' does not exist", "lora_name", "model_not_found")
         engine.remove_adapter(name)
-        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    async def generate(request: Request, chat: bool):
+    async def generate(body: CompletionRequest | ChatCompletionRequest):
+        chat = isinstance(body, ChatCompletionRequest)
         endpoint = "chat" if chat else "completions"
-        authorize(request)
-        body = await json_body(request)
-        req = parse_request(body, chat, lambda messages: engine.tokenizer.apply_chat_template(messages))
+        req = parse_request(body, lambda messages: engine.tokenizer.apply_chat_template(messages))
         req.adapter = resolve_model(req.model)
         # Tokenized once here: the lengths fit max_tokens, and the engine gets the ids.
         texts = [p if isinstance(p, str) else None for p in req.prompts]
@@ -238,9 +337,9 @@ def build_app(state: ServerState) -> FastAPI:
                     logits = await asyncio.to_thread(logits_of, ids, req.adapter)
                 except ValueError as e:
                     raise ApiError(400, str(e), "prompt") from None
-                echo.logprobs, echo.top_logprobs = prompt_logprobs(
-                    logits, echo.ids, req.params.temperature, req.params.top_logprobs
-                )
+                temperature = 0.0 if req.params.greedy else req.params.temperature  # as the sampler scales
+                top = req.params.top_logprobs
+                echo.logprobs, echo.top_logprobs = prompt_logprobs(logits, echo.ids, temperature, top)
             echoed.append(echo)
         return echoed
 
@@ -294,13 +393,23 @@ def build_app(state: ServerState) -> FastAPI:
             for handle in handles:
                 handle.cancel()  # the client went away (or we are done): free the requests' resources
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await generate(request, chat=False)
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=_generation_responses(CompletionResponse, CompletionChunk),
+        dependencies=auth,
+    )
+    async def completions(body: CompletionRequest):
+        return await generate(body)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await generate(request, chat=True)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk),
+        dependencies=auth,
+    )
+    async def chat_completions(body: ChatCompletionRequest):
+        return await generate(body)
 
     return app
 

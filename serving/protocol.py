@@ -1,11 +1,10 @@
-"""The OpenAI wire format: parsing completion and chat requests into engine calls, and building
-responses, stream chunks and error bodies.
+"""The OpenAI wire format's meaning: validated requests (`serving.schema`) into engine calls, and
+responses, stream chunks and error bodies out.
 
-Parsing is strict where a wrong value would silently change the answer (types, ranges, unknown
-roles, and every OpenAI field we do not implement, `UNSUPPORTED_FIELDS`, set to anything but its
-neutral value) and lenient where nothing changes (unknown fields, `user`, an empty
-`logit_bias`, `best_of` = 1). Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error JSON,
-with `param` naming the field.
+The models check each field's type and range, and refuse every OpenAI field we do not
+implement (`schema.UNSUPPORTED_FIELDS`) set to anything but its neutral value; here are the
+rules across fields and those that depend on the model (the context length). Every refusal is an
+`ApiError` carrying the HTTP status and OpenAI's error JSON, with `param` naming the field.
 """
 
 from __future__ import annotations
@@ -14,12 +13,13 @@ import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from plora_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, logprobs_of
+from plora_jax.engine.sampling import SamplingParams, logprobs_of
+
+from .schema import ChatCompletionRequest, CompletionRequest
 
 
 class ApiError(Exception):
@@ -70,172 +70,73 @@ class GenerationRequest:
         return out
 
 
-def _number(body: dict, name: str, default, kind=float, low=None, high=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    if not ok:
-        raise ApiError(400, f"'{name}' must be a {'an integer' if kind is int else 'number'}, got {value!r}", name)
-    value = kind(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"'{name}' must be in [{low}, {high}], got {value!r}", name)
-    return value
+def _value(value, default):
+    return default if value is None else value
 
 
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    return tuple(stop)
-
-
-# OpenAI fields this server does not implement. Ignoring one would answer with something the
-# client did not ask for (plain text for a tool call or a JSON schema, no logprobs), so a request
-# that sets one gets 400 naming it. Each maps to its neutral values, which are accepted.
-UNSUPPORTED_FIELDS = {
-    "best_of": (1,),
-    "frequency_penalty": (0,),
-    "presence_penalty": (0,),
-    "logit_bias": ({},),
-    "suffix": ("",),
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (),  # meaningless without tools: any value is refused
-    "functions": ([],),
-    "function_call": ("none",),
-    "response_format": ({"type": "text"},),
-}
-
-
-MAX_PROMPTS = 64  # prompts in one completions request
-MAX_N = 16  # samples of each prompt
-
-
-def _is_token(t) -> bool:
-    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
-
-
-def _prompts(value) -> list[str | list[int]]:
-    """OpenAI's four forms: a string, a list of strings, a list of token ids, a list of those."""
-    if isinstance(value, str):
-        prompts = [value]
-    elif isinstance(value, list) and value and all(_is_token(t) for t in value):
-        prompts = [list(value)]
-    elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
-        prompts = list(value)
-    elif isinstance(value, list) and value and all(isinstance(p, list) and p and all(map(_is_token, p)) for p in value):
-        prompts = [list(p) for p in value]
-    else:
-        prompts = []
-    if not prompts or any(p == "" for p in prompts):
-        raise ApiError(
-            400,
-            "'prompt' must be a non-empty string, a list of them, a list of token ids (integers >= 0) "
-            "or a list of those",
-            "prompt",
-        )
-    if len(prompts) > MAX_PROMPTS:
-        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts, more than {MAX_PROMPTS}", "prompt")
-    return prompts
-
-
-def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
-    """(return log-probabilities, how many top alternatives): chat's boolean `logprobs` with
-    `top_logprobs`, or completions' integer `logprobs` (the number of alternatives)."""
-    if not chat:
-        value = _number(body, "logprobs", None, int, 0, MAX_TOP_LOGPROBS)
-        return value is not None, value or 0
-    wanted = body.get("logprobs")
-    if wanted is not None and not isinstance(wanted, bool):
-        raise ApiError(400, f"'logprobs' must be true or false, got {wanted!r}", "logprobs")
-    top = _number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
-    if top and not wanted:
-        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    return bool(wanted), top
-
-
-def _check_unsupported(body: dict) -> None:
-    for name, neutral in UNSUPPORTED_FIELDS.items():
-        value = body.get(name)
-        # 0.0 is 0, but False is not 0: booleans and numbers are told apart.
-        if value is None or any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral):
-            continue
-        allowed = f" (only {', '.join(repr(v) for v in neutral)})" if neutral else ""
-        raise ApiError(400, f"'{name}' is not supported{allowed}", name)
-
-
-def parse_request(body: Any, chat: bool, render_chat) -> GenerationRequest:
-    """`render_chat(messages) -> str` applies the model's chat template."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' is required: the base model's name or an adapter's", "model")
-    _check_unsupported(body)
+def parse_request(body: CompletionRequest | ChatCompletionRequest, render_chat) -> GenerationRequest:
+    """The engine calls of a validated request (`serving.schema`): the rules across fields are
+    checked here (each field's own, and the refusal of `schema.UNSUPPORTED_FIELDS`, were checked
+    by the model). `render_chat(messages) -> str` applies the model's chat template."""
+    chat = isinstance(body, ChatCompletionRequest)
+    stream = bool(body.stream)
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", "messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise ApiError(400, f"messages[{i}]: 'role' must be system, user or assistant", f"messages[{i}].role")
-            content = m.get("content")
-            if isinstance(content, list):  # OpenAI's content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise ApiError(400, f"messages[{i}]: only text content parts are supported", f"messages[{i}]")
-                m = {**m, "content": "".join(p.get("text", "") for p in content)}
-                messages[i] = m
-            if not isinstance(m.get("content"), str):
-                raise ApiError(400, f"messages[{i}]: 'content' must be a string", f"messages[{i}].content")
-        prompts = [render_chat(messages)]
+        prompts = [render_chat([{"role": m.role, "content": m.text} for m in body.messages])]
+        logprobs, top_logprobs, echo = bool(body.logprobs), _value(body.top_logprobs, 0), False
+        if body.echo:
+            raise ApiError(400, "'echo' is supported for completions without 'stream' only", "echo")
+        if top_logprobs and not logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     else:
-        prompts = _prompts(body.get("prompt"))
-    n = _number(body, "n", 1, int, 1, MAX_N)
-    max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension, for benchmarks and tests
-    if not isinstance(ignore_eos, bool):
-        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
-    logprobs, top_logprobs = _logprobs(body, chat)
+        value = body.prompt
+        if isinstance(value, str):
+            prompts = [value]
+        elif all(isinstance(t, int) for t in value):
+            prompts = [list(value)]
+        else:
+            prompts = list(value)
+        logprobs, top_logprobs, echo = body.logprobs is not None, body.logprobs or 0, bool(body.echo)
+        if echo and stream:
+            raise ApiError(400, "'echo' is supported for completions without 'stream' only", "echo")
     if logprobs and stream:
         raise ApiError(400, "'logprobs' with 'stream' is not supported (ask without streaming)", "logprobs")
-    echo = body.get("echo")
-    if echo is not None and not isinstance(echo, bool):
-        raise ApiError(400, f"'echo' must be true or false, got {echo!r}", "echo")
-    if echo and (chat or stream):
-        raise ApiError(400, "'echo' is supported for completions without 'stream' only", "echo")
-    max_tokens = _number(body, max_name, 1, int, 0 if echo else 1)
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
-        raise ApiError(400, f"'seed' must be an integer in [0, 2**32), got {seed!r}", "seed")
+    max_name = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+    given = getattr(body, max_name)
+    max_tokens = _value(given, 1)
+    if max_tokens == 0 and not echo:
+        raise ApiError(400, f"'{max_name}' must be >= 1 (0 only with 'echo')", max_name)
+    stop = body.stop
     try:
         params = SamplingParams(
             max_tokens=max(1, max_tokens),  # 0 (echo only): nothing is submitted
-            temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, float, 1e-9, 1.0),
-            seed=seed,
-            stop=_stop(body),
-            ignore_eos=ignore_eos,
+            temperature=_value(body.temperature, 1.0),
+            top_p=_value(body.top_p, 1.0),
+            top_k=_value(body.top_k, -1),
+            seed=body.seed,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            ignore_eos=bool(body.ignore_eos),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            frequency_penalty=_value(body.frequency_penalty, 0.0),
+            presence_penalty=_value(body.presence_penalty, 0.0),
+            repetition_penalty=_value(body.repetition_penalty, 1.0),
         )
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    given = max_name if body.get(max_name) is not None else None
-    include_usage, echo, score_only = bool(options.get("include_usage")), bool(echo), max_tokens == 0
-    return GenerationRequest(model, None, prompts, params, stream, include_usage, chat, given, n, echo, score_only)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return GenerationRequest(
+        body.model,
+        None,
+        prompts,
+        params,
+        stream,
+        include_usage,
+        chat,
+        max_name if given is not None else None,
+        _value(body.n, 1),
+        echo,
+        max_tokens == 0,
+    )
 
 
 def fit_max_tokens(req: GenerationRequest, prompt_tokens: int, max_model_len: int) -> SamplingParams:
