@@ -29,12 +29,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plora_jax.engine.outputs import RequestFailed, RequestOutput
@@ -45,7 +43,9 @@ from .protocol import (
     ApiError,
     EchoedPrompt,
     GenerationRequest,
+    chat_logprobs,
     chunk,
+    completion_logprobs,
     fit_max_tokens,
     new_id,
     parse_request,
@@ -202,14 +202,15 @@ def build_app(state: ServerState) -> FastAPI:
         status = e.status_code
         return _error(ApiError(status, str(e.detail) if status != 404 else "no such endpoint"))
 
-    bearer = HTTPBearer(auto_error=False, description="The server's API key (--api-key).")
-
-    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if credentials is None or credentials.credentials != state.api_key:
+    def authorize(request: Request) -> None:
+        # Read at each request (the key may be set after the app is built), and not declared as
+        # a security scheme: without a key, requests without one are valid.
+        if state.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
-    # The schema declares the bearer scheme only where a key is required.
-    auth = [Depends(authorize)] if state.api_key is not None else []
+    auth = [Depends(authorize)]
 
     def resolve_model(name: str) -> str | None:
         if name == state.model_name:
@@ -358,6 +359,8 @@ def build_app(state: ServerState) -> FastAPI:
 
         pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
         outputs: list = [None] * len(handles)
+        text_offsets = [0] * len(handles)  # completions' text_offset continues across chunks
+        token_text = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
         status = "disconnected"
         try:
             if req.chat:
@@ -368,8 +371,15 @@ def build_app(state: ServerState) -> FastAPI:
                 index, event, error = await events.get()
                 if error is not None:
                     raise error
-                if event.text:
-                    yield _sse(chunk(req, rid, created, index, event.text, None))
+                if event.text or (req.params.logprobs and event.token_ids):
+                    logprobs = None
+                    if req.params.logprobs:
+                        if req.chat:
+                            logprobs = chat_logprobs(event, token_text)
+                        else:
+                            logprobs = completion_logprobs(event, token_text, offset=text_offsets[index])
+                            text_offsets[index] += sum(len(t) for t in logprobs["tokens"])
+                    yield _sse(chunk(req, rid, created, index, event.text, None, logprobs=logprobs))
                 if event.finished:
                     outputs[index] = event.output
                     remaining -= 1

@@ -98,8 +98,6 @@ def parse_request(body: CompletionRequest | ChatCompletionRequest, render_chat) 
         logprobs, top_logprobs, echo = body.logprobs is not None, body.logprobs or 0, bool(body.echo)
         if echo and stream:
             raise ApiError(400, "'echo' is supported for completions without 'stream' only", "echo")
-    if logprobs and stream:
-        raise ApiError(400, "'logprobs' with 'stream' is not supported (ask without streaming)", "logprobs")
     max_name = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
     given = getattr(body, max_name)
     max_tokens = _value(given, 1)
@@ -201,16 +199,17 @@ def prompt_logprobs(logits: np.ndarray, ids: list[int], temperature: float, top:
     return [None, *chosen.tolist()], [None, *tops]
 
 
-def completion_logprobs(out, token_text, echoed: EchoedPrompt | None = None) -> dict:
-    """Completions' shape: parallel lists over the tokens (the prompt's first, when echoed);
-    `text_offset` is each token's start in the concatenated token strings."""
+def completion_logprobs(out, token_text, echoed: EchoedPrompt | None = None, offset: int = 0) -> dict:
+    """Completions' shape: parallel lists over the tokens (the prompt's first, when echoed) of
+    `out` (a `RequestOutput`, or a `StreamEvent` of a stream); `text_offset` is each token's start
+    in the concatenated token strings (from `offset`: the length of those already streamed)."""
     ids, logprobs = list(out.token_ids), list(out.logprobs)
     alternatives = list(out.top_logprobs or [[] for _ in ids])
     if echoed is not None:
         ids, logprobs = echoed.ids + ids, echoed.logprobs + logprobs
         alternatives = list(echoed.top_logprobs) + alternatives
     tokens = [token_text(t) for t in ids]
-    offsets = [0]
+    offsets = [offset]
     for text in tokens[:-1]:
         offsets.append(offsets[-1] + len(text))
     top = [None if alts is None else {token_text(t): lp for t, lp in alts} for alts in alternatives]
@@ -218,7 +217,8 @@ def completion_logprobs(out, token_text, echoed: EchoedPrompt | None = None) -> 
 
 
 def chat_logprobs(out, token_text) -> dict:
-    """Chat's shape: `content`, one entry per generated token with its top alternatives."""
+    """Chat's shape: `content`, one entry per generated token (of a `RequestOutput` or a stream's
+    `StreamEvent`) with its top alternatives."""
 
     def entry(token_id: int, logprob: float) -> dict:
         text = token_text(token_id)
@@ -260,9 +260,17 @@ def response(req: GenerationRequest, rid: str, outputs, token_text=None, echoed=
 
 
 def chunk(
-    req: GenerationRequest, rid: str, created: int, index: int, text: str | None, finish_reason: str | None, first=False
+    req: GenerationRequest,
+    rid: str,
+    created: int,
+    index: int,
+    text: str | None,
+    finish_reason: str | None,
+    first=False,
+    logprobs: dict | None = None,
 ):
-    """One stream chunk of choice `index`: a text delta, or (with `finish_reason`) its end."""
+    """One stream chunk of choice `index`: a text delta (with its tokens' `logprobs`, in the
+    endpoint's shape, when asked), or (with `finish_reason`) its end."""
     if req.chat:
         delta: dict = {}
         if first:
@@ -273,7 +281,7 @@ def chunk(
             "index": index,
             "delta": delta,
             "finish_reason": openai_finish_reason(finish_reason),
-            "logprobs": None,
+            "logprobs": logprobs,
         }
         kind = "chat.completion.chunk"
     else:
@@ -281,7 +289,7 @@ def chunk(
             "index": index,
             "text": text or "",
             "finish_reason": openai_finish_reason(finish_reason),
-            "logprobs": None,
+            "logprobs": logprobs,
         }
         kind = "text_completion"
     return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": [choice]}

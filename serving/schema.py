@@ -277,7 +277,7 @@ class CompletionChunkChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None  # of this chunk's tokens
 
 
 class CompletionChunk(BaseModel):
@@ -300,7 +300,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None  # of this chunk's tokens
 
 
 class ChatCompletionChunk(BaseModel):

@@ -241,7 +241,6 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
         ({"model": "llama", "prompt": "x", "best_of": 2}, 400, "best_of"),
         ({"model": "llama", "prompt": "x", "suffix": "!"}, 400, "suffix"),
         ({"model": "llama", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
-        ({"model": "llama", "prompt": "x", "logprobs": 2, "stream": True}, 400, "logprobs"),
         ({"model": "llama", "prompt": "x", "echo": "yes"}, 400, "echo"),
         ({"model": "llama", "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
         ({"model": "llama", "prompt": "x", "echo": False, "max_tokens": 0}, 400, "max_tokens"),
@@ -391,6 +390,43 @@ def test_logprobs_equal_transformers_log_softmax(server, client, hf_model):
     r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=1).choices[0].logprobs is None
+
+
+def test_streamed_logprobs_equal_the_unstreamed_ones(server, client):
+    """Streamed, each chunk carries its tokens' logprobs in the endpoint's shape; put together
+    they are the unstreamed answer's (completions' text_offset continuing across chunks)."""
+    from serving.schema import ChatCompletionChunk, CompletionChunk
+
+    sampled = dict(max_tokens=8, temperature=0.7, seed=11)
+    whole = client.completions.create(model="lora0", prompt=PROMPT, logprobs=3, **sampled).choices[0].logprobs
+    tokens, values, tops, offsets = [], [], [], []
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={"model": "lora0", "prompt": PROMPT, "logprobs": 3, "stream": True, **sampled},
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = CompletionChunk.model_validate_json(line[6:]).choices[0]
+                if choice.logprobs is not None:
+                    tokens += choice.logprobs.tokens
+                    values += choice.logprobs.token_logprobs
+                    tops += choice.logprobs.top_logprobs
+                    offsets += choice.logprobs.text_offset
+    assert tokens == whole.tokens and offsets == whole.text_offset and tops == whole.top_logprobs
+    np.testing.assert_allclose(values, whole.token_logprobs, atol=1e-6)
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = dict(model="llama", messages=messages, logprobs=True, top_logprobs=2, **sampled)
+    whole = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = []
+    for part in client.chat.completions.create(stream=True, **chat):
+        ChatCompletionChunk.model_validate(part.model_dump())
+        if part.choices and part.choices[0].logprobs is not None:
+            streamed += part.choices[0].logprobs.content
+    assert [e.token for e in streamed] == [e.token for e in whole]
+    assert [[t.token for t in e.top_logprobs] for e in streamed] == [[t.token for t in e.top_logprobs] for e in whole]
+    np.testing.assert_allclose([e.logprob for e in streamed], [e.logprob for e in whole], atol=1e-6)
 
 
 def test_echo_returns_the_prompt_with_its_logprobs(server, client, hf_model):

@@ -66,6 +66,8 @@ class StreamEvent:
     token_ids: list[int]  # token ids added since the previous event
     finished: bool = False
     output: RequestOutput | None = None  # set on the last event
+    logprobs: list[float] | None = None  # of `token_ids`, if the request asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token of `token_ids`, if asked
 
 
 class RequestFailed(RuntimeError):
@@ -192,7 +194,9 @@ class OutputProcessor:
             or len(request.prompt_ids) + len(request.output_ids) >= request.max_total
         ):
             return ("length", None), None
-        return None, StreamEvent(detok.take_delta(False) if detok else "", [token])
+        wanted = request.params.logprobs
+        text = detok.take_delta(False) if detok else ""
+        return None, StreamEvent(text, [token], logprobs=[logprob] if wanted else None, top_logprobs=top and [top])
 
     @staticmethod
     def finish(request: Request, stop_reason=None) -> StreamEvent:
@@ -200,7 +204,11 @@ class OutputProcessor:
         detok = request.detokenizer
         last = [request.output_ids[-1]] if request.output_ids and request.finish_reason != "abort" else []
         delta = detok.take_delta(True) if detok else ""
-        return StreamEvent(delta, last, True, OutputProcessor.output(request, stop_reason))
+        event = StreamEvent(delta, last, True, OutputProcessor.output(request, stop_reason))
+        if request.params.logprobs:
+            event.logprobs = request.logprobs[-len(last) :] if last else []
+            event.top_logprobs = request.top_logprobs[-len(last) :] if last and request.top_logprobs else None
+        return event
 
     @staticmethod
     def output(request: Request, stop_reason=None) -> RequestOutput:
