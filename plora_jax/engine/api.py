@@ -340,12 +340,13 @@ class Engine:
             self.core.call(lambda: None)
         plan = self._runner.plan
         stats = dict(self.core.snapshot.stats)
-        stats.update(plan.describe(), warm=plan.complete.is_set())
+        described = plan.describe()
+        stats.update(described, warm=plan.complete.is_set())
         # The plan's compiles, wherever they ran, plus the loop thread's others (its own plan
         # builds, without warm-up, are in both counts once).
         loop_compiles = stats.pop("loop_compiles", 0)
-        plan_on_loop = plan.stats.compiled_by_thread.get(self.core.owner_thread, 0)
-        stats["compiles_total"] = plan.stats.compiled + max(0, loop_compiles - plan_on_loop)
+        plan_on_loop = described["compiled_by_thread"].get(self.core.owner_thread, 0)
+        stats["compiles_total"] = described["compiled"] + max(0, loop_compiles - plan_on_loop)
         return stats
 
     def record_steps(self, on: bool = True) -> None:

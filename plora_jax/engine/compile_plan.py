@@ -330,11 +330,11 @@ class CompilePlan:
         return size, self.build(kind, size)
 
     def describe(self) -> dict:
-        return {
-            "executables": self.num_executables,
-            "executables_ready": self.num_ready,
-            **dataclasses.asdict(self.stats),
-        }
+        """The counters as a copy, taken under the lock: a build on another thread adds a key to
+        `compiled_by_thread` (a reader copying it unlocked raised "dictionary changed size")."""
+        with self._lock:
+            stats = dataclasses.asdict(self.stats)
+        return {"executables": self.num_executables, "executables_ready": self.num_ready, **stats}
 
 
 def fingerprint(model_config, extra: dict) -> dict:
