@@ -24,6 +24,7 @@ after the prompt is a 400 naming the limit.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -168,6 +169,13 @@ def _with_chunk_schemas(app: FastAPI):
         if app.openapi_schema is None:
             schema = default()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
+            # FastAPI documents a 422 for every body; validation errors are answered with 400
+            # and the OpenAI error JSON (declared per route), so the 422 would be a false promise.
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
             for model in _CHUNKS:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, sub in body.pop("$defs", {}).items():
@@ -207,7 +215,8 @@ def build_app(state: ServerState) -> FastAPI:
         # a security scheme: without a key, requests without one are valid.
         if state.api_key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+        sent = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(sent, f"Bearer {state.api_key}".encode()):
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
     auth = [Depends(authorize)]
@@ -294,7 +303,7 @@ def build_app(state: ServerState) -> FastAPI:
         if engine.stats()["waiting"] + len(choices) > state.max_queue:
             metrics.finished(endpoint, "429")
             raise ApiError(429, f"the waiting queue is full ({state.max_queue} requests); retry later")
-        rid, token_text = new_id(chat), lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
+        rid = new_id(chat)
         if req.score_only:  # echo with max_tokens 0: the prompts' scores are the whole answer
             outputs = [RequestOutput("", e.ids, [], "", "length", logprobs=[], top_logprobs=[]) for e in echoed]
             metrics.finished(endpoint, "200")
@@ -309,7 +318,8 @@ def build_app(state: ServerState) -> FastAPI:
             if not isinstance(e, ValueError):
                 raise
             metrics.finished(endpoint, "400")
-            raise ApiError(400, str(e)) from None
+            # the engine's messages start with the field they name (token ids, context length)
+            raise ApiError(400, str(e), "prompt" if str(e).startswith("prompt") else None) from None
         if req.stream:
             return StreamingResponse(_stream(req, rid, handles, endpoint), media_type="text/event-stream")
         try:
@@ -322,6 +332,9 @@ def build_app(state: ServerState) -> FastAPI:
                 handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
         metrics.finished(endpoint, "200", *outputs)
         return response(req, rid, outputs, token_text, echoed)
+
+    def token_text(token: int) -> str:
+        return engine.tokenizer.decode([token], skip_special_tokens=False)
 
     async def echo_prompts(req: GenerationRequest, texts: list[str | None]) -> list[EchoedPrompt]:
         """Each prompt's text (as sent, or decoded from its ids) and ids, with logprobs its
@@ -360,7 +373,6 @@ def build_app(state: ServerState) -> FastAPI:
         pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
         outputs: list = [None] * len(handles)
         text_offsets = [0] * len(handles)  # completions' text_offset continues across chunks
-        token_text = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
         status = "disconnected"
         try:
             if req.chat:

@@ -81,7 +81,8 @@ def parse_request(body: CompletionRequest | ChatCompletionRequest, render_chat) 
     chat = isinstance(body, ChatCompletionRequest)
     stream = bool(body.stream)
     if chat:
-        prompts = [render_chat([{"role": m.role, "content": m.text} for m in body.messages])]
+        messages = [{"role": m.role, "content": m.text} | ({"name": m.name} if m.name else {}) for m in body.messages]
+        prompts = [render_chat(messages)]
         logprobs, top_logprobs, echo = bool(body.logprobs), _value(body.top_logprobs, 0), False
         if body.echo:
             raise ApiError(400, "'echo' is supported for completions without 'stream' only", "echo")
@@ -112,7 +113,10 @@ def parse_request(body: CompletionRequest | ChatCompletionRequest, render_chat) 
             top_k=_value(body.top_k, -1),
             seed=body.seed,
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=bool(body.ignore_eos),
+            include_stop_str_in_output=bool(body.include_stop_str_in_output),
+            skip_special_tokens=_value(body.skip_special_tokens, True),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             frequency_penalty=_value(body.frequency_penalty, 0.0),
@@ -121,6 +125,8 @@ def parse_request(body: CompletionRequest | ChatCompletionRequest, render_chat) 
         )
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    if body.stream_options is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return GenerationRequest(
         body.model,

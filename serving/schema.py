@@ -4,15 +4,17 @@ Requests are validated strictly where a wrong type would silently change the ans
 not a number, `true` is not an integer), and ranges are part of each field, so the schema says
 what the server accepts. Unknown fields are ignored, as OpenAI does. Fields of OpenAI's API
 this server does not implement are declared too (a client generated from the schema can send
-them), documented as such, and refused with 400 unless neutral (`protocol.UNSUPPORTED_FIELDS`).
+them), documented as such, and refused with 400 unless neutral (`UNSUPPORTED_FIELDS`).
 Rules across fields (echo with streaming, top_logprobs without logprobs, max_tokens against the
 context) are checked where the request becomes engine calls (`protocol.parse_request`).
 
-Validation errors become OpenAI's error JSON in `api_error_of`, with `param` naming the field
-(`messages[0].role`) and the message saying what was wrong and what was sent.
+Validation errors become OpenAI's error JSON (`describe_error`, called by the server's handler),
+with `param` naming the field (`messages[0].role`) and the message saying what was wrong and
+what was sent.
 
-Responses and stream chunks have models too: FastAPI checks every JSON answer against them,
-and the tests check every stream chunk.
+Responses and stream chunks have models too: FastAPI checks every successful JSON answer against
+its model; error bodies, `/health` and stream chunks are written directly and checked by the
+tests (schemathesis against the schema, and each stream chunk against its model).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ UNSUPPORTED_FIELDS = {
     "functions": ([],),
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
+    "min_p": (0,),  # vLLM's sampling extensions the sampler does not have
+    "min_tokens": (0,),
 }
 
 
@@ -96,8 +100,19 @@ class _Sampling(BaseModel):
         description="vLLM's extension: divides positive logits of tokens in the prompt or output (1: off).",
     )
     ignore_eos: bool | None = Field(None, description="vLLM's extension: do not stop at the end-of-sequence token.")
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = Field(
+        None, description="vLLM's extension: token ids that end generation too (not shown in the text)."
+    )
+    include_stop_str_in_output: bool | None = Field(
+        None, description="vLLM's extension: keep the stop string that ended generation in the text."
+    )
+    skip_special_tokens: bool | None = Field(
+        None, description="vLLM's extension: leave special tokens out of the text (default true)."
+    )
     user: str | None = Field(None, description="Accepted and ignored.")
     best_of: Literal[1] | None = Field(None, description="Not supported: only 1.")
+    min_p: Literal[0] | None = Field(None, description="Not supported: only 0.")
+    min_tokens: Literal[0] | None = Field(None, description="Not supported: only 0.")
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(None, description="Not supported.")
 
     @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
@@ -165,7 +180,7 @@ class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart] = Field(description="Text, or OpenAI's content parts (text parts only).")
-    name: str | None = None
+    name: str | None = Field(None, description="The participant's name, given to the chat template.")
 
     @property
     def text(self) -> str:
@@ -369,7 +384,7 @@ def describe_error(error: dict) -> tuple[str, str | None]:
         return f"malformed JSON body: {error.get('ctx', {}).get('error', msg)}", None
     param = param_of(loc)
     if param is None:
-        if isinstance(error.get("input"), (bytes, str)):
+        if isinstance(error.get("input"), bytes):  # FastAPI hands on a body it did not read as JSON
             return "the request body must be JSON (send 'Content-Type: application/json')", None
         return "the request body must be a JSON object", None
     if kind == "missing":

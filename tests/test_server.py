@@ -4,7 +4,6 @@ adapters listed, loaded and unloaded; 32 concurrent streams over 6 adapters; a d
 its resources; a full queue answers 429; every error is OpenAI's error JSON with its status."""
 
 import asyncio
-import json
 import os
 import re
 import socket
@@ -226,7 +225,7 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
     ("body", "status", "param"),
     [
         ({"model": "nope", "prompt": "x"}, 404, "model"),
-        ({"model": "llama", "prompt": "word " * 4200}, 400, None),
+        ({"model": "llama", "prompt": "word " * 4200}, 400, "prompt"),
         ({"model": "llama", "prompt": "x", "temperature": 5}, 400, "temperature"),
         ({"model": "llama", "prompt": "x", "top_p": 0}, 400, "top_p"),
         ({"model": "llama", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
@@ -249,8 +248,11 @@ def test_full_queue_answers_429_and_the_server_stays_healthy(server, client):
         ({"model": "llama", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
         ({"model": "llama", "prompt": "x", "temperature": "1"}, 400, "temperature"),
         ({"model": "llama", "prompt": "x", "n": True}, 400, "n"),
+        ({"model": "llama", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ({"model": "llama", "prompt": "x", "min_p": 0.05}, 400, "min_p"),
         ({"model": "llama"}, 400, "prompt"),
         ({"prompt": "x"}, 400, "model"),
+        ("a JSON string, not an object", 400, None),
     ],
 )
 def test_errors_are_openai_json(server, body, status, param):
@@ -258,6 +260,8 @@ def test_errors_are_openai_json(server, body, status, param):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
+    if not isinstance(body, dict):
+        assert "must be a JSON object" in error["message"]
 
 
 CHAT = {"model": "llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
@@ -272,6 +276,8 @@ CHAT = {"model": "llama", "messages": [{"role": "user", "content": "Hi"}], "max_
         ("functions", [{"name": "f", "parameters": {}}]),
         ("function_call", "auto"),
         ("response_format", {"type": "json_object"}),
+        ("min_p", 0.1),
+        ("min_tokens", 2),
     ],
 )
 def test_each_unimplemented_field_is_refused_by_name(server, client, field, value):
@@ -281,12 +287,12 @@ def test_each_unimplemented_field_is_refused_by_name(server, client, field, valu
     error = r.json()["error"]
     assert error["param"] == field and "not supported" in error["message"]
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(**{**CHAT, field: value})
+        client.chat.completions.create(**CHAT, extra_body={field: value})  # as a client sends vLLM's fields
 
 
 def test_neutral_values_of_unimplemented_fields_are_accepted(server, client):
-    neutral = {"n": 1, "frequency_penalty": 0.0, "presence_penalty": 0, "logprobs": False, "tool_choice": "none"}
-    out = client.chat.completions.create(**CHAT, **neutral, response_format={"type": "text"}, logit_bias={})
+    neutral = {"tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}}
+    out = client.chat.completions.create(**CHAT, **neutral, extra_body={"min_p": 0.0, "min_tokens": 0})
     assert out.choices[0].finish_reason == "length"
     out = client.completions.create(model="llama", prompt="x", max_tokens=1, logprobs=0, echo=False, best_of=1)
     assert out.usage.completion_tokens == 1
@@ -304,6 +310,39 @@ def test_penalties_reach_the_sampler(server, client):
     assert out.choices[0].text == reference(server.engine, PROMPT, params, "lora1")
     plain = client.completions.create(model="lora1", prompt=PROMPT, **common)
     assert out.choices[0].text != plain.choices[0].text
+
+
+def test_vllm_sampling_extensions_reach_the_engine(server, client):
+    """stop_token_ids, include_stop_str_in_output and skip_special_tokens (vLLM's extra_body
+    fields) give what the engine gives under the same SamplingParams, and change the answer."""
+    common = dict(max_tokens=12, temperature=0)
+    plain = client.completions.create(model="lora0", prompt=PROMPT, **common)
+    ids = server.engine.tokenizer.encode(plain.choices[0].text)
+    cut = client.completions.create(model="lora0", prompt=PROMPT, **common, extra_body={"stop_token_ids": [ids[2]]})
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(ids[2],))
+    assert cut.choices[0].text == reference(server.engine, PROMPT, params, "lora0")
+    assert cut.choices[0].finish_reason == "stop" and len(cut.choices[0].text) < len(plain.choices[0].text)
+    stop = plain.choices[0].text.strip().split()[1]
+    kept = client.completions.create(
+        model="lora0", prompt=PROMPT, **common, stop=[stop], extra_body={"include_stop_str_in_output": True}
+    )
+    assert kept.choices[0].text.endswith(stop)
+    params = SamplingParams(max_tokens=12, temperature=0, stop=(stop,), include_stop_str_in_output=True)
+    assert kept.choices[0].text == reference(server.engine, PROMPT, params, "lora0")
+    # after a finished chat turn the model opens the next one with a special token
+    turn = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    raw = dict(model="llama", prompt=turn, max_tokens=3, temperature=0)
+    shown = client.completions.create(**raw, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    hidden = client.completions.create(**raw, extra_body={"ignore_eos": True})
+    assert "<|im_" in shown.choices[0].text and "<|" not in hidden.choices[0].text, (shown, hidden)
+
+
+def test_the_schema_declares_no_422(server):
+    """Validation errors are 400 with OpenAI's error JSON, so FastAPI's default 422 is not listed."""
+    schema = httpx.get(server.url + "/openapi.json").json()
+    statuses = {s for path in schema["paths"].values() for op in path.values() for s in op["responses"]}
+    assert "422" not in statuses and {"200", "400"} <= statuses
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
 
 
 def test_token_id_and_batched_prompts_and_n_equal_single_requests(server, client):
@@ -413,8 +452,11 @@ def test_streamed_logprobs_equal_the_unstreamed_ones(server, client):
                     values += choice.logprobs.token_logprobs
                     tops += choice.logprobs.top_logprobs
                     offsets += choice.logprobs.text_offset
-    assert tokens == whole.tokens and offsets == whole.text_offset and tops == whole.top_logprobs
+    assert tokens == whole.tokens and offsets == whole.text_offset
+    assert [list(t) for t in tops] == [list(t) for t in whole.top_logprobs]  # the same alternatives
     np.testing.assert_allclose(values, whole.token_logprobs, atol=1e-6)
+    top_values = lambda rows: [v for row in rows for v in row.values()]
+    np.testing.assert_allclose(top_values(tops), top_values(whole.top_logprobs), atol=1e-6)
 
     messages = [{"role": "user", "content": "Name a colour."}]
     chat = dict(model="llama", messages=messages, logprobs=True, top_logprobs=2, **sampled)
@@ -609,17 +651,14 @@ def test_schemathesis_finds_no_server_error_and_every_answer_conforms(server, tm
     with 4xx, and every status, content type and body one the schema declares. The server is
     healthy after it."""
     pytest.importorskip("schemathesis")
-    report = tmp_path / "report.json"
     command = [
         *(sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json"),
         *("--phases", "coverage,fuzzing", "--max-examples", "20", "--seed", "20261204", "--workers", "1"),
         *("--checks", ",".join(FUZZ_CHECKS), "--generation-deterministic"),
-        *("--report", "json", "--report-json-path", str(report), "--request-timeout", "60"),
+        *("--request-timeout", "60"),
     ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    summary = json.loads(report.read_text())
-    print(json.dumps(summary, indent=1)[:3000])
     assert server.engine.readiness()["status"] == "ok"
     assert httpx.get(server.url + "/health").status_code == 200

@@ -34,7 +34,7 @@ class SamplingParams:
     """How to pick tokens for one request (names as in vLLM)."""
 
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below MIN_TEMPERATURE means greedy
     top_p: float = 1.0  # nucleus mass, in (0, 1]
     top_k: int = -1  # -1 or 0 disables
     seed: int | None = None  # None: drawn by the engine
@@ -84,10 +84,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
-
-    @property
-    def penalised(self) -> bool:
-        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
 
 
 @jax.tree_util.register_dataclass
