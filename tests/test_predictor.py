@@ -10,13 +10,16 @@ import pytest
 
 from plora_jax.predictor.features import (
     COUNT_SCALE,
+    HAZARD_SPAN,
     HOUR,
     NEVER,
+    NUM_FEATURES,
     OnlineFeatures,
     WindowConfig,
     adapter_bucket,
     time_features,
     trace_features,
+    trace_hazard,
 )
 from plora_jax.predictor.forecaster import LstmForecaster, score_trace
 from plora_jax.predictor.model import ModelConfig, Predictor, load_predictor
@@ -125,7 +128,9 @@ def test_windows_and_targets_are_exact():
     np.testing.assert_allclose(f[:, 1], np.log1p(since) / np.log1p(NEVER), rtol=1e-6)
     np.testing.assert_allclose(f[:, 2], np.log1p(gap) / np.log1p(NEVER), rtol=1e-6)
     np.testing.assert_allclose(f[:, 3], np.log1p([2, 3, 3, 3]) / COUNT_SCALE, rtol=1e-6)  # last hour
-    np.testing.assert_allclose(f[:, 4:], time_features((1439 + np.arange(4, 8)) % 1440), atol=1e-6)
+    # gap hazard: the gap 1 -> 4 (3 intervals) closes at 4; idle 1 and 2 are within one of it
+    np.testing.assert_allclose(f[:, 4], [0, 0, 0.5, 0.5])
+    np.testing.assert_allclose(f[:, 5:], time_features((1439 + np.arange(4, 8)) % 1440), atol=1e-6)
     # targets: >= 1 request in the 2 intervals after each observed one: [4,5], [5,6], [6,7], [7,8]
     assert batch["target"][0].tolist() == [1, 0, 0, 1] and batch["target_count"][0].tolist() == [1, 0, 0, 3]
     assert batch["mask"][0].tolist() == [0, 1, 1, 1] and batch["bucket"][0] == adapter_bucket("f", 16)
@@ -133,6 +138,20 @@ def test_windows_and_targets_are_exact():
     assert sum(len(b["target"]) for b in ds) == 4  # Grain: every example once per pass
     with pytest.raises(ValueError, match="too few"):
         Windows(trace, WindowConfig(window=9, horizon=2))
+
+
+def test_gap_hazard_by_hand():
+    timer = np.zeros(11, np.int64)
+    timer[[0, 3, 6]] = 1  # period 3; the first request closes no gap
+    counts = np.stack([timer, np.zeros(11, np.int64)])
+    hazard = trace_hazard(counts)
+    # after j: idle s, gaps so far; #(gaps in [s, s+2]) / (1 + #(gaps >= s))
+    expected = [0, 0, 0, 0, 1 / 2, 1 / 2, 0, 2 / 3, 2 / 3, 2 / 3, 0]
+    np.testing.assert_allclose(hazard[0], expected, rtol=1e-6)
+    assert not hazard[1].any()  # never requested
+    long_idle = np.zeros((1, HAZARD_SPAN + 5), np.int64)
+    long_idle[0, [0, 1, 2]] = 1  # gaps of 1; an idle run past the span has no estimate
+    assert trace_hazard(long_idle)[0, HAZARD_SPAN - 1 :].tolist() == [0.0] * 6
 
 
 def test_online_features_equal_the_offline_ones():
@@ -268,7 +287,7 @@ def test_predictor_runs_a_batch_in_one_call():
     from plora_jax.predictor.model import init_params
 
     predictor.params = init_params(predictor.model)
-    probs, carry = predictor.run(np.zeros((5, 3, 6), np.float32), np.zeros((5,), np.int32))
+    probs, carry = predictor.run(np.zeros((5, 3, NUM_FEATURES), np.float32), np.zeros((5,), np.int32))
     assert probs.shape == (5, 3) and len(carry) == 2 and carry[0][0].shape == (5, 64)
 
 

@@ -13,6 +13,8 @@ has `window` steps; step j sees `features[j]`, all from intervals up to s + j:
 - the intervals since f's last request, and between its last two requested intervals (log-scaled,
   from the whole past, not only the window: the previous gap is what reveals a timer's period),
 - the requests of the last `HOUR` intervals (log-scaled),
+- the gap hazard (`features.GapHazard`: how often f's past gaps ended one interval after an idle
+  run as long as the current one),
 - sin and cos of the time of day at which interval s + j + 1 starts (the one predicted),
 and `bucket`, a stable CRC32 bucket of f's id for the adapter embedding (an adapter never seen in
 training still has a bucket). Recency and the hourly count are what the strong baselines use;
