@@ -26,7 +26,9 @@ writes it into its JSON; `--calibration` reads it back for `sim` (from a replay 
 calibration JSON), and `--profile` replaces it with a GPU's on paper
 (`plora_jax.serverless.sim.profiles`). With `--min-instances` below `--instances`, the others
 start on demand and stop after `--keep-alive-s` (scale to zero with 0); the cost profile needs
-a warm engine.
+a warm engine. `--warmup-minutes N` (sim) replays the N trace minutes before `--start-minute`
+first and measures only the minutes after them (`plora_jax.serverless.workload`): steady state,
+with a warm pool and forecasters that have history, rather than a service's first minutes.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class Point:
             "max_loras": self.max_loras,
             "seconds_per_minute": self.workload_config.seconds_per_minute,
             "requests": len(self.workload.requests),
+            "warmup_minutes": self.workload_config.warmup_minutes,
+            "measured_requests": sum(r.arrival_s >= self.workload.measured_from_s for r in self.workload.requests),
         }
 
 
@@ -233,6 +237,8 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
         raise SystemExit("--compare: compares a simulation with a live run (use it with --mode sim)")
     if cfg.profile and cfg.mode != "sim":
         raise SystemExit("--profile: a cost profile on paper is for --mode sim")
+    if wcfg.warmup_minutes and cfg.mode != "sim":  # the live replay's counters cover the whole run
+        raise SystemExit("--warmup-minutes: a measured window after a warm-up is for --mode sim")
     policies = [p for p in cfg.policies.split(",") if p]
     known = set(ALL_POLICIES.split(","))
     if not policies or set(policies) - known:
@@ -247,10 +253,11 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
     results = []
     for point in grid:
         w, wc = point.workload, point.workload_config
+        warmup = f" after {wc.warmup_minutes} warm-up minutes ({len(w.requests)} requests in all)"
         print(
             f"point: pool budget {point.pool_budget} ({point.lora_pool_pages} pages, {point.max_loras} slots), "
-            f"load {point.load}: {len(w.requests)} requests, {len(w.ranks)} adapters, "
-            f"{wc.minutes} trace minutes at {wc.seconds_per_minute:.3g} s each",
+            f"load {point.load}: {point.describe()['measured_requests']} requests, {len(w.ranks)} adapters, "
+            f"{wc.minutes} trace minutes at {wc.seconds_per_minute:.3g} s each" + (warmup if wc.warmup_minutes else ""),
             flush=True,
         )
         runs, measured = run_point(cfg, point, layouts, policies, profile)
@@ -287,7 +294,7 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
     first, first_point = payload["points"][0], grid[0]
     payload |= {  # the first point at the top level too (a single-point run's whole result)
         "layouts": first["layouts"],
-        "requests": len(first_point.workload.requests),
+        "requests": first["point"]["measured_requests"],
         "adapters": len(first_point.workload.ranks),
     }
     if len(layouts) == 1:
@@ -300,7 +307,8 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
     if cfg.plot:
         point, runs = results[0]
         w = point.workload
-        plot(runs, cfg.plot, f"{cfg.mode} replay: {len(w.requests)} requests, {len(w.ranks)} adapters, {_label(point)}")
+        measured = payload["points"][0]["point"]["measured_requests"]
+        plot(runs, cfg.plot, f"{cfg.mode} replay: {measured} requests, {len(w.ranks)} adapters, {_label(point)}")
         if len(results) > 1:
             plot_sweep(payload["points"], layouts[0], str(Path(cfg.plot).with_suffix("")) + "_sweep.png")
     return payload

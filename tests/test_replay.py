@@ -203,6 +203,56 @@ def test_paired_cold_start_latency_follows_the_baselines_cold_requests():
         pair({"reactive_sync": unnamed})
 
 
+def test_a_warm_up_fills_the_pool_and_is_left_out_of_every_figure():
+    # Warm-up minute [0, 100): A and B load into the two-adapter pool. Measured minute: A at 100
+    # hits; C at 110 evicts the least recently used (B, last used at 10); B at 120 is cold again.
+    warm = [(0.0, "A"), (10.0, "B")]
+    measured = [(100.0, "A"), (110.0, "C"), (120.0, "B")]
+    config = WorkloadConfig(
+        trace="", llm_trace="", adapters=3, minutes=1, start_minute=1, warmup_minutes=1, seconds_per_minute=100.0
+    )
+    requests = [TraceRequest(t, a, 4, 1, int(t // 100)) for t, a in warm + measured]
+    w = Workload(config, {"A": 8, "B": 8, "C": 8}, requests, np.zeros((3, 2), np.int64))
+    assert (w.measured_from_s, w.duration_s) == (100.0, 200.0)
+    run = simulate(w, "lru", CFG, CAL)
+    assert [(r.arrival, r.cold) for r in run.records] == [(100.0, False), (110.0, True), (120.0, True)]
+    s = run.summary
+    # the warm-up's loads are left out: C from disk, B again from the host cache
+    assert (s["requests"], s["cold_starts"], s["bytes_disk_to_host"], s["bytes_host_to_device"]) == (3, 2, 1000, 2000)
+    assert all(t >= 100.0 for t, _ in run.memory)
+    # the same three requests from an empty pool: all cold
+    cold = simulate(hand_workload([(t - 100.0, a) for t, a in measured]), "lru", CFG, CAL)
+    assert [r.cold for r in cold.records] == [True] * 3 and cold.summary["cold_starts"] == 3
+
+
+def test_a_warm_up_replays_the_minutes_before_and_keeps_the_measured_requests():
+    base = generate(workload_config(popularity=False, minutes=8, start_minute=12, seed=3))
+    warm = generate(workload_config(popularity=False, minutes=8, start_minute=12, warmup_minutes=6, seed=3))
+    assert np.array_equal(warm.per_minute_counts(), read_trace(TRACE).counts[:, 6:20])
+    shift = warm.measured_from_s
+    assert shift == 6 * 60.0 and warm.duration_s == 14 * 60.0
+    after = [r for r in warm.requests if r.arrival_s >= shift]
+    assert len(after) == len(base.requests) and len(warm.requests) > len(base.requests)
+    for a, b in zip(after, base.requests, strict=True):  # the same requests, shifted by the warm-up
+        assert (a.adapter, a.prompt_tokens, a.output_tokens, a.minute) == (
+            b.adapter,
+            b.prompt_tokens,
+            b.output_tokens,
+            b.minute + 6,
+        )
+        assert a.arrival_s == pytest.approx(b.arrival_s + shift)
+    with pytest.raises(ValueError, match="warmup_minutes"):
+        workload_config(start_minute=4, warmup_minutes=5)
+
+
+def test_the_live_replay_refuses_a_warm_up():
+    from benchmarks import replay
+
+    argv = ["--mode", "live", "--trace", TRACE, "--llm-trace", LLM, "--start-minute", "5", "--warmup-minutes", "5"]
+    with pytest.raises(SystemExit, match="warmup-minutes"):
+        replay.main(argv)
+
+
 def test_paged_layout_holds_more_mixed_rank_adapters_than_contiguous():
     config = WorkloadConfig(trace="", llm_trace="", adapters=3, minutes=1, seconds_per_minute=100.0)
     requests = [TraceRequest(10.0 * t, a, 4, 1, 0) for t, a in enumerate("ABCABC")]

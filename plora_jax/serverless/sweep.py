@@ -81,7 +81,11 @@ def scale_to_load(config: WorkloadConfig, workload: Workload, load: float, capac
     `capacity`, and its workload (the same requests, arrival times scaled)."""
     if not load > 0:
         raise ValueError(f"load must be > 0, got {load}")
-    offered = len(workload.requests) / workload.duration_s
+    # the measured minutes' rate: a warm-up's minutes may be busier or quieter
+    measured = sum(r.arrival_s >= workload.measured_from_s for r in workload.requests)
+    if not measured:
+        raise ValueError("scale_to_load: the workload has no requests in its measured minutes")
+    offered = measured / (workload.duration_s - workload.measured_from_s)
     factor = offered / (load * capacity * instances)
     scaled = dataclasses.replace(config, seconds_per_minute=config.seconds_per_minute * factor)
     return scaled, generate(scaled)

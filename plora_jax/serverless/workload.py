@@ -15,6 +15,13 @@ the full-day pool is far busier than Azure as a whole. Everything is drawn from 
 generator, so a config gives the same requests on every machine, and `Workload.write` stores them
 as JSON for replays elsewhere.
 
+A replay starts from an empty pool and forecasters without history, which a service that has run
+for hours never sees: every adapter's first request in the slice is a cold start no history can
+foresee. `warmup_minutes` replays the trace minutes before `start_minute` first and leaves them
+out of every figure (`Workload.measured_from_s`), so the measured minutes see a warm pool and
+forecasters with history, every policy alike. The warm-up's requests are drawn from their own
+generator, so the measured requests are the same with and without it (shifted in time).
+
 CPU live runs cannot prefill the trace's 1,000-token prompts at replay speed, so `token_scale`
 shrinks both lengths (and `max_prompt_tokens` / `max_output_tokens` cap them); the replay
 output records the config, so a scaled run never passes for the real one.
@@ -41,7 +48,8 @@ class WorkloadConfig:
     llm_trace: str = "../shared/data/azure/AzureLLMInferenceTrace_conv_dev.csv"  # ContextTokens, GeneratedTokens
     adapters: int = 32  # adapters (functions) in the workload
     minutes: int = 10  # trace minutes replayed
-    start_minute: int = 0  # first trace column replayed (0-based)
+    start_minute: int = 0  # first trace column measured (0-based)
+    warmup_minutes: int = 0  # trace minutes before start_minute replayed first, left out of the figures
     seconds_per_minute: float = 60.0  # time compression: one trace minute lasts this many seconds
     ranks: tuple[int, ...] = (8, 12, 16, 24, 40, 64)  # adapter ranks, drawn uniformly per adapter
     arrivals: str = "poisson"  # "poisson" (uniform times given the count) | "uniform" (evenly spaced)
@@ -54,6 +62,11 @@ class WorkloadConfig:
     def __post_init__(self):
         if self.adapters < 1 or self.minutes < 1 or self.start_minute < 0:
             raise ValueError("adapters and minutes must be >= 1 and start_minute >= 0")
+        if not 0 <= self.warmup_minutes <= self.start_minute:
+            raise ValueError(
+                f"warmup_minutes must be in [0, start_minute] (the minutes before the measured ones), "
+                f"got {self.warmup_minutes} with start_minute {self.start_minute}"
+            )
         if self.seconds_per_minute <= 0 or self.token_scale <= 0:
             raise ValueError("seconds_per_minute and token_scale must be > 0")
         if not self.ranks or any(r <= 0 for r in self.ranks):
@@ -70,7 +83,7 @@ class TraceRequest:
     adapter: str
     prompt_tokens: int
     output_tokens: int
-    minute: int  # trace minute (0-based, relative to start_minute) the request belongs to
+    minute: int  # trace minute (0-based, from the first replayed one, warm-up included) the request belongs to
 
 
 @dataclass
@@ -78,17 +91,26 @@ class Workload:
     config: WorkloadConfig
     ranks: dict[str, int]  # adapter -> rank
     requests: list[TraceRequest]  # sorted by arrival
-    counts: np.ndarray = field(repr=False)  # [adapters, minutes] trace counts, rows in `ranks` order
+    counts: np.ndarray = field(repr=False)  # [adapters, warmup_minutes + minutes] trace counts, rows in `ranks` order
     first_minute: int = 0  # minute of day at which the replay starts (the forecaster's time features)
 
     @property
+    def replayed_minutes(self) -> int:
+        return self.config.warmup_minutes + self.config.minutes
+
+    @property
     def duration_s(self) -> float:
-        return self.config.minutes * self.config.seconds_per_minute
+        return self.replayed_minutes * self.config.seconds_per_minute
+
+    @property
+    def measured_from_s(self) -> float:
+        """Replay time at which the measured minutes begin (the warm-up's end; 0 without one)."""
+        return self.config.warmup_minutes * self.config.seconds_per_minute
 
     def per_minute_counts(self) -> np.ndarray:
-        """[adapters, minutes] counted back from the requests (equals `counts`)."""
+        """[adapters, replayed minutes] counted back from the requests (equals `counts`)."""
         index = {name: i for i, name in enumerate(self.ranks)}
-        out = np.zeros((len(self.ranks), self.config.minutes), np.int64)
+        out = np.zeros((len(self.ranks), self.replayed_minutes), np.int64)
         for r in self.requests:
             out[index[r.adapter], r.minute] += 1
         return out
@@ -150,38 +172,44 @@ def read_token_lengths(path: str | Path) -> np.ndarray:
 
 
 def select_functions(trace: Trace, config: WorkloadConfig) -> Trace:
-    """The trace's rows for the workload's adapters, cut to its minutes."""
+    """The trace's rows for the workload's adapters, cut to its minutes (warm-up included)."""
     end = config.start_minute + config.minutes
     if end > trace.num_intervals:
         raise TraceError(
             f"{trace.path}: minutes [{config.start_minute}, {end}) are past its {trace.num_intervals} minutes"
         )
+    begin = config.start_minute - config.warmup_minutes
     if config.popularity:
         trace = sample_popularity(trace, config.adapters, seed=config.seed)
     elif config.adapters > trace.num_functions:
         raise TraceError(f"{trace.path}: {config.adapters} adapters asked, it has {trace.num_functions} functions")
     else:
         trace = trace.select(np.arange(config.adapters))
-    return trace.time_slice(config.start_minute, end)
+    return trace.time_slice(begin, end)
 
 
 def generate(config: WorkloadConfig) -> Workload:
     rng = np.random.default_rng(config.seed)
+    warm_rng = np.random.default_rng([config.seed, 1])  # the warm-up's own: the measured draws never change
     trace = select_functions(read_trace(config.trace), config)
     lengths = read_token_lengths(config.llm_trace)
     names = [f"fn{i:04d}-{fid[:8]}" for i, fid in enumerate(trace.function_ids)]
     ranks = {name: int(rng.choice(config.ranks)) for name in names}
-    spm = config.seconds_per_minute
-    times, adapters, minutes = [], [], []
+    spm, warmup = config.seconds_per_minute, config.warmup_minutes
+    times, adapters, minutes, measured = [], [], [], []
     for i, name in enumerate(names):
         for minute in np.nonzero(trace.counts[i])[0]:
-            c = int(trace.counts[i, minute])
-            offsets = rng.random(c) if config.arrivals == "poisson" else (np.arange(c) + 0.5) / c
+            c, gen = int(trace.counts[i, minute]), (rng if minute >= warmup else warm_rng)
+            offsets = gen.random(c) if config.arrivals == "poisson" else (np.arange(c) + 0.5) / c
             times.append((minute + offsets) * spm)
             adapters += [name] * c
             minutes += [int(minute)] * c
+            measured += [minute >= warmup] * c
     times = np.concatenate(times) if times else np.zeros((0,))
-    picks = lengths[rng.integers(len(lengths), size=len(times))]
+    measured = np.asarray(measured, bool)
+    picks = np.zeros((len(times), 2), np.int64)
+    picks[measured] = lengths[rng.integers(len(lengths), size=int(measured.sum()))]
+    picks[~measured] = lengths[warm_rng.integers(len(lengths), size=int((~measured).sum()))]
     prompt = np.maximum(1, np.round(picks[:, 0] * config.token_scale)).astype(np.int64)
     output = np.maximum(1, np.round(picks[:, 1] * config.token_scale)).astype(np.int64)
     if config.max_prompt_tokens:

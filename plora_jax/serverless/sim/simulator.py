@@ -6,6 +6,11 @@ deterministic. Each instance is a `SimInstance` (the engine's scheduler, adapter
 residency core on its own virtual clock); `serverless.instances.InstancePool` applies the
 routing, start, keep-alive and pre-warm rules the live replay applies. The results are the
 same `report.Run` a live replay gives.
+
+With a warm-up (`WorkloadConfig.warmup_minutes`) the run replays it like any other minutes and
+measures only what follows: the records of requests arriving from `Workload.measured_from_s`
+on, and every counter, byte-second and stall as its change since then (a snapshot of each
+instance's figures at that moment).
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ class Simulator:
         self.mem_samples: list[tuple[float, float, float]] = []  # (time, live/reserved, reserved/pool)
         self.now = 0.0
         self.pool = InstancePool(self, make_policy, SimInstance)
+        self.measured_from = workload.measured_from_s
+        self.before: dict[int, dict] = {}  # id(core or gate) -> its figures at measured_from (warm-up)
 
     def push(self, when: float, kind: str, instance: int, payload=None) -> None:
         heapq.heappush(self.events, (when, next(self.seq), kind, instance, payload))
@@ -129,6 +136,8 @@ class Simulator:
         while t <= horizon:
             self.push(t, "interval", -1)
             t += self.interval_s
+        if self.measured_from > 0:  # when the first measured request could reach an instance
+            self.push(self.measured_from + self.calibration.request_overhead_s, "measure", -1)
         self.pool.start(0.0)
         while self.events:
             now, _, kind, index, payload = heapq.heappop(self.events)
@@ -146,14 +155,24 @@ class Simulator:
                 self.pool.ready(index, now)
             elif kind == "keep_alive":
                 self.pool.expire(index, now)
+            elif kind == "measure":
+                self.before = {id(core): core.stats() for core in self.cores}
+                self.before |= {id(gate): {"stall_row_s": gate.stall_row_s} for gate in self.gates}
         return self
+
+    def since_measured(self, owner, stats: dict, key: str) -> float:
+        """`stats[key]` of `owner` (a core or a gate) less its value when measuring began."""
+        return stats[key] - self.before.get(id(owner), {}).get(key, 0)
 
     def forecast_step(self, policy: Policy) -> None:
         policy.step()  # a forecaster's interval on the simulated clock (a no-op for the others)
 
     def records(self) -> list[RequestRecord]:
+        """The measured requests' records (those arriving after the warm-up)."""
         out = []
         for r in self.requests:
+            if r.trace.arrival_s < self.measured_from:
+                continue
             req = r.request
             done = req is not None and req.finish_reason == "length"
             out.append(
@@ -172,9 +191,12 @@ class Simulator:
         return out
 
     def result(self) -> Run:
-        memory = [(t, u) for t, u, _ in self.mem_samples]
-        stats = [core.stats() for core in self.cores]
-        live, reserved = (sum(s[k] for s in stats) for k in ("adapter_live_byte_s", "adapter_reserved_byte_s"))
+        memory = [(t, u) for t, u, _ in self.mem_samples if t >= self.measured_from]
+        stats = [(core, core.stats()) for core in self.cores]
+        live, reserved = (
+            sum(self.since_measured(c, s, k) for c, s in stats)
+            for k in ("adapter_live_byte_s", "adapter_reserved_byte_s")
+        )
         util = adapter_mem_util(live, reserved)
         waits = self.pool.start_waits
         extra = {
@@ -183,7 +205,7 @@ class Simulator:
             "instance_stops": self.pool.stops,
             "instance_start_wait_mean_s": float(np.mean(waits)) if waits else 0.0,
             "compiles_after_warmup": 0,
-            "stall_s": sum(gate.stall_row_s for gate in self.gates),
+            "stall_s": sum(self.since_measured(g, {"stall_row_s": g.stall_row_s}, "stall_row_s") for g in self.gates),
         }
         records = self.records()
         return Run(summarize(records, self.counters(), util, extra), records, memory)
@@ -194,7 +216,7 @@ class Simulator:
         for core in self.cores:
             stats = core.stats()  # the counters, host-cache evictions included
             for name in total:
-                total[name] += stats[name]
+                total[name] += self.since_measured(core, stats, name)
         return total
 
 
