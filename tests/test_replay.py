@@ -220,6 +220,9 @@ def test_a_warm_up_fills_the_pool_and_is_left_out_of_every_figure():
     # the warm-up's loads are left out: C from disk, B again from the host cache
     assert (s["requests"], s["cold_starts"], s["bytes_disk_to_host"], s["bytes_host_to_device"]) == (3, 2, 1000, 2000)
     assert all(t >= 100.0 for t, _ in run.memory)
+    # scaled to zero: the instance started at 0 stops in the warm-up; A at 100 starts it again
+    scaled = simulate(w, "lru", sim_config(min_instances=0, keep_alive_s=10.0), CAL).summary
+    assert (scaled["instance_starts"], scaled["instance_stops"], scaled["instance_start_wait_mean_s"]) == (1, 1, 5.0)
     # the same three requests from an empty pool: all cold
     cold = simulate(hand_workload([(t - 100.0, a) for t, a in measured]), "lru", CFG, CAL)
     assert [r.cold for r in cold.records] == [True] * 3 and cold.summary["cold_starts"] == 3

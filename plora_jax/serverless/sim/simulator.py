@@ -9,8 +9,8 @@ same `report.Run` a live replay gives.
 
 With a warm-up (`WorkloadConfig.warmup_minutes`) the run replays it like any other minutes and
 measures only what follows: the records of requests arriving from `Workload.measured_from_s`
-on, and every counter, byte-second and stall as its change since then (a snapshot of each
-instance's figures at that moment).
+on, and every counter, byte-second, stall and instance start as its change since then (a snapshot
+of the figures at that moment).
 """
 
 from __future__ import annotations
@@ -129,6 +129,8 @@ class Simulator:
             self.mem_samples.append((now, adapter_mem_util(live, reserved), adapter_pool_fill(reserved, total)))
 
     def run(self) -> Simulator:
+        if self.measured_from > 0:  # when the first measured request can reach an instance (ahead of it)
+            self.push(self.measured_from + self.calibration.request_overhead_s, "measure", -1)
         for request in self.requests:  # each reaches the serverless layer after the caller's hand-off
             self.push(request.trace.arrival_s + self.calibration.request_overhead_s, "arrival", -1, request)
         horizon = self.workload.duration_s
@@ -136,8 +138,6 @@ class Simulator:
         while t <= horizon:
             self.push(t, "interval", -1)
             t += self.interval_s
-        if self.measured_from > 0:  # when the first measured request could reach an instance
-            self.push(self.measured_from + self.calibration.request_overhead_s, "measure", -1)
         self.pool.start(0.0)
         while self.events:
             now, _, kind, index, payload = heapq.heappop(self.events)
@@ -158,11 +158,17 @@ class Simulator:
             elif kind == "measure":
                 self.before = {id(core): core.stats() for core in self.cores}
                 self.before |= {id(gate): {"stall_row_s": gate.stall_row_s} for gate in self.gates}
+                self.before[id(self.pool)] = self.instance_figures()
         return self
 
     def since_measured(self, owner, stats: dict, key: str) -> float:
         """`stats[key]` of `owner` (a core or a gate) less its value when measuring began."""
         return stats[key] - self.before.get(id(owner), {}).get(key, 0)
+
+    def instance_figures(self) -> dict:
+        """The instance pool's counts (the warm-up's are left out of the figures)."""
+        p = self.pool
+        return {"starts": p.starts, "prewarms": p.prewarms, "stops": p.stops, "start_waits": len(p.start_waits)}
 
     def forecast_step(self, policy: Policy) -> None:
         policy.step()  # a forecaster's interval on the simulated clock (a no-op for the others)
@@ -198,11 +204,12 @@ class Simulator:
             for k in ("adapter_live_byte_s", "adapter_reserved_byte_s")
         )
         util = adapter_mem_util(live, reserved)
-        waits = self.pool.start_waits
+        instances = self.instance_figures()
+        waits = self.pool.start_waits[self.before.get(id(self.pool), {}).get("start_waits", 0) :]
         extra = {
-            "instance_starts": self.pool.starts,
-            "instance_prewarms": self.pool.prewarms,
-            "instance_stops": self.pool.stops,
+            "instance_starts": self.since_measured(self.pool, instances, "starts"),
+            "instance_prewarms": self.since_measured(self.pool, instances, "prewarms"),
+            "instance_stops": self.since_measured(self.pool, instances, "stops"),
             "instance_start_wait_mean_s": float(np.mean(waits)) if waits else 0.0,
             "compiles_after_warmup": 0,
             "stall_s": sum(self.since_measured(g, {"stall_row_s": g.stall_row_s}, "stall_row_s") for g in self.gates),
