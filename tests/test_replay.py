@@ -219,16 +219,23 @@ def test_a_warm_up_fills_the_pool_and_is_left_out_of_every_figure():
     s = run.summary
     # the warm-up's loads are left out: C from disk, B again from the host cache
     assert (s["requests"], s["cold_starts"], s["bytes_disk_to_host"], s["bytes_host_to_device"]) == (3, 2, 1000, 2000)
-    assert all(t >= 100.0 for t, _ in run.memory)
+    assert run.memory and all(t >= 100.0 for t, _ in run.memory)
     # scaled to zero: the instance started at 0 stops in the warm-up; A at 100 starts it again
     scaled = simulate(w, "lru", sim_config(min_instances=0, keep_alive_s=10.0), CAL).summary
     assert (scaled["instance_starts"], scaled["instance_stops"], scaled["instance_start_wait_mean_s"]) == (1, 1, 5.0)
     # the same three requests from an empty pool: all cold
     cold = simulate(hand_workload([(t - 100.0, a) for t, a in measured]), "lru", CFG, CAL)
     assert [r.cold for r in cold.records] == [True] * 3 and cold.summary["cold_starts"] == 3
+    # a synchronous load in the warm-up stalls A's decode 2 s (as in the test above); C alone
+    # in the measured minute stalls nobody
+    stalled = [TraceRequest(0.0, "A", 4, 6, 0), TraceRequest(0.5, "B", 4, 1, 0), TraceRequest(100.0, "C", 4, 1, 1)]
+    whole = Workload(hand_workload([]).config, w.ranks, stalled, np.zeros((3, 1), np.int64))
+    assert simulate(whole, "reactive_sync", CFG, CAL).summary["stall_s"] == pytest.approx(2.0)
+    after = simulate(dataclasses.replace(w, requests=stalled), "reactive_sync", CFG, CAL).summary
+    assert after["stall_s"] == 0.0 and after["cold_starts"] == 1
 
 
-def test_a_warm_up_replays_the_minutes_before_and_keeps_the_measured_requests():
+def test_a_warm_up_replays_the_minutes_before_and_keeps_the_measured_requests(tmp_path):
     base = generate(workload_config(popularity=False, minutes=8, start_minute=12, seed=3))
     warm = generate(workload_config(popularity=False, minutes=8, start_minute=12, warmup_minutes=6, seed=3))
     assert np.array_equal(warm.per_minute_counts(), read_trace(TRACE).counts[:, 6:20])
@@ -244,8 +251,19 @@ def test_a_warm_up_replays_the_minutes_before_and_keeps_the_measured_requests():
             b.minute + 6,
         )
         assert a.arrival_s == pytest.approx(b.arrival_s + shift)
+    assert warm.counts.shape == (16, 14) and warm.first_minute == (base.first_minute - 6) % 1440
+    warm.write(tmp_path / "w.json")
+    assert Workload.read(tmp_path / "w.json").config.warmup_minutes == 6
     with pytest.raises(ValueError, match="warmup_minutes"):
         workload_config(start_minute=4, warmup_minutes=5)
+    # a load is the measured minutes' rate, however busy the warm-up
+    from plora_jax.serverless import sweep
+
+    busy = generate(workload_config(popularity=False, minutes=4, start_minute=12, warmup_minutes=12, seed=3))
+    _, scaled = sweep.scale_to_load(busy.config, busy, 0.5, 2.0)  # its warm-up 1.4x as busy as the rest
+    measured = sum(r.arrival_s >= scaled.measured_from_s for r in scaled.requests)
+    assert measured / (scaled.duration_s - scaled.measured_from_s) == pytest.approx(0.5 * 2.0)
+    assert len(scaled.requests) / scaled.duration_s > 1.2 * 0.5 * 2.0  # the whole run's rate is not
 
 
 def test_the_live_replay_refuses_a_warm_up():
@@ -254,6 +272,11 @@ def test_the_live_replay_refuses_a_warm_up():
     argv = ["--mode", "live", "--trace", TRACE, "--llm-trace", LLM, "--start-minute", "5", "--warmup-minutes", "5"]
     with pytest.raises(SystemExit, match="warmup-minutes"):
         replay.main(argv)
+    from plora_jax.serverless.live import replay_live
+
+    warm = generate(workload_config(minutes=5, start_minute=5, warmup_minutes=5))
+    with pytest.raises(ValueError, match="warmup_minutes"):  # before it touches a fleet
+        replay_live(warm, "lru", fleet=None)
 
 
 def test_paged_layout_holds_more_mixed_rank_adapters_than_contiguous():

@@ -142,6 +142,11 @@ class _Slot:
 
 def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpoint: str = "", seed: int = 0) -> Run:
     """Run `workload` under `policy` on `fleet` (see the module docstring)."""
+    if workload.config.warmup_minutes:  # the engines' counters would cover the warm-up too
+        raise ValueError(
+            f"replay_live: warmup_minutes is {workload.config.warmup_minutes}; a measured window after "
+            "a warm-up is for the simulator"
+        )
     loads = "sync" if policy == BASELINE_POLICY else "async"
     interval = workload.config.seconds_per_minute
     lock = threading.Lock()

@@ -16,7 +16,7 @@ So `benchmarks.replay` runs every policy at every point of a grid:
 
 Capacity is the cost profile's, at full batch: a request costs its prompt's prefill tokens and
 one decode row per output token, in a decode step of `max_num_seqs` rows that each run an
-adapter, at the workload's mean lengths. Loads, cold starts and the queue are left out; they
+adapter, at the measured requests' mean lengths. Loads, cold starts and the queue are left out; they
 are what the policies differ in.
 """
 
@@ -56,10 +56,11 @@ def slots_for_pages(ranks, usable_pages: int, page_rows: int) -> int:
 
 
 def capacity_rps(calibration, workload: Workload, engine_config) -> float:
-    """Requests per second one instance serves at full batch (module docstring)."""
-    requests = workload.requests
+    """Requests per second one instance serves at full batch (module docstring), at the mean
+    lengths of the measured requests (a warm-up's are left out)."""
+    requests = [r for r in workload.requests if r.arrival_s >= workload.measured_from_s]
     if not requests:
-        raise ValueError("capacity_rps: the workload has no requests")
+        raise ValueError("capacity_rps: the workload has no measured requests")
     prompt = sum(r.prompt_tokens for r in requests) / len(requests)
     output = sum(r.output_tokens for r in requests) / len(requests)
     prompt = min(prompt, engine_config.max_model_len - 2)
