@@ -58,7 +58,7 @@ def slots_for_pages(ranks, usable_pages: int, page_rows: int) -> int:
 def capacity_rps(calibration, workload: Workload, engine_config) -> float:
     """Requests per second one instance serves at full batch (module docstring), at the mean
     lengths of the measured requests (a warm-up's are left out)."""
-    requests = [r for r in workload.requests if r.arrival_s >= workload.measured_from_s]
+    requests = workload.measured_requests
     if not requests:
         raise ValueError("capacity_rps: the workload has no measured requests")
     prompt = sum(r.prompt_tokens for r in requests) / len(requests)
@@ -83,7 +83,7 @@ def scale_to_load(config: WorkloadConfig, workload: Workload, load: float, capac
     if not load > 0:
         raise ValueError(f"load must be > 0, got {load}")
     # the measured minutes' rate: a warm-up's minutes may be busier or quieter
-    measured = sum(r.arrival_s >= workload.measured_from_s for r in workload.requests)
+    measured = len(workload.measured_requests)
     if not measured:
         raise ValueError("scale_to_load: the workload has no requests in its measured minutes")
     offered = measured / (workload.duration_s - workload.measured_from_s)

@@ -107,6 +107,11 @@ class Workload:
         """Replay time at which the measured minutes begin (the warm-up's end; 0 without one)."""
         return self.config.warmup_minutes * self.config.seconds_per_minute
 
+    @property
+    def measured_requests(self) -> list[TraceRequest]:
+        """The requests every figure counts: those arriving after the warm-up (all without one)."""
+        return [r for r in self.requests if r.arrival_s >= self.measured_from_s]
+
     def per_minute_counts(self) -> np.ndarray:
         """[adapters, replayed minutes] counted back from the requests (equals `counts`)."""
         index = {name: i for i, name in enumerate(self.ranks)}
