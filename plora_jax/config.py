@@ -221,6 +221,8 @@ class EngineConfig:
     # device, never a read from disk), so its request joins the step being planned, not the next.
     wait_host_copies: bool = True
     predictor_checkpoint: str = ""  # predictive's forecaster: "" shipped LSTM, a checkpoint folder, or "ewma"
+    # Liveness: a hung device step or transfer (a first-use compile counts too).
+    step_timeout_s: float = 120.0  # readiness (/health) says "stalled" (503) when one loop iteration runs longer
 
     def __post_init__(self):
         check_name("dtype", self.dtype, DTYPES)
@@ -249,5 +251,7 @@ class EngineConfig:
         if self.policy_interval_s <= 0 or self.host_cache_mb < 0 or self.max_prefetch_inflight < 1:
             raise ValueError("policy_interval_s must be > 0, host_cache_mb >= 0 and max_prefetch_inflight >= 1")
         check_name("adapter_loads", self.adapter_loads, ADAPTER_LOADS)
+        if not self.step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         if self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")

@@ -100,6 +100,7 @@ class Tokenizer:
         self._special_ids = {
             backend.token_to_id(t.content) for t in backend.get_added_tokens_decoder().values() if t.special
         }
+        self._max_token_chars: int | None = None
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -217,6 +218,16 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token decodes to: its vocabulary string's length
+        (a byte-level or sentencepiece piece spells each byte or character with one symbol).
+        A text longer than this times the context cannot fit it, which a server checks before
+        spending time on tokenizing it."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(1, max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1))
+        return self._max_token_chars
+
+    @property
     def bos_token_id(self) -> int | None:
         return self.meta.bos_token_id
 
@@ -271,9 +282,14 @@ class Tokenizer:
             "bos_token": self._text_of(self.meta.bos_token_id),
             "eos_token": self._text_of(self.meta.eos_token_ids[0] if self.meta.eos_token_ids else None),
         }
-        text = _compile_template(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **{**special, **kwargs}
-        )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = _compile_template(template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **{**special, **kwargs}
+            )
+        except TemplateError as e:  # the template refused these messages (raise_exception), or the sandbox did
+            raise ValueError(f"messages: the chat template refused them: {e}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _text_of(self, token_id: int | None) -> str:

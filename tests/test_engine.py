@@ -267,15 +267,18 @@ def test_bad_input_names_the_field_and_others_keep_running(tiny_engine):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("max_tokens", 0, "max_tokens must be an integer >= 1"),
-        ("temperature", -0.5, "temperature must be >= 0"),
+        ("max_tokens", 0, r"max_tokens must be an integer in \[1, 2147483647\]"),
+        ("max_tokens", 2**31, r"max_tokens must be an integer in \[1, 2147483647\]"),
+        ("temperature", -0.5, r"temperature must be a number in \[0, 2.0\]"),
+        ("temperature", float("nan"), r"temperature must be a number in \[0, 2.0\]"),
+        ("top_k", 2**31, r"top_k must be -1, 0 \(disabled\) or in \[1, 2147483647\]"),
         ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
         ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
         ("top_k", -2, "top_k must be"),
         ("seed", -1, "seed must be"),
         ("stop", [""], "stop must be"),
-        ("frequency_penalty", 2.5, r"frequency_penalty must be a number in \[-2, 2\]"),
-        ("presence_penalty", "1", r"presence_penalty must be a number in \[-2, 2\]"),
+        ("frequency_penalty", 2.5, r"frequency_penalty must be a number in \[-2.0, 2.0\]"),
+        ("presence_penalty", "1", r"presence_penalty must be a number in \[-2.0, 2.0\]"),
         ("repetition_penalty", 0, r"repetition_penalty must be a number in \[0.01, 100.0\]"),
     ],
 )

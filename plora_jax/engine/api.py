@@ -19,20 +19,30 @@ The pieces, along vLLM v1's seams:
 
 `Engine(..., start=False)` leaves the loop unstarted: the caller then drives it with
 `engine.core.step()` (what the tests do, instead of sleeping).
+
+An engine a script never closes is closed at interpreter exit (`atexit`), before the
+interpreter stops its threads: a thread stopped while inside XLA or a jitted call aborts the
+process ("FATAL: exception not rethrown"), so without this a script that forgot `close()`
+exited with SIGABRT.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from ..config import EngineConfig, ModelConfig
+from ..limits import MAX_TOP_LOGPROBS
 from ..lora.manager import LoraManager
 from ..lora.peft import AdapterError
 from ..models.loader import LoadedModel, load_model
@@ -40,13 +50,26 @@ from ..models.registry import cache_root
 from ..pallas.attention import cpu as cpu_attention
 from ..policies import Policy, make_policy
 from ..tokenizer import Tokenizer
+from . import scoring
 from .core import AddRequest, Cancel, EngineCore
 from .inputs import InputProcessor
 from .outputs import RequestFailed, RequestHandle, RequestOutput
 from .runner import ModelRunner, resolve_dtype
-from .sampling import SamplingParams
+from .sampling import Logprobs, SamplingParams
 
 log = logging.getLogger(__name__)
+
+_EMPTY_LOGPROBS = (((), np.float32), ((MAX_TOP_LOGPROBS,), np.int32), ((MAX_TOP_LOGPROBS,), np.float32))
+_open_engines: weakref.WeakSet = weakref.WeakSet()  # engines not closed yet (closed at exit)
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_open_engines):
+        try:
+            engine.close()
+        except Exception:  # exiting anyway: never let one engine keep the others open
+            log.exception("closing an engine at exit failed")
 
 
 def prepare_kernels(config: EngineConfig) -> None:
@@ -131,6 +154,8 @@ class Engine:
         policy = make_policy(config.policy, config.policy_interval_s, config.predictor_checkpoint) if lora else None
         self.core = EngineCore(config, self._runner, self._inputs, lora, policy)
         self._warmer: threading.Thread | None = None
+        self._closed = False
+        _open_engines.add(self)
         plan = self._runner.plan
         if config.warmup:
             self._warmer = threading.Thread(target=self._warm, name="plora-compile", daemon=True)
@@ -213,13 +238,23 @@ class Engine:
         return complete
 
     def readiness(self) -> dict:
-        """{"status": "warming" | "ok" | "failed", "compiled": executables ready, "total": executables}."""
+        """{"status", "compiled": executables ready, "total": executables}; status "warming"
+        (building its first executables), "ok", "stalled" (one iteration of the loop, or a call
+        on it, has run longer than `step_timeout_s`: a hung step) or "failed" (its loop died,
+        or it was closed), with a "detail" when not ok."""
         plan = self._runner.plan
+        out = {"status": "ok", "compiled": plan.num_ready, "total": plan.num_executables}
+        busy_since = self.core.busy_since
         if plan.failure is not None or self.core.fatal is not None:
-            status = "failed"
-        else:
-            status = "ok" if plan.minimal_ready.is_set() else "warming"
-        return {"status": status, "compiled": plan.num_ready, "total": plan.num_executables}
+            out.update(status="failed", detail=f"the engine loop stopped: {plan.failure or self.core.fatal}")
+        elif self._closed:
+            out.update(status="failed", detail="the engine is closed")
+        elif not plan.minimal_ready.is_set():
+            out["status"] = "warming"
+        elif busy_since is not None and time.monotonic() - busy_since > self.config.step_timeout_s:
+            seconds = time.monotonic() - busy_since
+            out.update(status="stalled", detail=f"one engine step has run for {seconds:.0f} s")
+        return out
 
     @property
     def runner(self) -> ModelRunner:
@@ -229,6 +264,8 @@ class Engine:
 
     def close(self) -> None:
         """Abort what is left, stop the loop thread and release it."""
+        self._closed = True
+        _open_engines.discard(self)
         self.core.stop()
         if self._warmer is not None:
             self._runner.plan.cancelled.set()  # a background warm-up stops after its current build
@@ -318,6 +355,16 @@ class Engine:
         """
         ids = self._inputs.score_input(token_ids, adapter, "token_ids", "adapter")
         return self.core.call(lambda: self.core.score([ids], [adapter]))[0]
+
+    def prompt_logprobs(self, token_ids: Sequence[int], adapter: str | None = None, temperature: float = 0.0):
+        """Each token's log-probability (from the second on) given the ones before it, under the
+        logits divided by `temperature` (0: the model's own), and the 20 likeliest alternatives:
+        numpy `Logprobs` of [len(token_ids) - 1] rows (a prompt's `echo`). Computed on the device
+        chunk by chunk, so the host holds [tokens, 20], never [tokens, vocab]."""
+        ids = self._inputs.score_input(token_ids, adapter, "token_ids", "adapter")
+        if len(ids) < 2:
+            return Logprobs(*(np.zeros((0, *shape), dtype) for shape, dtype in _EMPTY_LOGPROBS))
+        return self.core.call(lambda: scoring.prompt_logprobs(self.core, ids, adapter, float(temperature)))
 
     def logits_batch(self, token_ids: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None) -> list:
         """`logits` of several sequences in one batch (first chunks packed, each with its own adapter)."""
@@ -411,11 +458,12 @@ class Engine:
     def _describe(self, name: str) -> dict:
         return next(d for d in self.core.lora.describe() if d["name"] == name)
 
-    def remove_adapter(self, name: str) -> None:
+    def remove_adapter(self, name: str, timeout: float | None = None) -> None:
         """Unregister an adapter. Waiting requests for it fail with an error naming it; running
-        ones finish, and its device pages are freed when the last of them does."""
+        ones finish, and its device pages are freed when the last of them does. `timeout`:
+        seconds to wait for the loop (TimeoutError after; the removal may still happen)."""
         self._lora()
-        self.core.call(lambda: self.core.remove_adapter(name))
+        self.core.call(lambda: self.core.remove_adapter(name), timeout)
 
     def has_adapter(self, name: str) -> bool:
         """Whether `name` is registered (read from the published snapshot, without a round trip)."""
@@ -446,11 +494,12 @@ class Engine:
         """Adapters placed in the device pool (or loading into it), from the published snapshot."""
         return self.core.snapshot.on_device
 
-    def adapters(self) -> list[dict]:
-        """Every registered adapter: name, path, rank, target_modules, residency (device/host/disk), pages, bytes."""
+    def adapters(self, timeout: float | None = None) -> list[dict]:
+        """Every registered adapter: name, path, rank, target_modules, residency (device/host/disk),
+        pages, bytes. `timeout`: seconds to wait for the loop (TimeoutError after)."""
         if self.core.lora is None:
             return []
-        return self.core.call(self.core.lora.describe)
+        return self.core.call(self.core.lora.describe, timeout)
 
 
 __all__ = ["Engine", "RequestFailed", "RequestOutput", "TextStream", "resolve_dtype"]

@@ -18,7 +18,9 @@ Warm-up compiles without running anything (`jit(f).trace(*abstract).lower().comp
 every executable is written to an on-disk cache (`ExecutableCache`), so a restart deserializes
 ready executables instead of tracing, lowering and compiling: 0 compiles. A cache entry that
 does not load (corrupt, or made by another jax, CPU or configuration) is dropped with a warning
-and recompiled, never fatal.
+and recompiled, never fatal. Loading an executable runs code from its file, so the cache is
+read only from a folder no other user can write, and a file only if the MAC written with it
+matches (`plora_jax.trusted_cache`); otherwise the engine compiles, with a warning.
 
 Readiness is progressive. `warm` first builds the minimal set, the smallest that can serve any
 request (decode and commit at their largest size, so a smaller step pads up into them; one
@@ -50,6 +52,7 @@ import jax
 
 from ..buckets import cdiv, pick_bucket, pow2_buckets, step_buckets
 from ..progress import Progress
+from ..trusted_cache import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +115,23 @@ def source_digest() -> str:
 
 
 class ExecutableCache:
-    """Serialized executables in `<root>/<fingerprint hash>/`, with a manifest of the fingerprint.
+    """Serialized executables in `<cache root>/executables/<fingerprint hash>/`, with a manifest
+    of the fingerprint.
 
-    Loading runs code from the file (jax's warning), so only the engine's own cache folder is
-    ever read. Files are written to a temporary name and renamed, so a crash or a concurrent
-    start never leaves a half-written entry.
+    Loading runs code from the file (jax's warning), so a file is unpickled only after its MAC
+    matches, and only from a folder no other user can write (`trusted_cache.Sealer`); an
+    untrusted folder is never read or written (warned once). Files are written to a temporary
+    name and renamed, so a crash or a concurrent start never leaves a half-written entry.
     """
 
-    def __init__(self, root: Path, fingerprint: dict):
+    def __init__(self, cache_root: Path, fingerprint: dict):
         self.fingerprint = fingerprint
-        self.dir = Path(root) / _digest(sorted(fingerprint.items()))
+        self.dir = Path(cache_root) / "executables" / _digest(sorted(fingerprint.items()))
         self.loaded = self.saved = self.rejected = 0
+        self.sealer = Sealer(self.dir, Path(cache_root))
+        if not self.sealer.usable:
+            log.warning("executable cache not used: %s (compiling instead)", self.sealer.reason)
+            return
         manifest = self.dir / "manifest.json"
         if manifest.is_file():
             try:
@@ -144,12 +153,18 @@ class ExecutableCache:
 
     def load(self, name: str) -> jax.stages.Compiled | None:
         path = self._path(name)
-        if not path.is_file():
+        if not self.sealer.usable or not path.is_file():
             return None
         from jax.experimental import serialize_executable
 
+        data, why = self.sealer.read(path)
+        if data is None:
+            log.warning("cached executable %s does not load (%s); compiling it again", path, why)
+            self.rejected += 1
+            path.unlink(missing_ok=True)
+            return None
         try:
-            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+            payload, in_tree, out_tree = pickle.loads(data)  # its MAC matched: written by this cache
             compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
         except Exception as e:  # corrupt, truncated, or from an incompatible runtime
             log.warning("cached executable %s does not load (%s: %s); compiling it again", path, type(e).__name__, e)
@@ -160,15 +175,16 @@ class ExecutableCache:
         return compiled
 
     def save(self, name: str, compiled: jax.stages.Compiled) -> None:
+        if not self.sealer.usable:
+            return
         from jax.experimental import serialize_executable
 
         try:
             payload = pickle.dumps(serialize_executable.serialize(compiled))
-            self.dir.mkdir(parents=True, exist_ok=True)
             manifest = self.dir / "manifest.json"
             if not manifest.is_file():
                 _atomic_write(manifest, json.dumps(self.fingerprint, indent=1).encode())
-            _atomic_write(self._path(name), payload)
+            self.sealer.write(self._path(name), payload)
             self.saved += 1
         except Exception as e:  # a full disk or an executable jax cannot serialize: serve without caching
             log.warning("could not cache executable %s (%s)", name, e)

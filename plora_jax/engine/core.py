@@ -20,8 +20,14 @@ Adapters: the scheduler admits a request only with its adapter on the device (`A
 by the simulator too). `record_steps` keeps each step's shape and duration (`step_log`).
 
 The loop serves once the compile plan's minimal set is ready (warm-up; requests wait in the
-inbox). A device or programming error ends the loop: every open request fails (never a
-half-serving engine), and later calls raise.
+inbox). An error in work that belongs to one request (its arrival, its tokens' stop checks and
+text) fails that request alone and the loop goes on. A device or programming error ends the
+loop: every open request fails (never a half-serving engine), each handle is told even if
+publishing the last snapshot fails, `died` is set, and later calls raise `EngineDead`.
+
+Liveness: `busy_since` is when the iteration or call in progress began (None when the loop is
+idle or waiting for messages), written by the loop alone; a reader compares it with the clock
+to tell a hung step from a quiet engine (`Engine.readiness`).
 """
 
 from __future__ import annotations
@@ -43,11 +49,12 @@ import numpy as np
 from .. import compile_stats
 from ..config import EngineConfig
 from ..lora.manager import LoraManager
-from ..lora.peft import AdapterError
+from ..lora.peft import AdapterError, AdapterRemoved
 from ..lora.residency import RETIRED
 from ..policies import Decision, Policy
 from . import scoring
 from .adapter_gate import AdapterGate
+from .errors import EngineBusy, EngineDead  # noqa: F401 (EngineBusy: re-exported)
 from .inputs import InputProcessor
 from .outputs import OutputProcessor, StreamEvent
 from .runner import Launched, ModelRunner
@@ -151,6 +158,8 @@ class EngineCore:
         self._stopped = False
         self._post_lock = threading.Lock()
         self.fatal: BaseException | None = None
+        self.died = threading.Event()  # set once the loop has died and told every request
+        self.busy_since: float | None = None  # time.monotonic() the current iteration or call began
         self._counters = _Counters()
         self._created = time.perf_counter()
         compile_stats.install()
@@ -195,8 +204,9 @@ class EngineCore:
             self.check_alive()
             self._inbox.put(message)
 
-    def call(self, fn: Callable[[], Any]):
-        """Run fn() on the owner of the device state (between steps) and return its result."""
+    def call(self, fn: Callable[[], Any], timeout: float | None = None):
+        """Run fn() on the owner of the device state (between steps) and return its result;
+        `timeout`: seconds to wait for the loop (TimeoutError after; fn may still run later)."""
         self.check_alive()
         if not self.running:
             result = fn()
@@ -204,16 +214,19 @@ class EngineCore:
             return result
         done: queue.SimpleQueue = queue.SimpleQueue()
         self.post(Call(fn, done))
-        ok, value = done.get()
+        try:
+            ok, value = done.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the engine loop did not answer within {timeout} s") from None
         if not ok:
             raise value
         return value
 
     def check_alive(self) -> None:
         if self.fatal is not None:
-            raise RuntimeError(f"the engine loop has stopped: {self.fatal}") from self.fatal
+            raise EngineDead(f"the engine loop has stopped: {self.fatal}") from self.fatal
         if self._stopped:
-            raise RuntimeError("the engine is closed")
+            raise EngineDead("the engine is closed")
 
     def _run(self) -> None:
         self._owner = threading.get_ident()
@@ -261,11 +274,27 @@ class EngineCore:
             self.publish()
 
     def _die(self, error: BaseException) -> None:
-        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+        """Fail every open request with `error`, refuse new work, publish what can be. Each step
+        is guarded: a failure here (an OOM that also killed the loop) never leaves a handle
+        waiting forever."""
+        try:
+            open_requests = list(self.scheduler.running) + list(self.scheduler.waiting)
+        except Exception:  # pragma: no cover - the scheduler's lists are plain containers
+            open_requests = []
+        for request in open_requests:
             self.inputs.release(request.request_id)
             self._outbox.append((request, error))
-        self._reject_inbox(lambda: setattr(self, "fatal", error), RuntimeError(f"the engine loop has stopped: {error}"))
-        self.publish()
+        try:
+            self._reject_inbox(
+                lambda: setattr(self, "fatal", error), EngineDead(f"the engine loop has stopped: {error}")
+            )
+        finally:
+            try:
+                self.publish()
+            except Exception:
+                log.exception("publishing the last snapshot failed; the requests were told")
+            self.busy_since = None
+            self.died.set()
 
     def _reject_inbox(self, close: Callable[[], None], error: BaseException) -> None:
         """Mark the engine closed or dead (`close`) and fail what is still queued: requests end
@@ -289,7 +318,7 @@ class EngineCore:
             self._in_flight = None
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._end(request, "abort")
-        self._reject_inbox(lambda: setattr(self, "_stopped", True), RuntimeError("the engine is closed"))
+        self._reject_inbox(lambda: setattr(self, "_stopped", True), EngineDead("the engine is closed"))
         self.publish()
 
     # --- one iteration ----------------------------------------------------------------------
@@ -329,18 +358,24 @@ class EngineCore:
 
     def _iterate(self) -> bool:
         """One iteration; False if it neither dispatched nor read anything."""
+        self.busy_since = time.monotonic()
+        try:
+            return self._iterate_once()
+        finally:
+            self.busy_since = None
+
+    def _iterate_once(self) -> bool:
         # A recorded step starts here, or at the first message this iteration handled (its host
         # work: arrivals and their policy decisions, polls, scheduling, inputs),
         # less any synchronous load inside the scheduling, which is the load's time, not the step's.
         begun, self._woke = self._woke or time.perf_counter(), None  # from the first message handled, if any
         stalled = self.gate.stall_s if self.gate is not None else 0.0
         committed = 0  # pages this iteration's poll commits (a synchronous load's are the load's time)
-        if not self.runner.plan.complete.is_set():  # while warming, chunk prompts to what is built
-            ready = self.runner.plan.ready_sizes("prefill")
-            if ready:
-                self.scheduler.max_num_batched_tokens = ready[-1]
-        else:
-            self.scheduler.max_num_batched_tokens = self.runner.buckets.prefill[-1]
+        # Prompts are chunked to the largest prefill size built: while warming up, and for good
+        # if a background build failed (serving goes on with the sizes there are).
+        ready = self.runner.plan.ready_sizes("prefill")
+        largest = self.runner.buckets.prefill[-1]
+        self.scheduler.max_num_batched_tokens = ready[-1] if ready and not self.runner.lazy else largest
         if self.lora is not None:
             committed = -self.lora.committed_pages
             self.poll_adapters()
@@ -394,12 +429,7 @@ class EngineCore:
             if isinstance(message, Wake):
                 continue
             if isinstance(message, AddRequest):
-                request = message.request
-                self.scheduler.add(request)
-                if self.policy is not None and request.adapter is not None:
-                    now = time.monotonic()
-                    self.policy.observe(request.adapter, now)
-                    self._decide(now)
+                self._per_request(message.request, lambda r=message.request: self._arrive(r))
             elif isinstance(message, Cancel):
                 request = next(
                     (
@@ -410,8 +440,9 @@ class EngineCore:
                     None,
                 )
                 if request is not None:
-                    self._end(request, "abort")
+                    self._per_request(request, lambda r=request: self._end(r, "abort"))
             elif isinstance(message, Call):
+                self.busy_since = time.monotonic()
                 try:
                     result = (True, message.fn())
                 except BaseException as e:
@@ -419,10 +450,33 @@ class EngineCore:
                         message.done.put((False, e))
                         raise
                     result = (False, e)
+                finally:
+                    self.busy_since = None
                 try:
                     self.publish()  # before the reply: the caller's next read sees what the call did
                 finally:
                     message.done.put(result)
+
+    def _arrive(self, request: Request) -> None:
+        self.scheduler.add(request)
+        if self.policy is not None and request.adapter is not None:
+            now = time.monotonic()
+            self.policy.observe(request.adapter, now)
+            self._decide(now)
+
+    def _per_request(self, request: Request, work: Callable[[], None]) -> None:
+        """Run `work` for one request. An exception there is that request's failure alone: it
+        ends with the error, its blocks, slot and adapter pin are freed, and the loop goes on."""
+        try:
+            work()
+        except Exception as e:
+            log.exception("request %s failed on the engine loop; the loop goes on", request.request_id)
+            s = self.scheduler
+            if request.status is not Status.FINISHED and (request in s.waiting or request in s.running):
+                s.finish(request, "abort")
+            request.status = Status.FINISHED
+            self.inputs.release(request.request_id)
+            self._outbox.append((request, e))
 
     def record_steps(self, on: bool) -> None:
         """Start (or stop) recording every step's shape and duration (`step_log`)."""
@@ -449,11 +503,14 @@ class EngineCore:
                     k = request.params.top_logprobs
                     if k:
                         top = list(zip(logprobs.top_ids[i, :k].tolist(), logprobs.top[i, :k].tolist(), strict=True))
-                ended, event = self.outputs.append(request, int(tokens[i]), chosen, top=top)
-                if ended is not None:
-                    self._end(request, *ended)
-                else:
-                    self._outbox.append((request, event))
+                self._per_request(request, lambda r=request, t=int(tokens[i]), c=chosen, k=top: self._token(r, t, c, k))
+
+    def _token(self, request: Request, token: int, chosen: float, top) -> None:
+        ended, event = self.outputs.append(request, token, chosen, top=top)
+        if ended is not None:
+            self._end(request, *ended)
+        else:
+            self._outbox.append((request, event))
 
     def _end(self, request: Request, reason: str, stop_reason=None) -> None:
         self.scheduler.finish(request, reason)
@@ -467,17 +524,27 @@ class EngineCore:
 
     # --- the published snapshot -------------------------------------------------------------
     def publish(self) -> None:
-        """Publish the snapshot, then deliver the events and failures gathered since the last."""
-        self._publish_snapshot()
+        """Publish the snapshot, then deliver the events and failures gathered since the last
+        (delivered even if the snapshot cannot be built)."""
+        try:
+            self._publish_snapshot()
+        finally:
+            self._deliver()
+
+    def _deliver(self) -> None:
         outbox, self._outbox = self._outbox, []
         for request, item in outbox:
             handle = request.handle
             if handle is None:
                 continue
-            if isinstance(item, BaseException):
-                handle._fail(item)
-            else:
-                handle._push(item)
+            try:
+                if isinstance(item, BaseException):
+                    handle._fail(item)
+                else:
+                    handle._push(item)
+            except Exception as e:  # one handle's failure never keeps the others from hearing
+                log.exception("delivering to request %s failed", request.request_id)
+                handle._fail(e)
 
     def _publish_snapshot(self) -> None:
         s, c = self.scheduler, self._counters
@@ -525,7 +592,7 @@ class EngineCore:
         for request in self.gate.unservable:
             if request.status is not Status.FINISHED:
                 name = request.adapter.split(RETIRED)[0]
-                self._fail_request(request, AdapterError(f"adapter {name!r} was removed"))
+                self._fail_request(request, AdapterRemoved(f"adapter {name!r} was removed"))
         self.gate.unservable.clear()
 
     def _wait_for(self, name: str) -> list[tuple[str, BaseException]]:
@@ -559,8 +626,10 @@ class EngineCore:
             raise ValueError(f"adapter {name!r} is not registered")
         for request in list(self.scheduler.waiting):
             if request.adapter == name:
-                self._fail_request(request, AdapterError(f"adapter {name!r} was removed"))
+                self._fail_request(request, AdapterRemoved(f"adapter {name!r} was removed"))
         retired = self.lora.remove(name)
+        if self.policy is not None:
+            self.policy.forget(name)
         if retired is not None:  # running requests finish on the old version's pages
             for request in self.scheduler.running:
                 if request.adapter == name:

@@ -1,9 +1,12 @@
 """Input processing: validation, tokenization and request creation, on the caller's thread.
 
 Everything a caller can get wrong is checked here, before anything reaches the loop, and
-raises `ValueError` naming the field (`prompts[3]`, `adapters[1]`, `sampling_params`). The
-request's detokenizer is built here too and travels with the request. What the loop owns is
-read through its published snapshot (`EngineSnapshot.adapters`), never from its live state.
+raises `InvalidInput` (a `ValueError`) naming the field (`prompts[3]`, `adapters[1]`,
+`sampling_params.stop_token_ids`) in its message and in `.field`. The request's detokenizer
+and its sampling row (`sampling.SAMPLING_ROW`: the values its steps' device inputs hold) are
+built here too and travel with the request, so nothing a caller sent is converted on the loop.
+What the loop owns is read through its published snapshot (`EngineSnapshot.adapters`), never
+from its live state.
 
 Request ids are reserved here under a lock (the only state callers share with the loop: the
 loop releases an id when its request ends), so a duplicate id is refused synchronously.
@@ -21,8 +24,16 @@ from ..config import ModelConfig
 from ..detokenizer import IncrementalDetokenizer
 from ..tokenizer import Tokenizer
 from .outputs import RequestHandle
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_row
 from .scheduler import Request
+
+
+class InvalidInput(ValueError):
+    """Input the engine refuses; `field` is the argument it names (`prompt`, `prompts[3]`, ...)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class InputProcessor:
@@ -49,28 +60,28 @@ class InputProcessor:
     def token_ids(self, ids, field: str) -> list[int]:
         try:
             ids = [int(t) for t in ids]
-        except (TypeError, ValueError):
-            raise ValueError(f"{field} must be a string or a list of token ids") from None
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidInput(field, f"{field} must be a string or a list of token ids") from None
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"{field} holds token ids outside [0, {self.vocab_size}): {bad[:5]}")
+            raise InvalidInput(field, f"{field} holds token ids outside [0, {self.vocab_size}): {bad[:5]}")
         return ids
 
     def check_adapter(self, adapter, field: str) -> None:
         if adapter is None:
             return
         if not self.lora_enabled:
-            raise ValueError(f"{field}={adapter!r}: this engine serves no adapters (max_loras=0)")
+            raise InvalidInput(field, f"{field}={adapter!r}: this engine serves no adapters (max_loras=0)")
         if adapter not in self._registered():
-            raise ValueError(f"{field}={adapter!r}: no adapter with this name is registered (see add_adapter)")
+            raise InvalidInput(field, f"{field}={adapter!r}: no adapter with this name is registered (see add_adapter)")
 
     def score_input(self, token_ids, adapter, field: str, adapter_field: str) -> list[int]:
         self.check_adapter(adapter, adapter_field)
         ids = self.token_ids(token_ids, field)
         if not ids:
-            raise ValueError(f"{field} is empty")
+            raise InvalidInput(field, f"{field} is empty")
         if len(ids) > self.max_model_len:
-            raise ValueError(f"{field} has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
+            raise InvalidInput(field, f"{field} has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
         return ids
 
     # --- requests -------------------------------------------------------------------------
@@ -87,19 +98,26 @@ class InputProcessor:
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params for {field} must be a SamplingParams")
+            raise InvalidInput("sampling_params", f"sampling_params for {field} must be a SamplingParams")
         self.check_adapter(adapter, adapter_field)
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"{field}: this engine has no tokenizer; pass token ids")
+                raise InvalidInput(field, f"{field}: this engine has no tokenizer; pass token ids")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = self.token_ids(prompt, field)
         if not ids:
-            raise ValueError(f"{field} is empty")
+            raise InvalidInput(field, f"{field} is empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"{field} has {len(ids)} tokens, leaving no room to generate (max_model_len={self.max_model_len})"
+            raise InvalidInput(
+                field,
+                f"{field} has {len(ids)} tokens, leaving no room to generate (max_model_len={self.max_model_len})",
+            )
+        outside = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if outside:
+            raise InvalidInput(
+                "sampling_params.stop_token_ids",
+                f"sampling_params.stop_token_ids holds ids outside [0, {self.vocab_size}): {outside[:5]}",
             )
         tok = self.tokenizer
         eos = frozenset(tok.eos_token_ids) if tok and not params.ignore_eos else frozenset()
@@ -119,13 +137,14 @@ class InputProcessor:
             adapter=adapter,
             prompt_text=prompt if isinstance(prompt, str) else None,
             detokenizer=detok,
+            sampling=sampling_row(params, seed, self.vocab_size),
         )
 
     def attach_handle(self, request: Request, cancel: Callable[[str], None]) -> RequestHandle:
         """Reserve the request's id and give it the caller's handle."""
         with self._lock:
             if request.request_id in self._live_ids:
-                raise ValueError(f"request_id {request.request_id!r} is already in use")
+                raise InvalidInput("request_id", f"request_id {request.request_id!r} is already in use")
             self._live_ids.add(request.request_id)
         request.handle = RequestHandle(request.request_id, cancel)
         return request.handle

@@ -16,7 +16,9 @@ Steps (each one jitted function, defined once, donating what it updates):
   request's first chunk clears its slot's penalty tables; every chunk's tokens are entered
   there (prompt tokens as seen, the tokens a preempted request had generated as counts), so
   the tables follow recompute without the host sending them.
-- `score`: logits of every token of packed chunks (`Engine.logits`).
+- `score`: logits of every token of packed chunks (`Engine.logits`); `score_logprobs` reduces
+  them on the device to each token's log-probability and top alternatives (a prompt's `echo`),
+  so only `[tokens, 20]` arrays reach the host, never `[tokens, vocab]` logits.
 - `commit`: an adapter's staged pages into the pool (called by the adapter manager).
 
 Attention metadata: positions, the flat KV slot of every token, and block tables at their full
@@ -45,7 +47,17 @@ from ..pallas.attention import cpu as cpu_attention
 from ..pallas.attention import ops as attention
 from ..pallas.lora import ops as lora_ops
 from .compile_plan import Buckets, CompilePlan, ExecutableCache, Spec, fingerprint
-from .sampling import Logprobs, PenaltyTables, SamplingInputs, penalised_logits, sample
+from .sampling import (
+    PADDING_ROW,
+    SAMPLING_ROW,
+    Logprobs,
+    PenaltyTables,
+    SamplingInputs,
+    logprobs_of,
+    penalised_logits,
+    sample,
+    sampling_row,
+)
 from .scheduler import DecodeRow, PrefillRow, Request
 from .state import DecodeMetadata, EngineState, KVCache, PrefillMetadata, device_zeros
 
@@ -158,9 +170,15 @@ class ModelRunner:
             }
             if self.attention_implementation == "cpu":
                 extra["kernel"] = cpu_attention.kernel_key()
-            cache = ExecutableCache(cache_root / "executables", fingerprint(cfg, extra))
+            cache = ExecutableCache(cache_root, fingerprint(cfg, extra))
         self.plan = CompilePlan(self.buckets, specs, cache)
+        self._logprobs_of = jax.jit(logprobs_of)  # on a score step's logits (compiled per size on first use)
         self._lazy = not config.warmup  # build executables on first use instead of at warm-up
+
+    @property
+    def lazy(self) -> bool:
+        """Whether executables are built on first use (no warm-up) rather than picked from those ready."""
+        return self._lazy
 
     # --- traced step functions --------------------------------------------------------------
     def _decode_step(self, params, kv, last_tokens, penalties, seq_slots, meta, lora, sampling):
@@ -254,20 +272,25 @@ class ModelRunner:
         return (pool, scalar, jax.ShapeDtypeStruct((pages,), _I32), table_row, scalar, staged(pool.a), staged(pool.b))
 
     # --- step inputs (numpy, padded) --------------------------------------------------------
-    @staticmethod
-    def _sampling(requests: list[Request], steps: list[int], rows: int) -> SamplingInputs:
-        pad = rows - len(requests)
-        params = [r.params for r in requests]
+    def _sampling(self, requests: list[Request], steps: list[int], rows: int) -> SamplingInputs:
+        """The step's sampling inputs: each request's `SAMPLING_ROW`, built and checked when the
+        request was made (`InputProcessor`), then padding rows."""
+        table = np.empty((rows,), SAMPLING_ROW)
+        table[:] = PADDING_ROW
+        vocab = self.model_config.vocab_size
+        for i, r in enumerate(requests):
+            table[i] = r.sampling if r.sampling is not None else sampling_row(r.params, r.seed, vocab)
+        column = lambda name: np.ascontiguousarray(table[name])
         return SamplingInputs(
-            temperature=np.array([0.0 if p.greedy else p.temperature for p in params] + [0.0] * pad, np.float32),
-            top_k=np.array([p.top_k for p in params] + [0] * pad, np.int32),
-            top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
-            seeds=np.array([r.seed for r in requests] + [0] * pad, np.uint32),
-            steps=np.array(steps + [0] * pad, np.int32),
-            want_logprobs=np.array([p.logprobs for p in params] + [False] * pad, np.bool_),
-            frequency_penalty=np.array([p.frequency_penalty for p in params] + [0.0] * pad, np.float32),
-            presence_penalty=np.array([p.presence_penalty for p in params] + [0.0] * pad, np.float32),
-            repetition_penalty=np.array([p.repetition_penalty for p in params] + [1.0] * pad, np.float32),
+            temperature=column("temperature"),
+            top_k=column("top_k"),
+            top_p=column("top_p"),
+            seeds=column("seed"),
+            steps=np.array(steps + [0] * (rows - len(requests)), np.int32),
+            want_logprobs=column("logprobs"),
+            frequency_penalty=column("frequency_penalty"),
+            presence_penalty=column("presence_penalty"),
+            repetition_penalty=column("repetition_penalty"),
         )
 
     def _packed(self, segments: list[Segment], size: int) -> tuple[np.ndarray, PrefillMetadata, LoraBatch | None]:
@@ -374,6 +397,25 @@ class ModelRunner:
         out, offset = [], 0
         for seg in segments:
             out.append(logits[offset : offset + len(seg.token_ids)])
+            offset += len(seg.token_ids)
+        return out
+
+    def score_logprobs(self, segments: list[Segment], targets: list[list[int]], temperature: float) -> list[Logprobs]:
+        """Per segment, the log-probability of `targets` (one token per segment token: the
+        token that follows it) and the likeliest alternatives, under the logits / `temperature`
+        (0: the model's own), as numpy `Logprobs` (synchronous)."""
+        total = sum(len(seg.token_ids) for seg in segments)
+        size, step = self.plan.pick("score", total, lazy=True)
+        tokens, meta, lora = self._packed(segments, size)
+        kv, logits = step(self.params, self.state.kv, tokens, meta, lora)
+        self.state = dataclasses.replace(self.state, kv=kv)
+        flat = np.zeros((size,), np.int32)
+        flat[:total] = np.concatenate([np.asarray(t, np.int32) for t in targets])
+        reduced = jax.tree.map(np.asarray, self._logprobs_of(logits, flat, np.full((size,), temperature, np.float32)))
+        out, offset = [], 0
+        for seg in segments:
+            span = slice(offset, offset + len(seg.token_ids))
+            out.append(Logprobs(reduced.chosen[span], reduced.top_ids[span], reduced.top[span]))
             offset += len(seg.token_ids)
         return out
 

@@ -18,15 +18,35 @@ Log-probabilities are those of the distribution sampled from: penalised, then te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-MAX_TOP_LOGPROBS = 20  # the likeliest tokens a step reports per row (OpenAI's chat limit)
-# Below this temperature a row is greedy (vLLM's rule): dividing logits by a denormal overflows.
-MIN_TEMPERATURE = 1e-5
-MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # outside: logits overflow or vanish
+from ..limits import (
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+    SEED_BOUND,
+)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -50,40 +70,96 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides logits (> 0) of tokens in the prompt or output; 1 = off
 
     def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        # The bounds are `plora_jax.limits`' (the HTTP schema's too): a value accepted here is
+        # one the device's int32 and float32 inputs hold.
+        if not _integer(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS:
+            raise ValueError(f"max_tokens must be an integer in [1, {MAX_TOKENS}], got {self.max_tokens!r}")
+        if not _number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE}], got {self.temperature!r}")
+        if not _number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+        if not _integer(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or in [1, {MAX_TOP_K}], got {self.top_k!r}")
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < SEED_BOUND):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+            if not _number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value!r}")
         rep, low, high = self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY
-        if isinstance(rep, bool) or not isinstance(rep, (int, float)) or not low <= rep <= high:
+        if not _number(rep) or not low <= rep <= high:
             raise ValueError(f"repetition_penalty must be a number in [{low}, {high}], got {rep!r}")
         top = self.top_logprobs
-        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        if not _integer(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
         if top and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(x, str) and x for x in stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stop) or len(stop) > MAX_STOP:
+            raise ValueError(
+                f"stop must be a string or a list of up to {MAX_STOP} non-empty strings of at most "
+                f"{MAX_STOP_CHARS} characters, got {_brief(self.stop)}"
+            )
         object.__setattr__(self, "stop", stop)
-        try:
-            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        except (TypeError, ValueError):
-            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}") from None
+        ids = self.stop_token_ids
+        if (
+            isinstance(ids, (str, bytes))
+            or not all(_integer(t) and 0 <= t <= MAX_TOP_K for t in ids)
+            or len(ids) > MAX_STOP_TOKEN_IDS
+        ):
+            raise ValueError(
+                f"stop_token_ids must be a list of up to {MAX_STOP_TOKEN_IDS} token ids (integers >= 0), "
+                f"got {_brief(ids)}"
+            )
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# One request's sampling settings as the step inputs hold them (`SamplingInputs`, one row per
+# request): built and checked on the caller's thread when the request is made, so building a
+# step on the loop only copies rows, and no value can fail there.
+SAMPLING_ROW = np.dtype(
+    [
+        ("temperature", np.float32),
+        ("top_k", np.int32),
+        ("top_p", np.float32),
+        ("seed", np.uint32),
+        ("logprobs", np.bool_),
+        ("frequency_penalty", np.float32),
+        ("presence_penalty", np.float32),
+        ("repetition_penalty", np.float32),
+    ]
+)
+PADDING_ROW = np.array((0.0, 0, 1.0, 0, False, 0.0, 0.0, 1.0), SAMPLING_ROW)  # greedy, no penalty
+
+
+def sampling_row(params: SamplingParams, seed: int, vocab_size: int) -> np.ndarray:
+    """`params` and the request's `seed` as one `SAMPLING_ROW` record. top_k beyond the
+    vocabulary means all of it, so it is clamped to `vocab_size` here."""
+    top_k = min(params.top_k, vocab_size)
+    temperature = 0.0 if params.greedy else params.temperature
+    values = (
+        temperature,
+        top_k,
+        params.top_p,
+        seed,
+        params.logprobs,
+        params.frequency_penalty,
+        params.presence_penalty,
+        params.repetition_penalty,
+    )
+    try:
+        return np.array(values, SAMPLING_ROW)
+    except (OverflowError, ValueError) as e:  # unreachable for valid params; named if it happens
+        raise ValueError(f"sampling_params do not fit the step inputs ({e})") from None
 
 
 @jax.tree_util.register_dataclass

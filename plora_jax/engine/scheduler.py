@@ -59,6 +59,7 @@ class Request:
     adapter: str | None = None
     prompt_text: str | None = None
     detokenizer: Any = None  # IncrementalDetokenizer of this request (None without a tokenizer)
+    sampling: Any = None  # its sampling.SAMPLING_ROW record, built by the input processor (None: from params)
     handle: Any = None  # the caller's RequestHandle (None for internal probes)
     adapter_slot: int = 0  # the adapter's slot in the device pool while admitted (0: none)
     adapter_wait: float = 0.0  # seconds spent waiting for the adapter (loads, full pool)

@@ -1,0 +1,276 @@
+"""A request's failure is its own, on a tiny engine driven step by step: an error in one
+request's work on the loop fails that request and the loop serves on; sampling values at their
+bounds run on the device and those past them are refused where they are made; an adapter whose
+weights on the device are non-finite changes nothing for the requests packed with it or those
+that reuse its KV blocks; a background build that fails leaves the engine serving; a dying loop
+tells every request even when publishing fails; a hung step shows on readiness; a folder
+swapped after registration is not loaded; a client that leaves frees its KV blocks within a
+step; a script that never closes its engine exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import write_peft_adapter, write_tiny_gguf
+
+from plora_jax import Engine, SamplingParams
+from plora_jax.config import tiny
+from plora_jax.engine.compile_plan import CompilePlan
+from plora_jax.engine.errors import EngineDead
+from plora_jax.engine.outputs import RequestFailed
+from plora_jax.limits import MAX_TOP_K, SEED_BOUND
+from plora_jax.models.llama import init_params
+
+CFG = tiny()
+PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 11], [9, 8, 7, 6, 5], [100, 101, 102, 103, 104, 105, 106]]
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_engine(**overrides) -> Engine:
+    params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
+    options = dict(warmup=False, max_model_len=256, max_num_seqs=4, num_kv_blocks=64, lora_pool_pages=40, start=False)
+    return Engine.from_params(CFG, params, **(options | overrides))
+
+
+@pytest.fixture
+def engine():
+    engine = make_engine(policy="lru")
+    yield engine
+    engine.close()
+
+
+class Exploding(frozenset):
+    def __contains__(self, item):
+        raise RuntimeError("exploded")
+
+
+@pytest.mark.parametrize("where", ["arrival", "tokens"])
+def test_an_error_in_one_requests_work_fails_it_alone(engine, monkeypatch, where):
+    """The loop meets an exception that belongs to one request (on its arrival, or in the stop
+    check of its tokens): that request fails with it, its KV blocks and slot are freed, the
+    request beside it finishes, and the engine serves the next one."""
+    solo = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    bad = engine._inputs.make_request(PROMPTS[1], GREEDY, None)
+    if where == "tokens":
+        bad.stop_ids = Exploding()
+    else:
+        add = engine.core.scheduler.add
+        monkeypatch.setattr(
+            engine.core.scheduler,
+            "add",
+            lambda r: (_ for _ in ()).throw(RuntimeError("exploded")) if r is bad else add(r),
+        )
+    good = engine.submit(PROMPTS[0], GREEDY)
+    handle = engine._enqueue(bad)
+    engine.core.run_until_idle()
+    with pytest.raises(RequestFailed, match="exploded"):
+        handle.result(timeout=0)
+    assert good.result(timeout=0).token_ids == solo
+    stats = engine.stats(fresh=True)
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert engine.readiness()["status"] == "ok"
+    assert engine.generate([PROMPTS[0]], GREEDY)[0].token_ids == solo
+
+
+def test_sampling_values_at_their_bounds_run_and_past_them_are_refused(engine):
+    for bad in (dict(top_k=2**31), dict(seed=SEED_BOUND), dict(temperature=float("inf")), dict(stop=["x" * 513])):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.submit(PROMPTS[0], SamplingParams(stop_token_ids=(CFG.vocab_size,)))
+    extremes = [
+        SamplingParams(max_tokens=3, top_k=MAX_TOP_K, seed=SEED_BOUND - 1, temperature=2.0),
+        SamplingParams(max_tokens=3, top_k=-1, seed=SEED_BOUND - 1, temperature=2.0),
+        SamplingParams(max_tokens=3, repetition_penalty=100.0, frequency_penalty=-2.0, presence_penalty=2.0),
+        SamplingParams(max_tokens=3, repetition_penalty=0.01, logprobs=True, top_logprobs=20, top_p=1e-9),
+    ]
+    outs = engine.generate([PROMPTS[0]] * 4, extremes)
+    assert all(len(o.token_ids) == 3 for o in outs)
+    assert outs[0].token_ids == outs[1].token_ids  # top_k beyond the vocabulary is all of it
+    assert np.isfinite(outs[3].logprobs).all()
+
+
+def test_non_finite_adapter_weights_on_the_device_never_reach_other_requests(tmp_path):
+    """Weights that passed the file checks but are Inf on the device (a bad copy, a kernel bug):
+    the adapter's request gets garbage, the base-model requests packed into the same prefill
+    step, and later ones reusing its freed KV blocks, get exactly their solo tokens."""
+    engine = make_engine(policy="lru", host_cache_mb=0, max_prefill_seqs=4)
+    try:
+        engine.add_adapter("poison", write_peft_adapter(tmp_path / "poison", CFG, 8, ("v_proj", "k_proj")))
+        solo = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+        lora = engine.core.lora
+        read = lora._read
+
+        def poisoned(entry):
+            copy = read(entry)
+            for pages in copy.b_pages.values():
+                pages[...] = np.inf
+            return copy
+
+        lora._read = poisoned
+        engine.prefetch("poison")
+        engine.core.wait_for_adapter("poison")
+        handles = [engine.submit(PROMPTS[2], GREEDY, "poison")] + [engine.submit(p, GREEDY) for p in PROMPTS]
+        engine.core.run_until_idle()
+        assert [h.result(timeout=0).token_ids for h in handles[1:]] == solo
+        assert engine.stats()["prefill_steps"] >= 1
+        later = [o.token_ids for o in engine.generate(PROMPTS + PROMPTS, GREEDY)]  # on the freed blocks
+        assert later == solo + solo
+    finally:
+        engine.close()
+
+
+def test_a_background_build_that_fails_leaves_the_engine_serving(tmp_path, monkeypatch):
+    """The largest prefill size fails to build after serving began: prompts are chunked to the
+    sizes built, for good, instead of the engine dying at the first long prompt."""
+    build = CompilePlan.build
+
+    def failing(self, kind, size):
+        if kind == "prefill" and size == self.buckets.prefill[-1]:
+            raise RuntimeError("injected build failure")
+        return build(self, kind, size)
+
+    monkeypatch.setattr(CompilePlan, "build", failing)
+    params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
+    options = dict(max_model_len=256, max_num_seqs=2, num_kv_blocks=64, max_loras=0, max_num_batched_tokens=128)
+    engine = Engine.from_params(CFG, params, warmup=True, compilation_cache=False, cache_dir=str(tmp_path), **options)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.wait_warm()
+        long_prompt = list(range(1, 150))
+        out = engine.generate([long_prompt], SamplingParams(max_tokens=3, temperature=0))[0]
+        assert len(out.token_ids) == 3 and engine.readiness()["status"] == "ok"
+    finally:
+        engine.close()
+
+
+def test_a_dying_loop_tells_every_request_even_if_publishing_fails(engine, monkeypatch):
+    handles = [engine.submit(p, GREEDY) for p in PROMPTS]
+    engine.core.step()  # admitted and prefilled
+
+    def lost(*_):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "decode", lost)
+    monkeypatch.setattr(engine.core, "_publish_snapshot", lambda: (_ for _ in ()).throw(MemoryError("no memory")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.core.step()
+    for handle in handles:
+        with pytest.raises(RequestFailed, match="device lost"):
+            handle.result(timeout=0)
+    assert engine.core.died.is_set() and engine.readiness()["status"] == "failed"
+    with pytest.raises(EngineDead):
+        engine.submit(PROMPTS[0], GREEDY)
+
+
+def test_a_hung_step_shows_as_stalled_until_it_ends():
+    engine = make_engine(step_timeout_s=0.001, start=True, max_loras=0)
+    try:
+        release, entered = threading.Event(), threading.Event()
+        caller = threading.Thread(target=engine.core.call, args=(lambda: (entered.set(), release.wait()),))
+        caller.start()
+        entered.wait()
+        while engine.readiness()["status"] != "stalled":
+            pass  # a millisecond's bound: it holds at once
+        assert "has run for" in engine.readiness()["detail"]
+        release.set()
+        caller.join()
+        assert engine.readiness()["status"] == "ok"
+    finally:
+        engine.close()
+
+
+def test_a_folder_swapped_after_registration_is_not_loaded(engine, tmp_path):
+    root = tmp_path / "adapters"
+    write_peft_adapter(root / "a", CFG, rank=8)
+    write_peft_adapter(tmp_path / "other", CFG, rank=8, seed=5)
+    assert engine.add_adapter_dir(root)["added"] == ["a"]  # header only: weights read at the first load
+    os.replace(tmp_path / "other" / "adapter_model.safetensors", root / "a" / "adapter_model.safetensors")
+    bad = engine.submit(PROMPTS[0], GREEDY, adapter="a")
+    good = engine.submit(PROMPTS[1], GREEDY)
+    engine.core.step()
+    engine.core.wait_for_adapter("a")
+    engine.core.run_until_idle()
+    with pytest.raises(RequestFailed, match="changed since the adapter was registered"):
+        bad.result(timeout=0)
+    assert len(good.result(timeout=0).token_ids) == 6
+
+
+def test_a_scan_skips_malformed_folders_and_registers_the_rest(engine, tmp_path):
+    root = tmp_path / "adapters"
+    for name, config in {
+        "ok": {},
+        "s": {"rank_pattern": "x"},
+        "t": {"target_modules": [1]},
+        "p": {"rank_pattern": {"(": 8}},
+    }.items():
+        path = write_peft_adapter(root / name, CFG, rank=8)
+        (path / "adapter_config.json").write_text(
+            json.dumps({**json.loads((path / "adapter_config.json").read_text()), **config})
+        )
+    result = engine.add_adapter_dir(root)
+    assert result["added"] == ["ok"] and sorted(result["errors"]) == ["p", "s", "t"]
+    assert all(str(tmp_path) not in why for why in result["errors"].values())
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_kv_blocks_within_a_step(tmp_path):
+    """Over the real app and a real engine: the client disconnects while its request runs; at the
+    engine's next step its KV blocks and slot are free (before: it ran to max_tokens)."""
+    from asgi_helpers import call_app, until
+
+    from serving.app import ServerState, build_app
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    engine = Engine.from_pretrained(
+        str(gguf), warmup=False, start=False, max_model_len=128, num_kv_blocks=32, max_loras=0, cache_dir=str(tmp_path)
+    )
+    app = build_app(ServerState(engine, "tiny"))
+
+    async def run():
+        leave = asyncio.Event()
+        body = {"model": "tiny", "prompt": "the cat", "max_tokens": 100, "ignore_eos": True}
+        call = asyncio.create_task(call_app(app, body, leave=leave))
+        await until(lambda: engine.core.has_work())
+        for _ in range(3):
+            engine.core.step()
+        assert engine.stats()["running"] == 1 and engine.stats()["kv_blocks_used"] > 0
+        leave.set()
+        await call
+        engine.core.step()  # the cancel is handled here
+        stats = engine.stats()
+        assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+        assert app.state.admission.in_flight == 0
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.close()
+
+
+def test_a_script_that_never_closes_its_engine_exits_0(tmp_path):
+    """Before: "FATAL: exception not rethrown" and SIGABRT at interpreter exit, most runs."""
+    script = (
+        "import jax.numpy as jnp\n"
+        "from plora_jax import Engine, SamplingParams\n"
+        "from plora_jax.config import tiny\n"
+        "from plora_jax.models.llama import init_params\n"
+        "cfg = tiny()\n"
+        "engine = Engine.from_params(cfg, init_params(cfg, jnp.float32, seed=0), warmup=False, max_model_len=64,\n"
+        "                            num_kv_blocks=32, max_num_seqs=2, max_num_batched_tokens=32)\n"
+        "print(len(engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].token_ids))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout.strip() == "3", run.stderr[-2000:]
