@@ -273,3 +273,57 @@ def test_cpu_kernel_clamps_a_length_past_its_table_and_bad_block_ids():
     expected = np.asarray(cpu.decode(q, k_layout(k, True), v, as_block_0, clamped, None))
     np.testing.assert_array_equal(got, expected)
     assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("path", ["reference", "xla", "xla_transposed"])
+def test_a_poisoned_segment_never_reaches_the_segments_packed_with_it(path):
+    """Segment 1's own K/V are NaN and Inf (an adapter gone wrong), and the stale tail of
+    segment 0's last block holds NaN (a reused block's previous owner): segments 0 and 2 get
+    exactly what they get from a clean step, on every path."""
+    transposed = path == "xla_transposed"
+    q, k, v, k_cache, v_cache, positions, slots, segment_ids, tables, starts = prefill_case()
+
+    def run(k, v, k_cache, v_cache):
+        kc, vc = reference.write_kv(
+            jnp.asarray(k_layout(k_cache, transposed)), jnp.asarray(v_cache), k, v, slots, transposed
+        )
+        args = (q, k, v, kc, vc, positions, segment_ids, tables, starts)
+        if path == "reference":
+            return np.asarray(reference.ref_prefill(*args))
+        return np.asarray(xla.xla_prefill(*args, None, transposed, chunk_blocks=2))
+
+    clean = run(k, v, k_cache, v_cache)
+    k2, v2, kc2, vc2 = k.copy(), v.copy(), k_cache.copy(), v_cache.copy()
+    k2[segment_ids == 1], v2[segment_ids == 1] = np.nan, np.inf
+    last = tables[0, (40 + 9 - 1) // BS]  # segment 0's last block: positions 49.. are stale
+    kc2[:, last, (40 + 9) % BS :], vc2[:, last, (40 + 9) % BS :] = np.nan, np.nan
+    poisoned = run(k2, v2, kc2, vc2)
+    others = (segment_ids == 0) | (segment_ids == 2)
+    assert np.isfinite(poisoned[others]).all()
+    np.testing.assert_allclose(poisoned[others], clean[others], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["reference", "xla", "cpu"])
+def test_stale_non_finite_tails_of_reused_blocks_never_reach_decode(path):
+    """Every cache position past a row's length, in the blocks it owns, is NaN: decode gives
+    what it gives over a clean cache."""
+    k, v = make_cache(40)
+    q, tables, lens = decode_case()
+    k2, v2 = k.copy(), v.copy()
+    for row, n in enumerate(lens):
+        if n % BS:
+            block = tables[row, n // BS]
+            k2[:, block, n % BS :], v2[:, block, n % BS :] = np.nan, np.nan
+
+    def run(k, v):
+        if path == "reference":
+            return np.asarray(reference.ref_decode(q, k, v, tables, lens))
+        if path == "xla":
+            return np.asarray(xla.xla_decode(q, k, v, tables, lens, chunk_blocks=3))
+        if not cpu.available():
+            pytest.skip(f"the CPU kernel is not built here: {cpu._state.get('error')}")
+        return np.asarray(cpu.decode(q, k_layout(k, True), v, tables, lens))
+
+    clean, poisoned = run(k, v), run(k2, v2)
+    assert np.isfinite(poisoned).all()
+    np.testing.assert_allclose(poisoned, clean, atol=1e-6, rtol=1e-6)

@@ -173,6 +173,41 @@ def test_model_entry_points_decode_rows_and_packed_groups(impl, monkeypatch):
             np.testing.assert_allclose(np.asarray(out).T, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_an_adapter_with_non_finite_pages_changes_no_other_token(impl, monkeypatch):
+    """Adapter 6's pages hold Inf and NaN (weights gone wrong on the device): in a packed
+    prefill and in decode rows, every token of another adapter, or of none, gets exactly what it
+    gets when adapter 6 is clean (a zeroed input times an Inf page would be NaN)."""
+    import functools
+
+    if impl == "pallas_gpu":
+        monkeypatch.setattr(lora_gpu, "shrink", functools.partial(lora_gpu.shrink, interpret=True))
+        monkeypatch.setattr(lora_gpu, "expand", functools.partial(lora_gpu.expand, interpret=True))
+    if impl == "pallas_tpu":
+        monkeypatch.setattr(lora_tpu, "shrink", functools.partial(lora_tpu.shrink, interpret=True))
+        monkeypatch.setattr(lora_tpu, "expand", functools.partial(lora_tpu.expand, interpret=True))
+    pool_a, pool_b, table, counts, _ = build_pool(8, np.float32)
+    rng = np.random.default_rng(5)
+    token_slot = np.array([3, 3, 3, 0, 0, 6, 6, 1, 3, 0], np.int32)
+    x = rng.uniform(-1, 1, (len(token_slot), IN)).astype(np.float32)
+    base = rng.uniform(-1, 1, (len(token_slot), OUT)).astype(np.float32)
+    groups = np.array([3, 6, 1, 0, 0], np.int32)
+
+    def run_both(a, b):
+        rows = lora_ops.lora_rows(x.T, (base.T,), token_slot, (a,), (b,), table, counts, impl)[0]
+        packed = lora_ops.lora_groups(x.T, (base.T,), token_slot, groups, (a,), (b,), table, counts, impl)[0]
+        return np.asarray(rows).T, np.asarray(packed).T
+
+    clean = run_both(pool_a, pool_b)
+    bad_a, bad_b = pool_a.copy(), pool_b.copy()
+    for page in table[6, : counts[6]]:
+        bad_a[page, 0, 0], bad_b[page] = np.nan, np.inf
+    others = token_slot != 6
+    for got, want in zip(run_both(bad_a, bad_b), clean, strict=True):
+        assert np.isfinite(got[others]).all()
+        np.testing.assert_allclose(got[others], want[others], atol=1e-6, rtol=1e-6)
+
+
 def test_strict_tpu_interpret_catches_bad_page_ids():
     """Out-of-range page ids raise under the TPU interpret params (plain interpret clamps them)."""
     pool_a, _, table, counts, _ = build_pool(8, np.float32)

@@ -78,8 +78,7 @@ class LoraManager(Residency):
     # --- registry -----------------------------------------------------------------------
     def prepare(self, name: str, path: str | Path, read: bool = True) -> tuple[AdapterEntry, HostCopy | None]:
         """Validate (and with `read`, read and check for NaN/Inf) an adapter folder: any thread."""
-        entry = self.registry.prepare(name, path)
-        return entry, (self.registry.read(entry) if read else None)
+        return self.registry.prepare(name, path, read)
 
     def add(self, name: str, path: str | Path, read: bool = True) -> AdapterEntry:
         """`prepare` and `insert` in one call (on the owner thread)."""

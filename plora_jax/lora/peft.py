@@ -1,12 +1,21 @@
 """PEFT LoRA adapters: read, validate, and lay out in pages (host side, numpy).
 
 An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` as written by
-PEFT's `save_pretrained`. The tensors are the source of truth for which (layer, projection)
-pairs an adapter touches and at what rank; the config gives the scaling: `lora_alpha / r`, or
+PEFT's `save_pretrained` (read through `adapter_files`: confined, opened once, planned keys
+only). The tensors are the source of truth for which (layer, projection) pairs an adapter
+touches and at what rank; the config gives the scaling: `lora_alpha / r`, or
 `lora_alpha / sqrt(r)` with `use_rslora`, where `r` and `lora_alpha` are overridden per module
-by `rank_pattern` / `alpha_pattern` (keys matched against the module name as PEFT does: the
-key, or the key preceded by a dot, ends the name). The scaling is folded into B here, so the
-device computes `x A^T B` with no per-module scale.
+by `rank_pattern` / `alpha_pattern`. The scaling is folded into B here, so the device computes
+`x A^T B` with no per-module scale.
+
+The config is untrusted input, checked as a schema (`check_config`): every field the reader
+uses has its type and range (finite, positive alphas up to `limits.MAX_LORA_ALPHA`). PEFT's
+pattern keys are regular expressions; no regex from a file is ever compiled here (a
+backtracking one takes hours). A key is a module-path suffix: letters, digits, `_` and dots
+(`\\.` is read as a dot), optionally anchored with `^` (the whole name) and ending in `$`; it
+matches a module when it ends the name after a dot, as PEFT's rule does for such keys. Any
+other key is refused by name. The weights are checked after scaling: every element of A and of
+scaling x B finite and at most `limits.MAX_LORA_WEIGHT` in magnitude.
 
 `layout_pages` turns an adapter into the page layout of `plora_jax.lora.device_pool`: for every
 projection, A^T rows `[num_layers, num_pages, page_rows, in]` and B rows `[num_layers,
@@ -27,6 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
+from ..limits import MAX_LORA_ALPHA, MAX_LORA_WEIGHT, MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_PATTERNS
+from .adapter_files import (  # noqa: F401 (AdapterRemoved: re-exported)
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterError,
+    AdapterFolder,
+    AdapterRemoved,
+    FolderIdentity,
+)
 
 # Projection name -> (where it lives, index into the layer's projections).
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,10 +56,6 @@ _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA",
     "use_qalora": "QA-LoRA",
 }
-
-
-class AdapterError(ValueError):
-    """A LoRA adapter that cannot be served; the message names the file and field."""
 
 
 def parse_target_modules(spec: str) -> tuple[str, ...]:
@@ -96,51 +110,104 @@ class LoraAdapter:
         return sum(a.size + b.size for a, b in self.weights.values())
 
 
-def _pattern_value(patterns: dict, module_name: str, default):
-    for key, value in patterns.items():
-        # PEFT's rule: the key (a regex) matches the end of the name, after a dot or at the start.
-        if re.match(rf"(.*\.)?({key})$", module_name):
+_PATTERN_KEY = re.compile(r"\^?((?:[A-Za-z0-9_]|\\?\.)+)\$?")  # what a pattern key may be (see the docstring)
+
+
+def _pattern_suffix(key: str, where: str, field_name: str) -> tuple[str, bool]:
+    """(the module-path suffix a pattern key names, anchored at the start); AdapterError for a
+    key that is not a literal suffix."""
+    match = _PATTERN_KEY.fullmatch(key) if isinstance(key, str) and len(key) <= MAX_PATTERN_CHARS else None
+    if match is None:
+        raise AdapterError(
+            f"{where}: field {field_name} key {str(key)[:80]!r} is not supported: keys must be module-path "
+            f"suffixes (letters, digits, '_', '.'; optionally '^...$'), at most {MAX_PATTERN_CHARS} characters"
+        )
+    return match[1].replace("\\.", "."), key.startswith("^")
+
+
+def _pattern_value(patterns: dict[tuple[str, bool], float], module_name: str, default):
+    """The value of the first key that matches `module_name` (PEFT's order: the config's)."""
+    for (suffix, anchored), value in patterns.items():
+        if module_name == suffix or (not anchored and module_name.endswith("." + suffix)):
             return value
     return default
 
 
-def _read_config(path: Path) -> dict:
-    config_file = path / "adapter_config.json"
-    if not path.is_dir():
-        raise AdapterError(f"{path}: adapter folder not found")
-    if not config_file.is_file():
-        raise AdapterError(f"{config_file}: missing (a PEFT adapter folder needs adapter_config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{config_file}: not valid JSON ({e})") from None
+def _finite_positive(value, bound: float) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and 0 < value <= bound
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 2**16
+
+
+def _flag(config: dict, name: str, where: str) -> bool:
+    value = config.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise AdapterError(f"{where}: field {name}={value!r} must be true or false")
+    return bool(value)
+
+
+def _patterns(config: dict, name: str, where: str, valid, what: str) -> dict[tuple[str, bool], float]:
+    raw = config.get(name) or {}
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{where}: field {name} must be an object mapping module names to values")
+    if len(raw) > MAX_PATTERNS:
+        raise AdapterError(f"{where}: field {name} has {len(raw)} entries, more than {MAX_PATTERNS}")
+    out = {}
+    for key, value in raw.items():
+        suffix = _pattern_suffix(key, where, name)
+        if not valid(value):
+            raise AdapterError(f"{where}: field {name}[{key[:80]!r}]={value!r} must be {what}")
+        out.setdefault(suffix, value)
+    return out
+
+
+def check_config(config, where: str) -> dict:
+    """`adapter_config.json`'s content checked as a schema: the fields this reader uses, with
+    their types and ranges (AdapterError naming the field). Returns the config with
+    `rank_pattern` / `alpha_pattern` replaced by their parsed keys."""
     if not isinstance(config, dict):
-        raise AdapterError(f"{config_file}: expected a JSON object")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(f"{config_file}: field peft_type={peft_type!r} is not supported (only LORA)")
+        raise AdapterError(f"{where}: expected a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise AdapterError(f"{where}: field peft_type={peft_type!r} is not supported (only LORA)")
     for flag, variant in _UNSUPPORTED_FLAGS.items():
-        if config.get(flag):
-            raise AdapterError(f"{config_file}: field {flag}=true ({variant}) is not supported, only plain LoRA")
-    if config.get("fan_in_fan_out"):
-        raise AdapterError(f"{config_file}: field fan_in_fan_out=true is not supported for Llama projections")
+        if _flag(config, flag, where):
+            raise AdapterError(f"{where}: field {flag}=true ({variant}) is not supported, only plain LoRA")
+    if _flag(config, "fan_in_fan_out", where):
+        raise AdapterError(f"{where}: field fan_in_fan_out=true is not supported for Llama projections")
     if config.get("bias", "none") not in ("none", None):
-        raise AdapterError(f"{config_file}: field bias={config['bias']!r} is not supported (only 'none')")
+        raise AdapterError(f"{where}: field bias={config['bias']!r} is not supported (only 'none')")
     if config.get("modules_to_save"):
-        raise AdapterError(f"{config_file}: field modules_to_save={config['modules_to_save']!r} is not supported")
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        bad = [t for t in targets if t.split(".")[-1] not in TARGET_MODULES]
-        if bad:
-            raise AdapterError(
-                f"{config_file}: field target_modules holds unsupported module(s) {bad}; "
-                f"supported: {list(TARGET_MODULES)}"
-            )
-    for name in ("r", "lora_alpha"):
-        value = config.get(name, 8)
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise AdapterError(f"{config_file}: field {name}={value!r} must be a positive number")
-    return config
+        raise AdapterError(f"{where}: field modules_to_save={config['modules_to_save']!r} is not supported")
+    _check_targets(config.get("target_modules"), where)
+    if "r" in config and not _positive_int(config["r"]):
+        raise AdapterError(f"{where}: field r={config['r']!r} must be a positive integer")
+    if "lora_alpha" in config and not _finite_positive(config["lora_alpha"], MAX_LORA_ALPHA):
+        alpha = config["lora_alpha"]
+        raise AdapterError(f"{where}: field lora_alpha={alpha!r} must be a number in (0, {MAX_LORA_ALPHA}]")
+    _flag(config, "use_rslora", where)
+    alpha_ok = lambda v: _finite_positive(v, MAX_LORA_ALPHA)
+    return {
+        **config,
+        "rank_pattern": _patterns(config, "rank_pattern", where, _positive_int, "a positive integer"),
+        "alpha_pattern": _patterns(config, "alpha_pattern", where, alpha_ok, f"a number in (0, {MAX_LORA_ALPHA}]"),
+    }
+
+
+def _check_targets(targets, where: str) -> None:
+    if targets is None:
+        return
+    names = [targets] if isinstance(targets, str) else targets
+    if not isinstance(names, list) or not all(isinstance(t, str) and len(t) <= MAX_NAME_CHARS for t in names):
+        raise AdapterError(f"{where}: field target_modules must be a string or a list of module names")
+    bad = [t for t in names if t.split(".")[-1] not in TARGET_MODULES] if isinstance(targets, list) else []
+    if bad:
+        raise AdapterError(
+            f"{where}: field target_modules holds unsupported module(s) {bad[:8]}; supported: {list(TARGET_MODULES)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -150,29 +217,19 @@ class AdapterInfo:
     rank: int  # the largest rank of any module (sets the page count)
     target_modules: tuple[str, ...]
     live_elements: int  # weight elements at their true rank (A and B of every module and layer)
-
-
-def _weights_file(path: Path) -> Path:
-    weights_file = path / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise AdapterError(
-                f"{path / 'adapter_model.bin'}: pickled weights are refused (they can run code); "
-                "save the adapter with safetensors (PEFT's default)"
-            )
-        raise AdapterError(f"{weights_file}: missing")
-    return weights_file
+    identity: FolderIdentity | None = None  # the files it was read from (a later read must find them)
 
 
 def _plan(
-    weights_file: Path,
+    weights_file: str,
     config: dict,
     shapes: dict[str, tuple[int, ...]],
     model_config: ModelConfig,
     max_rank: int,
     modules: tuple[str, ...],
 ) -> dict[tuple[int, str], tuple[str, str, int, float]]:
-    """Validate tensor names and shapes: (layer, module) -> (A key, B key, rank, scaling)."""
+    """Validate tensor names and shapes: (layer, module) -> (A key, B key, rank, scaling).
+    `config` is `check_config`'s."""
     dims = module_dims(model_config)
     parts: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
@@ -198,8 +255,7 @@ def _plan(
     if not parts:
         raise AdapterError(f"{weights_file}: holds no LoRA weights")
 
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = config["rank_pattern"], config["alpha_pattern"]
     plan = {}
     for (layer, module), pair in sorted(parts.items()):
         where = f"{weights_file}: layer {layer} {module}"
@@ -224,56 +280,79 @@ def _plan(
             )
         alpha = _pattern_value(alpha_pattern, full_name, config.get("lora_alpha", r))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        if not 0 < scaling < math.inf:
+            raise AdapterError(f"{where}: its scaling lora_alpha / r = {alpha} / {r} is not a finite positive number")
         plan[(layer, module)] = (pair["A"], pair["B"], rank, scaling)
     return plan
+
+
+def read_adapter(
+    name: str,
+    path: str | Path,
+    model_config: ModelConfig,
+    max_rank: int,
+    modules: tuple[str, ...] = TARGET_MODULES,
+    expect: FolderIdentity | None = None,
+    weights: bool = True,
+) -> tuple[AdapterInfo, LoraAdapter | None]:
+    """Validate a PEFT adapter folder for `model_config` (projections limited to `modules`) from
+    one opening of its files: its `AdapterInfo` from the config and tensor header, and with
+    `weights` the adapter itself (only the planned tensors are read, then checked).
+    `expect`: the identity a registration recorded (a changed folder is refused)."""
+    path = Path(path)
+    folder = AdapterFolder(path, expect)
+    with folder:
+        where = f"{folder.label}/{WEIGHTS_FILE}"
+        config = check_config(folder.config, f"{folder.label}/{CONFIG_FILE}")
+        plan = _plan(where, config, {k: t.shape for k, t in folder.tensors.items()}, model_config, max_rank, modules)
+        dims = module_dims(model_config)
+        info = AdapterInfo(
+            rank=max(rank for _, _, rank, _ in plan.values()),
+            target_modules=tuple(m for m in TARGET_MODULES if any(module == m for _, module in plan)),
+            live_elements=sum(rank * sum(dims[module]) for (_, module), (_, _, rank, _) in plan.items()),
+            identity=folder.identity,
+        )
+        if not weights:
+            return info, None
+        tensors = {}
+        for (layer, module), (key_a, key_b, _, scaling) in plan.items():
+            a32 = folder.read(key_a).astype(np.float32)
+            with np.errstate(over="ignore"):  # an overflow is found (as Inf) by the check below
+                b32 = folder.read(key_b).astype(np.float32) * np.float32(scaling)
+            _check_weights(f"{where}: layer {layer} {module}", a32, b32)
+            tensors[(layer, module)] = (a32, b32)
+    return info, LoraAdapter(name, path, tensors, model_config.num_layers, config)
 
 
 def inspect_adapter(
     path: str | Path, model_config: ModelConfig, max_rank: int, modules: tuple[str, ...] = TARGET_MODULES
 ) -> AdapterInfo:
     """Validate a PEFT adapter folder from its config and the safetensors header only (no weight
-    is read: registering thousands of adapters stays cheap). NaN/Inf are found when it loads."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    config = _read_config(path)
-    weights_file = _weights_file(path)
-    try:
-        with safe_open(str(weights_file), framework="numpy") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{weights_file}: cannot be read ({e})") from None
-    plan = _plan(weights_file, config, shapes, model_config, max_rank, modules)
-    dims = module_dims(model_config)
-    return AdapterInfo(
-        rank=max(rank for _, _, rank, _ in plan.values()),
-        target_modules=tuple(m for m in TARGET_MODULES if any(module == m for _, module in plan)),
-        live_elements=sum(rank * sum(dims[module]) for (_, module), (_, _, rank, _) in plan.items()),
-    )
+    is read: registering thousands of adapters stays cheap). Bad weights are found when it loads."""
+    return read_adapter("", path, model_config, max_rank, modules, weights=False)[0]
 
 
 def load_adapter(
-    name: str, path: str | Path, model_config: ModelConfig, max_rank: int, modules: tuple[str, ...] = TARGET_MODULES
+    name: str,
+    path: str | Path,
+    model_config: ModelConfig,
+    max_rank: int,
+    modules: tuple[str, ...] = TARGET_MODULES,
+    expect: FolderIdentity | None = None,
 ) -> LoraAdapter:
-    """Read and validate a PEFT adapter folder for `model_config` (projections limited to `modules`)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Read and validate a PEFT adapter folder (`read_adapter` with its weights)."""
+    return read_adapter(name, path, model_config, max_rank, modules, expect)[1]
 
-    path = Path(path)
-    config = _read_config(path)
-    weights_file = _weights_file(path)
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{weights_file}: cannot be read ({e})") from None
-    plan = _plan(weights_file, config, {k: t.shape for k, t in tensors.items()}, model_config, max_rank, modules)
-    weights = {}
-    for (layer, module), (key_a, key_b, _, scaling) in plan.items():
-        a32, b32 = tensors[key_a].astype(np.float32, copy=False), tensors[key_b].astype(np.float32, copy=False)
-        if not (np.isfinite(a32).all() and np.isfinite(b32).all()):
-            raise AdapterError(f"{weights_file}: layer {layer} {module}: weights hold NaN or Inf")
-        weights[(layer, module)] = (a32, b32 * np.float32(scaling))
-    return LoraAdapter(name, path, weights, model_config.num_layers, config)
+
+def _check_weights(where: str, a: np.ndarray, scaled_b: np.ndarray) -> None:
+    """A and scaling x B finite and bounded: one adapter cannot put Inf or NaN (or values that
+    overflow a matmul into them) on the device."""
+    for label, w in (("lora_A", a), ("lora_B x scaling", scaled_b)):
+        if not np.isfinite(w).all():
+            raise AdapterError(f"{where}: {label} holds NaN or Inf")
+        peak = float(np.abs(w).max(initial=0.0))
+        if peak > MAX_LORA_WEIGHT:
+            raise AdapterError(f"{where}: {label} holds a value of magnitude {peak:.3g}, above {MAX_LORA_WEIGHT:g}")
 
 
 def layout_pages(

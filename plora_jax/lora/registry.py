@@ -1,10 +1,13 @@
 """The disk tier: registered adapters, what each needs on the device, and reading them.
 
 `prepare` validates a PEFT folder from its config and safetensors header (cheap, so a folder of
-thousands registers in seconds with `scan`) and `read` reads and lays out its weights into a
-`HostCopy` (which also finds NaN/Inf weights). Both are pure functions of the files and the
-settings, so any thread may call them: the engine reads an added adapter on the caller's
-thread and the transfer thread reads for loads, and neither writes into a shared entry.
+thousands registers in seconds with `scan`), and with `read` also reads and lays out its
+weights into a `HostCopy` from the same opening of its files; `read` reads an entry's weights
+later (the transfer thread's loads), refusing a folder whose files changed since the entry was
+made (`adapter_files.FolderIdentity`). Both are pure functions of the files and the settings,
+so any thread may call them: the engine reads an added adapter on the caller's thread and the
+transfer thread reads for loads, and neither writes into a shared entry. Malformed folders are
+`AdapterError`s; a scan records each one refused and goes on.
 `insert`, `remove` and the `entries` map belong to the owner of the residency (the engine loop
 or the simulator).
 
@@ -21,8 +24,10 @@ import numpy as np
 
 from ..buckets import cdiv
 from ..config import ModelConfig
+from ..limits import MAX_ADAPTERS, MAX_NAME_CHARS
+from .adapter_files import FolderIdentity
 from .host_cache import HostCopy
-from .peft import AdapterError, inspect_adapter, layout_pages, load_adapter
+from .peft import AdapterError, LoraAdapter, layout_pages, read_adapter
 
 
 @dataclass
@@ -35,28 +40,45 @@ class AdapterEntry:
     live_bytes: int  # bytes of the weights at their true ranks
     device_bytes: int  # bytes it reserves in the device pool (whole pages; max rank if contiguous)
     host_bytes: int  # bytes of its host copy (its own pages, whatever the device layout)
+    files: FolderIdentity | None = None  # the files registration read (later reads must find the same)
     load_s: float = 0.0  # time of the last device load, from its request until it was handed back (owner)
     error: BaseException | None = None  # why the last load failed (owner)
 
 
 def check_name(name) -> None:
-    if not isinstance(name, str) or not name or name.strip() != name or not name.isprintable():
+    if (
+        not isinstance(name, str)
+        or not 0 < len(name) <= MAX_NAME_CHARS
+        or name.strip() != name
+        or not name.isprintable()
+    ):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
         raise AdapterError(
-            f"adapter name {name!r} must be a non-empty string without surrounding spaces or control characters"
+            f"adapter name {shown} must be a string of 1 to {MAX_NAME_CHARS} characters without surrounding "
+            "spaces or control characters"
         )
 
 
 def adapter_subfolders(folder: str | Path) -> tuple[list[Path], dict[str, str]]:
     """The subfolders of `folder` holding adapter_config.json, and {name: why} for those that
-    resolve outside it (a symlink to elsewhere). One confinement rule for every way in, start-up
-    scans and run-time loads alike: an adapter's path, symlinks resolved, lies inside the folder."""
+    resolve outside it (a symlink to elsewhere) or cannot be looked at. One confinement rule for
+    every way in, start-up scans and run-time loads alike: an adapter's path, symlinks resolved,
+    lies inside the folder (and its files lie in it: `adapter_files`)."""
     folder = Path(folder).expanduser()
     root = folder.resolve()
     inside, refused = [], {}
-    for sub in sorted(folder.iterdir()):
-        if not (sub / "adapter_config.json").is_file():
+    try:
+        subs = sorted(folder.iterdir())
+    except OSError as e:
+        raise AdapterError(f"{folder}: the adapter folder cannot be listed ({e.strerror})") from None
+    for sub in subs:
+        try:
+            if not (sub / "adapter_config.json").is_file():
+                continue
+            target = sub.resolve()
+        except (OSError, RuntimeError) as e:  # no permission, a symlink loop
+            refused[sub.name] = f"{sub.name}: cannot be looked at ({e})"
             continue
-        target = sub.resolve()
         if target.is_relative_to(root):
             inside.append(sub)
         else:
@@ -98,20 +120,29 @@ class Registry:
             name, path, rank, targets, num_pages, live_bytes, occupied * self.page_bytes, num_pages * self.page_bytes
         )
 
-    def prepare(self, name: str, path: str | Path) -> AdapterEntry:
-        """Validate `path` (config and tensor header) into an entry, not yet registered."""
+    def prepare(self, name: str, path: str | Path, read: bool = False) -> tuple[AdapterEntry, HostCopy | None]:
+        """Validate `path` (config and tensor header) into an entry, not yet registered; with
+        `read`, also its weights as a host copy, from the same opening of its files."""
         check_name(name)
         path = Path(path)
-        info = inspect_adapter(path, self.model_config, self.max_rank, self.modules)
-        return self.entry(name, path, info.rank, info.target_modules, info.live_elements * self.dtype.itemsize)
+        info, adapter = read_adapter(name, path, self.model_config, self.max_rank, self.modules, weights=read)
+        entry = self.entry(name, path, info.rank, info.target_modules, info.live_elements * self.dtype.itemsize)
+        entry.files = info.identity
+        return entry, (self._layout(adapter) if adapter is not None else None)
 
     def read(self, entry: AdapterEntry) -> HostCopy:
-        """Read and lay out `entry`'s weights (NaN/Inf and a changed folder raise AdapterError)."""
+        """Read and lay out `entry`'s weights (bad weights, or files changed since the entry was
+        made, raise AdapterError)."""
         if entry.path is None:
             raise AdapterError(f"adapter {entry.name!r} has no folder to read")
-        adapter = load_adapter(entry.name, entry.path, self.model_config, self.max_rank, self.modules)
-        if adapter.rank != entry.rank:
-            raise AdapterError(f"{entry.path}: changed since registration (rank {entry.rank} -> {adapter.rank})")
+        _, adapter = read_adapter(
+            entry.name, entry.path, self.model_config, self.max_rank, self.modules, expect=entry.files
+        )
+        if adapter.rank != entry.rank:  # only without a recorded identity (an entry made by hand)
+            raise AdapterError(f"{entry.path.name}: changed since registration (rank {entry.rank} -> {adapter.rank})")
+        return self._layout(adapter)
+
+    def _layout(self, adapter: LoraAdapter) -> HostCopy:
         a_pages, b_pages, _ = layout_pages(adapter, self.model_config, self.page_rows, self.dtype, self.modules)
         return HostCopy.of(a_pages, b_pages)
 
@@ -119,6 +150,8 @@ class Registry:
     def insert(self, entry: AdapterEntry) -> None:
         if entry.name in self.entries:
             raise AdapterError(f"adapter name {entry.name!r} is already registered")
+        if len(self.entries) >= MAX_ADAPTERS:
+            raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one engine holds")
         self.entries[entry.name] = entry
 
     def scan(self, folder: str | Path) -> tuple[list[AdapterEntry], dict[str, str]]:
@@ -135,7 +168,7 @@ class Registry:
             if existing is not None and existing.path == sub:
                 continue
             try:
-                found.append(self.prepare(sub.name, sub))
-            except AdapterError as e:
-                errors[sub.name] = str(e)
+                found.append(self.prepare(sub.name, sub)[0])
+            except Exception as e:  # a malformed folder is refused, never the scan (nor a server start)
+                errors[sub.name] = str(e) if isinstance(e, AdapterError) else f"{sub.name}: {type(e).__name__}: {e}"
         return found, errors

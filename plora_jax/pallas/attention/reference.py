@@ -26,6 +26,11 @@ zeros.
 
 Grouped-query attention: query head h reads KV head `h // (num_heads // num_kv_heads)`.
 Softmax runs in float32 with scale `head_dim ** -0.5`.
+
+A position a query does not see never contributes to its output, whatever the cache holds
+there (another segment's keys, a reused block's stale tail, even Inf or NaN): its score is
+selected away and its value is selected away before the product, not multiplied by a zero
+probability (0 x NaN is NaN).
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ def _attend(q, keys, values, visible):
     scores = jnp.einsum("nkgd,nksd->nkgs", qg, keys.astype(_F32), precision="highest") * head_dim**-0.5
     scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("nkgs,nksd->nkgd", probs, values.astype(_F32), precision="highest")
+    values = jnp.where(visible[:, None, :, None], values.astype(_F32), 0.0)
+    out = jnp.einsum("nkgs,nksd->nkgd", probs, values, precision="highest")
     out = jnp.where(visible.any(-1)[:, None, None, None], out, 0.0)
     return out.reshape(n, num_heads, head_dim).astype(q.dtype)
 

@@ -18,6 +18,12 @@ decode, with a trip count from `seq_starts[0]`.
 
 Masked entries are zeroed after the exponential (a finite mask value alone would give a fully
 masked chunk weight 1 per entry), and rows that see no key return zeros, as the reference does.
+
+A masked position never contributes, whatever its K/V hold. Scores are selected (`where`), not
+multiplied, so a non-finite key stays in its own rows; values are multiplied by probabilities,
+and 0 x Inf is NaN, so every non-finite value is replaced by 0 before the product. Without
+that, one segment's NaN V (an adapter gone wrong) would reach every segment packed with it,
+and the stale tail of a reused KV block would reach its next owner.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ def _online(state, scores, visible, values, spec: str):
     m_new = jnp.maximum(m, scores.max(-1))
     p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
     correction = jnp.exp(m - m_new)
+    values = jnp.where(jnp.isfinite(values), values, jnp.zeros((), values.dtype))  # 0 x Inf would be NaN
     acc = acc * correction[..., None] + jnp.einsum(spec, p, values, preferred_element_type=_F32)
     return m_new, total * correction + p.sum(-1), acc
 

@@ -92,8 +92,13 @@ def lora_groups(x, bases, token_slot, group_slots, pools_a, pools_b, page_table,
         slot = group_slots[g]
         mine = (token_slot == slot)[:, None]
         xg = jnp.where(mine, rows, jnp.zeros_like(rows))  # other adapters' tokens contribute nothing
+        # ...and their outputs are selected, not added: 0 x a non-finite page would be NaN.
         return tuple(
-            lora_delta_apply(xg[None], acc[None], slot[None], a_pool, b_pool, page_table, num_pages, impl)[0]
+            jnp.where(
+                mine,
+                lora_delta_apply(xg[None], acc[None], slot[None], a_pool, b_pool, page_table, num_pages, impl)[0],
+                acc,
+            )
             for acc, a_pool, b_pool in zip(accs, pools_a, pools_b, strict=True)
         )
 

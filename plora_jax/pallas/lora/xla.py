@@ -16,6 +16,11 @@ compile time (measured: 15-17 s against 2-4 s per executable without LoRA).
 `groups_deltas` walks the (adapter, page) pairs of a step's distinct adapters as one flat
 loop: its trip count is the sum of their page counts, so a step of one rank-8 adapter runs one
 iteration and a step without adapters none. Each iteration keeps only its adapter's tokens.
+
+Isolation: an iteration zeroes the shrink output of other adapters' tokens, then multiplies by
+B; 0 x Inf is NaN, so a page's non-finite entries are zeroed first (a page is `page_rows x
+width`, a few KB: nothing beside the token-wide products). Whatever an adapter's pages hold,
+the tokens of the requests packed with it get exactly 0 from it.
 """
 
 from __future__ import annotations
@@ -85,6 +90,10 @@ def rows_deltas(x, row_slot, pools_a, pools_b, page_table, num_pages):
     return jax.lax.fori_loop(0, trips, body, init)
 
 
+def _finite(page):
+    return jnp.where(jnp.isfinite(page), page, 0.0)
+
+
 def groups_deltas(x, token_slot, group_slots, pools_a, pools_b, page_table, num_pages):
     """Packed prefill, feature-major: x [in, tokens], token_slot [tokens], group_slots
     [max_groups] (the step's distinct adapter slots, 0-padded) -> each delta [out, tokens] (f32)."""
@@ -101,9 +110,9 @@ def groups_deltas(x, token_slot, group_slots, pools_a, pools_b, page_table, num_
         mine = (token_slot == slot)[None, :]
         out = []
         for pool_a, pool_b, delta in zip(pools_a, pools_b, deltas, strict=True):
-            y = jnp.einsum("rh,ht->rt", pool_a[page].astype(_F32), x32, precision=_HIGHEST)
+            y = jnp.einsum("rh,ht->rt", _finite(pool_a[page].astype(_F32)), x32, precision=_HIGHEST)
             y = jnp.where(mine, y, 0.0)  # other adapters' tokens take nothing from this page
-            out.append(delta + jnp.einsum("rn,rt->nt", pool_b[page].astype(_F32), y, precision=_HIGHEST))
+            out.append(delta + jnp.einsum("rn,rt->nt", _finite(pool_b[page].astype(_F32)), y, precision=_HIGHEST))
         return tuple(out)
 
     init = tuple(jnp.zeros((pool_b.shape[-1], x.shape[1]), _F32) for pool_b in pools_b)
