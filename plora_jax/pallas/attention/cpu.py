@@ -7,7 +7,10 @@ docs/performance.md). The kernel reads each row's blocks straight from the paged
 Building. The kernel is compiled on first use with the system C++ compiler (`$CXX`, else
 `c++`/`g++`) against the FFI headers that ship inside jaxlib, for this machine's CPU
 (`-march=native`), into `<cache>/kernels/`, keyed by the source, the flags, the jaxlib version
-and the CPU. Building takes a few seconds once; later processes load the file. Where no
+and the CPU. Building takes a few seconds once; later processes load the file, but only from a
+folder no other user can write and only if the MAC written with it matches
+(`plora_jax.trusted_cache`): loading a library runs its code. Otherwise it is built again (in a
+private temporary folder when the cache folder is not trusted), with a warning. Where no
 compiler works, `available()` is False and the switch in `ops` uses the XLA path instead; a
 build failure is logged once, never raised. `PLORA_CPU_KERNEL=0` turns the kernel off.
 
@@ -26,12 +29,15 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ...trusted_cache import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +95,34 @@ def _compiler() -> str | None:
 
 
 def build(cache_dir: Path) -> Path:
-    """Compile the kernel into `cache_dir` (no-op if already there); returns the library path."""
+    """The kernel's library: the cached one in `cache_dir` if its MAC matches, else compiled
+    now (and cached with its MAC; in a private temporary folder if `cache_dir` is not trusted)."""
+    cache_dir = Path(cache_dir)
+    sealer = Sealer(cache_dir, cache_dir.parent)
+    if not sealer.usable:
+        log.warning("CPU kernel cache not used: %s (building in a private temporary folder)", sealer.reason)
+        return _compile(Path(tempfile.mkdtemp(prefix="plora-kernel-")) / "attention.so")
     out = cache_dir / f"attention-{kernel_key()}.so"
     if out.is_file():
-        return out
+        data, why = sealer.read(out)
+        if data is not None:
+            return out
+        log.warning("cached CPU kernel %s is not loaded (%s); building it again", out, why)
+    partial = _compile(out.with_name(f"{out.name}.tmp{os.getpid()}"))
+    sealer.write(out, partial.read_bytes())  # atomic: a concurrent start never loads a half-written file
+    partial.unlink()
+    return out
+
+
+def _compile(target: Path) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(target)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
-    os.replace(partial, out)  # atomic: a concurrent start never loads a half-written file
-    return out
+    return target
 
 
 def ensure(cache_dir: Path) -> bool:
