@@ -9,6 +9,11 @@ sizes are built in the background. Requests sent earlier wait for the first step
 `EngineConfig` field is a flag, generated from the dataclass, as are the server's own
 (`ServerConfig`). SIGTERM or Ctrl-C stops accepting connections, lets requests in flight finish
 for up to `--grace-s` seconds, closes the engine and exits 0.
+
+If the engine dies (its loop stopped on a device or programming error), every request gets a
+503 and the process exits 1 within a second, so a supervisor restarts it
+(`--no-exit-on-engine-failure` keeps it up, answering 503, for a supervisor that probes
+/health instead).
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ class ServerConfig:
     port: int = 8000
     adapter: tuple[str, ...] = ()  # NAME=PATH of a PEFT adapter folder (repeatable)
     adapter_dir: tuple[str, ...] = ()  # a folder whose subfolders are adapters; load_lora_adapter paths must lie in one
-    served_model_name: str = ""  # the base model's name in the API ("" : the --model value)
+    served_model_name: str = ""  # the base model's name in the API ("": --model, or its file name for a path)
     max_queue: int = 256  # waiting requests beyond which new ones get 429
     max_body_mb: float = 8.0  # request bodies larger than this get 413
     api_key: str | None = None  # if set, /v1 requires "Authorization: Bearer <key>"
+    admin_api_key: str | None = None  # if set, loading and unloading adapters requires this key (not --api-key)
     log_level: str = "info"
     grace_s: float = 30.0  # seconds in-flight requests may take to finish after SIGTERM
+    exit_on_engine_failure: bool = True  # exit 1 when the engine dies, so a supervisor restarts the server
 
     def __post_init__(self):
         for spec in self.adapter:
@@ -80,6 +87,21 @@ def register_adapters(engine, config: ServerConfig) -> list[Path]:
     return roots
 
 
+def served_name(config: ServerConfig, model: str) -> str:
+    """The base model's name in the API: never an absolute path (a path's file or folder name)."""
+    if config.served_model_name:
+        return config.served_model_name
+    return Path(model).name if Path(model).expanduser().exists() else model
+
+
+def _exit_when_dead(engine, server, log: logging.Logger, failed: list) -> None:
+    """Tell uvicorn to stop once the engine has died (its failures delivered first)."""
+    engine.core.died.wait()
+    log.error("the engine died (%s); stopping the server so that it can be restarted", engine.core.fatal)
+    failed.append(True)
+    server.should_exit = True
+
+
 def _announce_ready(engine, start: float, log: logging.Logger) -> None:
     from plora_jax.engine.api import freeze_heap
 
@@ -109,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=server_config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("serving")
+    failed: list = []  # set by the watchdog when the engine died
     start = time.perf_counter()
     engine = Engine.from_pretrained(**dataclasses.asdict(engine_config), wait_ready=False)
     log.info(
@@ -119,26 +142,33 @@ def main(argv: list[str] | None = None) -> int:
         roots = register_adapters(engine, server_config)
         state = ServerState(
             engine,
-            server_config.served_model_name or engine_config.model,
+            served_name(server_config, engine_config.model),
             roots,
             server_config.api_key,
             server_config.max_queue,
             int(server_config.max_body_mb * 2**20),
+            server_config.admin_api_key,
         )
         # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
         # handler it found installed; this one lets main() close the engine and exit 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        uvicorn.run(
-            build_app(state),
-            host=server_config.host,
-            port=server_config.port,
-            log_level=server_config.log_level,
-            timeout_graceful_shutdown=server_config.grace_s,
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_app(state),
+                host=server_config.host,
+                port=server_config.port,
+                log_level=server_config.log_level,
+                timeout_graceful_shutdown=server_config.grace_s,
+            )
         )
+        if server_config.exit_on_engine_failure:
+            args = (engine, server, log, failed)
+            threading.Thread(target=_exit_when_dead, args=args, name="plora-watchdog", daemon=True).start()
+        server.run()
     finally:
         engine.close()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -10,16 +10,20 @@ rules across fields and those that depend on the model (the context length). Eve
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from dataclasses import dataclass
 
-import jax.numpy as jnp
-import numpy as np
+from plora_jax.engine.sampling import SamplingParams
+from plora_jax.limits import MAX_LOGPROB_ENTRIES
 
-from plora_jax.engine.sampling import SamplingParams, logprobs_of
-
+from .contract import PromptLogprobs
 from .schema import ChatCompletionRequest, CompletionRequest
+
+# OpenAI's logprobs are JSON numbers: -Infinity and NaN are not. A token the distribution rules
+# out (-inf) or an adapter whose numbers overflowed (NaN) gets vLLM's floor instead.
+MIN_LOGPROB = -9999.0
 
 
 class ApiError(Exception):
@@ -34,8 +38,10 @@ class ApiError(Exception):
         return {
             400: "invalid_request_error",
             401: "authentication_error",
+            403: "permission_error",
             404: "not_found_error",
             413: "invalid_request_error",
+            415: "invalid_request_error",
             429: "rate_limit_error",
         }.get(self.status, "server_error")
 
@@ -49,7 +55,7 @@ class GenerationRequest:
 
     model: str
     adapter: str | None  # None: the base model
-    prompts: list[str | list[int]]  # text or token ids; chat: the one rendered conversation
+    prompts: list[str | list[int]]  # text or token ids (token ids once tokenized); chat: filled when rendered
     params: SamplingParams
     stream: bool
     include_usage: bool  # stream_options.include_usage
@@ -58,6 +64,7 @@ class GenerationRequest:
     n: int = 1  # samples of each prompt
     echo: bool = False  # completions: the answer repeats the prompt (with its logprobs, if asked)
     score_only: bool = False  # echo with max_tokens 0: nothing is generated
+    messages: list[dict] | None = None  # chat: the conversation, for the chat template
 
     def choices(self, params_per_prompt: list[SamplingParams]) -> list[tuple[str | list[int], SamplingParams]]:
         """(prompt, params) of every choice, in OpenAI's order (prompt by prompt, then sample by
@@ -74,15 +81,17 @@ def _value(value, default):
     return default if value is None else value
 
 
-def parse_request(body: CompletionRequest | ChatCompletionRequest, render_chat) -> GenerationRequest:
+def parse_request(body: CompletionRequest | ChatCompletionRequest) -> GenerationRequest:
     """The engine calls of a validated request (`serving.schema`): the rules across fields are
     checked here (each field's own, and the refusal of `schema.UNSUPPORTED_FIELDS`, were checked
-    by the model). `render_chat(messages) -> str` applies the model's chat template."""
+    by the model). A chat's prompt is left to render (`messages`): that is work, done off the
+    event loop by the caller."""
     chat = isinstance(body, ChatCompletionRequest)
     stream = bool(body.stream)
+    messages = None
     if chat:
         messages = [{"role": m.role, "content": m.text} | ({"name": m.name} if m.name else {}) for m in body.messages]
-        prompts = [render_chat(messages)]
+        prompts = []
         logprobs, top_logprobs, echo = bool(body.logprobs), _value(body.top_logprobs, 0), False
         if body.echo:
             raise ApiError(400, "'echo' is supported for completions without 'stream' only", "echo")
@@ -140,6 +149,7 @@ def parse_request(body: CompletionRequest | ChatCompletionRequest, render_chat) 
         _value(body.n, 1),
         echo,
         max_tokens == 0,
+        messages,
     )
 
 
@@ -175,7 +185,36 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def openai_finish_reason(reason: str | None) -> str | None:
-    return {"abort": "stop"}.get(reason, reason)
+    """The engine's reasons are OpenAI's, and "abort" (the request was cut short: the server
+    shut down under it, or it was cancelled) is vLLM's, never passed off as "stop"."""
+    return reason
+
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else MIN_LOGPROB
+
+
+def check_logprob_budget(req: GenerationRequest, params_per_prompt: list[SamplingParams]) -> None:
+    """A 400 naming the field when the answer would hold more than `MAX_LOGPROB_ENTRIES`
+    log-probabilities: over every choice, (its echoed prompt's tokens + the tokens it may
+    generate) x (1 + top_logprobs). Checked before any work is done for the request."""
+    if not req.params.logprobs:
+        return
+    per_entry = 1 + req.params.top_logprobs
+    entries = 0
+    for prompt, params in zip(req.prompts, params_per_prompt, strict=True):
+        echoed = len(prompt) if req.echo else 0
+        generated = 0 if req.score_only else params.max_tokens
+        entries += req.n * (echoed + generated) * per_entry
+    if entries > MAX_LOGPROB_ENTRIES:
+        field = ("top_logprobs" if req.params.top_logprobs else "logprobs") if req.chat else "logprobs"
+        raise ApiError(
+            400,
+            f"'{field}': this request could return {entries} log-probabilities (choices x (echoed + generated "
+            f"tokens) x (1 + alternatives)), more than the server's limit of {MAX_LOGPROB_ENTRIES}; lower "
+            "max_tokens, n, the number or length of prompts, or the alternatives asked for",
+            field,
+        )
 
 
 def usage_of(req: GenerationRequest, outputs) -> dict:
@@ -195,14 +234,13 @@ class EchoedPrompt:
     top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
-def prompt_logprobs(logits: np.ndarray, ids: list[int], temperature: float, top: int) -> tuple[list, list]:
-    """The prompt's own log-probabilities from its logits [len(ids), vocab]: token i under the
-    distribution after token i - 1, scaled by the temperature as generated tokens are."""
-    rows = len(ids) - 1
-    lp = logprobs_of(jnp.asarray(logits[:-1]), jnp.asarray(ids[1:], jnp.int32), jnp.full((rows,), temperature))
-    chosen, top_ids, top_lps = (np.asarray(x) for x in (lp.chosen, lp.top_ids, lp.top))
-    tops = [list(zip(top_ids[i, :top].tolist(), top_lps[i, :top].tolist(), strict=True)) for i in range(rows)]
-    return [None, *chosen.tolist()], [None, *tops]
+def echo_logprobs(scored: PromptLogprobs, top: int) -> tuple[list, list]:
+    """An echoed prompt's (logprobs, top_logprobs) from the engine's scores: the first token's
+    are None (nothing predicts it), each later one's its own and its `top` alternatives."""
+    chosen = scored.chosen.tolist()
+    ids, values = scored.top_ids[:, :top].tolist(), scored.top[:, :top].tolist()
+    tops = [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+    return [None, *chosen], [None, *tops]
 
 
 def completion_logprobs(out, token_text, echoed: EchoedPrompt | None = None, offset: int = 0) -> dict:
@@ -218,7 +256,8 @@ def completion_logprobs(out, token_text, echoed: EchoedPrompt | None = None, off
     offsets = [offset]
     for text in tokens[:-1]:
         offsets.append(offsets[-1] + len(text))
-    top = [None if alts is None else {token_text(t): lp for t, lp in alts} for alts in alternatives]
+    top = [None if alts is None else {token_text(t): finite(lp) for t, lp in alts} for alts in alternatives]
+    logprobs = [None if lp is None else finite(lp) for lp in logprobs]
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -228,7 +267,7 @@ def chat_logprobs(out, token_text) -> dict:
 
     def entry(token_id: int, logprob: float) -> dict:
         text = token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
 
     alternatives = out.top_logprobs or [[] for _ in out.token_ids]
     return {

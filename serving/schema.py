@@ -2,7 +2,9 @@
 
 Requests are validated strictly where a wrong type would silently change the answer (`"1"` is
 not a number, `true` is not an integer), and ranges are part of each field, so the schema says
-what the server accepts. Unknown fields are ignored, as OpenAI does. Fields of OpenAI's API
+what the server accepts: every number and list has a lower and an upper bound, each taken from
+`plora_jax.limits` (where `SamplingParams` and the input processor read them too), so nothing a
+client sends can overflow what the engine holds. Unknown fields are ignored, as OpenAI does. Fields of OpenAI's API
 this server does not implement are declared too (a client generated from the schema can send
 them), documented as such, and refused with 400 unless neutral (`UNSUPPORTED_FIELDS`).
 Rules across fields (echo with streaming, top_logprobs without logprobs, max_tokens against the
@@ -23,21 +25,41 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from plora_jax.engine.sampling import MAX_REPETITION_PENALTY, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
+from plora_jax.limits import (
+    INT32_MAX,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_NAME_CHARS,
+    MAX_PENALTY,
+    MAX_PROMPTS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    MAX_USER_CHARS,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+    SEED_BOUND,
+)
 
-MAX_PROMPTS = 64  # prompts in one completions request
-MAX_N = 16  # samples of each prompt
-MAX_STOP = 4  # stop strings (OpenAI's limit)
+MAX_PATH_CHARS = 4096  # lora_path (PATH_MAX)
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
 
 
 def _is_token(t) -> bool:
-    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX
 
 
 Text = Annotated[str, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Prompt = Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
 Prompt |= Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 
@@ -75,24 +97,33 @@ class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = _STRICT
-    model: str = Field(min_length=1, description="The base model's name or a registered adapter's (`/v1/models`).")
+    model: Name = Field(description="The base model's name or a registered adapter's (`/v1/models`).")
     max_tokens: int | None = Field(
-        None, ge=0, description="Tokens to generate; omitted: up to the context. 0 only with `echo`."
+        None, ge=0, le=MAX_TOKENS, description="Tokens to generate; omitted: up to the context. 0 only with `echo`."
     )
-    temperature: float | None = Field(None, ge=0, le=2, description=f"Below {MIN_TEMPERATURE}: greedy. Default 1.")
+    temperature: float | None = Field(
+        None, ge=0, le=MAX_TEMPERATURE, description=f"Below {MIN_TEMPERATURE}: greedy. Default 1."
+    )
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus mass. Default 1.")
-    top_k: int | None = Field(None, ge=-1, description="vLLM's extension: sample among the k likeliest (-1, 0: all).")
+    top_k: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_TOP_K,
+        description="vLLM's extension: sample among the k likeliest (-1, 0: all; beyond the vocabulary: all).",
+    )
     n: int | None = Field(None, ge=1, le=MAX_N, description="Samples of each prompt; sample j uses seed + j.")
     stream: bool | None = Field(None, description="Answer as server-sent events (OpenAI's chunks, then [DONE]).")
     stream_options: StreamOptions | None = None
-    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = Field(
-        None, description=f"Up to {MAX_STOP} non-empty stop strings."
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"Up to {MAX_STOP} non-empty stop strings of at most {MAX_STOP_CHARS} characters."
     )
-    seed: int | None = Field(None, ge=0, lt=2**32, description="Makes sampling reproducible, whatever the batch.")
+    seed: int | None = Field(None, ge=0, lt=SEED_BOUND, description="Makes sampling reproducible, whatever the batch.")
     frequency_penalty: float | None = Field(
-        None, ge=-2, le=2, description="Minus this times the count of each token generated so far."
+        None, ge=-MAX_PENALTY, le=MAX_PENALTY, description="Minus this times the count of each token generated so far."
     )
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this for each token generated so far.")
+    presence_penalty: float | None = Field(
+        None, ge=-MAX_PENALTY, le=MAX_PENALTY, description="Minus this for each token generated so far."
+    )
     repetition_penalty: float | None = Field(
         None,
         ge=MIN_REPETITION_PENALTY,
@@ -100,7 +131,7 @@ class _Sampling(BaseModel):
         description="vLLM's extension: divides positive logits of tokens in the prompt or output (1: off).",
     )
     ignore_eos: bool | None = Field(None, description="vLLM's extension: do not stop at the end-of-sequence token.")
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = Field(
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
         None, description="vLLM's extension: token ids that end generation too (not shown in the text)."
     )
     include_stop_str_in_output: bool | None = Field(
@@ -109,7 +140,7 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool | None = Field(
         None, description="vLLM's extension: leave special tokens out of the text (default true)."
     )
-    user: str | None = Field(None, description="Accepted and ignored.")
+    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="Accepted and ignored.")
     best_of: Literal[1] | None = Field(None, description="Not supported: only 1.")
     min_p: Literal[0] | None = Field(None, description="Not supported: only 0.")
     min_tokens: Literal[0] | None = Field(None, description="Not supported: only 0.")
@@ -130,9 +161,14 @@ class _Sampling(BaseModel):
     def _stop(cls, value):
         stop = [value] if isinstance(value, str) else value
         if value is not None and (
-            not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP
+            not isinstance(stop, list)
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+            or len(stop) > MAX_STOP
         ):
-            raise ValueError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them")
+            raise ValueError(
+                f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them, "
+                f"each at most {MAX_STOP_CHARS} characters"
+            )
         return value
 
 
@@ -162,8 +198,8 @@ class CompletionRequest(_Sampling):
             prompts = []
         if not prompts or any(p == "" for p in prompts):
             raise ValueError(
-                "'prompt' must be a non-empty string, a list of them, a list of token ids (integers >= 0) "
-                "or a list of those"
+                "'prompt' must be a non-empty string, a list of them, a list of token ids (integers in "
+                f"[0, {INT32_MAX}]) or a list of those"
             )
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"'prompt' holds {len(prompts)} prompts, more than {MAX_PROMPTS}")
@@ -180,7 +216,7 @@ class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart] = Field(description="Text, or OpenAI's content parts (text parts only).")
-    name: str | None = Field(None, description="The participant's name, given to the chat template.")
+    name: Name | None = Field(None, description="The participant's name, given to the chat template.")
 
     @property
     def text(self) -> str:
@@ -190,8 +226,10 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="OpenAI's newer name for max_tokens."
+    )
     logprobs: bool | None = Field(None, description="Return each generated token's logprob.")
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: this many likeliest alternatives per token."
@@ -209,19 +247,21 @@ class LoadLoraRequest(BaseModel):
     """POST /v1/load_lora_adapter (vLLM's body)."""
 
     model_config = _STRICT
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1, description="A PEFT folder inside a configured adapter folder.")
+    lora_name: Name
+    lora_path: str = Field(
+        min_length=1, max_length=MAX_PATH_CHARS, description="A PEFT folder inside a configured adapter folder."
+    )
 
 
 class UnloadLoraRequest(BaseModel):
     """POST /v1/unload_lora_adapter (vLLM's body)."""
 
     model_config = _STRICT
-    lora_name: str = Field(min_length=1)
+    lora_name: Name
 
 
 # --- responses -------------------------------------------------------------------------------
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "abort"]  # abort: cut short (vLLM's)
 
 
 class Usage(BaseModel):
@@ -346,10 +386,11 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["warming", "ok", "failed"]
+    status: Literal["warming", "ok", "stalled", "failed"]
     compiled: int | None = None  # executables ready
     total: int | None = None  # executables of the compile plan
     engine: str | None = None  # the cluster gateway: what it fronts
+    detail: str | None = None  # why it is not ok
 
 
 class ErrorInfo(BaseModel):

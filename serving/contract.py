@@ -1,0 +1,112 @@
+"""The engine contract of the HTTP API: everything `serving.app` asks of an engine, and nothing else.
+
+Three classes implement it: `plora_jax.Engine` (one engine in this process),
+`serving.cluster.gateway.ClusterEngine` (the replicas of a Ray Serve deployment) and the tests'
+`FakeEngine` (hand-computable outputs, so the API's own tests run in milliseconds). The app is
+written against these Protocols, never against one implementation's attributes.
+
+Which calls may block: `submit`, `has_adapter`, `readiness` and `stats` read published state and
+return at once (the event loop calls them). `adapters`, `add_adapter`, `remove_adapter` and
+`prompt_logprobs` may wait for the engine or read files, so the app runs them in a worker
+thread. `submit` validates its input on the caller's thread and raises
+`plora_jax.engine.inputs.InvalidInput` naming the field; a closed or dead engine raises
+`plora_jax.engine.core.EngineDead`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, TypedDict, runtime_checkable
+
+import numpy as np
+
+from plora_jax.engine.outputs import RequestOutput, StreamEvent
+from plora_jax.engine.sampling import SamplingParams
+
+Status = Literal["warming", "ok", "stalled", "failed"]
+
+
+class Readiness(TypedDict, total=False):
+    status: Status  # ok: serving; warming: building its first executables; stalled: a step hangs
+    compiled: int  # executables ready
+    total: int  # executables of the compile plan
+    engine: str  # what a gateway fronts
+    detail: str  # why it is not ok
+
+
+class AdapterListing(TypedDict):
+    name: str
+    path: str  # the folder it was registered from (never shown to clients as is)
+    rank: int
+    residency: str  # device | loading | host | disk (cluster: "cluster")
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A prompt's own log-probabilities: token i + 1 under the distribution after token i."""
+
+    chosen: np.ndarray  # [len - 1] f32
+    top_ids: np.ndarray  # [len - 1, MAX_TOP_LOGPROBS] i32, likeliest first
+    top: np.ndarray  # [len - 1, MAX_TOP_LOGPROBS] f32
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest token: a text longer than this many per context token
+        cannot fit the context, which is checked before tokenizing it."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict]) -> str: ...
+
+
+@runtime_checkable
+class ServingHandle(Protocol):
+    """One submitted request."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def events(self) -> AsyncIterator[StreamEvent]:
+        """The request's events (the last carries its `RequestOutput`); raises `RequestFailed`."""
+
+    async def aresult(self) -> RequestOutput: ...
+
+    def cancel(self) -> None:
+        """Abort it (a no-op once it ended): it ends with finish_reason "abort" and frees what it holds."""
+
+
+@runtime_checkable
+class ServingEngine(Protocol):
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def readiness(self) -> Readiness: ...
+
+    def stats(self) -> dict:
+        """Counters (`running`, `waiting`, ...; what /metrics shows), from published state."""
+
+    def has_adapter(self, name: str) -> bool: ...
+
+    def adapters(self, timeout: float | None = None) -> list[AdapterListing]:
+        """Every registered adapter; `timeout`: seconds to wait for the engine (TimeoutError)."""
+
+    def add_adapter(self, name: str, path: Path) -> dict:
+        """Register a PEFT folder (already confined by the caller); AdapterError if it is bad."""
+
+    def remove_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Unregister; ValueError if `name` is not registered, TimeoutError past `timeout`."""
+
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> ServingHandle: ...
+
+    def prompt_logprobs(self, token_ids: list[int], adapter: str | None, temperature: float) -> PromptLogprobs:
+        """Score a prompt (`echo`); NotImplementedError where the engine cannot."""
