@@ -92,8 +92,8 @@ def build_app(state: ServerState) -> FastAPI:
     app.openapi = with_chunk_schemas(app)
     app.add_middleware(RequestGate, key_for=state.key_for, limit_of=lambda: state.max_body_bytes)
     engine = state.engine
-    metrics = ServerMetrics(engine)
     admission = Admission(lambda: state.max_queue, lambda: int(engine.stats().get("running", 0)))
+    metrics = ServerMetrics(engine, lambda: admission.in_flight)
     generate = Generation(engine, state.model_name, metrics, admission, lambda: state.max_queue)
     app.state.plora, app.state.metrics, app.state.admission = state, metrics, admission
     _error_handlers(app)

@@ -63,13 +63,18 @@ def tier_counts(stats: dict) -> dict[str, int]:
     return {tier: stats[f"adapters_tier_{tier}"] for tier in TIERS if f"adapters_tier_{tier}" in stats}
 
 
-class EngineCollector:
-    """Engine gauges computed at scrape time."""
+IN_FLIGHT = ("plora_api_in_flight", "Choices the API admitted that have not ended (what the 429 rule counts)")
 
-    def __init__(self, engine):
-        self.engine = engine
+
+class EngineCollector:
+    """Engine gauges computed at scrape time, and the API's own in-flight count."""
+
+    def __init__(self, engine, in_flight_of=None):
+        self.engine, self.in_flight_of = engine, in_flight_of
 
     def collect(self):
+        if self.in_flight_of is not None:
+            yield GaugeMetricFamily(*IN_FLIGHT, value=self.in_flight_of())
         stats = self.engine.stats()  # the engine's published snapshot: never waits for the loop
         tiers = tier_counts(stats)
         if tiers:
@@ -82,7 +87,7 @@ class EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine):
+    def __init__(self, engine, in_flight_of=None):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "plora_requests", "Requests by endpoint and final status", ["endpoint", "status"], registry=self.registry
@@ -99,7 +104,7 @@ class ServerMetrics:
         self.e2e = Histogram(
             "plora_e2e_seconds", "Request arrival to last token", buckets=LATENCY_BUCKETS, registry=self.registry
         )
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(engine, in_flight_of))
 
     def finished(self, endpoint: str, status: str, *outputs) -> None:
         """One HTTP request ended with `status`; `outputs`: its choices' engine outputs."""

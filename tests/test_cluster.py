@@ -5,11 +5,14 @@ HTTP proxy with the official `openai` client. A second application scales to zer
 Waits are on explicit conditions with deadlines (a replica's report reaching the forecaster, a
 deployment's replica count), never sleeps that hope another process has acted."""
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -26,6 +29,8 @@ from helpers import write_tiny_gguf  # noqa: E402
 from plora_jax import Engine  # noqa: E402
 from plora_jax.config import EngineConfig  # noqa: E402
 from plora_jax.lora.peft import save_random_adapter  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a real local Ray cluster
 
 PROMPT = "the cat"
 
@@ -319,3 +324,72 @@ def test_the_cluster_benchmark_runs_both_arms_on_the_same_requests(cluster, tmp_
         # A replica was up through the replay, and each adapter's first request was cold somewhere.
         assert arm["replica_s"] > 0 and 1 <= arm["cold_starts"] <= arm["completed"]
     assert result["arms"]["serve"]["baseline_cold_median_s"] is not None
+
+
+def _kill_engine(replica_actor) -> str:
+    """Run inside a LoraEngine replica (through Ray's `__ray_call__`): its engine's loop dies of
+    a fault, as of a device error, while the process lives on."""
+
+    class InjectedFault(BaseException):
+        pass
+
+    engine = replica_actor._replica_impl._user_callable_wrapper._callable.engine
+    with contextlib.suppress(InjectedFault):
+        engine.core.call(lambda: (_ for _ in ()).throw(InjectedFault("injected device fault")))
+    engine.core.died.wait(60)  # the call's caller hears first; the loop then fails what it held
+    return engine.readiness()["status"]
+
+
+def test_a_replica_whose_engine_dies_is_reported_unhealthy_and_replaced(cluster):
+    """Its check_health raises, so Serve replaces it; meanwhile it reports itself unusable, so
+    routers rank it last; afterwards every model is served as by the single engine."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    reports = reports_after(cluster, lambda rep: True, "both replicas")
+    victim = sorted(reports)[0]
+    actor = ray.get_actor(f"SERVE_REPLICA::plora#LoraEngine#{victim}", namespace="serve")
+    assert ray.get(actor.__ray_call__.remote(_kill_engine)) == "failed"
+    unusable = lambda rep: rep.get(victim, {}).get("queue", 0) >= 1_000_000 or victim not in rep
+    wait_for(lambda: unusable(residency(cluster)), "the dead replica to report itself unusable")
+    replaced = lambda rep: victim not in rep and len(rep) == 2
+    wait_for(lambda: replaced(residency(cluster)), "Serve to replace it", timeout=240)
+    for model in ("tiny", "lora0"):
+        assert complete(cluster.url, model) == complete(cluster.single_url, model)
+
+
+def test_the_gateway_health_reflects_the_replicas(cluster, monkeypatch):
+    """Read from Serve's controller: ok while the LoraEngine deployment is healthy (or scaling),
+    failed while it is unhealthy."""
+    from types import SimpleNamespace as NS
+
+    from ray import serve
+
+    from serving.cluster.gateway import ClusterEngine
+
+    assert httpx.get(cluster.url + "/health", timeout=30).json()["status"] == "ok"
+    gateway_engine = ClusterEngine(None, cluster.model, {"cache_dir": cluster.cache_dir}, app_name="plora")
+    assert gateway_engine.replica_health()["status"] == "ok"  # the live controller
+    unhealthy = NS(status=NS(value="UNHEALTHY"), message="replica failed its health check")
+    monkeypatch.setattr(serve, "status", lambda: NS(applications={"plora": NS(deployments={"LoraEngine": unhealthy})}))
+    health = gateway_engine.replica_health()
+    assert health["status"] == "failed" and "health check" in health["detail"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_leaks_no_gateway_counter(cluster, stream):
+    """A client that disconnects (a stream before its first chunk, a plain request on a short
+    timeout): the gateway's admitted count and its queue return to 0 (a stream that never
+    started used to hold one forever), and the replicas go idle."""
+    body = {"model": "lora2", "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True, "stream": stream}
+    http = httpx.Client(base_url=cluster.url, timeout=0.5)
+    with contextlib.suppress(httpx.TimeoutException), http, http.stream("POST", "/v1/completions", json=body):
+        pass  # leave at once
+    gauge = lambda text, name: float(re.search(rf"^{name} ([0-9.e+-]+)$", text, flags=re.M)[1])
+
+    def settled():
+        text = httpx.get(cluster.url + "/metrics", timeout=30).text
+        return gauge(text, "plora_api_in_flight") == 0 and gauge(text, "plora_queue_depth") == 0
+
+    wait_for(settled, "the gateway's counters back to 0", timeout=60)
+    reports_after(cluster, lambda rep: all(r["queue"] == 0 for r in rep.values()), "the replicas idle")

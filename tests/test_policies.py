@@ -1,6 +1,7 @@
 """Each residency policy on a small hand-made arrival sequence, with the prefetch and eviction
 decisions it must take (pure: no engine, time given explicitly)."""
 
+import math
 import threading
 import time
 
@@ -204,3 +205,51 @@ def test_oracle_prefetches_the_next_arrivals_and_evicts_the_furthest():
     assert policy.next_arrival("a", 110.5) == pytest.approx(0.5)
     d = policy.decide(view(now=113.5, on_device="ab"))
     assert d.device == [] and d.priority == pytest.approx({"c": 1 / 37.5})  # a, b, d: never again
+
+
+def test_forecasters_forget_an_adapter_as_if_they_had_never_seen_it():
+    """An adapter that left is dropped from the forecaster's rows: the others' predictions are
+    exactly those of a forecaster that never saw it, now and after more intervals (the LSTM's
+    rows, state and features move up together)."""
+    from plora_jax.predictor.forecaster import LstmForecaster
+
+    rng = np.random.default_rng(0)
+    for make in (EwmaForecaster, lambda: LstmForecaster(None)):
+        full, without = make(), make()
+        for _ in range(5):
+            counts = {name: int(rng.integers(0, 3)) for name in ("a", "gone", "c")}
+            full.update(counts)
+            without.update({n: c for n, c in counts.items() if n != "gone"})
+        full.forget(["gone"])
+        assert "gone" not in full.predict()
+        for _ in range(3):
+            np.testing.assert_allclose(
+                [full.predict()[n] for n in "ac"], [without.predict()[n] for n in "ac"], rtol=1e-5, atol=1e-6
+            )
+            counts = {"a": int(rng.integers(0, 3)), "c": 1}
+            full.update(counts)
+            without.update(counts)
+
+
+def test_per_adapter_and_per_interval_state_stays_bounded():
+    """Forecast latencies are running aggregates (the engine reads them after every step), and
+    a policy forgets an adapter that was unregistered."""
+
+    class Instant:
+        def update(self, counts):
+            pass
+
+        def predict(self):
+            return {"a": 0.5}
+
+    policy = Predictive(Instant(), interval_s=1.0)
+    for _ in range(2000):
+        policy.step()
+    assert policy.stats()["predictor_runs"] == 2000
+    assert all(len(v) < 10 for v in vars(policy).values() if isinstance(v, (list, dict, set)))
+    policy.forget("a")
+    assert policy._scores == {}
+    histogram = Histogram(interval_s=1.0)
+    histogram.observe("a", 0.0)
+    histogram.forget("a")
+    assert histogram.window("a") == (math.inf, math.inf)

@@ -60,6 +60,10 @@ class Policy:
     def observe(self, adapter: str | None, now: float) -> None:
         """One arriving request (adapter None: the base model)."""
 
+    def forget(self, adapter: str) -> None:
+        """`adapter` was unregistered: drop what this policy keeps about it (state per adapter
+        name must not grow with every name ever served)."""
+
     def decide(self, view: PoolView) -> Decision:
         return Decision()
 

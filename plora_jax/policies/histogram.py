@@ -77,6 +77,9 @@ class Histogram(Policy):
         state.last = now
         state.window = self._window(state)
 
+    def forget(self, adapter: str) -> None:
+        self._adapters.pop(adapter, None)
+
     def window(self, adapter: str) -> tuple[float, float]:
         """(pre-warm, keep-alive end): seconds after the last request during which `adapter` is wanted."""
         state = self._adapters.get(adapter)

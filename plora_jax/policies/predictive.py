@@ -32,7 +32,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 from .base import Decision, Policy, PoolView, rank_to_fit
@@ -50,6 +50,9 @@ class Forecaster(Protocol):
     def warm(self) -> None:
         """Compile what `update` will run (optional: called once on the predictor thread at start,
         so the first interval under traffic does not compile)."""
+
+    def forget(self, names: Collection[str]) -> None:
+        """Drop the state of these adapters (unregistered, or idle for long)."""
 
 
 class EwmaForecaster:
@@ -69,6 +72,10 @@ class EwmaForecaster:
 
     def predict(self) -> dict[str, float]:
         return {name: 1.0 - math.exp(-rate) for name, rate in self.rates.items()}
+
+    def forget(self, names: Collection[str]) -> None:
+        for name in names:
+            self.rates.pop(name, None)
 
 
 def make_forecaster(checkpoint: str = "", interval_s: float = 60.0) -> Forecaster:
@@ -109,7 +116,10 @@ class Predictive(Policy):
         self._scores: dict[str, float] = {}
         self._scored_at: float | None = None  # when the last successful forecast finished
         self._error: BaseException | None = None  # the last forecast's failure, until one succeeds
-        self._latencies: list[float] = []
+        self._forgotten: set[str] = set()  # unregistered since the last interval (the thread drops them)
+        # Forecast latencies as running aggregates: the engine reads them after every step, so
+        # their cost must not grow with uptime.
+        self._runs, self._latency_sum, self._latency_max = 0, 0.0, 0.0
         self._failures = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -122,10 +132,19 @@ class Predictive(Policy):
             with self._lock:
                 self._pending[adapter] += 1
 
+    def forget(self, adapter: str) -> None:
+        with self._lock:
+            self._forgotten.add(adapter)
+            self._pending.pop(adapter, None)
+            self._scores = {n: s for n, s in self._scores.items() if n != adapter}
+
     def step(self) -> None:
         """Close the current interval: feed its counts to the forecaster and store new scores."""
         with self._lock:
             counts, self._pending = self._pending, Counter()
+            forgotten, self._forgotten = self._forgotten, set()
+        if forgotten and hasattr(self.forecaster, "forget"):
+            self.forecaster.forget(forgotten)
         start = time.perf_counter()
         try:
             self.forecaster.update(counts)
@@ -137,8 +156,12 @@ class Predictive(Policy):
             raise
         latency = time.perf_counter() - start
         with self._lock:
-            self._scores, self._scored_at, self._error = dict(scores), self.clock(), None
-            self._latencies.append(latency)
+            gone = self._forgotten  # unregistered while this forecast ran
+            self._scores = {n: s for n, s in scores.items() if n not in gone}
+            self._scored_at, self._error = self.clock(), None
+            self._runs += 1
+            self._latency_sum += latency
+            self._latency_max = max(self._latency_max, latency)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -221,11 +244,10 @@ class Predictive(Policy):
 
     def stats(self) -> dict:
         with self._lock:
-            latencies = list(self._latencies)
-            failures = self._failures
+            runs, total, peak, failures = self._runs, self._latency_sum, self._latency_max, self._failures
         return {
-            "predictor_runs": len(latencies),
+            "predictor_runs": runs,
             "predictor_failures": failures,
-            "predictor_latency_mean_s": sum(latencies) / len(latencies) if latencies else 0.0,
-            "predictor_latency_max_s": max(latencies, default=0.0),
+            "predictor_latency_mean_s": total / runs if runs else 0.0,
+            "predictor_latency_max_s": peak,
         }

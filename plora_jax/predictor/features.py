@@ -112,6 +112,11 @@ class GapHazard:
         self.at_least = np.concatenate([self.at_least, np.zeros((extra, HAZARD_SPAN + 1), np.int32)])
         self.seen = np.concatenate([self.seen, np.zeros((extra,), bool)])
 
+    def select(self, rows: np.ndarray) -> GapHazard:
+        out = GapHazard()
+        out.histogram, out.at_least, out.seen = self.histogram[rows], self.at_least[rows], self.seen[rows]
+        return out
+
     def step(self, active: np.ndarray, since_before: np.ndarray, since: np.ndarray) -> np.ndarray:
         """[rows] hazard after an interval: `active` [rows] rows requested in it, `since_before`
         and `since` [rows] intervals since their last request before and after it."""
@@ -178,6 +183,15 @@ class OnlineFeatures:
             self.recent = np.concatenate([self.recent, np.zeros((extra, HOUR), np.int64)])
             self.hour_sum = np.concatenate([self.hour_sum, np.zeros((extra,), np.int64)])
             self.hazard.grow(extra)
+
+    def select(self, rows: np.ndarray, total: int) -> OnlineFeatures:
+        """These features with only `rows` kept (in that order), then fresh rows up to `total`."""
+        out = OnlineFeatures()
+        out.since, out.gap = self.since[rows], self.gap[rows]
+        out.recent, out.hour_sum, out.position = self.recent[rows], self.hour_sum[rows], self.position
+        out.hazard = self.hazard.select(rows)
+        out.grow(total)
+        return out
 
     def step(self, counts: np.ndarray) -> np.ndarray:
         """[rows, NUM_HISTORY] after observing `counts` [rows] of the interval that just ended."""

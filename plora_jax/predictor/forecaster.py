@@ -90,6 +90,22 @@ class LstmForecaster:
         # rows are numbered in insertion order, so the names zip with the first len(rows) outputs
         return dict(zip(self.rows, self._probs[: len(self.rows)].tolist(), strict=True))
 
+    def forget(self, names) -> None:
+        """Drop the rows of `names` (adapters that left): the rows kept move up, in order, with
+        their LSTM state and features; the capacity stays (no recompile)."""
+        gone = set(names) & self.rows.keys()
+        if not gone:
+            return
+        kept = [n for n in self.rows if n not in gone]
+        index = np.array([self.rows[n] for n in kept], np.int64)
+        self.rows = {n: i for i, n in enumerate(kept)}
+        k = len(kept)
+        fresh = zero_carry(self.predictor.model_config, self._capacity)
+        self._carry = jax.tree_util.tree_map(lambda new, old: new.at[:k].set(old[index]), fresh, self._carry)
+        self._buckets = np.concatenate([self._buckets[index], np.zeros((self._capacity - k,), np.int32)])
+        self._probs = np.concatenate([self._probs[index], np.zeros((len(self._probs) - k,), np.float32)])
+        self._features = self._features.select(index, self._capacity)
+
 
 def score_trace(predictor: Predictor, trace: Trace, chunk: int = 512) -> np.ndarray:
     """[functions, intervals]: the probability of >= 1 request in each interval, from the past

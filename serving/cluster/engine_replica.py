@@ -18,17 +18,26 @@ engine's gauges under the same names as `/metrics` of the single-engine server, 
 replica (`ray.serve.metrics`, exported on Ray's metrics port). `prefetch` is the forecaster's
 pre-load: tagged with the adapter id, it registers the adapter (so Serve advertises the id
 from this replica) and starts its transfer to the device before any request asks.
+
+Health: `check_health` (which Serve calls every few seconds) raises while the engine is not
+serving, its loop dead or one step hung past `step_timeout_s`, so Serve replaces the replica and
+routers stop sending it traffic. Bounded state: a replica keeps at most `max_registered`
+adapters registered; registering one more unregisters the least recently requested idle ones
+(their running requests finish first), so adapter churn never grows a long-lived replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 
 from ray import serve
 from ray.serve import metrics as serve_metrics
 
 from serving.metrics import RESIDENCY, engine_values, tier_counts
+
+UNUSABLE_QUEUE = 1_000_000  # the queue a replica that cannot serve reports (routers rank it last)
 
 
 class ReplicaGauges:
@@ -49,15 +58,27 @@ class ReplicaGauges:
 
 
 class LoraEngine:
-    def __init__(self, model: str, engine_options: dict, max_adapters: int = -1, forecaster_app: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict,
+        max_adapters: int = -1,
+        forecaster_app: str | None = None,
+        max_registered: int = 4096,
+    ):
         from plora_jax import Engine
 
         self.engine = Engine.from_pretrained(model, **engine_options)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.paths: dict[str, str] = {}  # adapter id -> folder (written on the replica's event loop only)
+        self.max_registered = max_registered
+        # Written on the replica's event loop only: adapter id -> folder, least recently requested first.
+        self.paths: OrderedDict[str, str] = OrderedDict()
 
         async def register(adapter: str) -> str:
             if not self.engine.has_adapter(adapter):
+                for oldest in self._evicted():
+                    if self.engine.has_adapter(oldest):  # its running requests finish on the old pages
+                        await asyncio.to_thread(self.engine.remove_adapter, oldest)
                 await asyncio.to_thread(self.engine.add_adapter, adapter, self.paths[adapter])
             return adapter
 
@@ -72,7 +93,18 @@ class LoraEngine:
             if path is None:
                 raise ValueError(f"adapter {adapter!r} came without its folder")
             self.paths.setdefault(adapter, path)
+            self.paths.move_to_end(adapter)
             await self.register(adapter)
+
+    def _evicted(self) -> list[str]:
+        """The least recently requested adapters past `max_registered`, dropped from `paths`."""
+        return [self.paths.popitem(last=False)[0] for _ in range(len(self.paths) - self.max_registered)]
+
+    def check_health(self) -> None:
+        """Serve's health check: raise unless the engine serves (warming up counts as serving)."""
+        readiness = self.engine.readiness()
+        if readiness["status"] in ("failed", "stalled"):
+            raise RuntimeError(f"the engine is {readiness['status']}: {readiness.get('detail', '')}")
 
     async def generate(self, prompt_ids: list[int], params, adapter: str | None = None, path: str | None = None):
         """Stream the request's `StreamEvent`s; a cancelled stream cancels the request."""
@@ -100,10 +132,12 @@ class LoraEngine:
         stats = self.engine.stats()
         self.gauges.update(stats)
         free = stats.get("adapter_pages_total", 0) - stats.get("adapter_pages_used", 0)
+        serving = self.engine.readiness()["status"] in ("ok", "warming")
         report = {
-            "device": sorted(self.engine.resident_adapters()),
-            "host": sorted(self.engine.host_adapters()),
-            "queue": stats["waiting"] + stats["running"],
+            "device": sorted(self.engine.resident_adapters()) if serving else [],
+            "host": sorted(self.engine.host_adapters()) if serving else [],
+            # A replica whose engine died or hangs ranks last until Serve replaces it.
+            "queue": stats["waiting"] + stats["running"] if serving else UNUSABLE_QUEUE,
             "pid": os.getpid(),  # with the replica id: which process to look at (or, in a test, kill)
             "free_pages": free,
             "cold_starts": stats.get("cold_starts", 0),

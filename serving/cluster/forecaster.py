@@ -45,6 +45,9 @@ def board_name(app_name: str) -> str:
     return f"plora-forecast-{app_name}"
 
 
+IDLE_RATE = 1e-4  # requests per interval below which an adapter's state is dropped
+
+
 @ray.remote(num_cpus=0)
 class ForecastBoard:
     """The forecaster's latest figures (it is the one writer; the autoscaler reads)."""
@@ -206,6 +209,17 @@ class Forecaster:
                 if kind == "step":
                     payload.put(published)
 
+    def _forget_idle(self) -> None:
+        """Drop adapters whose rate has decayed to nothing (no request for some 30 intervals):
+        their rates, folders and forecaster rows, so this state follows the adapters in use,
+        not every id ever seen."""
+        idle = [name for name, rate in self.rates.items() if rate * self.interval_s < IDLE_RATE]
+        for name in idle:
+            del self.rates[name]
+            self.paths.pop(name, None)
+        if idle and hasattr(self.model, "forget"):
+            self.model.forget(idle)
+
     def _forget_stale(self) -> None:
         """Drop the reports of replicas that stopped reporting; publish the rest whole."""
         now = time.monotonic()
@@ -219,6 +233,7 @@ class Forecaster:
         forecast = self.model.predict()
         for name in set(self.rates) | set(counts):
             self.rates[name] = alpha * counts.get(name, 0) / self.interval_s + (1 - alpha) * self.rates.get(name, 0.0)
+        self._forget_idle()
         total = (sum(counts.values()) + base) / self.interval_s
         self.total_rate = alpha * total + (1 - alpha) * self.total_rate
         self.hot = hot_adapters(self.rates, self.hot_rate)

@@ -8,9 +8,16 @@ would, answers bad input itself, and sends token ids to a replica through the de
 handle, tagged with the adapter id (`multiplexed_model_id`) so the router can place it.
 
 The adapter catalog lives here: names, folders and ranks, registered from `--adapter-dir` at
-start and by `/v1/load_lora_adapter` at run time. Loading a name again after an unload gives it
-a new id (`name@2`), so a replica that still holds the old weights never serves them for the
-new version. Replicas register an adapter the first time a request (or a pre-load) brings it.
+start and by `/v1/load_lora_adapter` at run time. An adapter found at start keeps its name as
+its id; one loaded at run time gets a new, unique id (`name@<random hex>`), and a name may not
+hold "@", so no id is ever given twice and a replica that still holds an old version's weights
+never serves them for a new one. Replicas register an adapter the first time a request (or a
+pre-load) brings it.
+
+Health: `readiness` reflects the LoraEngine deployment as Serve's controller sees it (polled
+every `health_s` off the event loop): "failed" while it is unhealthy or failed to deploy (its
+replicas' `check_health` raises when their engine died or a step hangs, and Serve replaces
+them), "ok" otherwise, scaled to zero included.
 
 A stream that breaks (its replica died, or the engine failed the request) raises
 `RequestFailed`, which the app turns into an error chunk: the client sees it, nothing hangs.
@@ -27,8 +34,10 @@ outside would reach a router. This module is imported by name everywhere, so its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -36,11 +45,14 @@ from pathlib import Path
 from plora_jax.config import EngineConfig
 from plora_jax.engine.inputs import InputProcessor
 from plora_jax.engine.outputs import RequestFailed
+from plora_jax.limits import MAX_ADAPTERS
 from plora_jax.lora.peft import AdapterError, inspect_adapter, parse_target_modules
-from plora_jax.lora.registry import adapter_subfolders
+from plora_jax.lora.registry import adapter_subfolders, check_name
 from plora_jax.models.loader import load_front_end
 
 log = logging.getLogger(__name__)
+
+_FRONTS = "LoraEngine deployment (autoscaled)"
 
 # --- the routers' state in this process (see the module docstring) ---------------------------
 _hot: frozenset[str] = frozenset()  # adapters the forecaster marks hot (replaced whole, never mutated)
@@ -74,38 +86,44 @@ class AdapterCatalog:
     def __init__(self, model_config, max_rank: int, modules: tuple[str, ...]):
         self.model_config, self.max_rank, self.modules = model_config, max_rank, modules
         self.entries: dict[str, tuple[str, Path, int]] = {}
-        self.versions: Counter = Counter()  # name -> times it was added (the id's suffix)
 
     @property
     def names(self) -> frozenset[str]:
         return frozenset(self.entries)
 
-    def add(self, name: str, path: str | Path) -> dict:
+    def add(self, name: str, path: str | Path, at_start: bool = False) -> dict:
+        """Register `name` (its id the name itself for an adapter found at start, else unique)."""
+        check_name(name)
+        if "@" in name:
+            raise AdapterError(f"adapter name {name!r} may not hold '@' (it marks a version in adapter ids)")
         if name in self.entries:
             raise AdapterError(f"adapter name {name!r} is already registered")
+        if len(self.entries) >= MAX_ADAPTERS:
+            raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one gateway holds")
         path = Path(path).expanduser().resolve()
         info = inspect_adapter(path, self.model_config, self.max_rank, self.modules)
-        self.versions[name] += 1
-        version = self.versions[name]
-        adapter_id = name if version == 1 else f"{name}@{version}"
+        adapter_id = name if at_start else f"{name}@{uuid.uuid4().hex[:12]}"
         self.entries[name] = (adapter_id, path, info.rank)
         return self.describe(name)
 
-    def add_dir(self, folder: str | Path) -> dict:
+    def add_dir(self, folder: str | Path, at_start: bool = False) -> dict:
         added = []
         subfolders, errors = adapter_subfolders(folder)
         for sub in subfolders:
             if sub.name in self.entries:
                 continue
             try:
-                self.add(sub.name, sub)
+                self.add(sub.name, sub, at_start)
                 added.append(sub.name)
-            except AdapterError as e:
-                errors[sub.name] = str(e)
+            except Exception as e:  # a malformed folder is refused, never the gateway's start
+                errors[sub.name] = str(e) if isinstance(e, AdapterError) else f"{sub.name}: {type(e).__name__}: {e}"
         return {"added": added, "errors": errors}
 
-    def remove(self, name: str) -> None:
-        del self.entries[name]
+    def remove(self, name: str) -> str:
+        """Unregister `name`; returns the id it had."""
+        if name not in self.entries:
+            raise ValueError(f"adapter {name!r} is not registered")
+        return self.entries.pop(name)[0]
 
     def describe(self, name: str) -> dict:
         adapter_id, path, rank = self.entries[name]
@@ -159,7 +177,16 @@ class ClusterRequest:
 class ClusterEngine:
     """The engine interface `serving.app` uses, served by the LoraEngine deployment."""
 
-    def __init__(self, engine, model: str, engine_options: dict, forecaster=None, report_s: float = 1.0):
+    def __init__(
+        self,
+        engine,
+        model: str,
+        engine_options: dict,
+        forecaster=None,
+        report_s: float = 1.0,
+        app_name: str | None = None,
+        health_s: float = 2.0,
+    ):
         config = EngineConfig(model=model, **engine_options)
         model_config, self.tokenizer = load_front_end(model, config.cache_dir)
         self.max_model_len = max_model_len = min(config.max_model_len, model_config.max_position_embeddings)
@@ -175,10 +202,37 @@ class ClusterEngine:
         self.service_s: list[float] = []
         self.pending = 0
         self._reporter: asyncio.Task | None = None
+        self.app_name, self.health_s = app_name, health_s
+        self._health: dict = {"status": "ok", "engine": _FRONTS}
+        self._watcher: asyncio.Task | None = None
 
     # --- what serving.app reads ----------------------------------------------------------
     def readiness(self) -> dict:
-        return {"status": "ok", "engine": "LoraEngine deployment (autoscaled)"}
+        """The replicas' health as last polled (the poll starts with the first call)."""
+        if self._watcher is None:
+            with contextlib.suppress(RuntimeError):  # no event loop here: a caller outside the app
+                self._watcher = asyncio.get_running_loop().create_task(self._watch_health())
+        return dict(self._health)
+
+    async def _watch_health(self) -> None:
+        while True:
+            self._health = await asyncio.to_thread(self.replica_health)
+            await asyncio.sleep(self.health_s)  # a polling period, not a wait for another thread
+
+    def replica_health(self) -> dict:
+        """The LoraEngine deployment's status from Serve's controller."""
+        from ray import serve
+
+        try:
+            app_name = self.app_name or serve.get_replica_context().app_name
+            deployment = serve.status().applications[app_name].deployments["LoraEngine"]
+        except Exception as e:  # the controller is out of reach: say so, do not guess
+            return {"status": "failed", "engine": _FRONTS, "detail": f"cannot read the replicas' status: {e}"}
+        status = getattr(deployment.status, "value", str(deployment.status))
+        if status in ("UNHEALTHY", "DEPLOY_FAILED"):
+            detail = f"LoraEngine is {status}: {deployment.message}"[:500]
+            return {"status": "failed", "engine": _FRONTS, "detail": detail}
+        return {"status": "ok", "engine": _FRONTS}
 
     def stats(self) -> dict:
         # In flight through this gateway (Serve queues them at the handle beyond the replicas'
@@ -188,17 +242,20 @@ class ClusterEngine:
     def has_adapter(self, name: str) -> bool:
         return name in self.catalog.entries
 
-    def adapters(self) -> list[dict]:
+    def adapters(self, timeout: float | None = None) -> list[dict]:
         return [self.catalog.describe(n) for n in sorted(self.catalog.entries)]
 
     def add_adapter(self, name: str, path) -> dict:
         return self.catalog.add(name, path)
 
-    def add_adapter_dir(self, folder) -> dict:
-        return self.catalog.add_dir(folder)
+    def add_adapter_dir(self, folder, at_start: bool = False) -> dict:
+        return self.catalog.add_dir(folder, at_start)
 
-    def remove_adapter(self, name: str) -> None:
-        self.catalog.remove(name)
+    def remove_adapter(self, name: str, timeout: float | None = None) -> None:
+        self.paths.pop(self.catalog.remove(name), None)  # the forecaster stops pre-loading it
+
+    def prompt_logprobs(self, token_ids, adapter, temperature: float):
+        raise NotImplementedError("the cluster gateway does not score prompts (echo with logprobs)")
 
     def submit(self, prompt, params, adapter: str | None = None) -> ClusterRequest:
         request = self.inputs.make_request(prompt, params, adapter)  # ValueError names the field
@@ -206,9 +263,12 @@ class ClusterEngine:
         if adapter is not None:
             adapter_id, folder, _ = self.catalog.entries[adapter]
             path = str(folder)
-            self.paths[adapter_id] = path
-        self.arrivals[adapter_id or ""] += 1
-        self._start_reporter()
+        reporting = self.forecaster is not None  # what is reported is dropped at each report
+        if reporting:
+            if adapter_id is not None:
+                self.paths[adapter_id] = path
+            self.arrivals[adapter_id or ""] += 1
+            self._start_reporter()
         started = time.perf_counter()
         response = self.engine.options(multiplexed_model_id=adapter_id or "", stream=True).generate.remote(
             request.prompt_ids, params, adapter_id, path
@@ -217,7 +277,7 @@ class ClusterEngine:
 
         def on_end(finished: bool) -> None:
             self.pending -= 1
-            if finished:
+            if finished and reporting:
                 self.service_s.append(time.perf_counter() - started)
 
         return ClusterRequest(response, on_end)
@@ -265,7 +325,7 @@ class Gateway:
         self.engine = ClusterEngine(engine, model, engine_options, forecaster, report_s)
         roots = []
         for folder in adapter_dirs:
-            result = self.engine.add_adapter_dir(folder)
+            result = self.engine.add_adapter_dir(folder, at_start=True)
             for name, why in result["errors"].items():
                 log.warning("adapter %r refused: %s", name, why)
             roots.append(Path(folder).expanduser().resolve())

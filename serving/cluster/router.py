@@ -42,6 +42,7 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self.routed: dict[str, dict[object, float]] = defaultdict(dict)  # adapter -> replica id -> when
         self.inflight: dict[object, int] = defaultdict(int)  # replica id -> requests of this router running there
         self.view: dict = {"app": self.app_name, "replicas": {}}  # published whole by publish_view
+        self.pruned_at = time.monotonic()  # when `routed` last dropped decisions older than memory_s
         gateway.register_router(self)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -89,8 +90,14 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     def forget_gone(self, replicas: list[RunningReplica]) -> None:
         """Drop what this router remembers of replicas no longer in the deployment (died or
-        scaled away), so a replica id never lingers as a holder."""
+        scaled away), so a replica id never lingers as a holder, and routing decisions older
+        than `memory_s` (they no longer count), so the memory follows recent traffic."""
         live = {r.replica_id for r in replicas}
+        now = time.monotonic()
+        if now - self.pruned_at > self.memory_s:
+            self.pruned_at = now
+            recent = {a: {rid: t for rid, t in w.items() if now - t < self.memory_s} for a, w in self.routed.items()}
+            self.routed = defaultdict(dict, {a: w for a, w in recent.items() if w})
         if set(self.inflight) <= live and all(set(w) <= live for w in self.routed.values()):
             return
         self.inflight = defaultdict(int, {rid: n for rid, n in self.inflight.items() if rid in live})
