@@ -1,5 +1,10 @@
 """Shared fixtures. CPU by default; the real SmolLM2 model and its transformers reference are
-session-scoped so the whole suite pays for loading them once."""
+session-scoped so the whole suite pays for loading them once.
+
+`slow` marks what takes seconds to minutes: every test that loads the real model (it depends on
+`smollm_path`) or trains a predictor (`trained`), by the rule below, and by hand the modules and
+tests that start live servers, a Ray cluster, live replays or fresh processes. `-m "not slow"`
+is the quick loop; CI runs everything."""
 
 import os
 
@@ -10,6 +15,8 @@ from pathlib import Path
 import jax
 import pytest
 
+SLOW_FIXTURES = frozenset({"smollm_path", "trained"})  # the real model; a predictor trained for the test
+
 
 def pytest_collection_modifyitems(config, items):
     has_gpu = jax.default_backend() == "gpu"
@@ -17,6 +24,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None and not has_gpu:
             item.add_marker(skip_gpu)
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # benchmarks run end to end (a live server, the GPU script at tiny shapes)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

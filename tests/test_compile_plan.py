@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import write_peft_adapter
 
 from plora_jax import Engine, SamplingParams
@@ -56,6 +57,7 @@ def run_fresh_process(cache: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_restart_in_a_fresh_process_compiles_nothing(tmp_path):
     first = run_fresh_process(tmp_path)
     assert first["compiled"] == first["executables"] > 0 and first["loaded"] == 0
@@ -84,6 +86,7 @@ def test_a_corrupted_cache_file_is_recompiled_with_a_warning(tmp_path, caplog):
     assert any("does not load" in r.getMessage() and victim.name in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_a_cache_made_for_another_configuration_is_ignored_with_a_warning(tmp_path, caplog):
     with make_engine(tmp_path / "a") as engine:
         engine.runner.plan.complete.wait()

@@ -258,6 +258,7 @@ def test_a_non_streaming_client_that_leaves_frees_its_kv_blocks_within_a_step(tm
         engine.close()
 
 
+@pytest.mark.slow
 def test_a_script_that_never_closes_its_engine_exits_0(tmp_path):
     """Before: "FATAL: exception not rethrown" and SIGABRT at interpreter exit, most runs."""
     script = (

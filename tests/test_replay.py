@@ -315,6 +315,7 @@ def test_instances_scale_from_zero_and_back_after_keep_alive():
 
 
 # --- a short live replay of every policy --------------------------------------------------------
+@pytest.mark.slow
 def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path, capsys):
     from benchmarks import replay
 
@@ -348,6 +349,7 @@ def test_live_replay_of_every_policy_writes_json_and_plot(tmp_path, capsys):
     assert "| compiles |" in printed and "predictive vs reactive_sync" in printed
 
 
+@pytest.mark.slow
 def test_the_simulator_calibrated_from_a_live_run_predicts_it(tmp_path, capsys):
     """Issue 15's acceptance: live replays of reactive, lru and predictive on a tiny engine
     (40 adapters, 220 requests), then the simulator with the cost profile fitted to those very
@@ -376,6 +378,7 @@ def test_the_simulator_calibrated_from_a_live_run_predicts_it(tmp_path, capsys):
     assert "live against simulated" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_live_instances_start_from_zero_and_stop_after_keep_alive(tmp_path):
     """Live serverless replay on tiny engines: the first request starts an instance and waits for
     it; a burst beyond one instance's rows starts a second; both stop when idle; a late request
@@ -516,6 +519,7 @@ def test_a_gpu_profile_on_paper_costs_its_hand_arithmetic():
         profiles.named("tpu-v9")
 
 
+@pytest.mark.slow
 def test_a_sweep_of_two_budgets_and_two_loads_writes_every_point_and_its_plots(tmp_path, capsys):
     from benchmarks import replay
 

@@ -15,7 +15,7 @@ def _run(logits, temperature, top_k, top_p, seeds, steps=None):
     b = len(temperature)
     steps = np.zeros(b, np.int32) if steps is None else steps
     return np.asarray(
-        sample_tokens(
+        _sample(  # compiled once per shape (eager, each call re-traced the whole sampler)
             jnp.asarray(logits, jnp.float32),
             jnp.asarray(temperature, jnp.float32),
             jnp.asarray(top_k, jnp.int32),

@@ -26,6 +26,8 @@ from plora_jax.config import smollm2_135m  # noqa: E402
 from plora_jax.lora.peft import save_random_adapter  # noqa: E402
 from serving.app import ServerState, build_app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a live server over the real model
+
 PROMPT = "The three primary colours are"
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -76,6 +76,7 @@ def test_created_folders_and_the_key_are_private(tmp_path):
     assert stat.S_IMODE((root / "a").stat().st_mode) == 0o700
 
 
+@pytest.mark.slow
 def test_a_tampered_kernel_library_is_rebuilt_not_loaded(tmp_path, caplog):
     from plora_jax.pallas.attention import cpu
 
