@@ -281,12 +281,13 @@ class Battery:
         ok = prompt.status_code in (400, 413) and chat.status_code in (400, 413)
         return {"ok": ok, "prompt_7_9MB": prompt.status_code, "messages_6_6MB": chat.status_code}
 
-    def echo(self, prompts: int, top: int) -> dict:
-        """The largest echo the budget admits at `top` alternatives over `prompts` prompts."""
+    def echo(self, prompts: int, top: int, length: int | None = None) -> dict:
+        """The largest echo the budget admits at `top` alternatives over `prompts` prompts (or
+        prompts of `length` tokens)."""
         from plora_jax.limits import MAX_LOGPROB_ENTRIES
 
         per_token = 1 + top
-        length = min(self.max_model_len - 1, MAX_LOGPROB_ENTRIES // per_token // prompts)
+        length = length or min(self.max_model_len - 1, MAX_LOGPROB_ENTRIES // per_token // prompts)
         rng = np.random.default_rng(0)
         ids = [rng.integers(100, 40_000, length).tolist() for _ in range(prompts)]
         over = self.http.post(
@@ -295,8 +296,10 @@ class Battery:
         )
         memory, before = PeakMemory(self.pid), rss_mb(self.pid)
         start = time.perf_counter()
-        r = self.http.post(
-            "/v1/completions", json={"model": "llama", "prompt": ids, "echo": True, "max_tokens": 0, "logprobs": top}
+        r = self.http.post(  # no client timeout: the time it takes is the figure
+            "/v1/completions",
+            json={"model": "llama", "prompt": ids, "echo": True, "max_tokens": 0, "logprobs": top},
+            timeout=None,
         )
         seconds = time.perf_counter() - start
         peak = memory.stop()
@@ -376,7 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
         battery.check("browser_and_paths", battery.browser_and_paths)
         battery.check("leaving_clients", battery.leaving_clients)
         battery.check("large_bodies", battery.large_bodies)
-        battery.check("echo_top20", lambda: battery.echo(1, 20))
+        battery.echo(1, 1, length=600)  # builds the scoring executables: the figures below are warm
+        battery.check("echo_top20_largest", lambda: battery.echo(6, 20))
         battery.check("echo_largest", lambda: battery.echo(args.echo_prompts, 1))
     finally:
         battery.prober.close()

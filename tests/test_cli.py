@@ -1,5 +1,6 @@
 """Flags generated from the config dataclasses, and the generation demo end to end on a tiny GGUF."""
 
+import pytest
 from helpers import write_tiny_gguf
 
 from plora_jax.cli import dataclass_from_args
@@ -32,6 +33,7 @@ def test_every_config_field_is_a_flag():
     assert config.warmup is False
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_generate_demo_runs(tmp_path, capsys):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, "Q8_0")

@@ -71,6 +71,7 @@ def make_engine(cache: Path, **overrides) -> Engine:
     return Engine.from_params(CFG, PARAMS, cache_dir=str(cache), max_loras=0, **(OPTIONS | overrides))
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_a_corrupted_cache_file_is_recompiled_with_a_warning(tmp_path, caplog):
     with make_engine(tmp_path) as engine:
         engine.runner.plan.complete.wait()
@@ -118,6 +119,7 @@ def test_a_cache_made_for_another_configuration_is_ignored_with_a_warning(tmp_pa
     assert json.loads(manifest.read_text()) == fingerprint  # rewritten for this environment
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_readiness_is_progressive_and_smaller_steps_pad_into_ready_sizes(tmp_path, monkeypatch):
     """Until the minimal set (the largest size of each kind) is built the engine reports
     "warming" and /health answers 503; a step then pads up into the sizes already built."""
@@ -154,6 +156,7 @@ def test_readiness_is_progressive_and_smaller_steps_pad_into_ready_sizes(tmp_pat
         engine.close()
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_stats_from_four_threads_while_adapters_churn(tmp_path):
     """stats() reads the published snapshot: four threads hammering it while requests with
     adapters run, load, evict and are removed raise nothing and always see whole snapshots."""

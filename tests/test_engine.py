@@ -48,6 +48,7 @@ def step(engine: Engine, n: int) -> None:
         engine.core.step()
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_continuous_batching_is_exact():
     """12 requests of different lengths, arriving at different steps, equal each run alone."""
     ps = prompts(12, seed=1)
@@ -140,6 +141,7 @@ def test_penalties_change_greedy_output_as_computed_by_hand(tiny_engine, penalty
     assert outs[2].token_ids == reference
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_penalties_survive_preemption_and_slot_reuse():
     """A penalised request preempted under block pressure (its tables rebuilt by the recompute
     prefill) and requests reusing its slots give the same tokens as with room for all."""
@@ -152,6 +154,7 @@ def test_penalties_survive_preemption_and_slot_reuse():
         assert pressured[0].token_ids == penalised_greedy(large, ps[0], sp)
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_no_compiles_after_warmup_over_mixed_steps():
     """Arrivals, finishes, cancels and preemptions over 200+ steps trigger no compilation."""
     with make_engine(

@@ -130,6 +130,7 @@ def test_non_finite_adapter_weights_on_the_device_never_reach_other_requests(tmp
         engine.close()
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_a_background_build_that_fails_leaves_the_engine_serving(tmp_path, monkeypatch):
     """The largest prefill size fails to build after serving began: prompts are chunked to the
     sizes built, for good, instead of the engine dying at the first long prompt."""
@@ -275,3 +276,27 @@ def test_a_script_that_never_closes_its_engine_exits_0(tmp_path):
     for _ in range(2):
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and run.stdout.strip() == "3", run.stderr[-2000:]
+
+
+def test_prompt_logprobs_in_chunks_equal_the_log_softmax_of_the_logits(tmp_path):
+    """Echo's scoring: one loop call per chunk (here 64 tokens: 150 tokens in 3 calls), reduced
+    on the device to [tokens, 20]; equal to the log-softmax of the full logits, on the base model
+    and under an adapter, with every block and pin given back."""
+    import jax
+
+    engine = make_engine(policy="lru", max_num_batched_tokens=64)
+    engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, 8))
+    ids = [int(t) for t in np.random.default_rng(1).integers(1, CFG.vocab_size, 150)]
+    calls = []
+    call = engine.core.call
+    engine.core.call = lambda fn, timeout=None: calls.append(fn) or call(fn, timeout)
+    for adapter in (None, "a"):
+        got = engine.prompt_logprobs(ids, adapter, temperature=0.7)
+        ref = np.asarray(jax.nn.log_softmax(engine.logits(ids, adapter)[:-1] / 0.7, axis=-1))
+        np.testing.assert_allclose(got.chosen, ref[np.arange(149), ids[1:]], atol=1e-4)
+        np.testing.assert_array_equal(got.top_ids[:, 0], ref.argmax(-1))
+        np.testing.assert_allclose(got.top[:, :5], -np.sort(-ref, axis=-1)[:, :5], atol=1e-4)
+        stats = engine.stats(fresh=True)
+        assert stats["kv_blocks_used"] == 0 and stats["adapters_pinned"] == 0
+    assert len(calls) >= 2 * (1 + 3 + 1)  # per prompt: open, three chunks, close (and logits' own)
+    engine.close()

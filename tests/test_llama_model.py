@@ -68,6 +68,7 @@ def test_hf_folder_matches_transformers(tmp_path, kind):
     assert np.abs(engine.logits(TOKENS) - ref).max() < 1e-5
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiny_random_model_runs(dtype):
     config = tiny()
@@ -89,6 +90,7 @@ def test_tiny_random_model_runs(dtype):
         assert np.abs(f32.logits(TOKENS[:20]) - logits).max() < 0.1
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_chunked_prefill_and_decode_agree_with_one_pass():
     """Logits in chunks of 16 equal one pass; each greedy token is the argmax of a full re-score."""
     config = tiny()

@@ -207,6 +207,7 @@ def _merged(base_params, adapter):
     return params
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_churn_loads_evicts_reloads_without_compiles_or_leaks(small_engine, tmp_path):
     rng = np.random.default_rng(0)
     names, refs = [], {}
@@ -248,6 +249,7 @@ def test_churn_loads_evicts_reloads_without_compiles_or_leaks(small_engine, tmp_
     small_engine.core.call(lora.pages.check)
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 @pytest.mark.parametrize("layout", ["paged", "contiguous"])
 def test_requests_wait_for_a_full_pool_and_mix_in_one_batch(tmp_path, layout):
     """A pool that fits two rank-64 adapters, four running rows: the others wait, none fail,

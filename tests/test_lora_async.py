@@ -86,6 +86,7 @@ class HeldTransfers:
         self._gate.set()
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_running_request_advances_every_step_while_an_adapter_loads(engine, tmp_path):
     engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, rank=32))
     held = HeldTransfers(engine, "a")

@@ -90,6 +90,7 @@ def test_reference_hand_worked_case():
     np.testing.assert_array_equal(np.asarray(out), [[[3.5, 3.5, 10.5]], [[0.5, 0.5, 0.5]]])
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 @pytest.mark.parametrize("page_rows", [8, 16])
 @pytest.mark.parametrize("tokens", [1, 16])
 @pytest.mark.parametrize("impl", ["xla", "gpu", "tpu", "tpu_strict"])

@@ -146,6 +146,7 @@ def test_oracle_prefetch_turns_a_cold_start_into_a_device_hit(engine, tmp_path):
     np.testing.assert_allclose(engine.logits(PROMPT, adapter="a"), reference, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_prefetched_but_unused_adapter_counts_as_wasted(tmp_path):
     forecaster = type("F", (), {"update": lambda self, c: None, "predict": lambda self: {"b": 0.9}})()
     engine = make_engine(policy="lru", max_loras=1)
@@ -249,6 +250,7 @@ def test_a_load_whose_folder_was_removed_fails_only_its_requests(engine, tmp_pat
     engine.core.lora.check()
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_an_adapter_removed_while_in_use(tmp_path):
     """The running request finishes; the waiting one fails naming the adapter; the name is gone
     for new requests; nothing leaks once the running one ends."""
@@ -282,6 +284,7 @@ def test_an_adapter_removed_while_in_use(tmp_path):
         engine.close()
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_replacing_an_adapter_while_its_old_version_runs(tmp_path):
     """vLLM's unload-then-load of one name: the load succeeds at once; the running request
     finishes on the old weights, the next one uses the new; the old pages are freed when the

@@ -282,6 +282,7 @@ def test_evaluate_cli_writes_json_and_plot(trained, tmp_path):
         evaluate_main(["--trace", str(path), "--budgets", "0.2,2"])
 
 
+@pytest.mark.slow  # compiles a warm-up plan or many executables
 def test_predictor_runs_a_batch_in_one_call():
     predictor = Predictor(WindowConfig(num_buckets=8), ModelConfig(), None)
     from plora_jax.predictor.model import init_params

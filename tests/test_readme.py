@@ -44,6 +44,7 @@ def test_readme_commands_match_ci():
     assert 'pip install -e ".[test]" && python -m pytest -q' in text
     assert 'pip install -e ".[test]" && python -m pytest -q' in ci
     assert 'pip install -e ".[serve]" && python -m serving.main --model llama' in text
+    assert 'python -m pytest -q -m "not slow"' in text  # the quick loop, beside the full command
 
 
 def test_readme_adapter_example_runs(tmp_path, monkeypatch, smollm_path):

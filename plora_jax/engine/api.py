@@ -29,6 +29,7 @@ exited with SIGABRT.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -52,6 +53,7 @@ from ..policies import Policy, make_policy
 from ..tokenizer import Tokenizer
 from . import scoring
 from .core import AddRequest, Cancel, EngineCore
+from .errors import EngineDead
 from .inputs import InputProcessor
 from .outputs import RequestFailed, RequestHandle, RequestOutput
 from .runner import ModelRunner, resolve_dtype
@@ -364,7 +366,18 @@ class Engine:
         ids = self._inputs.score_input(token_ids, adapter, "token_ids", "adapter")
         if len(ids) < 2:
             return Logprobs(*(np.zeros((0, *shape), dtype) for shape, dtype in _EMPTY_LOGPROBS))
-        return self.core.call(lambda: scoring.prompt_logprobs(self.core, ids, adapter, float(temperature)))
+        # One loop call per step (at most max_num_batched_tokens tokens): requests being served
+        # take their steps in between, as they do beside a chunked prefill.
+        session = self.core.call(lambda: scoring.Scoring(self.core, [ids], [adapter]))
+        try:
+            parts = []
+            for step in session.steps:
+                run = lambda step=step: scoring.logprobs_step(self.core, session, step, float(temperature))
+                parts += self.core.call(run)
+        finally:
+            with contextlib.suppress(EngineDead):  # a dead engine holds nothing any more
+                self.core.call(session.close)
+        return scoring.join_logprobs(parts)
 
     def logits_batch(self, token_ids: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None) -> list:
         """`logits` of several sequences in one batch (first chunks packed, each with its own adapter)."""

@@ -1,13 +1,17 @@
 """Scoring: the logits of every position of given token sequences, on the loop's owner thread.
 
-`Engine.logits`, `logits_batch` and `prompt_logprobs` run this between steps (through
-`EngineCore.call`), with
-the serving path's own pieces: KV blocks from the scheduler's allocator (freed afterwards, so
-scoring never holds memory), the adapter through the same gate as a request (a probe request
-that counts no hit or cold start), and the runner's packed prefill. First chunks of several
+A `Scoring` holds what scoring needs, with the serving path's own pieces: KV blocks from the
+scheduler's allocator, the adapter through the same gate as a request (a probe request that
+counts no hit or cold start), and the runner's packed prefill. First chunks of several
 sequences are packed into one step; a chunk that continues a sequence runs first in its step,
-as in serving (only segment 0 reads earlier keys). `prompt_logprobs` reduces each chunk's logits
-on the device (`ModelRunner.score_logprobs`): its host memory is `[tokens, 20]`, whatever the
+as in serving (only segment 0 reads earlier keys). It gives its blocks and pins back when it
+closes, so scoring never keeps memory.
+
+`Engine.logits` and `logits_batch` open, run and close one in a single loop call (`score`).
+`Engine.prompt_logprobs` (a server's `echo`) keeps one open across calls and runs one step
+(at most `max_num_batched_tokens` tokens) per call, so the requests being served take their
+steps in between instead of waiting for a whole prompt; each step's logits are reduced on the
+device (`ModelRunner.score_logprobs`), so its host memory is `[tokens, 20]`, whatever the
 vocabulary.
 """
 
@@ -24,56 +28,79 @@ from .sampling import Logprobs, SamplingParams
 from .scheduler import Request
 
 
+class Scoring:
+    """Sequences being scored (owner thread only): blocks and adapter pins held from
+    construction to `close`; `steps` are their chunks grouped as prefill packs them."""
+
+    def __init__(self, core, seqs: list[list[int]], adapters: list[str | None]):
+        self.core, self.seqs = core, seqs
+        self.tables: list[list[int]] = []
+        self.probes: list[Request] = []
+        allocator, bs = core.scheduler.blocks, core.config.block_size
+        try:
+            for ids, adapter in zip(seqs, adapters, strict=True):
+                try:
+                    self.tables.append(allocator.allocate(cdiv(len(ids), bs)))
+                except OutOfBlocks as e:
+                    raise EngineBusy(f"scoring: the KV cache is busy ({e}); retry when fewer requests run") from None
+                probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
+                probe.adapter_counted = True  # scoring is not traffic: no hit or cold start counted
+                while adapter is not None and not core.gate.acquire(probe):
+                    _wait_for_adapter(core, adapter)
+                self.probes.append(probe)
+        except BaseException:
+            self.close()
+            raise
+        budget, max_segments = core.runner.buckets.prefill[-1], core.runner.buckets.max_segments
+        self.steps = score_steps([len(ids) for ids in seqs], budget, max_segments)
+
+    def run(self, step: list[tuple[int, int, int]], fn) -> list:
+        """`fn(segments)` over one step's chunks; its results, one per chunk."""
+        segments = [
+            Segment(self.seqs[i][start:end], start, self.tables[i], self.probes[i].adapter_slot)
+            for i, start, end in step
+        ]
+        return fn(segments)
+
+    def close(self) -> None:
+        allocator = self.core.scheduler.blocks
+        for blocks in self.tables:
+            allocator.free(blocks)
+        for probe in self.probes:
+            if probe.adapter_slot:
+                self.core.gate.release(probe)
+        self.tables, self.probes = [], []
+
+
 def score(core, seqs: list[list[int]], adapters: list[str | None]) -> list[np.ndarray]:
     """Logits [len(seq), vocab] of each sequence in `seqs`, under its adapter in `adapters`."""
-    return [np.concatenate(parts) for parts in _chunks(core, seqs, adapters, core.runner.score)]
+    scoring = Scoring(core, seqs, adapters)
+    try:
+        out: list[list[np.ndarray]] = [[] for _ in seqs]
+        for step in scoring.steps:
+            for (i, _, _), logits in zip(step, scoring.run(step, core.runner.score), strict=True):
+                out[i].append(logits)
+        return [np.concatenate(parts) for parts in out]
+    finally:
+        scoring.close()
 
 
-def prompt_logprobs(core, ids: list[int], adapter: str | None, temperature: float) -> Logprobs:
-    """Each token's log-probability (from the second on) under the model's distribution after
-    the tokens before it, divided by `temperature` (0: the model's own), with the likeliest
-    alternatives: numpy `Logprobs` of [len(ids) - 1] rows."""
-    following = [*ids[1:], 0]  # the last position predicts nothing: its row is dropped
+def logprobs_step(core, scoring: Scoring, step: list[tuple[int, int, int]], temperature: float) -> list[Logprobs]:
+    """One step of a single sequence's prompt log-probabilities: each token's target is the
+    token after it (the sequence's last predicts nothing: 0, dropped by the caller)."""
+    (ids,) = scoring.seqs
+    following = [*ids[1:], 0]
 
     def run(segments: list[Segment]) -> list[Logprobs]:
         targets = [following[seg.start : seg.start + len(seg.token_ids)] for seg in segments]
         return core.runner.score_logprobs(segments, targets, temperature)
 
-    (parts,) = _chunks(core, [ids], [adapter], run)
+    return scoring.run(step, run)
+
+
+def join_logprobs(parts: list[Logprobs]) -> Logprobs:
+    """The steps' rows end to end, less the last (which predicts nothing)."""
     return Logprobs(*(np.concatenate([getattr(p, f) for p in parts])[:-1] for f in ("chosen", "top_ids", "top")))
-
-
-def _chunks(core, seqs: list[list[int]], adapters: list[str | None], run) -> list[list]:
-    """`run(segments)` over the sequences' chunks (packed as prefill packs them), with their KV
-    blocks and adapters held for the duration; per sequence, its chunks' results in order."""
-    allocator = core.scheduler.blocks
-    bs = core.config.block_size
-    probes: list[Request] = []
-    tables: list[list[int]] = []
-    try:
-        for ids, adapter in zip(seqs, adapters, strict=True):
-            try:
-                tables.append(allocator.allocate(cdiv(len(ids), bs)))
-            except OutOfBlocks as e:
-                raise EngineBusy(f"scoring: the KV cache is busy ({e}); retry when fewer requests run") from None
-            probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
-            probe.adapter_counted = True  # scoring is not traffic: no hit or cold start counted
-            while adapter is not None and not core.gate.acquire(probe):
-                _wait_for_adapter(core, adapter)
-            probes.append(probe)
-        out: list[list] = [[] for _ in seqs]
-        budget, max_segments = core.runner.buckets.prefill[-1], core.runner.buckets.max_segments
-        for step in score_steps([len(s) for s in seqs], budget, max_segments):
-            segments = [Segment(seqs[i][start:end], start, tables[i], probes[i].adapter_slot) for i, start, end in step]
-            for (i, _, _), result in zip(step, run(segments), strict=True):
-                out[i].append(result)
-        return out
-    finally:
-        for blocks in tables:
-            allocator.free(blocks)
-        for probe in probes:
-            if probe.adapter_slot:
-                core.gate.release(probe)
 
 
 def _wait_for_adapter(core, adapter: str) -> None:
