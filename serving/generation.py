@@ -101,6 +101,11 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _param(field: str, chat: bool) -> str | None:
     """The API's name for a field the engine names."""
     if field.startswith(("prompt", "token_ids")):
@@ -279,6 +284,7 @@ class Generation:
                 ticket.release()
 
         gathered = asyncio.ensure_future(asyncio.gather(*(result(h) for h in handles)))
+        gathered.add_done_callback(_retrieved)  # a client that left: its outcome is nobody's to read
         watcher = asyncio.ensure_future(_until_disconnected(request))
         try:
             await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
