@@ -36,9 +36,16 @@ MAX_USER_CHARS = 1024  # OpenAI's `user` field (accepted, ignored)
 # objects and JSON, so this keeps the largest answer to a few hundred MB. An lm-evaluation-
 # harness batch (64 prompts of 2,048 tokens, logprobs 1) needs 262,144.
 MAX_LOGPROB_ENTRIES = 2**19
+# Requests being rendered and tokenized (before admission) at once; past it, 429. Tokenizing a
+# text the context could hold takes up to about a second here, so a flood of long prompts
+# queues here, not in front of admitted work.
+MAX_TOKENIZING = 64
 
 # --- adapters -----------------------------------------------------------------------------------
 MAX_ADAPTERS = 100_000  # adapters registered at once in one engine or gateway
+MAX_REPLICA_ADAPTERS = 4096  # adapters a cluster replica keeps registered (least recently requested out)
+MAX_RANK = 1 << 16  # r and rank_pattern values (an engine's max_lora_rank is usually far lower)
+MAX_PATH_CHARS = 4096  # lora_path (PATH_MAX)
 MAX_LORA_ALPHA = 65536.0  # lora_alpha and alpha_pattern values lie in (0, MAX_LORA_ALPHA]
 # Largest |A| and |scaling * B| element: trained LoRA weights are below 1 and scalings below
 # 100, so this refuses only weights made to overflow a matmul, never a real fine-tune.
@@ -47,3 +54,4 @@ MAX_PATTERNS = 4096  # rank_pattern / alpha_pattern entries
 MAX_PATTERN_CHARS = 256  # characters of one pattern key
 MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json
 MAX_SAFETENSORS_HEADER_BYTES = 16 << 20  # a safetensors file's JSON header
+MAX_TENSOR_DIMS = 8  # dimensions of one tensor in a safetensors header

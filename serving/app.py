@@ -95,7 +95,7 @@ def build_app(state: ServerState) -> FastAPI:
     admission = Admission(lambda: state.max_queue, lambda: int(engine.stats().get("running", 0)))
     metrics = ServerMetrics(engine, lambda: admission.in_flight)
     generate = Generation(engine, state.model_name, metrics, admission, lambda: state.max_queue)
-    app.state.plora, app.state.metrics, app.state.admission = state, metrics, admission
+    app.state.plora, app.state.metrics, app.state.admission, app.state.generation = state, metrics, admission, generate
     _error_handlers(app)
     _adapter_routes(app, state)
 
@@ -142,7 +142,9 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDead)
     async def engine_dead(_: Request, e: EngineDead):
-        return error_response(ApiError(503, f"the engine cannot serve: {e}", code="engine_unavailable"))
+        # The kind of failure only: an engine's internal error may name its files (the log has it).
+        why = f"its loop stopped ({type(e.__cause__).__name__})" if e.__cause__ is not None else "it is closed"
+        return error_response(ApiError(503, f"the engine cannot serve: {why}", code="engine_unavailable"))
 
     @app.exception_handler(EngineBusy)
     async def engine_busy(_: Request, e: EngineBusy):
@@ -173,7 +175,8 @@ def _adapter_routes(app: FastAPI, state: ServerState) -> None:
 
     def inside_roots(path: str) -> Path:
         if not state.adapter_roots:
-            raise ApiError(400, "loading adapters at run time needs --adapter-dir (no adapter folder is configured)")
+            message = "loading adapters at run time needs --adapter-dir (no adapter folder is configured)"
+            raise ApiError(400, message, "lora_path")
         try:
             resolved = Path(path).expanduser().resolve()
         except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, ~nouser, a symlink loop
@@ -187,10 +190,9 @@ def _adapter_routes(app: FastAPI, state: ServerState) -> None:
         if engine.has_adapter(name):
             raise ApiError(400, f"adapter name {name!r} is already registered", "lora_name")
         try:
-            engine.add_adapter(name, resolved)
+            engine.add_adapter(name, resolved, ENGINE_CALL_S)
         except AdapterError as e:
-            field = "lora_name" if "adapter name" in str(e) else "lora_path"
-            raise ApiError(400, str(e), field) from None
+            raise ApiError(400, str(e), "lora_name" if e.field == "name" else "lora_path") from None
 
     admin = dict(response_model=None, responses={200: TEXT, **ADMIN_ERRORS})
 

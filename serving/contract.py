@@ -10,20 +10,18 @@ return at once (the event loop calls them). `adapters`, `add_adapter`, `remove_a
 `prompt_logprobs` may wait for the engine or read files, so the app runs them in a worker
 thread. `submit` validates its input on the caller's thread and raises
 `plora_jax.engine.inputs.InvalidInput` naming the field; a closed or dead engine raises
-`plora_jax.engine.core.EngineDead`.
+`plora_jax.engine.errors.EngineDead` (and one without room for a scoring call `EngineBusy`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, TypedDict, runtime_checkable
 
-import numpy as np
-
 from plora_jax.engine.outputs import RequestOutput, StreamEvent
-from plora_jax.engine.sampling import SamplingParams
+from plora_jax.engine.sampling import Logprobs, SamplingParams
 
 Status = Literal["warming", "ok", "stalled", "failed"]
 
@@ -43,13 +41,10 @@ class AdapterListing(TypedDict):
     residency: str  # device | loading | host | disk (cluster: "cluster")
 
 
-@dataclass(frozen=True)
-class PromptLogprobs:
-    """A prompt's own log-probabilities: token i + 1 under the distribution after token i."""
-
-    chosen: np.ndarray  # [len - 1] f32
-    top_ids: np.ndarray  # [len - 1, MAX_TOP_LOGPROBS] i32, likeliest first
-    top: np.ndarray  # [len - 1, MAX_TOP_LOGPROBS] f32
+# A prompt's own log-probabilities (`prompt_logprobs`): token i + 1 under the distribution
+# after token i, as numpy arrays: chosen [len - 1] f32, top_ids [len - 1, MAX_TOP_LOGPROBS] i32
+# (likeliest first) and top [len - 1, MAX_TOP_LOGPROBS] f32.
+PromptLogprobs = Logprobs
 
 
 @runtime_checkable
@@ -100,13 +95,19 @@ class ServingEngine(Protocol):
     def adapters(self, timeout: float | None = None) -> list[AdapterListing]:
         """Every registered adapter; `timeout`: seconds to wait for the engine (TimeoutError)."""
 
-    def add_adapter(self, name: str, path: Path) -> dict:
-        """Register a PEFT folder (already confined by the caller); AdapterError if it is bad."""
+    def add_adapter(self, name: str, path: Path, timeout: float | None = None) -> dict:
+        """Register a PEFT folder (already confined by the caller); AdapterError (its `field`
+        "name" or "path") if it is bad, TimeoutError past `timeout` waiting for the engine."""
 
     def remove_adapter(self, name: str, timeout: float | None = None) -> None:
         """Unregister; ValueError if `name` is not registered, TimeoutError past `timeout`."""
 
-    def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> ServingHandle: ...
+    def submit(
+        self, prompt: list[int], sampling_params: SamplingParams, adapter: str | None = None
+    ) -> ServingHandle: ...
 
-    def prompt_logprobs(self, token_ids: list[int], adapter: str | None, temperature: float) -> PromptLogprobs:
-        """Score a prompt (`echo`); NotImplementedError where the engine cannot."""
+    def prompt_logprobs(
+        self, token_ids: list[int], adapter: str | None, temperature: float, cancel: threading.Event | None = None
+    ) -> PromptLogprobs | None:
+        """Score a prompt (`echo`), in chunks; None if `cancel` is set before the last one.
+        NotImplementedError where the engine cannot score."""

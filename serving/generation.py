@@ -4,12 +4,13 @@ One request must never cost the others more than its admitted share, so the work
 this order:
 
 1. checks that cost nothing: the schema, the rules across fields, the model's name;
-2. rendering and tokenization in a worker thread, each text's length first held against what
-   the context could take (`Tokenizer.max_token_chars` characters a token);
+2. rendering and tokenization in a pool of their own (two threads; at most `MAX_TOKENIZING`
+   requests queued for it, then 429), each text's length first held against what the context
+   could take (`Tokenizer.max_token_chars` characters a token);
 3. `max_tokens` against the context, and the log-probability budget (400 naming the field);
 4. admission (`Admission`, 429), counted by the API itself;
-5. echo scoring: admitted work, in a worker thread, one prompt at a time, reduced to
-   [tokens, 20] on the device;
+5. echo scoring: admitted work, in a worker thread, one prompt at a time and one chunk per engine
+   call, reduced to [tokens, 20] on the device, stopped between chunks if the client leaves;
 6. submit, then the answer: server-sent events (`EventStream`), or JSON built in a worker
    thread, awaited while watching for the client to go away.
 
@@ -22,15 +23,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from plora_jax.engine.inputs import InvalidInput
 from plora_jax.engine.outputs import RequestFailed, RequestOutput
-from plora_jax.lora.peft import AdapterRemoved
+from plora_jax.limits import MAX_TOKENIZING
+from plora_jax.lora.peft import AdapterError, AdapterRemoved
 
 from .contract import ServingEngine, ServingHandle
 from .metrics import ServerMetrics
@@ -115,11 +119,36 @@ def _param(field: str, chat: bool) -> str | None:
     return field.removeprefix("sampling_params.") if field.startswith("sampling_params.") else None
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
 def request_failed(e: RequestFailed) -> ApiError:
-    """A request the engine failed: 404 if its adapter was removed before it ran, else 500."""
-    if isinstance(e.__cause__, AdapterRemoved):
+    """A request the engine failed: 404 if its adapter was removed before it ran; 500 with the
+    adapter's own error (its files named by folder name) if it could not be loaded; else 500
+    naming only the kind of failure (an engine's internal error may name its files)."""
+    cause = e.__cause__
+    if isinstance(cause, AdapterRemoved):
         return ApiError(404, str(e), "model", "model_not_found")
-    return ApiError(500, str(e))
+    if isinstance(cause, AdapterError):
+        return ApiError(500, str(e))
+    return ApiError(500, f"the engine failed the request ({type(cause).__name__ if cause else 'unknown'})")
+
+
+async def first(work: Awaitable, request: Request):
+    """`work`'s result, unless the client disconnects first: then ClientGone (and `work` is
+    cancelled; a thread it runs in finishes on its own)."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieved)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise ClientGone
+        return task.result()
+    finally:
+        watcher.cancel()
+        task.cancel()
 
 
 class EventStream(StreamingResponse):
@@ -151,6 +180,10 @@ class Generation:
     ):
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.admission, self.max_queue_of = admission, max_queue_of
+        # Work before admission has its own pool: a flood of long prompts waits here (and gets
+        # 429 past MAX_TOKENIZING), not in front of admitted requests' answers.
+        self.tokenizer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plora-tokenize")
+        self.tokenizing = 0  # requests in or waiting for the pool (event loop only)
 
     async def __call__(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
         endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
@@ -159,6 +192,9 @@ class Generation:
         except ApiError as e:
             self.metrics.finished(endpoint, str(e.status))
             raise
+        except ClientGone:
+            self.metrics.finished(endpoint, "disconnected")
+            return Response(status_code=499)  # nobody reads it: the client is gone
 
     def _resolve_model(self, name: str) -> str | None:
         if name == self.model_name:
@@ -170,7 +206,7 @@ class Generation:
     async def _generate(self, body, request: Request, endpoint: str) -> Response:
         req = parse_request(body)
         req.adapter = self._resolve_model(req.model)
-        texts = await asyncio.to_thread(self._tokenize, req)
+        texts = await self._tokenized(req)
         per_prompt = [fit_max_tokens(req, len(ids), self.engine.max_model_len) for ids in req.prompts]
         choices = req.choices(per_prompt)
         max_queue = self.max_queue_of()
@@ -180,7 +216,7 @@ class Generation:
         check_logprob_budget(req, per_prompt)
         ticket = self.admission.admit(len(choices))
         try:
-            echoed = await self._echo(req, texts) if req.echo else None
+            echoed = await self._echo(req, texts, request) if req.echo else None
             rid = new_id(req.chat)
             if req.score_only:  # echo with max_tokens 0: the prompts' scores are the whole answer
                 ticket.close()
@@ -193,6 +229,15 @@ class Generation:
             stream = _Stream(self, req, rid, handles, ticket, endpoint)
             return EventStream(stream.events(), stream.close)
         return await self._answer(request, req, rid, handles, ticket, echoed, endpoint)
+
+    async def _tokenized(self, req: GenerationRequest) -> list[str | None]:
+        if self.tokenizing >= MAX_TOKENIZING:
+            raise ApiError(429, f"{MAX_TOKENIZING} requests are being tokenized; retry later")
+        self.tokenizing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self._tokenize, req)
+        finally:
+            self.tokenizing -= 1
 
     def _tokenize(self, req: GenerationRequest) -> list[str | None]:
         """Render (chat) and tokenize the prompts, in a worker thread, refusing a text longer
@@ -218,9 +263,10 @@ class Generation:
         req.prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in req.prompts]
         return texts
 
-    async def _echo(self, req: GenerationRequest, texts: list[str | None]) -> list[EchoedPrompt]:
+    async def _echo(self, req: GenerationRequest, texts: list[str | None], request: Request) -> list[EchoedPrompt]:
         """Each prompt's text (as sent, or decoded from its ids) and ids, with logprobs its
-        scores from the engine (a worker thread, one prompt at a time)."""
+        scores from the engine (a worker thread, one prompt at a time; if the client leaves, the
+        engine stops at its next chunk and ClientGone is raised)."""
         decode = self.engine.tokenizer.decode
         temperature = 0.0 if req.params.greedy else req.params.temperature  # as the sampler scales
         echoed = []
@@ -229,8 +275,13 @@ class Generation:
                 text = await asyncio.to_thread(decode, ids, skip_special_tokens=False)
             echo = EchoedPrompt(text, list(ids))
             if req.params.logprobs:
+                cancel = threading.Event()
+                scoring = asyncio.to_thread(self.engine.prompt_logprobs, ids, req.adapter, temperature, cancel)
                 try:
-                    scored = await asyncio.to_thread(self.engine.prompt_logprobs, ids, req.adapter, temperature)
+                    scored = await first(scoring, request)
+                except ClientGone:
+                    cancel.set()
+                    raise
                 except NotImplementedError:
                     message = "'echo' with logprobs is not supported by this server's engine"
                     raise ApiError(400, message, "echo") from None
@@ -283,23 +334,13 @@ class Generation:
             finally:
                 ticket.release()
 
-        gathered = asyncio.ensure_future(asyncio.gather(*(result(h) for h in handles)))
-        gathered.add_done_callback(_retrieved)  # a client that left: its outcome is nobody's to read
-        watcher = asyncio.ensure_future(_until_disconnected(request))
         try:
-            await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not gathered.done():
-                self.metrics.finished(endpoint, "disconnected")
-                return Response(status_code=499)  # nobody reads it: the client is gone
-            try:
-                outputs = gathered.result()
-            except RequestFailed as e:
-                raise request_failed(e) from None
+            outputs = await first(asyncio.gather(*(result(h) for h in handles)), request)
+        except RequestFailed as e:
+            raise request_failed(e) from None
         finally:
-            watcher.cancel()
-            gathered.cancel()
             for handle in handles:
-                handle.cancel()  # a no-op once finished
+                handle.cancel()  # a no-op once finished; at once if the client left
             ticket.close()
         body = await asyncio.to_thread(lambda: _json(response(req, rid, outputs, self.token_text(), echoed)))
         self.metrics.finished(endpoint, "200", *outputs)

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from plora_jax.engine.sampling import SamplingParams
-from plora_jax.limits import MAX_LOGPROB_ENTRIES
+from plora_jax.limits import MAX_LOGPROB_ENTRIES, SEED_BOUND
 
 from .contract import PromptLogprobs
 from .schema import ChatCompletionRequest, CompletionRequest
@@ -72,7 +72,7 @@ class GenerationRequest:
         out = []
         for prompt, params in zip(self.prompts, params_per_prompt, strict=True):
             for j in range(self.n):
-                seed = params.seed if params.seed is None or j == 0 else (params.seed + j) % 2**32
+                seed = params.seed if params.seed is None or j == 0 else (params.seed + j) % SEED_BOUND
                 out.append((prompt, dataclasses.replace(params, seed=seed)))
         return out
 
@@ -184,12 +184,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def openai_finish_reason(reason: str | None) -> str | None:
-    """The engine's reasons are OpenAI's, and "abort" (the request was cut short: the server
-    shut down under it, or it was cancelled) is vLLM's, never passed off as "stop"."""
-    return reason
-
-
 def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
@@ -284,7 +278,7 @@ def response(req: GenerationRequest, rid: str, outputs, token_text=None, echoed=
     `EchoedPrompt` (with `echo`)."""
     choices = []
     for index, out in enumerate(outputs):
-        reason = openai_finish_reason(out.finish_reason)
+        reason = out.finish_reason  # "abort" (cut short) is vLLM's, never passed off as "stop"
         if req.chat:
             message = {"role": "assistant", "content": out.text}
             logprobs = chat_logprobs(out, token_text) if req.params.logprobs else None
@@ -325,7 +319,7 @@ def chunk(
         choice = {
             "index": index,
             "delta": delta,
-            "finish_reason": openai_finish_reason(finish_reason),
+            "finish_reason": finish_reason,
             "logprobs": logprobs,
         }
         kind = "chat.completion.chunk"
@@ -333,7 +327,7 @@ def chunk(
         choice = {
             "index": index,
             "text": text or "",
-            "finish_reason": openai_finish_reason(finish_reason),
+            "finish_reason": finish_reason,
             "logprobs": logprobs,
         }
         kind = "text_completion"

@@ -30,6 +30,7 @@ from plora_jax.limits import (
     MAX_MESSAGES,
     MAX_N,
     MAX_NAME_CHARS,
+    MAX_PATH_CHARS,
     MAX_PENALTY,
     MAX_PROMPTS,
     MAX_REPETITION_PENALTY,
@@ -45,8 +46,6 @@ from plora_jax.limits import (
     MIN_TEMPERATURE,
     SEED_BOUND,
 )
-
-MAX_PATH_CHARS = 4096  # lora_path (PATH_MAX)
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
 

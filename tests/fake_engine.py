@@ -75,6 +75,8 @@ class FakeEngine:
         self.submitted: list[tuple[list[int], SamplingParams, str | None]] = []
         self.status = "ok"
         self.dead = False
+        self.hold_scoring = None  # a threading.Event: prompt_logprobs waits for it (tests of cancellation)
+        self.scoring_cancelled = 0
         self._ids = itertools.count()
 
     # --- the contract --------------------------------------------------------------------------
@@ -90,7 +92,7 @@ class FakeEngine:
     def adapters(self, timeout: float | None = None) -> list[dict]:
         return [{"name": n, "path": str(p), "rank": 8, "residency": "disk"} for n, p in self.registered.items()]
 
-    def add_adapter(self, name: str, path: Path) -> dict:
+    def add_adapter(self, name: str, path: Path, timeout: float | None = None) -> dict:
         if not (Path(path) / "adapter_config.json").is_file():
             raise AdapterError(f"{Path(path).name}/adapter_config.json: missing")
         self.registered[name] = Path(path)
@@ -100,7 +102,8 @@ class FakeEngine:
         if self.registered.pop(name, None) is None:
             raise ValueError(f"adapter {name!r} is not registered")
 
-    def submit(self, prompt, params: SamplingParams, adapter: str | None = None) -> RequestHandle:
+    def submit(self, prompt, sampling_params: SamplingParams, adapter: str | None = None) -> RequestHandle:
+        params = sampling_params
         if self.dead:
             raise EngineDead("the engine loop has stopped: injected")
         ids = list(prompt)
@@ -119,7 +122,12 @@ class FakeEngine:
                 self._advance(rid)
         return handle
 
-    def prompt_logprobs(self, token_ids, adapter, temperature: float) -> PromptLogprobs:
+    def prompt_logprobs(self, token_ids, adapter, temperature: float, cancel=None) -> PromptLogprobs | None:
+        if self.hold_scoring is not None:  # a test holds scoring until it lets go (or cancels)
+            self.hold_scoring.wait()
+            if cancel is not None and cancel.is_set():
+                self.scoring_cancelled += 1
+                return None
         n = len(token_ids) - 1
         top_ids = (np.asarray(token_ids[1:])[:, None] + np.arange(MAX_TOP_LOGPROBS)[None]) % 256
         top = -1.0 - np.arange(MAX_TOP_LOGPROBS, dtype=np.float32)[None].repeat(n, 0)

@@ -62,6 +62,7 @@ def refused(path, match, load=True):
         ({"use_dora": "yes"}, "use_dora"),
         ({"use_rslora": 1}, "use_rslora"),
         ({"peft_type": ["LORA"]}, "peft_type"),
+        ({"lora_alpha": 10**400}, "lora_alpha"),  # an int JSON reads whole: float() of it overflows
     ],
 )
 def test_malformed_and_poisoning_configs_are_refused_by_field(tmp_path, changes, field):
@@ -159,8 +160,16 @@ def test_a_folder_changed_after_registration_is_not_read_as_the_registered_adapt
     load_adapter("x", path, CFG, 64, expect=info.identity)  # unchanged: read
     other = adapter(tmp_path, "other", rank=4, seed=3)
     os.replace(other / "adapter_model.safetensors", path / "adapter_model.safetensors")  # same rank, new file
-    refused_err = pytest.raises(AdapterError, match="changed since the adapter was registered")
-    with refused_err:
+    with pytest.raises(AdapterError, match="changed since the adapter was registered"):
+        load_adapter("x", path, CFG, 64, expect=info.identity)
+    # Rewritten in place, same size, its modification time put back: still another file.
+    info, _ = read_adapter("x", path, CFG, 64, weights=False)
+    weights = path / "adapter_model.safetensors"
+    st, data = weights.stat(), bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(AdapterError, match="changed since the adapter was registered"):
         load_adapter("x", path, CFG, 64, expect=info.identity)
 
 
@@ -197,7 +206,7 @@ def test_safetensors_files_are_checked_against_their_header(tmp_path, damage):
     refused(path, "adapter_model.safetensors: cannot be read", load=False)
 
 
-def test_only_the_planned_tensors_are_read(tmp_path, monkeypatch):
+def test_registration_reads_no_weight_and_a_load_reads_each_once(tmp_path, monkeypatch):
     path = adapter(tmp_path)
     reads = []
     original = AdapterFolder.read
@@ -217,3 +226,13 @@ def test_a_pickled_weights_file_is_refused(tmp_path):
     path = adapter(tmp_path)
     (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
     refused(path, "pickled weights are refused", load=False)
+
+
+def test_a_tensor_name_with_a_huge_layer_index_is_refused_not_crashed(tmp_path):
+    """int() of 4,301 or more digits raises in CPython: the key is refused by the name rule."""
+    path = adapter(tmp_path)
+    tensors = _tensors(path)
+    key = next(iter(tensors))
+    tensors[key.replace("layers.0.", "layers." + "9" * 5000 + ".")] = tensors.pop(key)
+    _save(path, tensors)
+    refused(path, "is not a LoRA A/B weight", load=False)

@@ -66,14 +66,23 @@ def assert_error(r, status: int, param: str | None):
 
 
 def test_every_engine_implements_the_contract():
+    """Each method of `ServingEngine` exists on every engine with the contract's parameters (in
+    order, the same names), and the attributes the app reads are there."""
+    import inspect
+
     from plora_jax import Engine
     from serving.cluster.gateway import ClusterEngine
 
     assert isinstance(FakeEngine(), ServingEngine)
-    for cls in (Engine, ClusterEngine):
-        for name in ("readiness", "stats", "has_adapter", "adapters", "add_adapter", "remove_adapter", "submit"):
-            assert callable(getattr(cls, name)), (cls, name)
-        assert callable(cls.prompt_logprobs)
+    methods = [n for n, v in vars(ServingEngine).items() if callable(v) and not n.startswith("_")]
+    assert {"submit", "prompt_logprobs", "add_adapter", "remove_adapter", "adapters"} <= set(methods)
+    for cls in (Engine, ClusterEngine, FakeEngine):
+        for name in methods:
+            wanted = list(inspect.signature(getattr(ServingEngine, name)).parameters)
+            have = list(inspect.signature(getattr(cls, name)).parameters)
+            assert have[: len(wanted)] == wanted, (cls.__name__, name, have)
+    engine = FakeEngine()
+    assert engine.tokenizer.max_token_chars >= 1 and engine.max_model_len > 0
 
 
 def test_completions_chat_and_streams_give_the_hand_computed_text(api):
@@ -336,8 +345,8 @@ def test_a_failed_request_is_500_and_one_whose_adapter_was_removed_404():
         sent = await call
         return sent[0]["status"], json.loads(sent[1]["body"])["error"]
 
-    status, error = asyncio.run(run(RuntimeError("device lost")))
-    assert status == 500 and "device lost" in error["message"]
+    status, error = asyncio.run(run(RuntimeError("device lost at /some/path")))
+    assert status == 500 and "RuntimeError" in error["message"] and "/some/path" not in error["message"]
     status, error = asyncio.run(run(AdapterRemoved("adapter 'a' was removed")))
     assert status == 404 and error["param"] == "model"
 
@@ -392,11 +401,17 @@ values = st.recursive(
 )
 good = {
     "model": st.just("fake"),
-    "prompt": st.one_of(st.text(min_size=1, max_size=30), st.lists(st.integers(0, 300), min_size=1, max_size=8)),
+    "prompt": st.one_of(
+        st.text(min_size=1, max_size=30),
+        st.lists(st.integers(0, 300), min_size=1, max_size=8),
+        st.lists(st.text(max_size=3), min_size=60, max_size=70),  # around MAX_PROMPTS
+        st.text(min_size=200, max_size=400),  # longer than the fake context
+    ),
     "messages": st.lists(
         st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "robot"]), "content": st.text(max_size=20)}),
         max_size=3,
-    ),
+    )
+    | st.lists(st.just({"role": "user", "content": "hi"}), min_size=4090, max_size=4100),  # around MAX_MESSAGES
 }  # fmt: skip
 bodies = st.dictionaries(
     st.sampled_from(FIELDS),
@@ -405,20 +420,77 @@ bodies = st.dictionaries(
 )
 
 
+ADMIN_FIELDS = st.dictionaries(st.sampled_from(["lora_name", "lora_path"]), values, max_size=3)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=bodies, chat=st.booleans())
-def test_random_bodies_never_get_a_server_error(api, body, chat):
-    """Valid and invalid shapes, extreme numbers, NaN and Inf, unicode, nested lists: never a
-    5xx; every refusal is OpenAI's error JSON, naming a field (a valid JSON object always has
-    one to blame, except a full queue)."""
+@given(
+    body=bodies | ADMIN_FIELDS | values,  # not always a JSON object
+    path=st.sampled_from(
+        ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
+    ),
+)
+def test_random_bodies_never_get_a_server_error(api, body, path):
+    """Valid and invalid shapes, extreme numbers, NaN and Inf, unicode, nested and long lists,
+    bodies that are not objects, on every POST endpoint: never a 5xx; every refusal is OpenAI's
+    error JSON, naming a field when the body is a JSON object (there is always one to blame,
+    except a full queue or an adapter folder that is missing)."""
     engine, _, client = api
-    path = "/v1/chat/completions" if chat else "/v1/completions"
     raw = json.dumps(body, allow_nan=True)  # Python's json writes NaN/Infinity: a client might too
     r = client.post(path, content=raw, headers={"content-type": "application/json"})
     assert r.status_code < 500, (body, r.text)
     if r.status_code >= 400:
         error = r.json()["error"]
         assert error["message"] and error["type"]
-        if r.status_code not in (429,):
+        if isinstance(body, dict) and r.status_code != 429:
             assert error["param"], (body, r.status_code, error)
     engine.open.clear()
+
+
+def test_an_echo_whose_client_leaves_stops_scoring():
+    """The engine scores a prompt chunk by chunk; when the client leaves, it stops at the next
+    chunk (told through the cancel event) and the admission is released."""
+    import threading
+
+    engine, _, app = make()
+    engine.hold_scoring = threading.Event()
+
+    async def run():
+        leave = asyncio.Event()
+        body = {"model": "fake", "prompt": [PROMPT, PROMPT], "echo": True, "max_tokens": 0, "logprobs": 1}
+        call = asyncio.create_task(call_app(app, body, leave=leave))
+        await until(lambda: app.state.admission.in_flight == 2)  # admitted, scoring the first prompt
+        leave.set()
+        await call
+        engine.hold_scoring.set()  # the scoring thread goes on: it sees the cancel
+        await until(lambda: engine.scoring_cancelled == 1)
+        assert app.state.admission.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_tokenization_past_its_queue_gets_429():
+    """Rendering and tokenizing happen before admission, in their own pool: when MAX_TOKENIZING
+    requests wait for it, the next one gets 429 (they never hold up admitted requests' answers)."""
+    import threading
+
+    from plora_jax.limits import MAX_TOKENIZING
+
+    engine, _, app = make()
+    release = threading.Event()
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text: release.wait() and encode(text)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            body = {"model": "fake", "prompt": PROMPT, "max_tokens": 1}
+            calls = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(MAX_TOKENIZING)]
+            generate = app.state.generation
+            await until(lambda: generate.tokenizing == MAX_TOKENIZING)
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 429 and "tokenized" in r.json()["error"]["message"]
+            release.set()
+            assert [(await c).status_code for c in calls] == [200] * MAX_TOKENIZING
+
+    asyncio.run(run())

@@ -303,6 +303,21 @@ def test_a_poisoned_segment_never_reaches_the_segments_packed_with_it(path):
     np.testing.assert_allclose(poisoned[others], clean[others], atol=1e-6, rtol=1e-6)
 
 
+def test_the_cache_never_holds_a_non_finite_value():
+    """write_kv stores NaN and Inf as 0, so a kernel that multiplies a masked position's zero
+    probability by its value (jax's GPU and TPU decode kernels read whole pages) gets 0."""
+    k_cache, v_cache = make_cache(8)
+    k = np.full((2, KV, D), np.nan, np.float32)
+    v = np.full((2, KV, D), np.inf, np.float32)
+    slots = np.array([3 * BS + 1, 5 * BS + 7], np.int32)
+    for transposed in (False, True):
+        kc, vc = reference.write_kv(
+            jnp.asarray(k_layout(k_cache, transposed)), jnp.asarray(v_cache), k, v, slots, transposed
+        )
+        assert np.isfinite(np.asarray(kc)).all() and np.isfinite(np.asarray(vc)).all()
+        np.testing.assert_array_equal(np.asarray(reference.k_blocks(kc, transposed))[:, 3, 1], 0.0)
+
+
 @pytest.mark.parametrize("path", ["reference", "xla", "cpu"])
 def test_stale_non_finite_tails_of_reused_blocks_never_reach_decode(path):
     """Every cache position past a row's length, in the blocks it owns, is NaN: decode gives

@@ -10,8 +10,10 @@ step; a script that never closes its engine exits 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -121,11 +123,18 @@ def test_non_finite_adapter_weights_on_the_device_never_reach_other_requests(tmp
         engine.prefetch("poison")
         engine.core.wait_for_adapter("poison")
         handles = [engine.submit(PROMPTS[2], GREEDY, "poison")] + [engine.submit(p, GREEDY) for p in PROMPTS]
+        before = engine.stats(fresh=True)["prefill_steps"]
+        engine.core.step()  # one packed prefill holds all four (its 28 tokens fit one step)
+        assert engine.stats()["prefill_steps"] == before + 1 and engine.stats()["running"] == 4
+        poisoned_blocks = set(next(r for r in engine.core.scheduler.running if r.adapter == "poison").blocks)
         engine.core.run_until_idle()
         assert [h.result(timeout=0).token_ids for h in handles[1:]] == solo
-        assert engine.stats()["prefill_steps"] >= 1
-        later = [o.token_ids for o in engine.generate(PROMPTS + PROMPTS, GREEDY)]  # on the freed blocks
-        assert later == solo + solo
+        later = [engine.submit(p, GREEDY) for p in PROMPTS + PROMPTS]
+        engine.core.step()
+        reused = {b for r in engine.core.scheduler.running for b in r.blocks} & poisoned_blocks
+        assert reused, "the later requests did not reuse the poisoned request's KV blocks"
+        engine.core.run_until_idle()
+        assert [h.result(timeout=0).token_ids for h in later] == solo + solo
     finally:
         engine.close()
 
@@ -181,8 +190,10 @@ def test_a_hung_step_shows_as_stalled_until_it_ends():
         caller = threading.Thread(target=engine.core.call, args=(lambda: (entered.set(), release.wait()),))
         caller.start()
         entered.wait()
-        while engine.readiness()["status"] != "stalled":
-            pass  # a millisecond's bound: it holds at once
+        for _ in range(1_000_000):  # a millisecond's bound: it holds at once
+            if engine.readiness()["status"] == "stalled":
+                break
+        assert engine.readiness()["status"] == "stalled"
         assert "has run for" in engine.readiness()["detail"]
         release.set()
         caller.join()
@@ -300,3 +311,94 @@ def test_prompt_logprobs_in_chunks_equal_the_log_softmax_of_the_logits(tmp_path)
         assert stats["kv_blocks_used"] == 0 and stats["adapters_pinned"] == 0
     assert len(calls) >= 2 * (1 + 3 + 1)  # per prompt: open, three chunks, close (and logits' own)
     engine.close()
+
+
+def test_an_adapter_unloaded_while_a_prompt_is_scored_leaves_no_pin(tmp_path):
+    """Echo's scoring holds an adapter pin across loop calls; an unload (and a load of the same
+    name) in between retires the session's pin as it does a running request's: when the session
+    closes, no pin is left and the new version's are untouched."""
+    from plora_jax.engine import scoring
+
+    engine = make_engine(policy="lru")
+    try:
+        engine.add_adapter("a", write_peft_adapter(tmp_path / "old", CFG, 8))
+        session = engine.core.call(lambda: scoring.Scoring(engine.core, [PROMPTS[0]], ["a"]))
+        assert engine.stats(fresh=True)["adapters_pinned"] == 1
+        engine.remove_adapter("a")
+        engine.add_adapter("a", write_peft_adapter(tmp_path / "new", CFG, 8, seed=4))
+        with pytest.raises(RuntimeError, match="scoring"):
+            engine.reset_adapters()
+        handle = engine.submit(PROMPTS[1], GREEDY, adapter="a")  # the new version, pinned while it runs
+        engine.core.step()
+        engine.core.wait_for_adapter("a")
+        engine.core.step()
+        engine.core.call(session.close)
+        stats = engine.stats(fresh=True)
+        assert stats["adapters_pinned"] == 1  # the running request's pin on the new version, only
+        engine.core.run_until_idle()
+        assert len(handle.result(timeout=0).token_ids) == 6 and engine.stats(fresh=True)["adapters_pinned"] == 0
+        engine.core.lora.check()
+    finally:
+        engine.close()
+
+
+def test_adapter_failures_over_http_are_400_or_500_and_never_show_a_path(tmp_path):
+    """Through the real app and engine: malformed, poisoned, escaping and vanished adapters, and
+    a dead engine, each answered with OpenAI's error JSON (400 naming lora_path for a bad
+    folder, 500 for a load that failed later, 503 once the engine died), and no answer, /health
+    included, holds an absolute path."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import ServerState, build_app
+
+    gguf = tmp_path / "tiny.gguf"
+    model_config, _ = write_tiny_gguf(gguf)
+    root = tmp_path / "adapters"
+    engine = Engine.from_pretrained(
+        str(gguf), warmup=False, max_model_len=128, num_kv_blocks=32, host_cache_mb=0, cache_dir=str(tmp_path / "c")
+    )
+
+    def bad(name: str, **config) -> Path:
+        path = write_peft_adapter(root / "bad" / name, model_config, 8)
+        current = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps({**current, **config}))
+        return path
+
+    folders = {
+        "missing": root / "bad" / "missing",
+        "alpha": bad("alpha", lora_alpha=10**400),
+        "pattern": bad("pattern", rank_pattern="x"),
+        "regex": bad("regex", rank_pattern={"([a-z_.0-9]+)+z": 8}),
+        "linked": bad("linked"),
+    }
+    (folders["linked"] / "adapter_model.safetensors").unlink()
+    (folders["linked"] / "adapter_model.safetensors").symlink_to(bad("target") / "adapter_model.safetensors")
+    answers = []
+    try:
+        with TestClient(build_app(ServerState(engine, "tiny", [root.resolve()]))) as client:
+            for name, path in folders.items():
+                r = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (name, r.text)
+                answers.append(r.text)
+            gone = write_peft_adapter(root / "gone", model_config, 8)
+            assert (
+                client.post("/v1/load_lora_adapter", json={"lora_name": "gone", "lora_path": str(gone)}).status_code
+                == 200
+            )
+            answers.append(client.get("/v1/models").text)
+            shutil.rmtree(gone)  # its weights are read again at its first load (no host cache)
+            r = client.post("/v1/completions", json={"model": "gone", "prompt": "the cat", "max_tokens": 2})
+            assert r.status_code == 500 and "could not be loaded" in r.json()["error"]["message"]
+            answers.append(r.text)
+            with contextlib.suppress(BaseException):
+                engine.core.call(lambda: (_ for _ in ()).throw(SystemExit("injected device fault")))
+            engine.core.died.wait(30)
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": "the cat", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+            health = client.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "failed"
+            answers += [r.text, health.text]
+    finally:
+        engine.close()
+    for text in answers:
+        assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text, text

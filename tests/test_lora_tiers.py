@@ -174,6 +174,10 @@ def test_a_predictor_that_raises_falls_back_to_reactive_and_logs_once(tmp_path, 
         def predict(self):
             return {}
 
+        def forget(self, names):
+
+            pass  # nothing kept per adapter
+
     engine = make_engine(policy="lru")
     try:
         for name in "ab":
@@ -206,6 +210,10 @@ def test_the_reactive_fallback_frees_adapters_and_the_policy_resumes(tmp_path):
 
         def predict(self):
             return {"b": 0.9}
+
+        def forget(self, names):
+
+            pass  # nothing kept per adapter
 
     forecaster = Flaky()
     engine = make_engine(policy="lru")

@@ -117,6 +117,10 @@ class FixedForecaster:
     def predict(self):
         return dict(self.scores)
 
+    def forget(self, names):
+        for name in names:
+            self.scores.pop(name, None)
+
 
 def test_ewma_forecaster_is_exact():
     f = EwmaForecaster(alpha=0.5)
@@ -241,6 +245,10 @@ def test_per_adapter_and_per_interval_state_stays_bounded():
 
         def predict(self):
             return {"a": 0.5}
+
+        def forget(self, names):
+
+            pass  # nothing kept per adapter
 
     policy = Predictive(Instant(), interval_s=1.0)
     for _ in range(2000):

@@ -63,13 +63,14 @@ log = logging.getLogger(__name__)
 
 _EMPTY_LOGPROBS = (((), np.float32), ((MAX_TOP_LOGPROBS,), np.int32), ((MAX_TOP_LOGPROBS,), np.float32))
 _open_engines: weakref.WeakSet = weakref.WeakSet()  # engines not closed yet (closed at exit)
+EXIT_CLOSE_S = 30.0  # longest the interpreter's exit waits for an open engine's loop
 
 
 @atexit.register
 def _close_open_engines() -> None:
     for engine in list(_open_engines):
         try:
-            engine.close()
+            engine.close(timeout=EXIT_CLOSE_S)
         except Exception:  # exiting anyway: never let one engine keep the others open
             log.exception("closing an engine at exit failed")
 
@@ -248,7 +249,10 @@ class Engine:
         out = {"status": "ok", "compiled": plan.num_ready, "total": plan.num_executables}
         busy_since = self.core.busy_since
         if plan.failure is not None or self.core.fatal is not None:
-            out.update(status="failed", detail=f"the engine loop stopped: {plan.failure or self.core.fatal}")
+            # The kind only (readiness is public; the message may name files): the log has it all.
+            out.update(
+                status="failed", detail=f"the engine loop stopped ({type(plan.failure or self.core.fatal).__name__})"
+            )
         elif self._closed:
             out.update(status="failed", detail="the engine is closed")
         elif not plan.minimal_ready.is_set():
@@ -264,14 +268,15 @@ class Engine:
         the engine: an engine built with start=False)."""
         return self._runner
 
-    def close(self) -> None:
-        """Abort what is left, stop the loop thread and release it."""
+    def close(self, timeout: float | None = None) -> None:
+        """Abort what is left, stop the loop thread and release it. `timeout`: seconds to wait
+        for the loop (a hung one is left behind; at exit, so that exit never hangs on it)."""
         self._closed = True
         _open_engines.discard(self)
-        self.core.stop()
+        self.core.stop(timeout)
         if self._warmer is not None:
             self._runner.plan.cancelled.set()  # a background warm-up stops after its current build
-            self._warmer.join()
+            self._warmer.join(timeout)
         if self.core.policy is not None:
             self.core.policy.close()
         if self.core.lora is not None:
@@ -358,11 +363,18 @@ class Engine:
         ids = self._inputs.score_input(token_ids, adapter, "token_ids", "adapter")
         return self.core.call(lambda: self.core.score([ids], [adapter]))[0]
 
-    def prompt_logprobs(self, token_ids: Sequence[int], adapter: str | None = None, temperature: float = 0.0):
+    def prompt_logprobs(
+        self,
+        token_ids: Sequence[int],
+        adapter: str | None = None,
+        temperature: float = 0.0,
+        cancel: threading.Event | None = None,
+    ) -> Logprobs | None:
         """Each token's log-probability (from the second on) given the ones before it, under the
         logits divided by `temperature` (0: the model's own), and the 20 likeliest alternatives:
         numpy `Logprobs` of [len(token_ids) - 1] rows (a prompt's `echo`). Computed on the device
-        chunk by chunk, so the host holds [tokens, 20], never [tokens, vocab]."""
+        chunk by chunk, so the host holds [tokens, 20], never [tokens, vocab]. None if `cancel`
+        is set before the last chunk (it is checked between chunks: a client that left)."""
         ids = self._inputs.score_input(token_ids, adapter, "token_ids", "adapter")
         if len(ids) < 2:
             return Logprobs(*(np.zeros((0, *shape), dtype) for shape, dtype in _EMPTY_LOGPROBS))
@@ -372,6 +384,8 @@ class Engine:
         try:
             parts = []
             for step in session.steps:
+                if cancel is not None and cancel.is_set():
+                    return None
                 run = lambda step=step: scoring.logprobs_step(self.core, session, step, float(temperature))
                 parts += self.core.call(run)
         finally:
@@ -450,15 +464,15 @@ class Engine:
         if adapter_loads is not None:
             self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
 
-    def add_adapter(self, name: str, path: str | Path) -> dict:
+    def add_adapter(self, name: str, path: str | Path, timeout: float | None = None) -> dict:
         """Register a PEFT adapter folder under `name`; it is read and validated now (AdapterError
         names the file and field) and loaded onto the device when a request first uses it (or
-        earlier, if the policy prefetches it)."""
+        earlier, if the policy prefetches it). `timeout`: seconds to wait for the loop."""
         lora = self._lora()
         if self.has_adapter(name):  # before reading anything (the loop checks again when it inserts)
-            raise AdapterError(f"adapter name {name!r} is already registered")
+            raise AdapterError(f"adapter name {name!r} is already registered", "name")
         entry, copy = lora.prepare(name, path)  # validated and read here, on the caller's thread
-        return self.core.call(lambda: self._describe(lora.insert(entry, copy).name))
+        return self.core.call(lambda: self._describe(lora.insert(entry, copy).name), timeout)
 
     def add_adapter_dir(self, folder: str | Path) -> dict:
         """Register every subfolder of `folder` that holds adapter_config.json, named after the

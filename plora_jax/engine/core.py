@@ -32,6 +32,7 @@ to tell a hung step from a quiet engine (`Engine.readiness`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -160,6 +161,7 @@ class EngineCore:
         self.fatal: BaseException | None = None
         self.died = threading.Event()  # set once the loop has died and told every request
         self.busy_since: float | None = None  # time.monotonic() the current iteration or call began
+        self.scoring: set = set()  # open scoring sessions (scoring.Scoring): they pin adapters across calls
         self._counters = _Counters()
         self._created = time.perf_counter()
         compile_stats.install()
@@ -182,10 +184,11 @@ class EngineCore:
         self._thread = threading.Thread(target=self._run, name="plora-engine-loop", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop; `timeout`: seconds to wait for it (a hung loop is then left behind)."""
         if self.running:
             self._inbox.put(Stop())
-            self._thread.join()
+            self._thread.join(timeout)
         elif not self._stopped and self.fatal is None:
             self._drain_inbox(block=False)
             self._shutdown()
@@ -247,7 +250,9 @@ class EngineCore:
                 # decision.
                 idle = self._in_flight is None and (not progress or not self.scheduler.has_work())
                 if idle and self._landing():
+                    self.busy_since = time.monotonic()  # a transfer that never lands is a hung step
                     self.lora.transfer.wait_landing()  # a copy to the device about to land: commit it next
+                    self.busy_since = None
                     idle = False
                 if not self._drain_inbox(block=idle, timeout=_WAIT_S if self.scheduler.has_work() else None):
                     break
@@ -544,7 +549,8 @@ class EngineCore:
                     handle._push(item)
             except Exception as e:  # one handle's failure never keeps the others from hearing
                 log.exception("delivering to request %s failed", request.request_id)
-                handle._fail(e)
+                with contextlib.suppress(Exception):
+                    handle._fail(e)
 
     def _publish_snapshot(self) -> None:
         s, c = self.scheduler, self._counters
@@ -630,14 +636,15 @@ class EngineCore:
         retired = self.lora.remove(name)
         if self.policy is not None:
             self.policy.forget(name)
-        if retired is not None:  # running requests finish on the old version's pages
-            for request in self.scheduler.running:
+        if retired is not None:  # running requests and open scoring finish on the old version's pages
+            probes = [probe for session in self.scoring for probe in session.probes]
+            for request in [*self.scheduler.running, *probes]:
                 if request.adapter == name:
                     request.adapter = retired
 
     def reset_adapters(self, adapter_loads: str | None) -> None:
-        if self.scheduler.has_work():
-            raise RuntimeError("reset_adapters needs an idle engine (requests are running or waiting)")
+        if self.scheduler.has_work() or self.scoring:
+            raise RuntimeError("reset_adapters needs an idle engine (requests are running or waiting, or scoring)")
         self._set_pool(self.lora.clear(self.runner.state.lora))
         if adapter_loads is not None:
             self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..detokenizer import IncrementalDetokenizer
+from ..limits import SEED_BOUND
 from ..tokenizer import Tokenizer
 from .outputs import RequestHandle
 from .sampling import SamplingParams, sampling_row
@@ -121,7 +122,7 @@ class InputProcessor:
             )
         tok = self.tokenizer
         eos = frozenset(tok.eos_token_ids) if tok and not params.ignore_eos else frozenset()
-        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(SEED_BOUND))
         detok = None
         if tok is not None:
             detok = IncrementalDetokenizer(

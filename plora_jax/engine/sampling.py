@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..limits import (
+    INT32_MAX,
     MAX_PENALTY,
     MAX_REPETITION_PENALTY,
     MAX_STOP,
@@ -81,7 +82,7 @@ class SamplingParams:
         if not _integer(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be -1, 0 (disabled) or in [1, {MAX_TOP_K}], got {self.top_k!r}")
         if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < SEED_BOUND):
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+            raise ValueError(f"seed must be an integer in [0, {SEED_BOUND}), got {self.seed!r}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not _number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
@@ -104,7 +105,7 @@ class SamplingParams:
         ids = self.stop_token_ids
         if (
             isinstance(ids, (str, bytes))
-            or not all(_integer(t) and 0 <= t <= MAX_TOP_K for t in ids)
+            or not all(_integer(t) and 0 <= t <= INT32_MAX for t in ids)
             or len(ids) > MAX_STOP_TOKEN_IDS
         ):
             raise ValueError(

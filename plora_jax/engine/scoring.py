@@ -53,6 +53,7 @@ class Scoring:
             raise
         budget, max_segments = core.runner.buckets.prefill[-1], core.runner.buckets.max_segments
         self.steps = score_steps([len(ids) for ids in seqs], budget, max_segments)
+        core.scoring.add(self)  # an unload retires its probes' adapters, as it does running requests
 
     def run(self, step: list[tuple[int, int, int]], fn) -> list:
         """`fn(segments)` over one step's chunks; its results, one per chunk."""
@@ -63,6 +64,7 @@ class Scoring:
         return fn(segments)
 
     def close(self) -> None:
+        self.core.scoring.discard(self)
         allocator = self.core.scheduler.blocks
         for blocks in self.tables:
             allocator.free(blocks)

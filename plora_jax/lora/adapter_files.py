@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..limits import MAX_CONFIG_BYTES, MAX_SAFETENSORS_HEADER_BYTES
+from ..limits import MAX_CONFIG_BYTES, MAX_SAFETENSORS_HEADER_BYTES, MAX_TENSOR_DIMS
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,7 +38,12 @@ PICKLED_FILE = "adapter_model.bin"
 
 
 class AdapterError(ValueError):
-    """A LoRA adapter that cannot be served; the message names the file and field."""
+    """A LoRA adapter that cannot be served; the message names the file and field. `field`:
+    which argument of a registration is to blame, "path" (the folder and its files) or "name"."""
+
+    def __init__(self, message: str, field: str = "path"):
+        super().__init__(message)
+        self.field = field
 
 
 class AdapterRemoved(AdapterError):
@@ -62,10 +67,11 @@ class FileIdentity:
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int  # any rewrite in place changes it, even one that restores the size and mtime
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -95,12 +101,12 @@ class AdapterFolder:
         self._dir = self._weights = -1
         try:
             self._dir = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise AdapterError(f"{self.path}: adapter folder not found") from None
+        except FileNotFoundError:  # named by the folder's own name: never an absolute path
+            raise AdapterError(f"{self.label}: adapter folder not found") from None
         except NotADirectoryError:
-            raise AdapterError(f"{self.path}: not a folder") from None
+            raise AdapterError(f"{self.label}: not a folder") from None
         except OSError as e:
-            raise AdapterError(f"{self.path}: cannot be opened ({e.strerror})") from None
+            raise AdapterError(f"{self.label}: cannot be opened ({e.strerror})") from None
         try:
             folder_stat = os.fstat(self._dir)
             self.config, config_id = self._read_config()
@@ -210,7 +216,13 @@ def _tensor_info(spec, dtypes: dict, data_start: int, data_size: int) -> TensorI
         return None
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
     ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
-    if not ints(shape) or len(shape) > 8 or any(x < 0 for x in shape) or not ints(offsets) or len(offsets) != 2:
+    if (
+        not ints(shape)
+        or len(shape) > MAX_TENSOR_DIMS
+        or any(x < 0 for x in shape)
+        or not ints(offsets)
+        or len(offsets) != 2
+    ):
         return None
     begin, end = offsets
     dtype = dtypes[spec["dtype"]]

@@ -83,7 +83,7 @@ class LoraManager(Residency):
     def add(self, name: str, path: str | Path, read: bool = True) -> AdapterEntry:
         """`prepare` and `insert` in one call (on the owner thread)."""
         if name in self.entries:
-            raise AdapterError(f"adapter name {name!r} is already registered")
+            raise AdapterError(f"adapter name {name!r} is already registered", "name")
         return self.insert(*self.prepare(name, path, read))
 
     def scan(self, folder: str | Path) -> tuple[list[str], dict[str, str]]:

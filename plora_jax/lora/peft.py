@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from ..limits import MAX_LORA_ALPHA, MAX_LORA_WEIGHT, MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_PATTERNS
+from ..limits import MAX_LORA_ALPHA, MAX_LORA_WEIGHT, MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_PATTERNS, MAX_RANK
 from .adapter_files import (  # noqa: F401 (AdapterRemoved: re-exported)
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -50,7 +50,7 @@ from .adapter_files import (  # noqa: F401 (AdapterRemoved: re-exported)
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {m: ("self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp") for m in TARGET_MODULES}
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+    r"^(?:base_model\.model\.)?model\.layers\.(\d{1,6})\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA",
@@ -134,12 +134,15 @@ def _pattern_value(patterns: dict[tuple[str, bool], float], module_name: str, de
 
 
 def _finite_positive(value, bound: float) -> bool:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return number and math.isfinite(value) and 0 < value <= bound
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):  # compared exactly: float(10**400) would overflow
+        return 0 < value <= bound
+    return math.isfinite(value) and 0 < value <= bound
 
 
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 2**16
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_RANK
 
 
 def _flag(config: dict, name: str, where: str) -> bool:
@@ -298,8 +301,17 @@ def read_adapter(
     """Validate a PEFT adapter folder for `model_config` (projections limited to `modules`) from
     one opening of its files: its `AdapterInfo` from the config and tensor header, and with
     `weights` the adapter itself (only the planned tensors are read, then checked).
-    `expect`: the identity a registration recorded (a changed folder is refused)."""
-    path = Path(path)
+    `expect`: the identity a registration recorded (a changed folder is refused). Whatever is
+    wrong with the files is an `AdapterError`, never another exception."""
+    try:
+        return _read_adapter(name, Path(path), model_config, max_rank, modules, expect, weights)
+    except AdapterError:
+        raise
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:  # a file no check foresaw
+        raise AdapterError(f"{Path(path).name}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read_adapter(name: str, path: Path, model_config, max_rank: int, modules, expect, weights: bool):
     folder = AdapterFolder(path, expect)
     with folder:
         where = f"{folder.label}/{WEIGHTS_FILE}"

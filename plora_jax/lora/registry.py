@@ -55,7 +55,8 @@ def check_name(name) -> None:
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
         raise AdapterError(
             f"adapter name {shown} must be a string of 1 to {MAX_NAME_CHARS} characters without surrounding "
-            "spaces or control characters"
+            "spaces or control characters",
+            "name",
         )
 
 
@@ -114,7 +115,8 @@ class Registry:
         """An entry for an adapter of `rank` (the sizes follow from the settings)."""
         num_pages = cdiv(rank, self.page_rows)
         if num_pages > self.capacity_pages:
-            raise AdapterError(f"{path or name}: adapter needs {num_pages} pages, the pool holds {self.capacity_pages}")
+            where = Path(path).name if path is not None else name
+            raise AdapterError(f"{where}: adapter needs {num_pages} pages, the pool holds {self.capacity_pages}")
         occupied = self.max_pages if self.layout == "contiguous" else num_pages
         return AdapterEntry(
             name, path, rank, targets, num_pages, live_bytes, occupied * self.page_bytes, num_pages * self.page_bytes
@@ -149,9 +151,9 @@ class Registry:
     # --- the owner's ----------------------------------------------------------------------
     def insert(self, entry: AdapterEntry) -> None:
         if entry.name in self.entries:
-            raise AdapterError(f"adapter name {entry.name!r} is already registered")
+            raise AdapterError(f"adapter name {entry.name!r} is already registered", "name")
         if len(self.entries) >= MAX_ADAPTERS:
-            raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one engine holds")
+            raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one engine holds", "name")
         self.entries[entry.name] = entry
 
     def scan(self, folder: str | Path) -> tuple[list[AdapterEntry], dict[str, str]]:

@@ -143,7 +143,7 @@ class Predictive(Policy):
         with self._lock:
             counts, self._pending = self._pending, Counter()
             forgotten, self._forgotten = self._forgotten, set()
-        if forgotten and hasattr(self.forecaster, "forget"):
+        if forgotten:
             self.forecaster.forget(forgotten)
         start = time.perf_counter()
         try:

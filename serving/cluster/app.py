@@ -40,6 +40,7 @@ class ClusterConfig:
     adapter_dir: tuple[str, ...] = ()  # folders whose subfolders are adapters; load_lora_adapter paths must lie in one
     served_model_name: str = ""  # the base model's name in the API ("": the --model value)
     api_key: str | None = None  # if set, /v1 requires "Authorization: Bearer <key>"
+    admin_api_key: str | None = None  # if set, loading and unloading adapters requires this key (not --api-key)
     max_queue: int = 256  # requests in flight through the gateway beyond which new ones get 429
     routing: str = "plora"  # "plora": affinity router, forecaster, forecast autoscaling | "serve": Serve's defaults
     min_replicas: int = 0  # LoraEngine replicas kept up (0: scale to zero after keep_alive_s)
@@ -160,6 +161,7 @@ def build_application(config: ClusterConfig, engine_config: EngineConfig):
         config.api_key,
         config.max_queue,
         config.report_s,
+        config.admin_api_key,
     )
     return gateway
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from ray import serve
 from ray.serve import metrics as serve_metrics
 
+from plora_jax.limits import MAX_REPLICA_ADAPTERS
 from serving.metrics import RESIDENCY, engine_values, tier_counts
 
 UNUSABLE_QUEUE = 1_000_000  # the queue a replica that cannot serve reports (routers rank it last)
@@ -64,15 +65,17 @@ class LoraEngine:
         engine_options: dict,
         max_adapters: int = -1,
         forecaster_app: str | None = None,
-        max_registered: int = 4096,
+        max_registered: int = MAX_REPLICA_ADAPTERS,
     ):
         from plora_jax import Engine
 
         self.engine = Engine.from_pretrained(model, **engine_options)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.max_registered = max_registered
-        # Written on the replica's event loop only: adapter id -> folder, least recently requested first.
+        # Written on the replica's event loop only: adapter id -> folder, least recently requested
+        # first, and the requests of each id in flight here (an id with some is never evicted).
         self.paths: OrderedDict[str, str] = OrderedDict()
+        self.active: Counter = Counter()
 
         async def register(adapter: str) -> str:
             if not self.engine.has_adapter(adapter):
@@ -97,8 +100,12 @@ class LoraEngine:
             await self.register(adapter)
 
     def _evicted(self) -> list[str]:
-        """The least recently requested adapters past `max_registered`, dropped from `paths`."""
-        return [self.paths.popitem(last=False)[0] for _ in range(len(self.paths) - self.max_registered)]
+        """The least recently requested adapters past `max_registered` with no request in flight
+        here, dropped from `paths`."""
+        idle = [a for a in self.paths if not self.active[a]][: max(0, len(self.paths) - self.max_registered)]
+        for adapter in idle:
+            del self.paths[adapter]
+        return idle
 
     def check_health(self) -> None:
         """Serve's health check: raise unless the engine serves (warming up counts as serving)."""
@@ -108,13 +115,19 @@ class LoraEngine:
 
     async def generate(self, prompt_ids: list[int], params, adapter: str | None = None, path: str | None = None):
         """Stream the request's `StreamEvent`s; a cancelled stream cancels the request."""
-        await self._ensure(adapter, path)
-        handle = self.engine.submit(prompt_ids, params, adapter)
+        self.active[adapter] += 1
         try:
-            async for event in handle.events():
-                yield event
+            await self._ensure(adapter, path)
+            handle = self.engine.submit(prompt_ids, params, adapter)
+            try:
+                async for event in handle.events():
+                    yield event
+            finally:
+                handle.cancel()  # a no-op once finished; frees the KV blocks and pin of an abandoned one
         finally:
-            handle.cancel()  # a no-op once finished; frees the KV blocks and pin of an abandoned one
+            self.active[adapter] -= 1
+            if not self.active[adapter]:
+                del self.active[adapter]
 
     async def prefetch(self, adapter: str, path: str, spread: bool = False, keep: tuple[str, ...] = ()) -> dict:
         """Register `adapter` and start loading it onto the device, evicting none of `keep`

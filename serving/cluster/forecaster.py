@@ -217,7 +217,7 @@ class Forecaster:
         for name in idle:
             del self.rates[name]
             self.paths.pop(name, None)
-        if idle and hasattr(self.model, "forget"):
+        if idle:
             self.model.forget(idle)
 
     def _forget_stale(self) -> None:

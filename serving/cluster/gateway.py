@@ -36,14 +36,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 import weakref
 from collections import Counter
+from enum import Enum
 from pathlib import Path
 
 from plora_jax.config import EngineConfig
-from plora_jax.engine.inputs import InputProcessor
+from plora_jax.engine.inputs import InputProcessor, InvalidInput
 from plora_jax.engine.outputs import RequestFailed
 from plora_jax.limits import MAX_ADAPTERS
 from plora_jax.lora.peft import AdapterError, inspect_adapter, parse_target_modules
@@ -85,7 +87,10 @@ class AdapterCatalog:
 
     def __init__(self, model_config, max_rank: int, modules: tuple[str, ...]):
         self.model_config, self.max_rank, self.modules = model_config, max_rank, modules
+        # Replaced whole under the lock (loads and unloads run in worker threads); the event loop
+        # reads whichever dict is current, never one being changed.
         self.entries: dict[str, tuple[str, Path, int]] = {}
+        self._lock = threading.Lock()
 
     @property
     def names(self) -> frozenset[str]:
@@ -95,15 +100,16 @@ class AdapterCatalog:
         """Register `name` (its id the name itself for an adapter found at start, else unique)."""
         check_name(name)
         if "@" in name:
-            raise AdapterError(f"adapter name {name!r} may not hold '@' (it marks a version in adapter ids)")
-        if name in self.entries:
-            raise AdapterError(f"adapter name {name!r} is already registered")
-        if len(self.entries) >= MAX_ADAPTERS:
-            raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one gateway holds")
+            raise AdapterError(f"adapter name {name!r} may not hold '@' (it marks a version in adapter ids)", "name")
         path = Path(path).expanduser().resolve()
         info = inspect_adapter(path, self.model_config, self.max_rank, self.modules)
         adapter_id = name if at_start else f"{name}@{uuid.uuid4().hex[:12]}"
-        self.entries[name] = (adapter_id, path, info.rank)
+        with self._lock:  # checked where it is inserted: two loads of one name cannot both win
+            if name in self.entries:
+                raise AdapterError(f"adapter name {name!r} is already registered", "name")
+            if len(self.entries) >= MAX_ADAPTERS:
+                raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one gateway holds", "name")
+            self.entries = {**self.entries, name: (adapter_id, path, info.rank)}
         return self.describe(name)
 
     def add_dir(self, folder: str | Path, at_start: bool = False) -> dict:
@@ -121,12 +127,20 @@ class AdapterCatalog:
 
     def remove(self, name: str) -> str:
         """Unregister `name`; returns the id it had."""
-        if name not in self.entries:
-            raise ValueError(f"adapter {name!r} is not registered")
-        return self.entries.pop(name)[0]
+        with self._lock:
+            entries = dict(self.entries)
+            if name not in entries:
+                raise ValueError(f"adapter {name!r} is not registered")
+            adapter_id = entries.pop(name)[0]
+            self.entries = entries
+        return adapter_id
 
     def describe(self, name: str) -> dict:
-        adapter_id, path, rank = self.entries[name]
+        return self.describe_entry(name, self.entries[name])
+
+    @staticmethod
+    def describe_entry(name: str, entry: tuple[str, Path, int]) -> dict:
+        adapter_id, path, rank = entry
         # Residency is per replica (the routing stats); the catalog does not guess one.
         return {"name": name, "id": adapter_id, "path": str(path), "rank": rank, "residency": "cluster"}
 
@@ -228,7 +242,7 @@ class ClusterEngine:
             deployment = serve.status().applications[app_name].deployments["LoraEngine"]
         except Exception as e:  # the controller is out of reach: say so, do not guess
             return {"status": "failed", "engine": _FRONTS, "detail": f"cannot read the replicas' status: {e}"}
-        status = getattr(deployment.status, "value", str(deployment.status))
+        status = str(deployment.status.value if isinstance(deployment.status, Enum) else deployment.status)
         if status in ("UNHEALTHY", "DEPLOY_FAILED"):
             detail = f"LoraEngine is {status}: {deployment.message}"[:500]
             return {"status": "failed", "engine": _FRONTS, "detail": detail}
@@ -243,25 +257,30 @@ class ClusterEngine:
         return name in self.catalog.entries
 
     def adapters(self, timeout: float | None = None) -> list[dict]:
-        return [self.catalog.describe(n) for n in sorted(self.catalog.entries)]
+        entries = self.catalog.entries  # one version of the catalog
+        return [self.catalog.describe_entry(n, entries[n]) for n in sorted(entries)]
 
-    def add_adapter(self, name: str, path) -> dict:
+    def add_adapter(self, name: str, path, timeout: float | None = None) -> dict:
         return self.catalog.add(name, path)
 
     def add_adapter_dir(self, folder, at_start: bool = False) -> dict:
         return self.catalog.add_dir(folder, at_start)
 
     def remove_adapter(self, name: str, timeout: float | None = None) -> None:
-        self.paths.pop(self.catalog.remove(name), None)  # the forecaster stops pre-loading it
+        self.catalog.remove(name)  # in a worker thread: `paths` (the event loop's) is pruned at the next report
 
-    def prompt_logprobs(self, token_ids, adapter, temperature: float):
+    def prompt_logprobs(self, token_ids, adapter, temperature: float, cancel=None):
         raise NotImplementedError("the cluster gateway does not score prompts (echo with logprobs)")
 
-    def submit(self, prompt, params, adapter: str | None = None) -> ClusterRequest:
+    def submit(self, prompt, sampling_params, adapter: str | None = None) -> ClusterRequest:
+        params = sampling_params
         request = self.inputs.make_request(prompt, params, adapter)  # ValueError names the field
         adapter_id = path = None
         if adapter is not None:
-            adapter_id, folder, _ = self.catalog.entries[adapter]
+            entry = self.catalog.entries.get(adapter)  # unloaded since make_request checked: refused the same way
+            if entry is None:
+                raise InvalidInput("adapter", f"adapter={adapter!r}: no adapter with this name is registered")
+            adapter_id, folder, _ = entry
             path = str(folder)
         reporting = self.forecaster is not None  # what is reported is dropped at each report
         if reporting:
@@ -296,6 +315,8 @@ class ClusterEngine:
         """Send the arrivals since the last report; publish the hot set the forecaster returns."""
         arrivals, self.arrivals = self.arrivals, Counter()
         service, self.service_s = self.service_s, []
+        registered = {entry[0] for entry in self.catalog.entries.values()}
+        self.paths = {a: p for a, p in self.paths.items() if a in registered}  # unloaded ones: not pre-loaded
         try:
             hot = await self.forecaster.observe.remote(dict(arrivals), dict(self.paths), service)
         except Exception as e:  # the forecaster is down: routing goes on without the hot set
@@ -319,8 +340,10 @@ class Gateway:
         api_key: str | None = None,
         max_queue: int = 256,
         report_s: float = 1.0,
+        admin_api_key: str | None = None,
     ):
         from serving.app import ServerState
+        from serving.main import ServerConfig, served_name
 
         self.engine = ClusterEngine(engine, model, engine_options, forecaster, report_s)
         roots = []
@@ -329,7 +352,8 @@ class Gateway:
             for name, why in result["errors"].items():
                 log.warning("adapter %r refused: %s", name, why)
             roots.append(Path(folder).expanduser().resolve())
-        self.state = ServerState(self.engine, served_model_name or model, roots, api_key, max_queue)
+        name = served_name(ServerConfig(served_model_name=served_model_name), model)  # never an absolute path
+        self.state = ServerState(self.engine, name, roots, api_key, max_queue, admin_api_key=admin_api_key)
 
     def __serve_build_asgi_app__(self):
         from serving.app import build_app

@@ -43,8 +43,15 @@ _F32 = jnp.float32
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping, k_transposed: bool = False):
-    """Write k, v [tokens, num_kv_heads, head_dim] at flat slots `block * block_size + offset`."""
+    """Write k, v [tokens, num_kv_heads, head_dim] at flat slots `block * block_size + offset`.
+
+    Non-finite entries are written as 0: the cache only ever holds finite values, so a kernel
+    that multiplies a masked position's zero probability by its value (jax's GPU and TPU
+    paged-attention kernels read whole pages, stale tails included) gets 0, never NaN. A row
+    whose own K/V overflowed is garbage either way; what this protects is every other row."""
     block_size = v_cache.shape[2]
+    k = jnp.where(jnp.isfinite(k), k, jnp.zeros((), k.dtype))
+    v = jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype))
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     # Index (block, offset) of the 4-D cache rather than a flat slot axis: reshaping a donated
     # buffer makes XLA:CPU copy the whole cache for a one-token write; this form is in place.
