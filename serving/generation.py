@@ -125,14 +125,15 @@ class ClientGone(Exception):
 
 def request_failed(e: RequestFailed) -> ApiError:
     """A request the engine failed: 404 if its adapter was removed before it ran; 500 with the
-    adapter's own error (its files named by folder name) if it could not be loaded; else 500
-    naming only the kind of failure (an engine's internal error may name its files)."""
+    adapter's own error (its files named by folder name) if it could not be loaded, or with the
+    failure's own message when nothing caused it (a gateway's words); else 500 naming only the
+    kind of failure (an engine's internal error may name its files)."""
     cause = e.__cause__
     if isinstance(cause, AdapterRemoved):
         return ApiError(404, str(e), "model", "model_not_found")
-    if isinstance(cause, AdapterError):
+    if cause is None or isinstance(cause, AdapterError):  # our own words (a gateway's), or an adapter's
         return ApiError(500, str(e))
-    return ApiError(500, f"the engine failed the request ({type(cause).__name__ if cause else 'unknown'})")
+    return ApiError(500, f"the engine failed the request ({type(cause).__name__})")
 
 
 async def first(work: Awaitable, request: Request):

@@ -147,3 +147,16 @@ def write_peft_adapter(path: Path, config: ModelConfig, rank: int, targets=("q_p
     from plora_jax.lora.peft import save_random_adapter
 
     return save_random_adapter(path, config, rank, targets, **kwargs)
+
+
+def tiny_lora_engine(config: ModelConfig, **overrides):
+    """A tiny random-weight LoRA engine driven on the test thread (start=False: `generate`
+    steps it itself); `overrides` are EngineConfig fields."""
+    import jax.numpy as jnp
+
+    from plora_jax import Engine
+    from plora_jax.models.llama import init_params
+
+    params = init_params(config, jnp.float32, seed=3, scale=0.2)
+    options = dict(warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40, start=False)
+    return Engine.from_params(config, params, **(options | overrides))

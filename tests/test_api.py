@@ -423,7 +423,7 @@ bodies = st.dictionaries(
 ADMIN_FIELDS = st.dictionaries(st.sampled_from(["lora_name", "lora_path"]), values, max_size=3)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     body=bodies | ADMIN_FIELDS | values,  # not always a JSON object
     path=st.sampled_from(

@@ -40,7 +40,7 @@ def test_the_soak_runs_a_live_server_and_counts_every_stream(tmp_path):
     from benchmarks import soak
 
     out = tmp_path / "soak.json"
-    argv = ["--minutes", "0.3", "--clients", "4", "--swap-every-s", "3", "--max-num-seqs", "4"]
+    argv = ["--minutes", "0.2", "--clients", "4", "--swap-every-s", "3", "--max-num-seqs", "4"]
     result = soak.main([*argv, "--max-model-len", "256", "--max-tokens", "8", "--json", str(out)])
     assert json.loads(out.read_text())["requests"] == result["requests"] > 0
     counts = result["counts"]

@@ -88,6 +88,7 @@ def cluster(tmp_path_factory):
         forecast_interval_s=3600.0,  # the tests run the forecaster's intervals themselves (step)
         report_s=3600.0,
         routing_stats_period_s=0.5,
+        health_check_period_s=1.0,  # a replica whose engine died is replaced within seconds
     )
     started = time.perf_counter()
     main = ClusterConfig(min_replicas=2, max_replicas=2, initial_replicas=2, spread_queue=2, **common)
@@ -370,7 +371,7 @@ def test_the_gateway_health_reflects_the_replicas(cluster, monkeypatch):
     assert httpx.get(cluster.url + "/health", timeout=30).json()["status"] == "ok"
     gateway_engine = ClusterEngine(None, cluster.model, {"cache_dir": cluster.cache_dir}, app_name="plora")
     assert gateway_engine.replica_health()["status"] == "ok"  # the live controller
-    unhealthy = NS(status=NS(value="UNHEALTHY"), message="replica failed its health check")
+    unhealthy = NS(status="UNHEALTHY", message="replica failed its health check")  # Serve's status is a str enum
     monkeypatch.setattr(serve, "status", lambda: NS(applications={"plora": NS(deployments={"LoraEngine": unhealthy})}))
     health = gateway_engine.replica_health()
     assert health["status"] == "failed" and "health check" in health["detail"]

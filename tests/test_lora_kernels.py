@@ -135,21 +135,22 @@ def test_kernels_match_reference_bf16(impl):
     np.testing.assert_allclose(np.asarray(f32(out)), np.asarray(ref), atol=1e-2 * scale, rtol=1e-2)
 
 
+def interpret_kernels(impl: str, monkeypatch) -> None:
+    """Run `impl`'s Pallas kernels (Triton or Mosaic) in interpret mode on this CPU."""
+    import functools
+
+    module = {"pallas_gpu": lora_gpu, "pallas_tpu": lora_tpu}.get(impl)
+    if module is not None:
+        monkeypatch.setattr(module, "shrink", functools.partial(module.shrink, interpret=True))
+        monkeypatch.setattr(module, "expand", functools.partial(module.expand, interpret=True))
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
 def test_model_entry_points_decode_rows_and_packed_groups(impl, monkeypatch):
     """`lora_rows` (decode) and `lora_groups` (packed prefill) as the model calls them:
     feature-major x [in, tokens], two projections sharing the input, tokens of several adapters
     in one packed row (and of none); each equals the reference per token."""
-    if impl == "pallas_gpu":  # interpret the Triton kernels on this CPU
-        import functools
-
-        monkeypatch.setattr(lora_gpu, "shrink", functools.partial(lora_gpu.shrink, interpret=True))
-        monkeypatch.setattr(lora_gpu, "expand", functools.partial(lora_gpu.expand, interpret=True))
-    if impl == "pallas_tpu":
-        import functools
-
-        monkeypatch.setattr(lora_tpu, "shrink", functools.partial(lora_tpu.shrink, interpret=True))
-        monkeypatch.setattr(lora_tpu, "expand", functools.partial(lora_tpu.expand, interpret=True))
+    interpret_kernels(impl, monkeypatch)
     pool_a, pool_b, table, counts, _ = build_pool(8, np.float32)
     pool_b2 = pool_b[..., ::-1].copy()  # a second projection: other B rows, same pages
     rng = np.random.default_rng(5)
@@ -179,14 +180,7 @@ def test_an_adapter_with_non_finite_pages_changes_no_other_token(impl, monkeypat
     """Adapter 6's pages hold Inf and NaN (weights gone wrong on the device): in a packed
     prefill and in decode rows, every token of another adapter, or of none, gets exactly what it
     gets when adapter 6 is clean (a zeroed input times an Inf page would be NaN)."""
-    import functools
-
-    if impl == "pallas_gpu":
-        monkeypatch.setattr(lora_gpu, "shrink", functools.partial(lora_gpu.shrink, interpret=True))
-        monkeypatch.setattr(lora_gpu, "expand", functools.partial(lora_gpu.expand, interpret=True))
-    if impl == "pallas_tpu":
-        monkeypatch.setattr(lora_tpu, "shrink", functools.partial(lora_tpu.shrink, interpret=True))
-        monkeypatch.setattr(lora_tpu, "expand", functools.partial(lora_tpu.expand, interpret=True))
+    interpret_kernels(impl, monkeypatch)
     pool_a, pool_b, table, counts, _ = build_pool(8, np.float32)
     rng = np.random.default_rng(5)
     token_slot = np.array([3, 3, 3, 0, 0, 6, 6, 1, 3, 0], np.int32)

@@ -7,19 +7,17 @@ import logging
 import shutil
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import write_peft_adapter
+from helpers import tiny_lora_engine, write_peft_adapter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plora_jax import Engine, SamplingParams
+from plora_jax import SamplingParams
 from plora_jax.config import EngineConfig, tiny
 from plora_jax.engine.outputs import RequestFailed
 from plora_jax.lora.manager import LoraManager
 from plora_jax.lora.peft import AdapterError
-from plora_jax.models.llama import init_params
 from plora_jax.policies import Decision, Oracle, Predictive
 
 CFG = tiny()
@@ -28,10 +26,7 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0)
 
 
 def make_engine(**overrides):
-    """A tiny LoRA engine driven on the test thread (start=False): `generate` steps it itself."""
-    params = init_params(CFG, jnp.float32, seed=3, scale=0.2)
-    options = dict(warmup=False, max_model_len=512, max_num_seqs=4, num_kv_blocks=80, lora_pool_pages=40, start=False)
-    return Engine.from_params(CFG, params, **(options | overrides))
+    return tiny_lora_engine(CFG, **overrides)
 
 
 @pytest.fixture

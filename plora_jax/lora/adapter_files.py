@@ -92,10 +92,12 @@ class TensorInfo:
 
 
 class AdapterFolder:
-    """An open adapter folder (a context manager): `config`, `tensors` (the weights' header) and
-    `read(name)`. `expect`: the identity a registration recorded, which the files must still have."""
+    """An open adapter folder (a context manager): `config` at once, then `open_weights` for
+    `tensors` (the weights' header) and `read(name)`, so a bad config is named before a missing
+    or broken weights file. `open_weights(expect)`: the identity a registration recorded, which
+    the files must still have."""
 
-    def __init__(self, path: str | Path, expect: FolderIdentity | None = None):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         self.label = self.path.name or str(self.path)
         self._dir = self._weights = -1
@@ -108,18 +110,20 @@ class AdapterFolder:
         except OSError as e:
             raise AdapterError(f"{self.label}: cannot be opened ({e.strerror})") from None
         try:
-            folder_stat = os.fstat(self._dir)
-            self.config, config_id = self._read_config()
-            self._weights, weights_id = self._open(WEIGHTS_FILE, missing=self._missing_weights)
-            self.identity = FolderIdentity((folder_stat.st_dev, folder_stat.st_ino), config_id, weights_id)
-            if expect is not None and expect != self.identity:
-                raise AdapterError(
-                    f"{self.label}: the folder changed since the adapter was registered; register it again"
-                )
-            self.tensors = self._header(weights_id.size)
+            self._folder_id = (lambda st: (st.st_dev, st.st_ino))(os.fstat(self._dir))
+            self.config, self._config_id = self._read_config()
         except BaseException:
             self.close()
             raise
+
+    def open_weights(self, expect: FolderIdentity | None = None) -> None:
+        """Open the safetensors file and parse its header (`tensors`); `identity` is then what
+        was read. A folder whose identity is not `expect` is refused."""
+        self._weights, weights_id = self._open(WEIGHTS_FILE, missing=self._missing_weights)
+        self.identity = FolderIdentity(self._folder_id, self._config_id, weights_id)
+        if expect is not None and expect != self.identity:
+            raise AdapterError(f"{self.label}: the folder changed since the adapter was registered; register it again")
+        self.tensors = self._header(weights_id.size)
 
     # --- files --------------------------------------------------------------------------------
     def _open(self, name: str, missing=None) -> tuple[int, FileIdentity]:

@@ -312,10 +312,10 @@ def read_adapter(
 
 
 def _read_adapter(name: str, path: Path, model_config, max_rank: int, modules, expect, weights: bool):
-    folder = AdapterFolder(path, expect)
-    with folder:
+    with AdapterFolder(path) as folder:
         where = f"{folder.label}/{WEIGHTS_FILE}"
         config = check_config(folder.config, f"{folder.label}/{CONFIG_FILE}")
+        folder.open_weights(expect)
         plan = _plan(where, config, {k: t.shape for k, t in folder.tensors.items()}, model_config, max_rank, modules)
         dims = module_dims(model_config)
         info = AdapterInfo(

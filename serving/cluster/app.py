@@ -41,6 +41,9 @@ class ClusterConfig:
     served_model_name: str = ""  # the base model's name in the API ("": the --model value)
     api_key: str | None = None  # if set, /v1 requires "Authorization: Bearer <key>"
     admin_api_key: str | None = None  # if set, loading and unloading adapters requires this key (not --api-key)
+    health_check_period_s: float = (
+        10.0  # how often Serve calls each LoraEngine's check_health (a dead engine: replaced)
+    )
     max_queue: int = 256  # requests in flight through the gateway beyond which new ones get 429
     routing: str = "plora"  # "plora": affinity router, forecaster, forecast autoscaling | "serve": Serve's defaults
     min_replicas: int = 0  # LoraEngine replicas kept up (0: scale to zero after keep_alive_s)
@@ -128,6 +131,7 @@ def build_application(config: ClusterConfig, engine_config: EngineConfig):
         autoscaling_config=AutoscalingConfig(**autoscaling),
         request_router_config=RequestRouterConfig(**router),
         ray_actor_options=actor,
+        health_check_period_s=config.health_check_period_s,
     ).bind(engine_config.model, options, config.max_adapters_per_replica, config.app_name if plora else None)
     forecaster = None
     if plora:

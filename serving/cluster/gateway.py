@@ -168,8 +168,9 @@ class ClusterRequest:
         except RequestFailed:
             raise
         except Exception as e:  # the replica died, or the engine failed the request there
-            cause = getattr(e, "cause", None) or e  # a RayTaskError carries the replica's own exception
-            raise RequestFailed(f"the engine replica failed the request: {type(cause).__name__}: {cause}") from None
+            log.warning("a replica failed a request: %s", e)
+            # The kind only: the replica's own message may name its files (the log has it).
+            raise RequestFailed(f"the engine replica failed the request ({type(e).__name__})") from None
         finally:
             self.on_end(self.finished)
         if not self.finished:
