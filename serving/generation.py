@@ -213,7 +213,7 @@ class Generation:
         max_queue = self.max_queue_of()
         if len(choices) > max(1, max_queue):  # could never be admitted (one choice always may be, later)
             message = f"{len(choices)} choices (prompts x n) are more than the queue holds ({max_queue})"
-            raise ApiError(400, message, "n")
+            raise ApiError(400, message, "prompt" if len(req.prompts) > max(1, max_queue) else "n")
         check_logprob_budget(req, per_prompt)
         ticket = self.admission.admit(len(choices))
         try:

@@ -136,6 +136,8 @@ def ensure(cache_dir: Path) -> bool:
         try:
             path = build(cache_dir)
             library = ctypes.cdll.LoadLibrary(str(path))
+            if not path.is_relative_to(cache_dir):  # built in a private temporary folder: loaded, so gone
+                shutil.rmtree(path.parent, ignore_errors=True)
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PloraPagedDecode), platform="cpu")
             _state.update(ok=True, path=path, library=library)
         except Exception as e:  # a missing compiler or a failed build: the XLA path serves instead
