@@ -339,6 +339,7 @@ def test_an_adapter_unloaded_while_a_prompt_is_scored_leaves_no_pin(tmp_path):
         engine.close()
 
 
+@pytest.mark.slow  # a real engine behind the whole app, compiled
 def test_adapter_failures_over_http_are_400_or_500_and_never_show_a_path(tmp_path):
     """Through the real app and engine: malformed, poisoned, escaping and vanished adapters, and
     a dead engine, each answered with OpenAI's error JSON (400 naming lora_path for a bad
