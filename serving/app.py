@@ -25,6 +25,7 @@ folder it lies in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -88,7 +89,12 @@ class ServerState:
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="P-LoRA", version="0.1.0", separate_input_output_schemas=False)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        generate.close()
+
+    app = FastAPI(title="P-LoRA", version="0.1.0", separate_input_output_schemas=False, lifespan=lifespan)
     app.openapi = with_chunk_schemas(app)
     app.add_middleware(RequestGate, key_for=state.key_for, limit_of=lambda: state.max_body_bytes)
     engine = state.engine

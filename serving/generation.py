@@ -21,6 +21,7 @@ engine requests are cancelled and its admission released, once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -185,6 +186,15 @@ class Generation:
         # 429 past MAX_TOKENIZING), not in front of admitted requests' answers.
         self.tokenizer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plora-tokenize")
         self.tokenizing = 0  # requests in or waiting for the pool (event loop only)
+        # Echo scoring waits on the engine for minutes at a time (one prompt at a time across the
+        # server: the engine scores one session at once); its own thread keeps the shared pool
+        # (answers, /v1/models, loads) free.
+        self.scoring_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plora-echo")
+
+    def close(self) -> None:
+        """Stop the pools' threads (the app's shutdown)."""
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.scoring_pool.shutdown(wait=False, cancel_futures=True)
 
     async def __call__(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
         endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
@@ -277,12 +287,10 @@ class Generation:
             echo = EchoedPrompt(text, list(ids))
             if req.params.logprobs:
                 cancel = threading.Event()
-                scoring = asyncio.to_thread(self.engine.prompt_logprobs, ids, req.adapter, temperature, cancel)
+                score = functools.partial(self.engine.prompt_logprobs, ids, req.adapter, temperature, cancel)
+                scoring = asyncio.get_running_loop().run_in_executor(self.scoring_pool, score)
                 try:
                     scored = await first(scoring, request)
-                except ClientGone:
-                    cancel.set()
-                    raise
                 except NotImplementedError:
                     message = "'echo' with logprobs is not supported by this server's engine"
                     raise ApiError(400, message, "echo") from None
@@ -290,6 +298,10 @@ class Generation:
                     raise ApiError(400, str(e), _param(e.field, req.chat)) from None
                 except AdapterRemoved as e:
                     raise ApiError(404, str(e), "model", "model_not_found") from None
+                except AdapterError as e:  # its load failed: as a generation request is answered
+                    raise ApiError(500, str(e)) from None
+                finally:
+                    cancel.set()  # however this ends (left, shut down, failed), the engine stops scoring
                 echo.logprobs, echo.top_logprobs = echo_logprobs(scored, req.params.top_logprobs)
             echoed.append(echo)
         return echoed

@@ -91,7 +91,9 @@ def served_name(config: ServerConfig, model: str) -> str:
     """The base model's name in the API: never an absolute path (a path's file or folder name)."""
     if config.served_model_name:
         return config.served_model_name
-    return Path(model).name if Path(model).expanduser().exists() else model
+    path = Path(model).expanduser()
+    # A path (here, or on another node of a cluster) is shown by its last part; a name as it is.
+    return path.name if path.exists() or path.is_absolute() or "/" in model or "\\" in model else model
 
 
 def _exit_when_dead(engine, server, log: logging.Logger, failed: list) -> None:

@@ -42,8 +42,11 @@ def make(auto: bool = True, **state):
 
 
 @pytest.fixture
-def api():
-    engine, server, app = make()
+def api(tmp_path):
+    root = tmp_path / "adapters"  # one adapter folder the load endpoint may use
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "adapter_config.json").write_text("{}")
+    engine, server, app = make(adapter_roots=[root.resolve()])
     with TestClient(app) as client:
         yield engine, server, client
 
@@ -328,8 +331,9 @@ def test_engine_failures_are_openai_json(api, monkeypatch):
         raise KeyError("a bug")
 
     monkeypatch.setattr(engine, "submit", exploding)
-    with TestClient(client.app, raise_server_exceptions=False) as quiet:  # as uvicorn: answered, then logged
-        assert_error(complete(quiet), 500, None)
+    # As uvicorn: answered, then logged. Not entered: its shutdown would close the app's pools.
+    quiet = TestClient(client.app, raise_server_exceptions=False)
+    assert_error(complete(quiet), 500, None)
     monkeypatch.setattr(engine, "submit", lambda *_: (_ for _ in ()).throw(EngineBusy("no room")))
     assert_error(complete(client), 503, None)
 
@@ -420,7 +424,13 @@ bodies = st.dictionaries(
 )
 
 
-ADMIN_FIELDS = st.dictionaries(st.sampled_from(["lora_name", "lora_path"]), values, max_size=3)
+ADMIN_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "lora_name": st.one_of(values, st.text(max_size=300)),
+        "lora_path": st.one_of(values, st.sampled_from(["ROOT/a", "ROOT", "ROOT/../elsewhere", "ROOT/a/../a"])),
+    },
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -435,7 +445,9 @@ def test_random_bodies_never_get_a_server_error(api, body, path):
     bodies that are not objects, on every POST endpoint: never a 5xx; every refusal is OpenAI's
     error JSON, naming a field when the body is a JSON object (there is always one to blame,
     except a full queue or an adapter folder that is missing)."""
-    engine, _, client = api
+    engine, server, client = api
+    if isinstance(body, dict) and isinstance(body.get("lora_path"), str):  # paths under the configured folder
+        body = {**body, "lora_path": body["lora_path"].replace("ROOT", str(server.adapter_roots[0]))}
     raw = json.dumps(body, allow_nan=True)  # Python's json writes NaN/Infinity: a client might too
     r = client.post(path, content=raw, headers={"content-type": "application/json"})
     assert r.status_code < 500, (body, r.text)
@@ -466,7 +478,10 @@ def test_an_echo_whose_client_leaves_stops_scoring():
         await until(lambda: engine.scoring_cancelled == 1)
         assert app.state.admission.in_flight == 0
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        engine.hold_scoring.set()  # never leave the scoring thread blocked
 
 
 def test_tokenization_past_its_queue_gets_429():
@@ -493,4 +508,7 @@ def test_tokenization_past_its_queue_gets_429():
             release.set()
             assert [(await c).status_code for c in calls] == [200] * MAX_TOKENIZING
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()  # never leave the tokenizing threads blocked

@@ -400,3 +400,66 @@ def test_adapter_failures_over_http_are_400_or_500_and_never_show_a_path(tmp_pat
         engine.close()
     for text in answers:
         assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text, text
+
+
+def test_a_cancelled_echo_stops_between_chunks_and_returns_everything(tmp_path):
+    """prompt_logprobs with its cancel event set after the first chunk: it returns None at the
+    next chunk boundary, and the session's KV blocks and adapter pin are back."""
+    engine = make_engine(policy="lru", max_num_batched_tokens=64)
+    try:
+        engine.add_adapter("a", write_peft_adapter(tmp_path / "a", CFG, 8))
+        cancel, chunks = threading.Event(), []
+        call = engine.core.call
+
+        def counting(fn, timeout=None):
+            result = call(fn, timeout)
+            if isinstance(result, list):  # a chunk's logprobs: the client leaves after the first
+                chunks.append(result)
+                cancel.set()
+            return result
+
+        engine.core.call = counting
+        ids = [int(t) for t in np.random.default_rng(2).integers(1, CFG.vocab_size, 150)]  # 3 chunks of 64
+        assert engine.prompt_logprobs(ids, "a", 0.0, cancel) is None
+        assert len(chunks) == 1
+        stats = engine.stats(fresh=True)
+        assert stats["kv_blocks_used"] == 0 and stats["adapters_pinned"] == 0 and not engine.core.scoring
+    finally:
+        engine.close()
+
+
+def test_concurrent_echoes_score_one_at_a_time():
+    """Two prompt_logprobs calls at once (the loop on its own thread): each gets its own correct
+    answer, and never more than one scoring session holds KV blocks at once."""
+    from plora_jax.engine import scoring
+
+    engine = make_engine(policy="lru", max_num_batched_tokens=64, start=True, max_loras=0)
+    try:
+        rng = np.random.default_rng(3)
+        prompts = [[int(t) for t in rng.integers(1, CFG.vocab_size, 150)] for _ in range(2)]
+        alone = [engine.prompt_logprobs(p).chosen for p in prompts]
+        most, opened = [0], scoring.Scoring.__init__
+
+        def tracking(self, core, *args):
+            opened(self, core, *args)
+            most[0] = max(most[0], len(core.scoring))
+
+        scoring.Scoring.__init__ = tracking
+        try:
+            results = [None, None]
+            threads = [
+                threading.Thread(target=lambda i=i: results.__setitem__(i, engine.prompt_logprobs(prompts[i])))
+                for i in range(2)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+        finally:
+            scoring.Scoring.__init__ = opened
+        assert most[0] == 1
+        for got, want in zip(results, alone, strict=True):
+            np.testing.assert_allclose(got.chosen, want, atol=1e-5)
+        assert engine.stats(fresh=True)["kv_blocks_used"] == 0
+    finally:
+        engine.close()

@@ -158,6 +158,7 @@ class Engine:
         self.core = EngineCore(config, self._runner, self._inputs, lora, policy)
         self._warmer: threading.Thread | None = None
         self._closed = False
+        self._scoring_lock = threading.Lock()  # one prompt_logprobs session at a time (they hold KV blocks)
         _open_engines.add(self)
         plan = self._runner.plan
         if config.warmup:
@@ -378,6 +379,18 @@ class Engine:
         ids = self._inputs.score_input(token_ids, adapter, "token_ids", "adapter")
         if len(ids) < 2:
             return Logprobs(*(np.zeros((0, *shape), dtype) for shape, dtype in _EMPTY_LOGPROBS))
+        # One session at a time: it holds its blocks and pin from its first chunk to its last,
+        # outside the scheduler, so two long ones could starve the cache. The wait stops if the
+        # caller cancels.
+        while not self._scoring_lock.acquire(timeout=0.2):
+            if cancel is not None and cancel.is_set():
+                return None
+        try:
+            return self._score_prompt(ids, adapter, float(temperature), cancel)
+        finally:
+            self._scoring_lock.release()
+
+    def _score_prompt(self, ids: list[int], adapter: str | None, temperature: float, cancel) -> Logprobs | None:
         # One loop call per step (at most max_num_batched_tokens tokens): requests being served
         # take their steps in between, as they do beside a chunked prefill.
         session = self.core.call(lambda: scoring.Scoring(self.core, [ids], [adapter]))
@@ -386,7 +399,7 @@ class Engine:
             for step in session.steps:
                 if cancel is not None and cancel.is_set():
                     return None
-                run = lambda step=step: scoring.logprobs_step(self.core, session, step, float(temperature))
+                run = lambda step=step: scoring.logprobs_step(self.core, session, step, temperature)
                 parts += self.core.call(run)
         finally:
             with contextlib.suppress(EngineDead):  # a dead engine holds nothing any more

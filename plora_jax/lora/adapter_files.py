@@ -8,7 +8,8 @@ opened once per read: the config and the safetensors header are parsed from the 
 the weights are then read from.
 
 What a registration saw is kept as a `FolderIdentity` (device and inode of the folder and of
-both files, their sizes and modification times). A later read (the transfer thread loading the
+both files, their sizes, modification and change times: a rewrite in place that restores the
+size and modification time still changes the change time). A later read (the transfer thread loading the
 adapter again after its host copy was dropped) opens the folder again and refuses it if any of
 those changed, so a folder swapped after its check is never read as the registered adapter.
 
@@ -185,7 +186,7 @@ class AdapterFolder:
         for name, spec in header.items():
             info = _tensor_info(spec, dtypes, 8 + length, data_size)
             if info is None:
-                raise AdapterError(f"{where}: cannot be read (tensor {name!r} has an invalid entry)")
+                raise AdapterError(f"{where}: cannot be read (tensor {shown(name)} has an invalid entry)")
             tensors[name] = info
             end = max(end, info.start + info.nbytes - 8 - length)
         if end != data_size:
@@ -211,6 +212,13 @@ class AdapterFolder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def shown(value) -> str:
+    """A value as a message shows it: its repr, cut to 80 characters (a file's field or a
+    header's key can be a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _tensor_info(spec, dtypes: dict, data_start: int, data_size: int) -> TensorInfo | None:

@@ -44,6 +44,7 @@ from .adapter_files import (  # noqa: F401 (AdapterRemoved: re-exported)
     AdapterFolder,
     AdapterRemoved,
     FolderIdentity,
+    shown,
 )
 
 # Projection name -> (where it lives, index into the layer's projections).
@@ -125,13 +126,6 @@ def _pattern_suffix(key: str, where: str, field_name: str) -> tuple[str, bool]:
     return match[1].replace("\\.", "."), key.startswith("^")
 
 
-def _shown(value) -> str:
-    """A value as a message shows it: its repr, cut to 80 characters (a file's field can be a
-    megabyte)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _pattern_value(patterns: dict[tuple[str, bool], float], module_name: str, default):
     """The value of the first key that matches `module_name` (PEFT's order: the config's)."""
     for (suffix, anchored), value in patterns.items():
@@ -155,7 +149,7 @@ def _positive_int(value) -> bool:
 def _flag(config: dict, name: str, where: str) -> bool:
     value = config.get(name)
     if value is not None and not isinstance(value, bool):
-        raise AdapterError(f"{where}: field {name}={_shown(value)} must be true or false")
+        raise AdapterError(f"{where}: field {name}={shown(value)} must be true or false")
     return bool(value)
 
 
@@ -169,7 +163,7 @@ def _patterns(config: dict, name: str, where: str, valid, what: str) -> dict[tup
     for key, value in raw.items():
         suffix = _pattern_suffix(key, where, name)
         if not valid(value):
-            raise AdapterError(f"{where}: field {name}[{_shown(key)}]={_shown(value)} must be {what}")
+            raise AdapterError(f"{where}: field {name}[{shown(key)}]={shown(value)} must be {what}")
         out.setdefault(suffix, value)
     return out
 
@@ -182,22 +176,22 @@ def check_config(config, where: str) -> dict:
         raise AdapterError(f"{where}: expected a JSON object")
     peft_type = config.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
-        raise AdapterError(f"{where}: field peft_type={_shown(peft_type)} is not supported (only LORA)")
+        raise AdapterError(f"{where}: field peft_type={shown(peft_type)} is not supported (only LORA)")
     for flag, variant in _UNSUPPORTED_FLAGS.items():
         if _flag(config, flag, where):
             raise AdapterError(f"{where}: field {flag}=true ({variant}) is not supported, only plain LoRA")
     if _flag(config, "fan_in_fan_out", where):
         raise AdapterError(f"{where}: field fan_in_fan_out=true is not supported for Llama projections")
     if config.get("bias", "none") not in ("none", None):
-        raise AdapterError(f"{where}: field bias={_shown(config['bias'])} is not supported (only 'none')")
+        raise AdapterError(f"{where}: field bias={shown(config['bias'])} is not supported (only 'none')")
     if config.get("modules_to_save"):
-        raise AdapterError(f"{where}: field modules_to_save={_shown(config['modules_to_save'])} is not supported")
+        raise AdapterError(f"{where}: field modules_to_save={shown(config['modules_to_save'])} is not supported")
     _check_targets(config.get("target_modules"), where)
     if "r" in config and not _positive_int(config["r"]):
-        raise AdapterError(f"{where}: field r={_shown(config['r'])} must be a positive integer")
+        raise AdapterError(f"{where}: field r={shown(config['r'])} must be a positive integer")
     if "lora_alpha" in config and not _finite_positive(config["lora_alpha"], MAX_LORA_ALPHA):
         alpha = config["lora_alpha"]
-        raise AdapterError(f"{where}: field lora_alpha={_shown(alpha)} must be a number in (0, {MAX_LORA_ALPHA}]")
+        raise AdapterError(f"{where}: field lora_alpha={shown(alpha)} must be a number in (0, {MAX_LORA_ALPHA}]")
     _flag(config, "use_rslora", where)
     alpha_ok = lambda v: _finite_positive(v, MAX_LORA_ALPHA)
     return {
@@ -246,22 +240,22 @@ def _plan(
         match = _KEY.match(key)
         if match is None:
             raise AdapterError(
-                f"{weights_file}: tensor {_shown(key)} is not a LoRA A/B weight of a supported projection"
+                f"{weights_file}: tensor {shown(key)} is not a LoRA A/B weight of a supported projection"
             )
         layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
         if module not in dims or _PARENT[module] != parent:
             raise AdapterError(
-                f"{weights_file}: tensor {_shown(key)} targets {parent}.{module}, not supported; "
+                f"{weights_file}: tensor {shown(key)} targets {parent}.{module}, not supported; "
                 f"supported: {list(TARGET_MODULES)}"
             )
         if module not in modules:
             raise AdapterError(
-                f"{weights_file}: tensor {_shown(key)} targets {module}, which this engine's lora_target_modules "
+                f"{weights_file}: tensor {shown(key)} targets {module}, which this engine's lora_target_modules "
                 f"({','.join(modules)}) leaves out"
             )
         if layer >= model_config.num_layers:
             raise AdapterError(
-                f"{weights_file}: tensor {_shown(key)} is for layer {layer}, the model has {model_config.num_layers}"
+                f"{weights_file}: tensor {shown(key)} is for layer {layer}, the model has {model_config.num_layers}"
             )
         parts.setdefault((layer, module), {})[which] = key
     if not parts:

@@ -143,10 +143,10 @@ class Predictive(Policy):
         with self._lock:
             counts, self._pending = self._pending, Counter()
             forgotten, self._forgotten = self._forgotten, set()
-        if forgotten:
-            self.forecaster.forget(forgotten)
         start = time.perf_counter()
         try:
+            if forgotten:
+                self.forecaster.forget(forgotten)
             self.forecaster.update(counts)
             scores = self.forecaster.predict()
         except Exception as e:

@@ -85,6 +85,7 @@ class LoraEngine:
                 await asyncio.to_thread(self.engine.add_adapter, adapter, self.paths[adapter])
             return adapter
 
+        self._register = register
         # Wired at init so the cap is configuration (Serve detects multiplexing on the instance).
         self.register = serve.multiplexed(max_num_models_per_replica=max_adapters)(register)
         self.gauges = ReplicaGauges(self.engine.stats())
@@ -98,6 +99,8 @@ class LoraEngine:
             self.paths.setdefault(adapter, path)
             self.paths.move_to_end(adapter)
             await self.register(adapter)
+            if not self.engine.has_adapter(adapter):  # evicted here while Serve's cache still lists it
+                await self._register(adapter)
 
     def _evicted(self) -> list[str]:
         """The least recently requested adapters past `max_registered` with no request in flight
@@ -132,8 +135,14 @@ class LoraEngine:
     async def prefetch(self, adapter: str, path: str, spread: bool = False, keep: tuple[str, ...] = ()) -> dict:
         """Register `adapter` and start loading it onto the device, evicting none of `keep`
         (the router picked this replica; `spread` is the router's concern). Returns where it now is."""
-        await self._ensure(adapter, path)
-        residency = await asyncio.to_thread(self.engine.prefetch, adapter, keep)
+        self.active[adapter] += 1  # not evicted while it is being pre-loaded
+        try:
+            await self._ensure(adapter, path)
+            residency = await asyncio.to_thread(self.engine.prefetch, adapter, keep)
+        finally:
+            self.active[adapter] -= 1
+            if not self.active[adapter]:
+                del self.active[adapter]
         return {"replica": self.replica, "adapter": adapter, "residency": residency}
 
     def describe(self) -> dict:

@@ -109,8 +109,9 @@ class AdapterCatalog:
                 raise AdapterError(f"adapter name {name!r} is already registered", "name")
             if len(self.entries) >= MAX_ADAPTERS:
                 raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one gateway holds", "name")
-            self.entries = {**self.entries, name: (adapter_id, path, info.rank)}
-        return self.describe(name)
+            entry = (adapter_id, path, info.rank)
+            self.entries = {**self.entries, name: entry}
+        return self.describe_entry(name, entry)
 
     def add_dir(self, folder: str | Path, at_start: bool = False) -> dict:
         added = []
@@ -245,8 +246,9 @@ class ClusterEngine:
             return {"status": "failed", "engine": _FRONTS, "detail": f"cannot read the replicas' status: {e}"}
         status = str(deployment.status.value if isinstance(deployment.status, Enum) else deployment.status)
         if status in ("UNHEALTHY", "DEPLOY_FAILED"):
-            detail = f"LoraEngine is {status}: {deployment.message}"[:500]
-            return {"status": "failed", "engine": _FRONTS, "detail": detail}
+            # Serve's message may hold a traceback with paths: the log has it, /health (public) not.
+            log.warning("the LoraEngine deployment is %s: %s", status, deployment.message)
+            return {"status": "failed", "engine": _FRONTS, "detail": f"the LoraEngine deployment is {status}"}
         return {"status": "ok", "engine": _FRONTS}
 
     def stats(self) -> dict:
