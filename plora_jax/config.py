@@ -213,6 +213,9 @@ class EngineConfig:
     lora_implementation: str = "auto"  # "auto" | "xla" | "pallas_gpu" | "pallas_tpu"
     # Tiers and prefetch.
     host_cache_mb: float = 4096.0  # host memory for page-laid-out adapter copies (0: read from disk each load)
+    node_cache_dir: str | None = None  # adapters fetched from object storage, node-wide (None: <cache>/adapters)
+    node_cache_mb: float = 20480.0  # disk for the node cache (least recently used out past it)
+    adapter_source_options: str = ""  # fsspec options per protocol, JSON: {"s3": {"endpoint_url": "..."}}
     policy: str = "predictive"  # reactive | lru | lookahead | histogram | predictive (oracle: set_policy)
     policy_interval_s: float = 60.0  # seconds between policy decisions and forecaster runs
     max_prefetch_inflight: int = 2  # device prefetches queued on the transfer thread at once
@@ -251,7 +254,22 @@ class EngineConfig:
         if self.policy_interval_s <= 0 or self.host_cache_mb < 0 or self.max_prefetch_inflight < 1:
             raise ValueError("policy_interval_s must be > 0, host_cache_mb >= 0 and max_prefetch_inflight >= 1")
         check_name("adapter_loads", self.adapter_loads, ADAPTER_LOADS)
+        if self.node_cache_mb <= 0:
+            raise ValueError(f"node_cache_mb must be > 0, got {self.node_cache_mb}")
+        self.source_options()  # valid JSON of the right shape
         if not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         if self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")
+
+    def source_options(self) -> dict[str, dict]:
+        """`adapter_source_options` parsed: fsspec options per protocol."""
+        if not self.adapter_source_options:
+            return {}
+        try:
+            options = json.loads(self.adapter_source_options)
+        except ValueError as e:
+            raise ValueError(f"adapter_source_options is not JSON ({e})") from None
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError("adapter_source_options must be a JSON object of {protocol: {option: value}}")
+        return options

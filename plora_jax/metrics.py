@@ -15,6 +15,13 @@ decision its arrival triggers, so a load it set off is still its cold start) unl
   `load_failures`: loads that raised; `host_prefetch_issued`, `host_evictions`: the host tier's;
 - `bytes_disk_to_host`, `bytes_host_to_device`: bytes moved between tiers.
 
+The node tier's counters (`NODE_CACHE_COUNTERS`, counted by `lora.node_cache.NodeCache` per
+process, over every adapter it opened from a store): `node_cache_hits`: a remote adapter was
+read from the node's disk; `node_cache_misses`: it was fetched from the store first;
+`node_cache_evictions`: entries deleted to keep the cache within its budget;
+`node_cache_corrupt`: entries whose size or sha256 no longer matched (fetched again);
+`bytes_remote_to_disk` and `node_cache_fetch_s`: what the fetches moved and how long they took.
+
 Per request (`serverless/report.py` computes them, live and simulated alike):
 - adapter wait: from the request's first admission attempt until its adapter is on the device
   (0 when it already was);
@@ -49,6 +56,8 @@ ADAPTER_COUNTERS = (
     *("host_prefetch_issued", "host_evictions"),
     *("bytes_disk_to_host", "bytes_host_to_device"),
 )
+
+NODE_CACHE_COUNTERS = ("node_cache_hits", "node_cache_misses", "node_cache_evictions", "node_cache_corrupt")
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -33,6 +33,13 @@ KEY_FILE = "cache.key"
 _lock = threading.Lock()
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where every cache of the engine lives: `cache_dir`, else $PLORA_CACHE, else ~/.cache/plora."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("PLORA_CACHE") or Path.home() / ".cache" / "plora").expanduser()
+
+
 def private_dir(path: Path, root: Path) -> Path:
     """Create `path` (below or equal to `root`) and any missing folder up to it, each 0700."""
     path, root = Path(path), Path(root)

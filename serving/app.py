@@ -29,7 +29,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plora_jax.engine.errors import EngineBusy, EngineDead
+from plora_jax.lora.node_cache import SourceUnavailable
 from plora_jax.lora.peft import AdapterError
 
 from .contract import ServingEngine
@@ -58,17 +58,16 @@ from .schema import (
     UnloadLoraRequest,
     describe_error,
 )
+from .sources import ENGINE_CALL_S, AdapterSources, Resolver
 
 log = logging.getLogger(__name__)
-
-ENGINE_CALL_S = 30.0  # longest an endpoint waits for the engine's loop (then 503): a hung loop holds no thread
 
 
 @dataclass
 class ServerState:
     engine: ServingEngine
     model_name: str  # the base model's name in `model` fields
-    adapter_roots: list[Path] = field(default_factory=list)  # load_lora_adapter paths must lie inside one
+    sources: AdapterSources = field(default_factory=AdapterSources)  # where load_lora_adapter paths may lie
     api_key: str | None = None
     max_queue: int = 256  # choices waiting beyond those the engine runs, past which requests get 429
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 (read no further)
@@ -78,14 +77,6 @@ class ServerState:
         if path in ADMIN_PATHS and self.admin_api_key is not None:
             return self.admin_api_key
         return self.api_key
-
-    def display_root(self, path: str | Path) -> str:
-        """An adapter folder as clients see it: relative to the adapter folder it lies in."""
-        path = Path(path)
-        for root in self.adapter_roots:
-            if path.is_relative_to(root):
-                return str(path.relative_to(root))
-        return path.name
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -100,7 +91,8 @@ def build_app(state: ServerState) -> FastAPI:
     engine = state.engine
     admission = Admission(lambda: state.max_queue, lambda: int(engine.stats().get("running", 0)))
     metrics = ServerMetrics(engine, lambda: admission.in_flight)
-    generate = Generation(engine, state.model_name, metrics, admission, lambda: state.max_queue)
+    resolver = Resolver(engine, state.sources)
+    generate = Generation(engine, state.model_name, metrics, admission, lambda: state.max_queue, resolver)
     app.state.plora, app.state.metrics, app.state.admission, app.state.generation = state, metrics, admission, generate
     _error_handlers(app)
     _adapter_routes(app, state)
@@ -175,28 +167,18 @@ def _adapter_routes(app: FastAPI, state: ServerState) -> None:
         data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "plora", "root": None}]
         for a in await asyncio.to_thread(engine.adapters, ENGINE_CALL_S):
             card = {"id": a["name"], "object": "model", "created": created, "owned_by": "plora"}
-            card |= {"root": state.display_root(a["path"]), "parent": state.model_name}
+            card |= {"root": state.sources.display(a["path"]), "parent": state.model_name}
             data.append(card | {"rank": a["rank"], "residency": a["residency"]})
         return {"object": "list", "data": data}
 
-    def inside_roots(path: str) -> Path:
-        if not state.adapter_roots:
-            message = "loading adapters at run time needs --adapter-dir (no adapter folder is configured)"
-            raise ApiError(400, message, "lora_path")
-        try:
-            resolved = Path(path).expanduser().resolve()
-        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, ~nouser, a symlink loop
-            raise ApiError(400, f"lora_path cannot be resolved ({type(e).__name__})", "lora_path") from None
-        if not any(resolved.is_relative_to(root) for root in state.adapter_roots):
-            raise ApiError(400, f"lora_path {path!r} is outside the configured adapter folders", "lora_path")
-        return resolved
-
-    def load(name: str, path: str) -> None:  # in a worker thread: it reads the adapter's files
-        resolved = inside_roots(path)
+    def load(name: str, path: str) -> None:  # in a worker thread: it reads (or fetches) the adapter's files
+        resolved = state.sources.confine(path)
         if engine.has_adapter(name):
             raise ApiError(400, f"adapter name {name!r} is already registered", "lora_name")
         try:
             engine.add_adapter(name, resolved, ENGINE_CALL_S)
+        except SourceUnavailable as e:
+            raise ApiError(503, str(e), "lora_path") from None
         except AdapterError as e:
             raise ApiError(400, str(e), "lora_name" if e.field == "name" else "lora_path") from None
 

@@ -55,6 +55,7 @@ from .protocol import (
     usage_chunk,
 )
 from .schema import ChatCompletionRequest, CompletionRequest
+from .sources import Resolver
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,10 @@ class Generation:
         metrics: ServerMetrics,
         admission: Admission,
         max_queue_of: Callable[[], int],
+        resolver: Resolver,
     ):
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
+        self.resolver = resolver  # registers a template's adapter on its first request
         self.admission, self.max_queue_of = admission, max_queue_of
         # Work before admission has its own pool: a flood of long prompts waits here (and gets
         # 429 past MAX_TOKENIZING), not in front of admitted requests' answers.
@@ -207,16 +210,19 @@ class Generation:
             self.metrics.finished(endpoint, "disconnected")
             return Response(status_code=499)  # nobody reads it: the client is gone
 
-    def _resolve_model(self, name: str) -> str | None:
+    async def _resolve_model(self, name: str) -> str | None:
         if name == self.model_name:
             return None
         if self.engine.has_adapter(name):
+            return name
+        if self.resolver.can_resolve(name):
+            await self.resolver.resolve(name)
             return name
         raise ApiError(404, f"the model '{name}' does not exist", "model", "model_not_found")
 
     async def _generate(self, body, request: Request, endpoint: str) -> Response:
         req = parse_request(body)
-        req.adapter = self._resolve_model(req.model)
+        req.adapter = await self._resolve_model(req.model)
         texts = await self._tokenized(req)
         per_prompt = [fit_max_tokens(req, len(ids), self.engine.max_model_len) for ids in req.prompts]
         choices = req.choices(per_prompt)

@@ -31,13 +31,18 @@ from pathlib import Path
 from plora_jax.cli import add_dataclass_args, dataclass_from_args
 from plora_jax.config import EngineConfig
 
+from .sources import AdapterSources, check_template
+
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"  # address to bind (0.0.0.0 exposes the server to the network)
     port: int = 8000
     adapter: tuple[str, ...] = ()  # NAME=PATH of a PEFT adapter folder (repeatable)
-    adapter_dir: tuple[str, ...] = ()  # a folder whose subfolders are adapters; load_lora_adapter paths must lie in one
+    adapter_dir: tuple[
+        str, ...
+    ] = ()  # a folder or store prefix (s3://...) of adapters; load_lora_adapter paths lie in one
+    adapter_source: str = ""  # where an unknown model name is fetched from on first use, e.g. s3://bucket/loras/{name}
     served_model_name: str = ""  # the base model's name in the API ("": --model, or its file name for a path)
     max_queue: int = 256  # waiting requests beyond which new ones get 429
     max_body_mb: float = 8.0  # request bodies larger than this get 413
@@ -52,6 +57,8 @@ class ServerConfig:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
+        if self.adapter_source:
+            check_template(self.adapter_source)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_queue < 1:
@@ -67,24 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.main", description=__doc__.splitlines()[0])
     add_dataclass_args(parser, ServerConfig, exclude=_REPEATABLE, title="server")
     group = parser.add_argument_group("adapters")
-    group.add_argument("--adapter", dest="adapter", action="append", default=[], help="NAME=PATH (repeatable)")
-    group.add_argument("--adapter-dir", dest="adapter_dir", action="append", default=[], help="DIR (repeatable)")
+    group.add_argument(
+        "--adapter", dest="adapter", action="append", default=[], help="NAME=PATH or NAME=URI (repeatable)"
+    )
+    group.add_argument("--adapter-dir", dest="adapter_dir", action="append", default=[], help="DIR or URI (repeatable)")
     add_dataclass_args(parser, EngineConfig, title="engine")
     return parser
 
 
-def register_adapters(engine, config: ServerConfig) -> list[Path]:
-    """Register --adapter and --adapter-dir adapters; returns the folders load_lora_adapter may use."""
+def register_adapters(engine, config: ServerConfig) -> AdapterSources:
+    """Register --adapter and --adapter-dir adapters; returns where load_lora_adapter may load from."""
     for spec in config.adapter:
         name, _, path = spec.partition("=")
         engine.add_adapter(name, path)
-    roots = []
     for folder in config.adapter_dir:
         result = engine.add_adapter_dir(folder)
         for name, why in result["errors"].items():
             logging.getLogger("serving").warning("adapter %r refused: %s", name, why)
-        roots.append(Path(folder).expanduser().resolve())
-    return roots
+    return AdapterSources.of(list(config.adapter_dir), config.adapter_source)
 
 
 def served_name(config: ServerConfig, model: str) -> str:

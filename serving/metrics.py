@@ -52,6 +52,15 @@ def engine_values(stats: dict) -> dict[str, tuple[str, float]]:
                 prefetch_recall(stats),
             ),
         }
+    if "node_cache_budget" in stats:  # the node tier: adapters fetched from object storage
+        values |= {
+            "plora_node_cache_hits": ("Remote adapters read from the node's disk cache", stats["node_cache_hits"]),
+            "plora_node_cache_misses": ("Remote adapters fetched from the store", stats["node_cache_misses"]),
+            "plora_node_cache_evictions": ("Node cache entries evicted for its budget", stats["node_cache_evictions"]),
+            "plora_node_cache_corrupt": ("Node cache entries that failed verification", stats["node_cache_corrupt"]),
+            "plora_node_cache_bytes": ("Bytes in the node cache", stats["node_cache_bytes"]),
+            "plora_bytes_remote_to_disk": ("Bytes fetched from adapter stores", stats["bytes_remote_to_disk"]),
+        }
     return {name: (text, float(value)) for name, (text, value) in values.items() if value is not None}
 
 

@@ -31,6 +31,7 @@ from plora_jax.limits import (
 from plora_jax.lora.peft import AdapterRemoved
 from serving.app import ServerState, build_app
 from serving.contract import ServingEngine
+from serving.sources import AdapterSources
 
 PROMPT = "hello"
 
@@ -46,7 +47,7 @@ def api(tmp_path):
     root = tmp_path / "adapters"  # one adapter folder the load endpoint may use
     (root / "a").mkdir(parents=True)
     (root / "a" / "adapter_config.json").write_text("{}")
-    engine, server, app = make(adapter_roots=[root.resolve()])
+    engine, server, app = make(sources=AdapterSources.of([str(root)]))
     with TestClient(app) as client:
         yield engine, server, client
 
@@ -212,7 +213,7 @@ def test_a_cross_site_simple_request_runs_nothing(tmp_path):
     """A browser page's no-cors POST (no Content-Type, or text/plain) reaches no handler."""
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text("{}")
-    engine, _, app = make(adapter_roots=[tmp_path])
+    engine, _, app = make(sources=AdapterSources.of([str(tmp_path)]))
     engine.registered["a"] = tmp_path / "a"
     with TestClient(app) as client:
         for headers in ({}, {"content-type": "text/plain;charset=UTF-8"}):
@@ -372,7 +373,7 @@ def test_models_show_no_absolute_path(tmp_path):
     root = tmp_path / "adapters"
     (root / "team" / "a").mkdir(parents=True)
     (root / "team" / "a" / "adapter_config.json").write_text("{}")
-    _, _, app = make(adapter_roots=[root])
+    _, _, app = make(sources=AdapterSources.of([str(root)]))
     with TestClient(app) as client:
         r = client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(root / "team" / "a")})
         assert r.status_code == 200, r.text
@@ -447,7 +448,7 @@ def test_random_bodies_never_get_a_server_error(api, body, path):
     except a full queue or an adapter folder that is missing)."""
     engine, server, client = api
     if isinstance(body, dict) and isinstance(body.get("lora_path"), str):  # paths under the configured folder
-        body = {**body, "lora_path": body["lora_path"].replace("ROOT", str(server.adapter_roots[0]))}
+        body = {**body, "lora_path": body["lora_path"].replace("ROOT", str(server.sources.folders[0]))}
     raw = json.dumps(body, allow_nan=True)  # Python's json writes NaN/Infinity: a client might too
     r = client.post(path, content=raw, headers={"content-type": "application/json"})
     assert r.status_code < 500, (body, r.text)

@@ -348,6 +348,7 @@ def test_adapter_failures_over_http_are_400_or_500_and_never_show_a_path(tmp_pat
     from fastapi.testclient import TestClient
 
     from serving.app import ServerState, build_app
+    from serving.sources import AdapterSources
 
     gguf = tmp_path / "tiny.gguf"
     model_config, _ = write_tiny_gguf(gguf)
@@ -373,7 +374,7 @@ def test_adapter_failures_over_http_are_400_or_500_and_never_show_a_path(tmp_pat
     (folders["linked"] / "adapter_model.safetensors").symlink_to(bad("target") / "adapter_model.safetensors")
     answers = []
     try:
-        with TestClient(build_app(ServerState(engine, "tiny", [root.resolve()]))) as client:
+        with TestClient(build_app(ServerState(engine, "tiny", AdapterSources.of([str(root)])))) as client:
             for name, path in folders.items():
                 r = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
                 assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (name, r.text)

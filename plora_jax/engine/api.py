@@ -45,6 +45,7 @@ import numpy as np
 from ..config import EngineConfig, ModelConfig
 from ..limits import MAX_TOP_LOGPROBS
 from ..lora.manager import LoraManager
+from ..lora.node_cache import is_remote
 from ..lora.peft import AdapterError
 from ..models.loader import LoadedModel, load_model
 from ..models.registry import cache_root
@@ -434,6 +435,8 @@ class Engine:
         loop_compiles = stats.pop("loop_compiles", 0)
         plan_on_loop = described["compiled_by_thread"].get(self.core.owner_thread, 0)
         stats["compiles_total"] = described["compiled"] + max(0, loop_compiles - plan_on_loop)
+        if self.core.lora is not None:  # the node tier: thread-safe, read here rather than published
+            stats.update(self.core.lora.node_cache.stats())
         return stats
 
     def record_steps(self, on: bool = True) -> None:
@@ -478,7 +481,8 @@ class Engine:
             self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
 
     def add_adapter(self, name: str, path: str | Path, timeout: float | None = None) -> dict:
-        """Register a PEFT adapter folder under `name`; it is read and validated now (AdapterError
+        """Register a PEFT adapter folder (or a store's URI: s3://, gs://, http(s)://, fetched
+        into the node cache) under `name`; it is read and validated now (AdapterError
         names the file and field) and loaded onto the device when a request first uses it (or
         earlier, if the policy prefetches it). `timeout`: seconds to wait for the loop."""
         lora = self._lora()
@@ -488,11 +492,16 @@ class Engine:
         return self.core.call(lambda: self._describe(lora.insert(entry, copy).name), timeout)
 
     def add_adapter_dir(self, folder: str | Path) -> dict:
-        """Register every subfolder of `folder` that holds adapter_config.json, named after the
-        subfolder, validated from config and tensor header only (weights are read when needed).
+        """Register every subfolder of `folder` (or of a store's prefix, each fetched into the
+        node cache) that holds adapter_config.json, named after the subfolder, validated from
+        config and tensor header only (weights are read when needed).
         Returns {"added": [names], "errors": {name: why}}; already registered ones are skipped."""
         lora = self._lora()
-        added, errors = self.core.call(lambda: lora.scan(folder))
+        if is_remote(folder):  # fetched on this thread; the loop only inserts
+            found = lora.registry.scan_remote(str(folder))
+            added, errors = self.core.call(lambda: lora.insert_found(*found))
+        else:
+            added, errors = self.core.call(lambda: lora.scan(folder))
         return {"added": added, "errors": errors}
 
     def _describe(self, name: str) -> dict:

@@ -22,8 +22,10 @@ import numpy as np
 
 from ..buckets import cdiv
 from ..config import EngineConfig, ModelConfig
+from ..trusted_cache import cache_root
 from .device_pool import LoraPool, commit_adapter, commit_bucket, page_bytes
 from .host_cache import HostCache, HostCopy
+from .node_cache import NodeCache
 from .page_allocator import PagePool
 from .peft import AdapterError, parse_target_modules
 from .registry import AdapterEntry, Registry
@@ -41,9 +43,11 @@ class LoraManager(Residency):
         one_page = page_bytes(model_config, config.page_rows, self.dtype.itemsize, self.modules)
         num_pages = config.lora_pool_pages or max(2, int(config.lora_pool_mb * 2**20) // one_page)
         pages = PagePool(num_pages, config.max_loras + 1, self.max_pages, config.layout)
+        node_root = config.node_cache_dir or cache_root(config.cache_dir) / "adapters"
+        self.node_cache = NodeCache(node_root, int(config.node_cache_mb * 2**20), config.source_options())
         registry = Registry(
             model_config, self.dtype, config.max_lora_rank, config.page_rows, self.modules, config.layout,
-            num_pages - 1, one_page,
+            num_pages - 1, one_page, self.node_cache,
         )  # fmt: skip
         host = HostCache(int(config.host_cache_mb * 2**20))
         # `_read` and `_issue` are looked up at each job, so a test may hold them.
@@ -89,7 +93,10 @@ class LoraManager(Residency):
     def scan(self, folder: str | Path) -> tuple[list[str], dict[str, str]]:
         """Register every subfolder of `folder` holding adapter_config.json, named after it,
         without reading weights. Returns (names added, {name: error} for folders refused)."""
-        found, errors = self.registry.scan(folder)
+        return self.insert_found(*self.registry.scan(folder))
+
+    def insert_found(self, found: list[AdapterEntry], errors: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """Register the entries a scan found (on the owner thread); (names added, errors)."""
         added = []
         for entry in found:
             try:

@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..limits import MAX_ADAPTERS, MAX_NAME_CHARS
 from .adapter_files import FolderIdentity
 from .host_cache import HostCopy
+from .node_cache import NodeCache, is_remote, normalize_uri
 from .peft import AdapterError, LoraAdapter, layout_pages, read_adapter
 
 
@@ -41,6 +42,8 @@ class AdapterEntry:
     device_bytes: int  # bytes it reserves in the device pool (whole pages; max rank if contiguous)
     host_bytes: int  # bytes of its host copy (its own pages, whatever the device layout)
     files: FolderIdentity | None = None  # the files registration read (later reads must find the same)
+    source: str | None = None  # the store's URI of a remote adapter (its files: `path`, in the node cache)
+    version: str | None = None  # the node cache's key of the version registered (later reads get the same)
     load_s: float = 0.0  # time of the last device load, from its request until it was handed back (owner)
     error: BaseException | None = None  # why the last load failed (owner)
 
@@ -98,7 +101,9 @@ class Registry:
         layout: str,
         capacity_pages: int,
         page_bytes: int,
+        node_cache: NodeCache | None = None,
     ):
+        self.node_cache = node_cache  # where remote adapters are fetched to (None: local folders only)
         self.model_config, self.dtype = model_config, np.dtype(dtype)
         self.max_rank, self.page_rows, self.modules = max_rank, page_rows, modules
         self.layout, self.page_bytes = layout, page_bytes
@@ -126,20 +131,38 @@ class Registry:
         """Validate `path` (config and tensor header) into an entry, not yet registered; with
         `read`, also its weights as a host copy, from the same opening of its files."""
         check_name(name)
-        path = Path(path)
+        if is_remote(path):
+            uri = normalize_uri(str(path))
+            key, sizes = self._node_cache().version(uri)
+            with self._node_cache().open(uri, key, sizes) as folder:
+                entry, copy = self._prepare_local(name, folder, read)
+            entry.files, entry.source, entry.version = None, uri, key  # checked by sha256, not identity
+            return entry, copy
+        return self._prepare_local(name, Path(path), read)
+
+    def _prepare_local(self, name: str, path: Path, read: bool) -> tuple[AdapterEntry, HostCopy | None]:
         info, adapter = read_adapter(name, path, self.model_config, self.max_rank, self.modules, weights=read)
         entry = self.entry(name, path, info.rank, info.target_modules, info.live_elements * self.dtype.itemsize)
         entry.files = info.identity
         return entry, (self._layout(adapter) if adapter is not None else None)
+
+    def _node_cache(self) -> NodeCache:
+        if self.node_cache is None:
+            raise AdapterError("this engine reads adapters from local folders only")
+        return self.node_cache
 
     def read(self, entry: AdapterEntry) -> HostCopy:
         """Read and lay out `entry`'s weights (bad weights, or files changed since the entry was
         made, raise AdapterError)."""
         if entry.path is None:
             raise AdapterError(f"adapter {entry.name!r} has no folder to read")
-        _, adapter = read_adapter(
-            entry.name, entry.path, self.model_config, self.max_rank, self.modules, expect=entry.files
-        )
+        if entry.source is not None:  # the registered version, from the node cache (fetched again if evicted)
+            with self._node_cache().open(entry.source, entry.version) as folder:
+                _, adapter = read_adapter(entry.name, folder, self.model_config, self.max_rank, self.modules)
+        else:
+            _, adapter = read_adapter(
+                entry.name, entry.path, self.model_config, self.max_rank, self.modules, expect=entry.files
+            )
         if adapter.rank != entry.rank:  # only without a recorded identity (an entry made by hand)
             raise AdapterError(f"{entry.path.name}: changed since registration (rank {entry.rank} -> {adapter.rank})")
         return self._layout(adapter)
@@ -155,6 +178,21 @@ class Registry:
         if len(self.entries) >= MAX_ADAPTERS:
             raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one engine holds", "name")
         self.entries[entry.name] = entry
+
+    def scan_remote(self, uri: str) -> tuple[list[AdapterEntry], dict[str, str]]:
+        """As `scan`, for a store's prefix: each adapter under it is fetched into the node cache
+        (its weights read later from there). Any thread: it does not touch `entries`."""
+        found, errors = [], {}
+        for sub in self._node_cache().list(uri):
+            name = sub.rsplit("/", 1)[-1]
+            existing = self.entries.get(name)
+            if existing is not None and existing.source == sub:
+                continue
+            try:
+                found.append(self.prepare(name, sub)[0])
+            except AdapterError as e:
+                errors[name] = str(e)
+        return found, errors
 
     def scan(self, folder: str | Path) -> tuple[list[AdapterEntry], dict[str, str]]:
         """Entries for every subfolder of `folder` holding adapter_config.json, named after it

@@ -131,7 +131,7 @@ class Residency:
         return [
             {
                 "name": name,
-                "path": str(entry.path),
+                "path": entry.source or str(entry.path),
                 "rank": entry.rank,
                 "target_modules": list(entry.target_modules),
                 "residency": self.residency(name),

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..trusted_cache import private_dir
+from ..trusted_cache import cache_root, private_dir
 from .convert import CheckpointError
 
 
@@ -44,12 +44,6 @@ DEFAULT_MODELS["smollm2-135m-instruct"] = DEFAULT_MODELS["llama"]
 
 class ModelFetchError(RuntimeError):
     """The default model could not be fetched; the message gives the command to run by hand."""
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("PLORA_CACHE") or Path.home() / ".cache" / "plora").expanduser()
 
 
 def _say(message: str) -> None:

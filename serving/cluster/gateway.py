@@ -347,16 +347,16 @@ class Gateway:
     ):
         from serving.app import ServerState
         from serving.main import ServerConfig, served_name
+        from serving.sources import AdapterSources
 
         self.engine = ClusterEngine(engine, model, engine_options, forecaster, report_s)
-        roots = []
         for folder in adapter_dirs:
             result = self.engine.add_adapter_dir(folder, at_start=True)
             for name, why in result["errors"].items():
                 log.warning("adapter %r refused: %s", name, why)
-            roots.append(Path(folder).expanduser().resolve())
+        sources = AdapterSources.of(list(adapter_dirs))
         name = served_name(ServerConfig(served_model_name=served_model_name), model)  # never an absolute path
-        self.state = ServerState(self.engine, name, roots, api_key, max_queue, admin_api_key=admin_api_key)
+        self.state = ServerState(self.engine, name, sources, api_key, max_queue, admin_api_key=admin_api_key)
 
     def __serve_build_asgi_app__(self):
         from serving.app import build_app

@@ -1,0 +1,310 @@
+"""The node tier: adapters from object storage, kept in a disk cache shared by a machine's engines.
+
+An adapter source is a local folder or a URI that fsspec reads (`s3://`, `gs://`, `http(s)://`).
+A remote adapter is copied into the node cache before anything parses it; from then on it is
+read as a local folder (`adapter_files`: confined, bounded, one positioned read per tensor), so
+nothing in a store is ever parsed in place. Tiers: remote -> node disk (here) -> host memory
+(`host_cache`) -> device (`device_pool`).
+
+Layout under the cache's folder (created 0700):
+    objects/<key>/<name>/adapter_config.json, adapter_model.safetensors   (<name>: the URI's last part)
+    objects/<key>/manifest.json   each file's size and sha256; its mtime is the entry's last use
+    locks/<key>.lock              flock: exclusive while one process downloads, shared while read
+    tmp/                          downloads in progress, renamed into objects/ once complete
+
+`key` hashes the source URI with both objects' versions (ETag, generation, or else size and
+modification time), so a replaced object gets a new key and a cached copy is never stale.
+Several processes may ask for one adapter at once: the first takes the key's lock and
+downloads, the others wait on the lock and find the entry complete. Eviction (least recently
+used first, down to the byte budget) takes an entry's lock only if nobody holds it, so it never
+deletes a folder another engine is reading. Every read checks sizes, and sha256 whenever a
+file's identity (inode, size, times) differs from the one this process last verified: a
+rewrite is caught, and a restart verifies each entry once. A bad entry is deleted and fetched
+again. Large objects are fetched with parallel ranged reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..limits import MAX_CONFIG_BYTES, MAX_PATH_CHARS
+from ..metrics import NODE_CACHE_COUNTERS
+from ..trusted_cache import private_dir
+from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+
+FILES = (CONFIG_FILE, WEIGHTS_FILE)
+MANIFEST = "manifest.json"
+CHUNK_BYTES = 8 << 20  # one ranged read
+PARALLEL_READS = 4  # ranged reads in flight per file
+STALE_TMP_S = 3600.0  # a download folder this old was left by a process that died
+
+
+class AdapterNotFound(AdapterError):
+    """The store has no adapter at that URI (no adapter_config.json there)."""
+
+
+class SourceUnavailable(AdapterError):
+    """The store could not be reached, or failed to answer."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URI for fsspec (a scheme other than file://) rather than a local path."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def normalize_uri(uri: str) -> str:
+    """`uri` without a trailing slash; refused (AdapterError) if any part is empty, '.' or '..',
+    so a prefix check on the result is a containment check."""
+    if len(uri) > MAX_PATH_CHARS or not uri.isprintable():
+        raise AdapterError(f"adapter URI must be printable and at most {MAX_PATH_CHARS} characters")
+    scheme, _, rest = uri.partition("://")
+    parts = rest.rstrip("/").split("/")
+    if not scheme.isalnum() or any(p in ("", ".", "..") for p in parts):
+        raise AdapterError(f"adapter URI {uri!r} has an empty, '.' or '..' part")
+    return f"{scheme}://{'/'.join(parts)}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _version_tag(info: dict) -> str:
+    for field in ("ETag", "etag", "generation", "VersionId", "md5Hash"):
+        if info.get(field):
+            return f"{field}={info[field]}"
+    for field in ("Last-Modified", "LastModified", "mtime", "updated"):  # no content tag: its time
+        if info.get(field):
+            return f"{field}={info[field]}"
+    return "untagged"  # then the size alone tells versions apart
+
+
+class NodeCache:
+    """Remote adapters on this node's disk (see the module's docstring). Any thread may call it."""
+
+    def __init__(self, root: str | Path, budget_bytes: int, options: dict[str, dict] | None = None):
+        self.root, self.budget = Path(root).expanduser(), int(budget_bytes)
+        self.options = options or {}
+        self._made = False
+        self._lock = threading.Lock()  # the counters and the verified identities
+        self._verified: dict[str, tuple] = {}  # file path -> identity this process hashed
+        self.counters = dict.fromkeys(NODE_CACHE_COUNTERS, 0)
+        self.bytes_fetched = 0  # bytes_remote_to_disk
+        self.fetch_s = 0.0  # seconds spent downloading
+
+    # --- the store ------------------------------------------------------------------------
+    def _fs(self, uri: str):
+        try:
+            import fsspec
+        except ImportError:
+            raise AdapterError("adapters from object storage need fsspec: pip install 'plora-jax[remote]'") from None
+        protocol = uri.partition("://")[0]
+        try:
+            return fsspec.core.url_to_fs(uri, **self.options.get(protocol, {}))
+        except (ImportError, ValueError) as e:  # no implementation for the protocol installed
+            raise AdapterError(f"{protocol}:// adapter sources are not available here ({e})") from None
+
+    def version(self, uri: str) -> tuple[str, tuple[int, ...]]:
+        """The cache key of the store's current version of `uri`'s adapter, and its files' sizes."""
+        uri = normalize_uri(uri)
+        fs, path = self._fs(uri)
+        label, found = uri.rsplit("/", 1)[-1], []
+        for name in FILES:
+            try:
+                info = fs.info(f"{path}/{name}")
+            except FileNotFoundError:
+                if name == CONFIG_FILE:
+                    raise AdapterNotFound(f"{label}: no adapter at {uri}") from None
+                raise AdapterError(f"{label}/{name}: not found") from None
+            except Exception as e:  # connection refused, a 5xx, bad credentials
+                raise SourceUnavailable(f"{label}: the adapter store cannot be read ({type(e).__name__})") from None
+            size = int(info.get("size") or 0)
+            if name == CONFIG_FILE and size > MAX_CONFIG_BYTES:
+                raise AdapterError(f"{label}/{name}: {size} bytes, more than {MAX_CONFIG_BYTES}")
+            found.append((name, _version_tag(info), size))
+        sizes = tuple(size for _, _, size in found)
+        if sum(sizes) > self.budget:
+            raise AdapterError(f"{label}: {sum(sizes)} bytes, more than the node cache holds ({self.budget})")
+        key = hashlib.sha256(json.dumps([uri, found]).encode()).hexdigest()[:40]
+        return key, sizes
+
+    def list(self, uri: str) -> list[str]:
+        """URIs of the adapters (folders with adapter_config.json) directly under `uri`."""
+        uri = normalize_uri(uri)
+        fs, path = self._fs(uri)
+        try:
+            entries = fs.ls(path, detail=True)
+            found = [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
+            return [f"{uri}/{p.rsplit('/', 1)[-1]}" for p in sorted(found) if fs.exists(f"{p}/{CONFIG_FILE}")]
+        except FileNotFoundError:
+            raise AdapterNotFound(f"{uri}: no such adapter folder") from None
+        except Exception as e:
+            raise SourceUnavailable(f"{uri}: the adapter store cannot be listed ({type(e).__name__})") from None
+
+    # --- the cache ------------------------------------------------------------------------
+    def _dirs(self) -> tuple[Path, Path, Path]:
+        objects, locks, tmp = self.root / "objects", self.root / "locks", self.root / "tmp"
+        if not self._made:
+            for d in (objects, locks, tmp):
+                private_dir(d, self.root)
+            for old in tmp.iterdir():  # downloads of processes that died
+                with contextlib.suppress(OSError):
+                    if time.time() - old.stat().st_mtime > STALE_TMP_S:
+                        shutil.rmtree(old, ignore_errors=True)
+            self._made = True
+        return objects, locks, tmp
+
+    @contextlib.contextmanager
+    def open(self, uri: str, key: str | None = None, sizes: tuple[int, ...] | None = None) -> Iterator[Path]:
+        """The local folder holding `uri`'s adapter, version `key` (None: the store's current
+        one; `sizes`, if given, its files' sizes from `version`), fetched if it is not cached;
+        kept from eviction until the block ends."""
+        uri = normalize_uri(uri)
+        if key is None:
+            key, sizes = self.version(uri)
+        objects, locks, tmp = self._dirs()
+        entry, name = objects / key, uri.rsplit("/", 1)[-1]
+        with open(locks / f"{key}.lock", "a+b") as lock:
+            while True:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per key: the others wait here
+                if self._valid(entry, name):
+                    self._count("node_cache_hits")
+                else:
+                    if sizes is None:  # a registered version: the store must still hold it
+                        current, sizes = self.version(uri)
+                        if current != key:
+                            raise AdapterError(f"{name}: changed in the store since it was registered")
+                    self._download(uri, entry, name, sizes, tmp)
+                    self._count("node_cache_misses")
+                    self._evict(objects, locks, keep=key)
+                os.utime(entry / MANIFEST)  # its last use
+                fcntl.flock(lock, fcntl.LOCK_SH)  # readers share; an evictor needs it free
+                if (entry / MANIFEST).exists():  # not evicted in the instant the lock was let go
+                    break
+            yield entry / name
+
+    def _valid(self, entry: Path, name: str) -> bool:
+        try:
+            manifest = json.loads((entry / MANIFEST).read_text())
+            for file, want in manifest["files"].items():
+                path = entry / name / file
+                identity = _identity(path.stat())
+                if identity[2] != want["size"]:
+                    raise ValueError(f"{file}: size")
+                with self._lock:
+                    known = self._verified.get(str(path)) == identity
+                if not known:
+                    if _sha256(path) != want["sha256"]:
+                        raise ValueError(f"{file}: sha256")
+                    with self._lock:
+                        self._verified[str(path)] = identity
+            return True
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError):  # corrupted or truncated: fetched again
+            self._count("node_cache_corrupt")
+            shutil.rmtree(entry, ignore_errors=True)
+            return False
+
+    def _download(self, uri: str, entry: Path, name: str, sizes: tuple[int, ...], tmp: Path) -> None:
+        fs, path = self._fs(uri)
+        begun = time.perf_counter()
+        work = Path(tempfile.mkdtemp(dir=tmp))
+        try:
+            (work / name).mkdir()
+            files = {}
+            for file, size in zip(FILES, sizes, strict=True):
+                files[file] = {"size": size, "sha256": self._fetch(fs, f"{path}/{file}", work / name / file, size)}
+            (work / MANIFEST).write_text(json.dumps({"uri": uri, "files": files}))
+            shutil.rmtree(entry, ignore_errors=True)
+            os.rename(work, entry)
+        except AdapterError:
+            raise
+        except Exception as e:
+            raise SourceUnavailable(f"{name}: fetching from the adapter store failed ({type(e).__name__})") from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        with self._lock:
+            self.bytes_fetched += sum(sizes)
+            self.fetch_s += time.perf_counter() - begun
+
+    def _fetch(self, fs, path: str, dest: Path, size: int) -> str:
+        """Copy `path` (`size` bytes) to `dest` with parallel ranged reads; its sha256."""
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+
+            def part(start: int) -> None:
+                end = min(start + CHUNK_BYTES, size)
+                # One chunk is the whole object: no range (some HTTP servers ignore ranges).
+                data = fs.cat_file(path) if end - start == size else fs.cat_file(path, start=start, end=end)
+                if len(data) != end - start:
+                    raise AdapterError(f"{dest.parent.name}/{dest.name}: changed in the store during the fetch")
+                os.pwrite(fd, data, start)
+
+            with ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix="plora-fetch") as pool:
+                list(pool.map(part, range(0, size, CHUNK_BYTES)))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return _sha256(dest)
+
+    def _evict(self, objects: Path, locks: Path, keep: str) -> None:
+        """Delete least recently used entries nobody is reading until the cache fits its budget."""
+        entries = []
+        for manifest in objects.glob(f"*/{MANIFEST}"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                size = sum(f["size"] for f in json.loads(manifest.read_text())["files"].values())
+                entries.append((manifest.stat().st_mtime, manifest.parent.name, size))
+        total = sum(size for _, _, size in entries)
+        for _, key, size in sorted(entries):
+            if total <= self.budget:
+                return
+            if key == keep:
+                continue
+            with open(locks / f"{key}.lock", "a+b") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # being read or fetched by someone
+                    continue
+                shutil.rmtree(objects / key, ignore_errors=True)
+            total -= size
+            self._count("node_cache_evictions")
+
+    def _count(self, counter: str) -> None:
+        with self._lock:
+            self.counters[counter] += 1
+
+    def used_bytes(self) -> int:
+        total = 0
+        for manifest in (self.root / "objects").glob(f"*/{MANIFEST}"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                total += sum(f["size"] for f in json.loads(manifest.read_text())["files"].values())
+        return total
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                **self.counters,
+                "bytes_remote_to_disk": self.bytes_fetched,
+                "node_cache_fetch_s": self.fetch_s,
+                "node_cache_budget": self.budget,
+                "node_cache_bytes": self.used_bytes(),
+            }
