@@ -198,6 +198,7 @@ class EngineConfig:
     min_prefill_bucket: int = 16  # smallest padded prompt chunk
     warmup: bool = True  # build every executable at start (serving begins once the smallest set is ready)
     compilation_cache: bool = True  # executables cached under <cache>/executables: restarts compile nothing
+    compile_cache: str = ""  # a folder or store prefix every node shares: executables and parameters a fresh node pulls
     attention_implementation: str = "auto"  # "auto" | "xla" | "cpu" (C++ kernel) | "pallas_gpu" | "pallas_tpu"
     seed: int = 0  # seeds requests that bring no seed of their own
     cache_dir: str | None = None  # None: $PLORA_CACHE or ~/.cache/plora

@@ -1,13 +1,12 @@
-"""The compile plan: progressive readiness, the on-disk executable cache (a restart in a fresh
-process compiles nothing; a cache for another configuration or a corrupted file is ignored with
-a warning), the stats snapshot under concurrent readers, /health while warming, and the rule
-that benchmarks use public APIs only."""
+"""The compile plan: progressive readiness, the on-disk executable cache (a cache for another
+configuration or a corrupted file is ignored with a warning; that a restart in a fresh process
+compiles nothing is checked with the shared cache, in test_shared_cache.py), the stats
+snapshot under concurrent readers, /health while warming, and the rule that benchmarks use
+public APIs only."""
 
 import json
 import logging
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -24,47 +23,6 @@ from plora_jax.models.llama import init_params
 CFG = tiny()
 PARAMS = init_params(CFG, jnp.float32, seed=3, scale=0.1)
 OPTIONS = dict(max_model_len=96, num_kv_blocks=40, block_size=8, max_num_seqs=4, max_num_batched_tokens=32)
-
-# A fresh process: build a LoRA engine (warm-up on), serve one request, and report the plan's
-# counters and every backend compile the process ran (jax.monitoring, all threads).
-_RESTART = """
-import json, sys, jax
-compiles = []
-COMPILE = "/jax/core/compile/backend_compile_duration"
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **kw: compiles.append(event) if event == COMPILE else None
-)
-import jax.numpy as jnp
-from plora_jax import Engine, SamplingParams
-from plora_jax.config import tiny
-from plora_jax.models.llama import init_params
-engine = Engine.from_params(
-    tiny(), init_params(tiny(), jnp.float32, seed=3, scale=0.1), cache_dir=sys.argv[1], max_loras=2,
-    lora_pool_pages=20, policy="lru", max_model_len=96, num_kv_blocks=40, block_size=8, max_num_seqs=4,
-    max_num_batched_tokens=32,
-)
-engine.runner.plan.complete.wait()
-out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0))[0]
-stats = engine.stats()
-engine.close()
-print(json.dumps({"compiled": stats["compiled"], "loaded": stats["loaded"], "executables": stats["executables"],
-                  "process_compiles": len(compiles), "tokens": out.token_ids}))
-"""
-
-
-def run_fresh_process(cache: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", _RESTART, str(cache)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.slow
-def test_a_restart_in_a_fresh_process_compiles_nothing(tmp_path):
-    first = run_fresh_process(tmp_path)
-    assert first["compiled"] == first["executables"] > 0 and first["loaded"] == 0
-    second = run_fresh_process(tmp_path)
-    assert second["compiled"] == 0 and second["loaded"] == second["executables"]
-    assert second["process_compiles"] == 0, "a warm restart compiled something"
-    assert second["tokens"] == first["tokens"]
 
 
 def make_engine(cache: Path, **overrides) -> Engine:

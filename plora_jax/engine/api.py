@@ -51,6 +51,7 @@ from ..models.loader import LoadedModel, load_model
 from ..models.registry import cache_root
 from ..pallas.attention import cpu as cpu_attention
 from ..policies import Policy, make_policy
+from ..shared_cache import shared_cache
 from ..tokenizer import Tokenizer
 from . import scoring
 from .core import AddRequest, Cancel, EngineCore
@@ -81,7 +82,8 @@ def prepare_kernels(config: EngineConfig) -> None:
     it; the runner's own `ensure` then waits for that build instead of starting one."""
     if jax.default_backend() == "cpu" and config.attention_implementation in ("auto", "cpu"):
         kernels = cache_root(config.cache_dir) / "kernels"
-        threading.Thread(target=cpu_attention.ensure, args=(kernels,), name="plora-kernel-build", daemon=True).start()
+        args = (kernels, shared_cache(config))
+        threading.Thread(target=cpu_attention.ensure, args=args, name="plora-kernel-build", daemon=True).start()
 
 
 def freeze_heap() -> None:
@@ -204,8 +206,9 @@ class Engine:
         config = EngineConfig(model=str(model), **overrides)
         prepare_kernels(config)  # builds the CPU attention kernel (first start) while the model loads
         loaded = load_model(
-            config.model, resolve_dtype(config.dtype), config.cache_dir, config.param_cache, save_in_background=True
-        )
+            config.model, resolve_dtype(config.dtype), config.cache_dir, config.param_cache, save_in_background=True,
+            shared=shared_cache(config),
+        )  # fmt: skip
         return cls(config, loaded, start=start, wait_ready=wait_ready)
 
     @classmethod

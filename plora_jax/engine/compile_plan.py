@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import pickle
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ import jax
 
 from ..buckets import cdiv, pick_bucket, pow2_buckets, step_buckets
 from ..progress import Progress
+from ..shared_cache import SharedCache
 from ..trusted_cache import Sealer
 
 log = logging.getLogger(__name__)
@@ -124,10 +126,11 @@ class ExecutableCache:
     name and renamed, so a crash or a concurrent start never leaves a half-written entry.
     """
 
-    def __init__(self, cache_root: Path, fingerprint: dict):
-        self.fingerprint = fingerprint
-        self.dir = Path(cache_root) / "executables" / _digest(sorted(fingerprint.items()))
-        self.loaded = self.saved = self.rejected = 0
+    def __init__(self, cache_root: Path, fingerprint: dict, shared: SharedCache | None = None):
+        self.fingerprint, self.shared = fingerprint, shared
+        self.key = _digest(sorted(fingerprint.items()))
+        self.dir = Path(cache_root) / "executables" / self.key
+        self.loaded = self.saved = self.rejected = self.pulled = 0
         self.sealer = Sealer(self.dir, Path(cache_root))
         if not self.sealer.usable:
             log.warning("executable cache not used: %s (compiling instead)", self.sealer.reason)
@@ -143,6 +146,27 @@ class ExecutableCache:
                     "executable cache %s was made for another configuration or environment; ignoring it", self.dir
                 )
                 self._clear()
+        if shared is not None and self.sealer.usable and not any(self.dir.glob("*.xexe")):
+            self._pull()
+
+    def _pull(self) -> None:
+        """A fresh node: the shared cache's executables for this fingerprint, verified there by
+        size and sha256, sealed here with this node's MAC."""
+        with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
+            names = self.shared.pull("executables", self.key, self.fingerprint, Path(tmp))
+            for name in names or ():
+                if name.endswith(".xexe") and "/" not in name:
+                    self.sealer.write(self.dir / name, (Path(tmp) / name).read_bytes())
+                    self.pulled += 1
+        if self.pulled:
+            _atomic_write(self.dir / "manifest.json", json.dumps(self.fingerprint, indent=1).encode())
+
+    def publish(self) -> bool:
+        """Offer this folder's executables to the shared cache (after a complete warm-up)."""
+        if self.shared is None or not self.sealer.usable:
+            return False
+        names = sorted(p.name for p in self.dir.glob("*.xexe") if self.sealer.read(p)[0] is not None)
+        return self.shared.publish("executables", self.key, self.fingerprint, self.dir, names)
 
     def _clear(self) -> None:
         for path in self.dir.glob("*"):
@@ -332,6 +356,8 @@ class CompilePlan:
             self.stats.loaded,
             self.stats.load_s,
         )
+        if self.cache is not None and self.stats.compiled:  # every executable is here: offer them to other nodes
+            self.cache.publish()
 
     def pick(self, kind: str, n: int, lazy: bool) -> tuple[int, jax.stages.Compiled]:
         """The smallest ready size >= n and its executable. With `lazy` (no warm-up), a missing
@@ -350,7 +376,8 @@ class CompilePlan:
         `compiled_by_thread` (a reader copying it unlocked raised "dictionary changed size")."""
         with self._lock:
             stats = dataclasses.asdict(self.stats)
-        return {"executables": self.num_executables, "executables_ready": self.num_ready, **stats}
+        pulled = self.cache.pulled if self.cache is not None else 0  # from the shared compile cache at start
+        return {"executables": self.num_executables, "executables_ready": self.num_ready, "pulled": pulled, **stats}
 
 
 def fingerprint(model_config, extra: dict) -> dict:

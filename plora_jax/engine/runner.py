@@ -46,6 +46,7 @@ from ..models.llama import Llama, layer_params
 from ..pallas.attention import cpu as cpu_attention
 from ..pallas.attention import ops as attention
 from ..pallas.lora import ops as lora_ops
+from ..shared_cache import shared_cache
 from .compile_plan import Buckets, CompilePlan, ExecutableCache, Spec, fingerprint
 from .sampling import (
     PADDING_ROW,
@@ -126,7 +127,7 @@ class ModelRunner:
         self.block_size = config.block_size
         cfg = model_config
         if jax.default_backend() == "cpu" and config.attention_implementation in ("auto", "cpu") and cache_root:
-            cpu_attention.ensure(cache_root / "kernels")
+            cpu_attention.ensure(cache_root / "kernels", shared_cache(config))
         self.attention_implementation = attention.resolve(
             config.attention_implementation,
             cfg.num_heads,
@@ -170,7 +171,7 @@ class ModelRunner:
             }
             if self.attention_implementation == "cpu":
                 extra["kernel"] = cpu_attention.kernel_key()
-            cache = ExecutableCache(cache_root, fingerprint(cfg, extra))
+            cache = ExecutableCache(cache_root, fingerprint(cfg, extra), shared_cache(config))
         self.plan = CompilePlan(self.buckets, specs, cache)
         self._logprobs_of = jax.jit(logprobs_of)  # on a score step's logits (compiled per size on first use)
         self._lazy = not config.warmup  # build executables on first use instead of at warm-up

@@ -13,6 +13,7 @@ concurrent start never leaves a half-written entry behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from ..config import ModelConfig
+from ..shared_cache import SharedCache
 from ..tokenizer import Tokenizer
 from ..trusted_cache import private_dir
 from .convert import CheckpointError
@@ -104,6 +106,18 @@ def _save_entry(entry: Path, config: ModelConfig, params: dict, tokenizer: Token
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def _pull_entry(shared: SharedCache, entry: Path) -> None:
+    """A fresh node: the shared cache's entry for this model, verified file by file, moved into
+    place whole (COMPLETE comes with it)."""
+    partial = entry.with_name(f"{entry.name}.pull{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    private_dir(partial, entry.parent.parent)
+    if shared.pull("params", entry.name, None, partial) is not None and (partial / "COMPLETE").is_file():
+        with contextlib.suppress(OSError):  # another process put it in place first
+            os.replace(partial, entry)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
 def _restore_entry(entry: Path, dtype) -> tuple[ModelConfig, dict, Tokenizer]:
     import orbax.checkpoint as ocp
 
@@ -120,15 +134,20 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     save_in_background: bool = False,
+    shared: SharedCache | None = None,
 ) -> LoadedModel:
     """Resolve, load (from the orbax cache when possible) and return a model on the host.
 
     `save_in_background`: after a conversion, write the cache entry on a thread instead of
     before returning (an engine start does not wait for a copy it does not read; the entry
-    appears atomically when complete, and the interpreter waits for the write at exit)."""
+    appears atomically when complete, and the interpreter waits for the write at exit).
+    `shared`: a compile cache shared by every node, from which a missing entry is pulled and to
+    which a converted one is published."""
     source = resolve_model(name_or_path, cache_dir)
     start = time.perf_counter()
     entry = cache_root(cache_dir) / "params" / f"{source.stem}-{_dtype_name(dtype)}-{cache_key(source, dtype)}"
+    if use_cache and shared is not None and not (entry / "COMPLETE").is_file():
+        _pull_entry(shared, entry)
     if use_cache and (entry / "COMPLETE").is_file():
         try:
             config, params, tokenizer = _restore_entry(entry, dtype)
@@ -146,6 +165,10 @@ def load_model(
                 _save_entry(entry, config, params, tokenizer)
             except OSError as e:
                 log.warning("could not write the parameter cache at %s (%s)", entry, e)
+                return
+            if shared is not None:
+                names = sorted(str(p.relative_to(entry)) for p in entry.rglob("*") if p.is_file())
+                shared.publish("params", entry.name, None, entry, names)
 
         if save_in_background:
             threading.Thread(target=save, name="plora-param-cache").start()

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...shared_cache import SharedCache
 from ...trusted_cache import Sealer
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,10 @@ def _compiler() -> str | None:
     return None
 
 
-def build(cache_dir: Path) -> Path:
-    """The kernel's library: the cached one in `cache_dir` if its MAC matches, else compiled
-    now (and cached with its MAC; in a private temporary folder if `cache_dir` is not trusted)."""
+def build(cache_dir: Path, shared: SharedCache | None = None) -> Path:
+    """The kernel's library: the cached one in `cache_dir` if its MAC matches, else the shared
+    compile cache's (verified there), else compiled now and published (cached with its MAC; in
+    a private temporary folder if `cache_dir` is not trusted)."""
     cache_dir = Path(cache_dir)
     sealer = Sealer(cache_dir, cache_dir.parent)
     if not sealer.usable:
@@ -108,9 +110,16 @@ def build(cache_dir: Path) -> Path:
         if data is not None:
             return out
         log.warning("cached CPU kernel %s is not loaded (%s); building it again", out, why)
+    if shared is not None:
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            if shared.pull("kernels", kernel_key(), None, Path(tmp)) == [out.name]:
+                sealer.write(out, (Path(tmp) / out.name).read_bytes())
+                return out
     partial = _compile(out.with_name(f"{out.name}.tmp{os.getpid()}"))
     sealer.write(out, partial.read_bytes())  # atomic: a concurrent start never loads a half-written file
     partial.unlink()
+    if shared is not None:
+        shared.publish("kernels", kernel_key(), None, cache_dir, [out.name])
     return out
 
 
@@ -125,7 +134,7 @@ def _compile(target: Path) -> Path:
     return target
 
 
-def ensure(cache_dir: Path) -> bool:
+def ensure(cache_dir: Path, shared: SharedCache | None = None) -> bool:
     """Build (if needed), load and register the kernel once per process; False if unavailable."""
     with _lock:
         if "ok" in _state:
@@ -134,7 +143,7 @@ def ensure(cache_dir: Path) -> bool:
             _state.update(ok=False, error="disabled by PLORA_CPU_KERNEL=0")
             return False
         try:
-            path = build(cache_dir)
+            path = build(cache_dir, shared)
             library = ctypes.cdll.LoadLibrary(str(path))
             if not path.is_relative_to(cache_dir):  # built in a private temporary folder: loaded, so gone
                 shutil.rmtree(path.parent, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""The compile cache every node shares (`compile_cache`): a fresh node (empty local caches, here
+another folder on this machine) pulls the executables, the converted parameters and the CPU
+kernel, compiles nothing and serves (the same path a restart takes: pulled files are loaded
+from the local caches); an entry made for another configuration, or damaged, is ignored with a
+warning; an object store works as a folder does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import write_tiny_gguf
+from remote_store import S3Server
+
+from plora_jax.config import tiny
+from plora_jax.shared_cache import SharedCache
+
+# A fresh process: a LoRA engine from a GGUF (warm-up on), one request; the plan's counters and
+# every backend compile the process ran (jax.monitoring, all threads).
+_START = """
+import json, sys, jax
+compiles = []
+COMPILE = "/jax/core/compile/backend_compile_duration"
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(event) if event == COMPILE else None
+)
+from plora_jax import Engine, SamplingParams
+gguf, cache, shared = sys.argv[1:]
+engine = Engine.from_pretrained(
+    gguf, cache_dir=cache, compile_cache=shared, max_loras=2, lora_pool_pages=20, policy="lru", max_model_len=96,
+    num_kv_blocks=40, block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
+)
+engine.runner.plan.complete.wait()
+out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0))[0]
+stats = engine.stats()
+engine.close()
+print(json.dumps({"compiled": stats["compiled"], "loaded": stats["loaded"], "pulled": stats["pulled"],
+                  "executables": stats["executables"], "process_compiles": len(compiles), "tokens": out.token_ids}))
+"""
+
+
+def start(gguf: Path, cache: Path, shared: Path) -> tuple[dict, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _START, str(gguf), str(cache), str(shared)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+@pytest.mark.slow  # two fresh processes, one compiling the whole plan
+def test_a_fresh_node_with_a_warm_shared_cache_compiles_nothing(tmp_path):
+    """The second process starts on another node's caches (empty) and loads everything through
+    its own local caches, so this is also the check that a restart compiles nothing."""
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf, config=tiny())
+    shared = tmp_path / "shared"
+    first, _ = start(gguf, tmp_path / "node1", shared)
+    assert first["compiled"] == first["executables"] > 0 and first["pulled"] == 0
+    for kind in ("executables", "params", "kernels"):
+        assert len(list((shared / kind).glob("*/manifest.json"))) == 1, kind
+
+    fresh, _ = start(gguf, tmp_path / "node2", shared)  # another node: its own caches are empty
+    assert fresh["pulled"] == fresh["executables"] and fresh["loaded"] == fresh["executables"]
+    assert fresh["compiled"] == 0 and fresh["process_compiles"] == 0, "a fresh node compiled something"
+    assert fresh["tokens"] == first["tokens"]
+    assert list((tmp_path / "node2" / "params").glob("*/COMPLETE")) and list((tmp_path / "node2").glob("kernels/*.so"))
+
+
+def test_a_shared_entry_for_another_environment_is_ignored_with_a_warning(tmp_path, caplog):
+    """The executable cache of a fresh node pulls only an entry whose fingerprint is its own."""
+    from plora_jax.engine.compile_plan import ExecutableCache
+
+    fingerprint = {"jax": "1", "model": "m"}
+    shared = SharedCache(str(tmp_path / "shared"))
+    (tmp_path / "built").mkdir()
+    (tmp_path / "built" / "decode-1.xexe").write_bytes(b"payload")
+    key = ExecutableCache(tmp_path / "node0", fingerprint).key
+    assert shared.publish("executables", key, {**fingerprint, "jax": "0.0.0"}, tmp_path / "built", ["decode-1.xexe"])
+    with caplog.at_level(logging.WARNING):
+        cache = ExecutableCache(tmp_path / "node1", fingerprint, shared)
+    assert cache.pulled == 0 and not list(cache.dir.glob("*.xexe"))
+    assert "made for another configuration or environment" in caplog.text
+
+
+def test_entries_are_verified_and_published_once_in_a_folder_or_a_bucket(tmp_path, caplog):
+    files = tmp_path / "files"
+    (files / "sub").mkdir(parents=True)
+    (files / "a.bin").write_bytes(b"x" * 1000)
+    (files / "sub" / "b.bin").write_bytes(b"y" * 10)
+    names = ["a.bin", "sub/b.bin"]
+    s3 = S3Server("shared")
+    try:
+        for uri, options in ((str(tmp_path / "shared"), None), ("s3://shared/cache", json.loads(s3.options()))):
+            cache = SharedCache(uri, options)
+            assert cache.pull("executables", "k1", {"jax": "1"}, tmp_path / "miss") is None  # nothing there yet
+            assert cache.publish("executables", "k1", {"jax": "1"}, files, names)
+            assert not cache.publish("executables", "k1", {"jax": "1"}, files, names)  # once: the first stays
+            got = cache.pull("executables", "k1", {"jax": "1"}, tmp_path / "got")
+            assert got == names and (tmp_path / "got" / "sub" / "b.bin").read_bytes() == b"y" * 10
+            with caplog.at_level(logging.WARNING):
+                assert cache.pull("executables", "k1", {"jax": "2"}, tmp_path / "other") is None
+            assert "another configuration" in caplog.text
+            # A damaged file (the manifest's sha256 no longer matches): ignored, nothing left behind.
+            manifest = json.loads(cache.fs.cat_file(f"{cache.root}/executables/k1/manifest.json"))
+            cache.fs.pipe_file(f"{cache.root}/executables/k1/{manifest['writer']}/a.bin", b"z" * 1000)
+            with caplog.at_level(logging.WARNING):
+                assert cache.pull("executables", "k1", {"jax": "1"}, tmp_path / "bad") is None
+            assert "is unusable" in caplog.text and not (tmp_path / "bad").exists()
+            caplog.clear()
+            for folder in ("got", "other"):
+                for p in sorted((tmp_path / folder).rglob("*"), reverse=True):
+                    p.unlink() if p.is_file() else p.rmdir()
+    finally:
+        s3.stop()
