@@ -20,7 +20,9 @@ process, over every adapter it opened from a store): `node_cache_hits`: a remote
 read from the node's disk; `node_cache_misses`: it was fetched from the store first;
 `node_cache_evictions`: entries deleted to keep the cache within its budget;
 `node_cache_corrupt`: entries whose size or sha256 no longer matched (fetched again);
-`bytes_remote_to_disk` and `node_cache_fetch_s`: what the fetches moved and how long they took.
+`bytes_remote_to_disk` and `node_cache_fetch_s`: what the fetches moved and how long they took
+(their ratio is the remote link's measured bytes/s); `node_cache_link_yields`: times a
+background fetch's chunk waited for a demand fetch on the link.
 
 Per request (`serverless/report.py` computes them, live and simulated alike):
 - adapter wait: from the request's first admission attempt until its adapter is on the device

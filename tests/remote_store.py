@@ -87,11 +87,13 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 class ThrottledProxy:
     """A TCP proxy to `127.0.0.1:upstream`: each response waits `latency_s` before its first
-    byte and flows at `bytes_per_s`; `down` closes new connections at once."""
+    byte, and all responses share one link of `bytes_per_s`; `down` closes new connections."""
 
     def __init__(self, upstream: int, latency_s: float = 0.0, bytes_per_s: float | None = None):
         self.upstream, self.latency_s, self.bytes_per_s = upstream, latency_s, bytes_per_s
         self.down = False
+        self._pace = threading.Lock()
+        self._free_at = 0.0  # when the link has sent everything queued on it (one link for all connections)
         self.bytes_down = 0  # bytes sent back to clients
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -127,8 +129,11 @@ class ThrottledProxy:
                     if asked.is_set():  # the first bytes of a response: the store's latency
                         asked.clear()
                         time.sleep(self.latency_s)
-                    if self.bytes_per_s:
-                        time.sleep(len(data) / self.bytes_per_s)
+                    if self.bytes_per_s:  # one link: every connection's bytes queue on it
+                        with self._pace:
+                            self._free_at = max(time.monotonic(), self._free_at) + len(data) / self.bytes_per_s
+                            done = self._free_at
+                        time.sleep(max(0.0, done - time.monotonic()))
                     self.bytes_down += len(data)
                 dst.sendall(data)
         for s in (src, dst):

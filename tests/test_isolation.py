@@ -111,8 +111,8 @@ def test_non_finite_adapter_weights_on_the_device_never_reach_other_requests(tmp
         lora = engine.core.lora
         read = lora._read
 
-        def poisoned(entry):
-            copy = read(entry)
+        def poisoned(*args):
+            copy = read(*args)
             for pages in copy.b_pages.values():
                 pages[...] = np.inf
             return copy

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,10 @@ def test_a_fresh_node_with_a_warm_shared_cache_compiles_nothing(tmp_path):
     for kind in ("executables", "params", "kernels"):
         assert len(list((shared / kind).glob("*/manifest.json"))) == 1, kind
 
-    fresh, _ = start(gguf, tmp_path / "node2", shared)  # another node: its own caches are empty
+    copy = tmp_path / "node2-model" / "tiny.gguf"  # another node's copy of the model: another inode
+    copy.parent.mkdir()
+    shutil.copyfile(gguf, copy)
+    fresh, _ = start(copy, tmp_path / "node2", shared)  # another node: its own caches are empty
     assert fresh["pulled"] == fresh["executables"] and fresh["loaded"] == fresh["executables"]
     assert fresh["compiled"] == 0 and fresh["process_compiles"] == 0, "a fresh node compiled something"
     assert fresh["tokens"] == first["tokens"]

@@ -52,7 +52,7 @@ class LoraManager(Residency):
         host = HostCache(int(config.host_cache_mb * 2**20))
         # `_read` and `_issue` are looked up at each job, so a test may hold them.
         self._read = registry.read
-        transfer = ThreadTransfer(lambda entry: self._read(entry), lambda job, copy: self._issue(job, copy))
+        transfer = ThreadTransfer(lambda *read: self._read(*read), lambda job, copy: self._issue(job, copy))
         super().__init__(registry, pages, host, transfer, time.perf_counter, config.max_prefetch_inflight)
         device = jax.devices()[0]
         self.stage_via_pinned = device.platform == "gpu" and "pinned_host" in {

@@ -97,6 +97,40 @@ def _version_tag(info: dict) -> str:
     return "untagged"  # then the size alone tells versions apart
 
 
+class Link:
+    """One physical link's transfers, demand before background at chunk granularity: a
+    background fetch (a prefetch) waits between chunks while any demand fetch is running on the
+    link, so it never delays a demand load queued behind it by more than the chunks in flight."""
+
+    def __init__(self):
+        self._turn = threading.Condition()
+        self.demands = 0  # demand fetches on the link now
+        self.yielded = 0  # times a background chunk waited for a demand fetch
+
+    @contextlib.contextmanager
+    def use(self, demand: bool) -> Iterator[None]:
+        if not demand:
+            yield
+            return
+        with self._turn:
+            self.demands += 1
+        try:
+            yield
+        finally:
+            with self._turn:
+                self.demands -= 1
+                self._turn.notify_all()
+
+    def turn(self, demand: bool) -> None:
+        """Before each chunk: a background fetch waits while a demand fetch runs."""
+        if demand:
+            return
+        with self._turn:
+            if self.demands:
+                self.yielded += 1
+                self._turn.wait_for(lambda: self.demands == 0)
+
+
 class NodeCache:
     """Remote adapters on this node's disk (see the module's docstring). Any thread may call it."""
 
@@ -107,6 +141,7 @@ class NodeCache:
         self._lock = threading.Lock()  # the counters and the verified identities
         self._verified: dict[str, tuple] = {}  # file path -> identity this process hashed
         self.counters = dict.fromkeys(NODE_CACHE_COUNTERS, 0)
+        self.link = Link()  # remote -> this node's disk
         self.bytes_fetched = 0  # bytes_remote_to_disk
         self.fetch_s = 0.0  # seconds spent downloading
 
@@ -173,10 +208,13 @@ class NodeCache:
         return objects, locks, tmp
 
     @contextlib.contextmanager
-    def open(self, uri: str, key: str | None = None, sizes: tuple[int, ...] | None = None) -> Iterator[Path]:
+    def open(
+        self, uri: str, key: str | None = None, sizes: tuple[int, ...] | None = None, demand: bool = True
+    ) -> Iterator[Path]:
         """The local folder holding `uri`'s adapter, version `key` (None: the store's current
-        one; `sizes`, if given, its files' sizes from `version`), fetched if it is not cached;
-        kept from eviction until the block ends."""
+        one; `sizes`, if given, its files' sizes from `version`), fetched if it is not cached
+        (`demand`: for a waiting request, ahead of background fetches on the link); kept from
+        eviction until the block ends."""
         uri = normalize_uri(uri)
         if key is None:
             key, sizes = self.version(uri)
@@ -192,7 +230,8 @@ class NodeCache:
                         current, sizes = self.version(uri)
                         if current != key:
                             raise AdapterError(f"{name}: changed in the store since it was registered")
-                    self._download(uri, entry, name, sizes, tmp)
+                    with self.link.use(demand):
+                        self._download(uri, entry, name, sizes, tmp, demand)
                     self._count("node_cache_misses")
                     self._evict(objects, locks, keep=key)
                 os.utime(entry / MANIFEST)  # its last use
@@ -224,7 +263,7 @@ class NodeCache:
             shutil.rmtree(entry, ignore_errors=True)
             return False
 
-    def _download(self, uri: str, entry: Path, name: str, sizes: tuple[int, ...], tmp: Path) -> None:
+    def _download(self, uri: str, entry: Path, name: str, sizes: tuple[int, ...], tmp: Path, demand: bool) -> None:
         fs, path = self._fs(uri)
         begun = time.perf_counter()
         work = Path(tempfile.mkdtemp(dir=tmp))
@@ -232,7 +271,8 @@ class NodeCache:
             (work / name).mkdir()
             files = {}
             for file, size in zip(FILES, sizes, strict=True):
-                files[file] = {"size": size, "sha256": self._fetch(fs, f"{path}/{file}", work / name / file, size)}
+                digest = self._fetch(fs, f"{path}/{file}", work / name / file, size, demand)
+                files[file] = {"size": size, "sha256": digest}
             (work / MANIFEST).write_text(json.dumps({"uri": uri, "files": files}))
             shutil.rmtree(entry, ignore_errors=True)
             os.rename(work, entry)
@@ -246,12 +286,14 @@ class NodeCache:
             self.bytes_fetched += sum(sizes)
             self.fetch_s += time.perf_counter() - begun
 
-    def _fetch(self, fs, path: str, dest: Path, size: int) -> str:
-        """Copy `path` (`size` bytes) to `dest` with parallel ranged reads; its sha256."""
+    def _fetch(self, fs, path: str, dest: Path, size: int, demand: bool) -> str:
+        """Copy `path` (`size` bytes) to `dest` with parallel ranged reads, each chunk taking
+        its turn on the link; its sha256."""
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
 
             def part(start: int) -> None:
+                self.link.turn(demand)
                 end = min(start + CHUNK_BYTES, size)
                 # One chunk is the whole object: no range (some HTTP servers ignore ranges).
                 data = fs.cat_file(path) if end - start == size else fs.cat_file(path, start=start, end=end)
@@ -305,6 +347,7 @@ class NodeCache:
                 **self.counters,
                 "bytes_remote_to_disk": self.bytes_fetched,
                 "node_cache_fetch_s": self.fetch_s,
+                "node_cache_link_yields": self.link.yielded,
                 "node_cache_budget": self.budget,
                 "node_cache_bytes": self.used_bytes(),
             }

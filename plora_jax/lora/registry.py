@@ -151,13 +151,14 @@ class Registry:
             raise AdapterError("this engine reads adapters from local folders only")
         return self.node_cache
 
-    def read(self, entry: AdapterEntry) -> HostCopy:
+    def read(self, entry: AdapterEntry, demand: bool = True) -> HostCopy:
         """Read and lay out `entry`'s weights (bad weights, or files changed since the entry was
-        made, raise AdapterError)."""
+        made, raise AdapterError). `demand`: a request waits for it (a fetch from the store then
+        goes ahead of prefetches on the link)."""
         if entry.path is None:
             raise AdapterError(f"adapter {entry.name!r} has no folder to read")
         if entry.source is not None:  # the registered version, from the node cache (fetched again if evicted)
-            with self._node_cache().open(entry.source, entry.version) as folder:
+            with self._node_cache().open(entry.source, entry.version, demand=demand) as folder:
                 _, adapter = read_adapter(entry.name, folder, self.model_config, self.max_rank, self.modules)
         else:
             _, adapter = read_adapter(

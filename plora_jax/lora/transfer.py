@@ -78,8 +78,8 @@ class Transfer(Protocol):
 
 
 class ThreadTransfer:
-    def __init__(self, read: Callable[[AdapterEntry], HostCopy], issue: Callable[[Job, HostCopy], tuple]):
-        self.read = read  # disk to host (the thread)
+    def __init__(self, read: Callable[[AdapterEntry, bool], HostCopy], issue: Callable[[Job, HostCopy], tuple]):
+        self.read = read  # disk to host (the thread): read(entry, demand)
         self.issue = issue  # host to device: the commit's arguments on the device, not waited on (the owner)
         self._jobs = {demand: queue.PriorityQueue() for demand in (True, False)}  # per reader thread
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -193,7 +193,7 @@ class ThreadTransfer:
                 return
             begun = time.perf_counter()
             try:
-                job.read = self.read(job.entry)
+                job.read = self.read(job.entry, job.kind == DEMAND)
                 job.bytes_disk = job.entry.live_bytes
             except Exception as e:
                 log.warning("loading adapter %r failed: %s", job.name, e)

@@ -55,15 +55,37 @@ def _dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
-def cache_key(source: Path, dtype) -> str:
-    files = (
-        [source]
-        if source.is_file()
-        else sorted(
-            [p for p in source.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")]
-            + [source / f for f in _HF_FILES if (source / f).is_file()]
-        )
+def _source_files(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    return sorted(
+        [p for p in source.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")]
+        + [source / f for f in _HF_FILES if (source / f).is_file()]
     )
+
+
+def content_key(source: Path, dtype, local_key: str, root: Path) -> str:
+    """A key of the model's bytes (sha256 of its files), the same on every node: what the shared
+    compile cache's parameter entries are named by. Hashed once per local file identity
+    (`local_key`), remembered under the cache root."""
+    memo = root / "params" / f"content-{local_key}.txt"
+    with contextlib.suppress(OSError):
+        return memo.read_text().strip()
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{_dtype_name(dtype)}".encode())
+    for f in _source_files(source):
+        digest.update(f"|{f.name}|".encode())
+        with open(f, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    key = digest.hexdigest()[:16]
+    with contextlib.suppress(OSError):
+        private_dir(memo.parent, root)
+        memo.write_text(key)
+    return key
+
+
+def cache_key(source: Path, dtype) -> str:
+    files = _source_files(source)
     digest = hashlib.sha256(f"{CACHE_FORMAT}|{_dtype_name(dtype)}".encode())
     for f in files:
         st = f.stat()
@@ -106,13 +128,13 @@ def _save_entry(entry: Path, config: ModelConfig, params: dict, tokenizer: Token
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _pull_entry(shared: SharedCache, entry: Path) -> None:
+def _pull_entry(shared: SharedCache, name: str, entry: Path) -> None:
     """A fresh node: the shared cache's entry for this model, verified file by file, moved into
     place whole (COMPLETE comes with it)."""
     partial = entry.with_name(f"{entry.name}.pull{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     private_dir(partial, entry.parent.parent)
-    if shared.pull("params", entry.name, None, partial) is not None and (partial / "COMPLETE").is_file():
+    if shared.pull("params", name, None, partial) is not None and (partial / "COMPLETE").is_file():
         with contextlib.suppress(OSError):  # another process put it in place first
             os.replace(partial, entry)
     shutil.rmtree(partial, ignore_errors=True)
@@ -146,8 +168,13 @@ def load_model(
     source = resolve_model(name_or_path, cache_dir)
     start = time.perf_counter()
     entry = cache_root(cache_dir) / "params" / f"{source.stem}-{_dtype_name(dtype)}-{cache_key(source, dtype)}"
-    if use_cache and shared is not None and not (entry / "COMPLETE").is_file():
-        _pull_entry(shared, entry)
+    shared_name = None
+    if use_cache and shared is not None:  # named by content: the local key holds this node's inodes
+        shared_name = (
+            f"{source.stem}-{_dtype_name(dtype)}-{content_key(source, dtype, entry.name, cache_root(cache_dir))}"
+        )
+        if not (entry / "COMPLETE").is_file():
+            _pull_entry(shared, shared_name, entry)
     if use_cache and (entry / "COMPLETE").is_file():
         try:
             config, params, tokenizer = _restore_entry(entry, dtype)
@@ -166,9 +193,9 @@ def load_model(
             except OSError as e:
                 log.warning("could not write the parameter cache at %s (%s)", entry, e)
                 return
-            if shared is not None:
+            if shared_name is not None:
                 names = sorted(str(p.relative_to(entry)) for p in entry.rglob("*") if p.is_file())
-                shared.publish("params", entry.name, None, entry, names)
+                shared.publish("params", shared_name, None, entry, names)
 
         if save_in_background:
             threading.Thread(target=save, name="plora-param-cache").start()
