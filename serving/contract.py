@@ -95,9 +95,10 @@ class ServingEngine(Protocol):
     def adapters(self, timeout: float | None = None) -> list[AdapterListing]:
         """Every registered adapter; `timeout`: seconds to wait for the engine (TimeoutError)."""
 
-    def add_adapter(self, name: str, path: Path, timeout: float | None = None) -> dict:
-        """Register a PEFT folder (already confined by the caller); AdapterError (its `field`
-        "name" or "path") if it is bad, TimeoutError past `timeout` waiting for the engine."""
+    def add_adapter(self, name: str, path: Path | str, timeout: float | None = None) -> dict:
+        """Register a PEFT folder or a store's URI (already confined by the caller); AdapterError
+        (its `field` "name" or "path"; SourceUnavailable when the store cannot be read) if it is
+        bad, TimeoutError past `timeout` waiting for the engine."""
 
     def remove_adapter(self, name: str, timeout: float | None = None) -> None:
         """Unregister; ValueError if `name` is not registered, TimeoutError past `timeout`."""

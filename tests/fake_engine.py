@@ -92,7 +92,7 @@ class FakeEngine:
     def adapters(self, timeout: float | None = None) -> list[dict]:
         return [{"name": n, "path": str(p), "rank": 8, "residency": "disk"} for n, p in self.registered.items()]
 
-    def add_adapter(self, name: str, path: Path, timeout: float | None = None) -> dict:
+    def add_adapter(self, name: str, path: Path | str, timeout: float | None = None) -> dict:
         if not (Path(path) / "adapter_config.json").is_file():
             raise AdapterError(f"{Path(path).name}/adapter_config.json: missing")
         self.registered[name] = Path(path)

@@ -58,6 +58,7 @@ def cluster(tmp_path_factory):
 
     from serving.app import ServerState, build_app
     from serving.cluster import ClusterConfig, start
+    from serving.sources import AdapterSources
 
     root = tmp_path_factory.mktemp("cluster")
     model_config, _ = write_tiny_gguf(root / "tiny.gguf")
@@ -114,7 +115,7 @@ def cluster(tmp_path_factory):
     local = Engine.from_pretrained(engine_config.model, **options)
     local.add_adapter_dir(adapters)
     single_port = free_port()
-    state = ServerState(local, "tiny", [adapters.resolve()], None, max_queue=64)
+    state = ServerState(local, "tiny", AdapterSources.of([str(adapters)]), None, max_queue=64)
     server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=single_port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

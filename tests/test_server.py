@@ -25,6 +25,7 @@ from plora_jax import Engine, SamplingParams  # noqa: E402
 from plora_jax.config import smollm2_135m  # noqa: E402
 from plora_jax.lora.peft import save_random_adapter  # noqa: E402
 from serving.app import ServerState, build_app  # noqa: E402
+from serving.sources import AdapterSources  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a live server over the real model
 
@@ -49,7 +50,7 @@ def server(smollm_path, tmp_path_factory):
     # cache instead of being compiled again.
     engine = Engine.from_pretrained(str(smollm_path), dtype="float32", warmup=False, policy="lru")
     engine.add_adapter_dir(root)
-    state = ServerState(engine, "llama", [root.resolve()], None, max_queue=64)
+    state = ServerState(engine, "llama", AdapterSources.of([str(root)]), None, max_queue=64)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
