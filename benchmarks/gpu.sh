@@ -5,8 +5,10 @@
 #      transformers on the same GPU (skipped if transformers is not installed there),
 #   3. the decode step at 32 rows and 512 context beside its weight matmuls alone,
 #   4. a measured cost profile for the simulator (benchmarks.gpu_profile: step terms fitted to
-#      recorded steps, host-to-device and disk rates of real adapter loads).
-# Results land in $OUT (or ./gpu-results): gpu_tests.log, gpu_throughput.json, gpu_profile.json, gpu.log.
+#      recorded steps, host-to-device and disk rates of real adapter loads),
+#   5. the adapter load path against a raw device_put from pinned host memory (benchmarks.load_path).
+# Results land in $OUT (or ./gpu-results): gpu_tests.log, gpu_throughput.json, gpu_profile.json,
+# load_path.json, gpu.log.
 # `bash benchmarks/gpu.sh --cpu-check` runs the same steps at tiny shapes on a CPU (CI does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +20,13 @@ PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
 PRESET=llama3_8b
 CONCURRENCY=(1 8 32 64)
+LOAD_PRESET=smollm2_135m
+LOAD_RANKS=8,16,32,64,128
 if [[ "${1:-}" == "--cpu-check" ]]; then
   PRESET=tiny
   CONCURRENCY=(2)
+  LOAD_PRESET=tiny
+  LOAD_RANKS=8
 fi
 {
   "$PYTHON" -c 'import jax; print("jax", jax.__version__, jax.devices())'
@@ -45,5 +51,9 @@ fi
     || { echo "FAILED: benchmarks.gpu_throughput"; failed=1; }
   "$PYTHON" -m benchmarks.gpu_profile --preset "$PRESET" --rows "${CONCURRENCY[-1]}" --json "$OUT/gpu_profile.json" \
     || { echo "FAILED: benchmarks.gpu_profile"; failed=1; }
+  # The adapter load path against a raw device_put from pinned host memory (SmolLM2 shapes: the
+  # adapter's bytes matter here, not the model's).
+  "$PYTHON" -m benchmarks.load_path --preset "$LOAD_PRESET" --ranks "$LOAD_RANKS" --json "$OUT/load_path.json" \
+    || { echo "FAILED: benchmarks.load_path"; failed=1; }
   exit "$failed"
 } 2>&1 | tee "$OUT/gpu.log"

@@ -8,7 +8,8 @@ written to disk, then, in one run on one engine (driven on this thread, no loop 
   of `--repeats` loads (each after `reset_adapters`, the host copy put back by reading the
   folder again);
 - **raw**: `jax.device_put` of the same page arrays and `block_until_ready`, best of
-  `--repeats`. On CPU the host pages are 64-byte aligned, so this shares their buffers and
+  `--repeats` (on a GPU, from page-locked host memory: the arrays are put in `pinned_host`
+  first, untimed). On CPU the host pages are 64-byte aligned, so this shares their buffers and
   copies nothing; `memcpy` (one host copy of the bytes) is printed beside it as the floor for
   any path that writes the bytes into a pool;
 - **split**: the same work timed piece by piece through the library's public functions:
@@ -40,19 +41,19 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure(ranks: list[int], repeats: int, folder: Path) -> list[dict]:
+def measure(ranks: list[int], repeats: int, folder: Path, preset: str = "smollm2_135m") -> list[dict]:
     import jax.numpy as jnp
 
     from plora_jax import Engine
-    from plora_jax.config import smollm2_135m
+    from plora_jax import config as presets
     from plora_jax.models.llama import init_params
 
-    config = smollm2_135m()
+    config = getattr(presets, preset)()
     params = init_params(config, jnp.float32, seed=0, scale=0.02)
     max_rank = max(ranks)
     engine = Engine.from_params(
         config, params, start=False, warmup=False, max_model_len=256, num_kv_blocks=32, max_loras=2,
-        max_lora_rank=max_rank, lora_pool_mb=2 * max_rank + 16, host_cache_mb=4096,
+        max_lora_rank=max_rank, lora_pool_pages=2 * -(-max_rank // 8) + 2, host_cache_mb=4096, dtype="float32",
     )  # fmt: skip
     try:
         return [_row(engine, config, rank, folder, repeats) for rank in ranks]
@@ -90,9 +91,12 @@ def _row(engine, config, rank: int, folder: Path, repeats: int) -> dict:
     a_pages, b_pages, _ = layout_pages(adapter, config, rows, np.float32, TARGET_MODULES)
     arrays = [*a_pages.values(), *b_pages.values()]
     nbytes = sum(a.nbytes for a in arrays)
-    # may_alias=False: on CPU a plain device_put may alias the numpy buffer (no copy at all);
-    # the raw figure is one copy of the bytes onto the device, as on an accelerator.
-    raw_s = _best(lambda: jax.block_until_ready(jax.device_put(arrays, may_alias=False)), repeats)
+    device = jax.devices()[0]
+    if device.platform == "gpu":  # the raw figure on a GPU: a DMA from page-locked host memory
+        pinned = jax.device_put(arrays, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
+        raw_s = _best(lambda: jax.block_until_ready(jax.device_put(pinned, device)), repeats)
+    else:
+        raw_s = _best(lambda: jax.block_until_ready(jax.device_put(arrays)), repeats)
     copy_s = _best(lambda: [a.copy() for a in arrays], repeats)  # one host memcpy of the bytes
     split = {"read": read_s, "layout": layout_s, "transfer": raw_s, "commit": max(0.0, engine_s - raw_s)}
     return {
@@ -112,6 +116,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="8,16,32,64,128")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--preset", default="smollm2_135m", choices=["smollm2_135m", "llama3_8b", "tiny"])
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
 
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
 
     ranks = [int(r) for r in args.ranks.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(ranks, args.repeats, Path(tmp))
+        rows = measure(ranks, args.repeats, Path(tmp), args.preset)
     print(f"machine: {machine()}")
     print(f"{'rank':>5} {'MB':>7} {'engine GB/s':>12} {'raw GB/s':>9} {'engine/raw':>10} {'/memcpy':>8}   split (ms)")
     for r in rows:
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
             f"{r['raw_bytes_per_s'] / 1e9:>9.2f} {r['engine_over_raw']:>10.2f} "
             f"{r['engine_over_memcpy']:>8.2f}   {split}"
         )
-    write_json(args.json, {"machine": machine(), "model": "smollm2-135m shapes", "rows": rows})
+    write_json(args.json, {"machine": machine(), "model": f"{args.preset} shapes", "rows": rows})
     return 0
 
 

@@ -60,6 +60,8 @@ def measure_server(
     then, before stopping it, waits until the shared compile cache holds every kind of entry."""
     import httpx
 
+    from serving.main import ServerConfig, served_name
+
     port = _free_port()
     command = [sys.executable, "-m", "serving.main", "--model", model_path, "--port", str(port)]
     command += ["--cache-dir", cache_dir, "--compile-cache", shared, "--log-level", log_level]
@@ -80,13 +82,15 @@ def measure_server(
                 time.sleep(0.05)
         port_s = time.perf_counter() - start
         body = {
-            "model": model_path,
+            "model": served_name(ServerConfig(), model_path),  # a path is served by its file name
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 8,
             "stream": True,
         }
         first_token_s = None
         with httpx.Client(timeout=timeout_s) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"the first request got {r.status_code}: {r.read()[:500]!r}")
             for line in r.iter_lines():
                 if not line.startswith("data:") or line == "data: [DONE]" or first_token_s is not None:
                     continue

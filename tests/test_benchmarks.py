@@ -32,6 +32,8 @@ def test_gpu_script_runs_its_steps_at_tiny_shapes_on_cpu(tmp_path):
     one_row = StepShape(1, 1, 0, 0, 0, False)
     assert profile["fit_steps"] > 10 and Calibration(**profile).step_s(one_row) > 0
     assert profile["h2d_bytes_per_s"] > 0 and profile["bytes_per_rank"] > 0
+    load = json.loads((tmp_path / "load_path.json").read_text())["rows"]
+    assert [r["rank"] for r in load] == [8] and load[0]["engine_bytes_per_s"] > 0
 
 
 def test_the_soak_runs_a_live_server_and_counts_every_stream(tmp_path):

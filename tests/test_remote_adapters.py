@@ -126,7 +126,10 @@ def test_eviction_keeps_the_budget_and_never_removes_an_adapter_being_read(s3, s
     assert not held.exists()
 
 
-def test_a_name_without_an_object_is_not_found_and_a_store_gone_is_unavailable(s3, store, tmp_path):
+def test_a_name_without_an_object_is_not_found_and_a_store_gone_is_unavailable(s3, store, tmp_path, monkeypatch):
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # a store that is gone fails at once, not after backoff
     _, uris = store
     proxy = ThrottledProxy(s3.port)
     cache = node_cache(s3, tmp_path / "node", proxy.url)
@@ -222,17 +225,19 @@ def test_two_processes_asking_at_once_download_once_and_both_read_it(s3, store, 
     assert [r["rank"] for r in results] == [8, 8]
 
 
-def test_unknown_names_resolve_from_the_template_over_http(s3, store, tmp_path):
+def test_unknown_names_resolve_from_the_template_over_http(s3, store, tmp_path, monkeypatch):
     """--adapter-source: a name in the bucket is fetched on its first request (concurrent
     requests share one fetch), a name without an object is 404 naming the model, and once the
     store is gone new names are 503 while registered ones keep serving. load_lora_adapter takes
     URIs inside the configured prefix only."""
+    import s3fs
     from asgi_helpers import call_app
     from fastapi.testclient import TestClient
 
     from serving.app import ServerState, build_app
     from serving.sources import AdapterSources
 
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # a store that is gone fails at once
     gguf = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf, config=CFG)  # the adapters' model, with a tokenizer
     proxy = ThrottledProxy(s3.port, latency_s=0.05)

@@ -32,8 +32,8 @@ jax.monitoring.register_event_duration_secs_listener(
 from plora_jax import Engine, SamplingParams
 gguf, cache, shared = sys.argv[1:]
 engine = Engine.from_pretrained(
-    gguf, cache_dir=cache, compile_cache=shared, max_loras=2, lora_pool_pages=20, policy="lru", max_model_len=96,
-    num_kv_blocks=40, block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
+    gguf, cache_dir=cache, compile_cache=shared, max_loras=2, lora_pool_pages=20, policy="lru", max_model_len=64,
+    num_kv_blocks=24, block_size=8, max_num_seqs=2, max_num_batched_tokens=16, max_prefill_seqs=1,
 )
 engine.runner.plan.complete.wait()
 out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0))[0]
