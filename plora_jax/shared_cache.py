@@ -27,13 +27,14 @@ protection as the model and the adapters' store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+
+from .trusted_cache import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class SharedCache:
                 want, local = manifest["files"][name], dest / name
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(f"{self.root}/{kind}/{key}/{manifest['writer']}/{name}", str(local))
-                if local.stat().st_size != want["size"] or _sha256(local) != want["sha256"]:
+                if local.stat().st_size != want["size"] or sha256_file(local) != want["sha256"]:
                     raise ValueError(f"{name}: size or sha256 differs from the manifest")
         except Exception as e:  # a damaged or half-deleted entry: build locally
             log.warning(
@@ -107,7 +108,7 @@ class SharedCache:
                 path = f"{base}/{writer}/{name}"
                 self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
                 self.fs.put_file(str(src / name), path)
-                listing[name] = {"size": (src / name).stat().st_size, "sha256": _sha256(src / name)}
+                listing[name] = {"size": (src / name).stat().st_size, "sha256": sha256_file(src / name)}
             manifest = {"fingerprint": dict(fingerprint or {}), "writer": writer, "files": listing}
             self.fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(manifest, indent=1).encode())  # last: the entry is whole
         except Exception as e:  # a full or read-only store: this node keeps its own
@@ -115,14 +116,6 @@ class SharedCache:
             return False
         self.published += len(names)
         return True
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shared_cache(config) -> SharedCache | None:

@@ -40,6 +40,15 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("PLORA_CACHE") or Path.home() / ".cache" / "plora").expanduser()
 
 
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def private_dir(path: Path, root: Path) -> Path:
     """Create `path` (below or equal to `root`) and any missing folder up to it, each 0700."""
     path, root = Path(path), Path(root)

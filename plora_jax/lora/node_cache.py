@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ..limits import MAX_CONFIG_BYTES, MAX_PATH_CHARS
 from ..metrics import NODE_CACHE_COUNTERS
-from ..trusted_cache import private_dir
+from ..trusted_cache import private_dir, sha256_file
 from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 
 FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -73,14 +73,6 @@ def normalize_uri(uri: str) -> str:
     if not scheme.isalnum() or any(p in ("", ".", "..") for p in parts):
         raise AdapterError(f"adapter URI {uri!r} has an empty, '.' or '..' part")
     return f"{scheme}://{'/'.join(parts)}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _identity(st: os.stat_result) -> tuple:
@@ -251,7 +243,7 @@ class NodeCache:
                 with self._lock:
                     known = self._verified.get(str(path)) == identity
                 if not known:
-                    if _sha256(path) != want["sha256"]:
+                    if sha256_file(path) != want["sha256"]:
                         raise ValueError(f"{file}: sha256")
                     with self._lock:
                         self._verified[str(path)] = identity
@@ -306,7 +298,7 @@ class NodeCache:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return _sha256(dest)
+        return sha256_file(dest)
 
     def _evict(self, objects: Path, locks: Path, keep: str) -> None:
         """Delete least recently used entries nobody is reading until the cache fits its budget."""
