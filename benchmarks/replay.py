@@ -29,11 +29,15 @@ start on demand and stop after `--keep-alive-s` (scale to zero with 0); the cost
 a warm engine. `--warmup-minutes N` (sim) replays the N trace minutes before `--start-minute`
 first and measures only the minutes after them (`plora_jax.serverless.workload`): steady state,
 with a warm pool and forecasters that have history, rather than a service's first minutes.
+`--adapter-store s3` (live) puts the adapters in moto's S3 server on 127.0.0.1 behind a link of
+`--store-latency-ms` and `--store-mb-s`; the engines register them from there, and every
+policy starts with empty node caches, so each adapter's first use fetches it over that link.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -70,6 +74,11 @@ class ReplayConfig:
     max_lora_rank: int = 64
     host_cache_mb: float = 4096.0
     adapter_dir: str = ""  # live: folder for the random adapters ("": a temporary folder)
+    adapter_store: str = (
+        ""  # live: "" (adapters in a local folder) | "s3": moto's S3 server on 127.0.0.1 behind a throttled link
+    )
+    store_latency_ms: float = 50.0  # adapter_store s3: first-byte latency of each response
+    store_mb_s: float = 100.0  # adapter_store s3: the link's bytes/s, shared by every fetch
     compare: str = ""  # sim: a live replay JSON of the same workload; prints live/sim ratios
     json: str = ""  # write the results here
     plot: str = ""  # write the plots here (PNG)
@@ -319,6 +328,25 @@ def _label(point: Point) -> str:
     return budget + (f", load {point.load:g}" if point.load is not None else "")
 
 
+def remote_store(cfg: ReplayConfig, adapter_dir: Path, node_cache: Path, stores: contextlib.ExitStack):
+    """The adapters of `adapter_dir` in moto's S3 server on 127.0.0.1, reached through a proxy
+    of `store_latency_ms` and `store_mb_s`: their prefix, and the engine options that reach it
+    (a node cache in `node_cache`)."""
+    from benchmarks.stores import S3Server, ThrottledProxy
+
+    if cfg.adapter_store != "s3":
+        raise SystemExit(f"--adapter-store: '' or s3, got {cfg.adapter_store!r}")
+    s3 = S3Server("replay")
+    stores.callback(s3.stop)
+    proxy = ThrottledProxy(s3.port, cfg.store_latency_ms / 1e3, cfg.store_mb_s * 1e6)
+    stores.callback(proxy.stop)
+    for folder in sorted(adapter_dir.iterdir()):
+        if (folder / "adapter_config.json").is_file():
+            s3.upload(folder, f"adapters/{folder.name}")
+    options = dict(node_cache_dir=str(node_cache), adapter_source_options=s3.options(proxy.url))
+    return "s3://replay/adapters", options
+
+
 def run_point(cfg: ReplayConfig, point: Point, layouts: list[str], policies: list[str], profile):
     """Every policy at one point, per layout: {layout: {policy: Run}}, and (live) the cost
     profile measured from the first layout's runs."""
@@ -337,8 +365,8 @@ def run_point(cfg: ReplayConfig, point: Point, layouts: list[str], policies: lis
                 )
                 print(f"  {layout}/{policy}: {time.perf_counter() - start:.1f} s", flush=True)
         return runs, None
-    with tempfile.TemporaryDirectory(prefix="plora-replay-") as tmp:
-        adapter_dir = Path(cfg.adapter_dir or tmp)
+    with tempfile.TemporaryDirectory(prefix="plora-replay-") as tmp, contextlib.ExitStack() as stores:
+        adapter_dir = Path(cfg.adapter_dir) if cfg.adapter_dir else Path(tmp) / "adapters"
         for layout in layouts:
             model_config, make = engine_factory(cfg, layout, pool)
             if model_config is None:
@@ -346,8 +374,12 @@ def run_point(cfg: ReplayConfig, point: Point, layouts: list[str], policies: lis
                 model_config = probe.model_config
                 probe.close()
             live.write_adapters(workload, model_config, adapter_dir, TARGETS)
+            source = adapter_dir
+            if cfg.adapter_store:
+                source, remote = remote_store(cfg, adapter_dir, Path(tmp) / "node", stores)
+                make = lambda make=make, remote=remote, **kw: make(**(remote | kw))
             fleet = live.Fleet(
-                make, adapter_dir, workload, cfg.instances, cfg.min_instances, cfg.keep_alive_s,
+                make, source, workload, cfg.instances, cfg.min_instances, cfg.keep_alive_s,
                 record_steps=True, max_num_seqs=cfg.max_num_seqs,
             )  # fmt: skip
             with fleet:

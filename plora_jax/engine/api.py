@@ -472,14 +472,16 @@ class Engine:
         """The residency policy in use (None without adapters)."""
         return self.core.policy
 
-    def reset_adapters(self, adapter_loads: str | None = None) -> None:
+    def reset_adapters(self, adapter_loads: str | None = None, node_cache: bool = False) -> None:
         """Empty the adapter device pool and host cache (adapters stay registered), so that a
         benchmark replays policies one after another on one warm engine from the same cold
-        start; `adapter_loads` switches between "async" and "sync" (S-LoRA) loads. Call it idle."""
+        start; `adapter_loads` switches between "async" and "sync" (S-LoRA) loads; `node_cache`
+        also deletes the node cache's entries nobody is reading (remote adapters are then
+        fetched from their store again). Call it idle."""
         self._lora()
         if adapter_loads not in (None, "async", "sync"):
             raise ValueError(f"adapter_loads must be 'async' or 'sync', got {adapter_loads!r}")
-        self.core.call(lambda: self.core.reset_adapters(adapter_loads))
+        self.core.call(lambda: self.core.reset_adapters(adapter_loads, node_cache))
         if adapter_loads is not None:
             self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
 

@@ -642,10 +642,12 @@ class EngineCore:
                 if request.adapter == name:
                     request.adapter = retired
 
-    def reset_adapters(self, adapter_loads: str | None) -> None:
+    def reset_adapters(self, adapter_loads: str | None, reset_node_cache: bool = False) -> None:
         if self.scheduler.has_work() or self.scoring:
             raise RuntimeError("reset_adapters needs an idle engine (requests are running or waiting, or scoring)")
         self._set_pool(self.lora.clear(self.runner.state.lora))
+        if reset_node_cache:
+            self.lora.node_cache.clear()
         if adapter_loads is not None:
             self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
             self.gate.sync = adapter_loads == "sync"

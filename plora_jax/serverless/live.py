@@ -28,6 +28,7 @@ import numpy as np
 
 from ..engine.api import freeze_heap
 from ..engine.sampling import SamplingParams
+from ..lora.node_cache import is_remote
 from ..lora.peft import save_random_adapter
 from ..metrics import ADAPTER_COUNTERS, adapter_mem_util
 from ..names import BASELINE_POLICY
@@ -54,8 +55,10 @@ def _prompt(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
 
 class Fleet:
     """The engines of live replays. `make_engine(**overrides)` builds one engine; every engine
-    registers every adapter of `workload` from `adapter_dir`. The `min_instances` warm engines
-    start in `start` (or on entering the `with` block) and stay until `close`."""
+    registers every adapter of `workload` from `adapter_dir` (a folder, or a store's prefix:
+    then every replay starts with the engines' node caches emptied, so first uses fetch
+    again). The `min_instances` warm engines start in `start` (or on entering the `with`
+    block) and stay until `close`."""
 
     def __init__(
         self,
@@ -71,7 +74,10 @@ class Fleet:
         min_instances = instances if min_instances is None else min_instances
         if instances < 1 or not 0 <= min_instances <= instances:
             raise ValueError(f"need 0 <= min_instances <= instances >= 1, got {min_instances}, {instances}")
-        self.make_engine, self.adapter_dir, self.workload = make_engine, Path(adapter_dir), workload
+        self.make_engine, self.workload = make_engine, workload
+        # A store's prefix (s3://...) stays a string; each replay then starts from an empty node cache.
+        self.remote = is_remote(adapter_dir)
+        self.adapter_dir = adapter_dir if self.remote else Path(adapter_dir)
         self.instances, self.min_instances, self.keep_alive_s = instances, min_instances, keep_alive_s
         self.record_steps = record_steps
         self.max_num_seqs = max_num_seqs  # an instance's rows (the routing rule's capacity), from its engines once up
@@ -163,7 +169,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
         # The new policy first (the last one stops here), then the cold state it starts from.
         slot.engine.set_policy(policies[id(slot)])
         policies[id(slot)].wait_ready(60.0)  # a forecaster compiles before the clock starts, not under traffic
-        slot.engine.reset_adapters(loads)
+        slot.engine.reset_adapters(loads, node_cache=fleet.remote)
         before[id(slot)] = slot.engine.stats(fresh=True)
         if fleet.record_steps:
             slot.engine.recorded_steps()  # forget the reset's and warm-up's steps
@@ -341,6 +347,8 @@ _EXTRA = (
     *("compiles_after_warmup", "adapter_loads", "adapter_load_s_total"),
     *(f"adapter_transfer_{what}_from_{tier}" for what in ("s", "bytes") for tier in ("host", "disk")),
     *("policy_fallbacks", "adapter_live_byte_s", "adapter_reserved_byte_s", "stall_s"),
+    # The remote link, when adapters come from a store (lora.node_cache; 0 for local folders).
+    *("node_cache_misses", "node_cache_hits", "bytes_remote_to_disk", "node_cache_fetch_s", "node_cache_link_yields"),
 )
 _COUNTED = (*ADAPTER_COUNTERS, *_EXTRA)  # what a replay reports as its engines' deltas
 

@@ -165,6 +165,8 @@ COLUMNS = (
     ("prefetch_precision", "pf prec", "{:.2f}"),
     ("prefetch_recall", "pf recall", "{:.2f}"),
     ("bytes_host_to_device", "MB h2d", None),
+    ("node_cache_misses", "store fetches", "{:d}"),  # live: adapters fetched from their store (0 from folders)
+    ("bytes_remote_to_disk", "MB store", None),
     ("compiles_after_warmup", "compiles", "{:d}"),  # the simulator compiles nothing: always 0
 )
 
