@@ -199,6 +199,9 @@ class EngineConfig:
     warmup: bool = True  # build every executable at start (serving begins once the smallest set is ready)
     compilation_cache: bool = True  # executables cached under <cache>/executables: restarts compile nothing
     compile_cache: str = ""  # a folder or store prefix every node shares: executables and parameters a fresh node pulls
+    compile_cache_key: str = (
+        ""  # a file holding the nodes' secret: entries are signed, and code is pulled only if signed
+    )
     attention_implementation: str = "auto"  # "auto" | "xla" | "cpu" (C++ kernel) | "pallas_gpu" | "pallas_tpu"
     seed: int = 0  # seeds requests that bring no seed of their own
     cache_dir: str | None = None  # None: $PLORA_CACHE or ~/.cache/plora

@@ -20,15 +20,22 @@ done, if no manifest is there yet: files first, under its own writer id, then th
 so a reader never sees a half-written entry and two writers never mix their files (the last
 manifest wins; each is whole).
 
-Trust: executables are code. Whoever can write the shared cache can run code on every node that
-reads it, as whoever can write the model file can change every answer: give it the same
-protection as the model and the adapters' store.
+Trust: executables and the kernel are code, and a pulled file is sealed with this node's own
+MAC, so the shared cache must not be writable by whoever could plant one. Entries are signed:
+with `compile_cache_key` (a file holding a secret shared by the nodes, never stored in the
+cache) every manifest a node publishes carries an HMAC-SHA256 of its contents, and a node pulls
+only entries whose HMAC matches. Without a key nothing is pulled that runs as code (executables,
+kernels): only the parameters, which are data. The sha256s in a manifest catch damage; the
+HMAC is what keeps a writer without the key out.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -39,18 +46,38 @@ from .trusted_cache import sha256_file
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CODE = ("executables", "kernels")  # kinds whose files run as code on the node that loads them
 
 
 class SharedCache:
     """Pulls and publishes cache entries at `uri` (a folder or an fsspec URI)."""
 
-    def __init__(self, uri: str, options: Mapping[str, dict] | None = None):
-        import fsspec  # a dependency of orbax and of the `remote` extra
+    def __init__(self, uri: str, options: Mapping[str, dict] | None = None, key: bytes | None = None):
+        import fsspec
 
         self.uri = uri.rstrip("/")
         protocol = self.uri.partition("://")[0] if "://" in self.uri else "file"
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **dict(options or {}).get(protocol, {}))
+        self.key = key  # signs and checks manifests (None: code is never pulled)
         self.pulled = self.published = 0  # files, this process
+
+    def _mac(self, manifest: Mapping) -> str:
+        body = json.dumps({k: v for k, v in manifest.items() if k != "mac"}, sort_keys=True).encode()
+        return hmac.new(self.key or b"", body, hashlib.sha256).hexdigest()
+
+    def _trusted(self, kind: str, key: str, manifest: Mapping) -> bool:
+        """Whether an entry may be pulled: signed with our key, if we have one; code only then."""
+        if self.key is None:
+            if kind in CODE:
+                log.warning("shared compile cache: %s not pulled without compile_cache_key (they are code)", kind)
+                return False
+            return True
+        if not isinstance(manifest.get("mac"), str) or not hmac.compare_digest(manifest["mac"], self._mac(manifest)):
+            log.warning(
+                "shared compile cache entry %s/%s/%s is not signed with our key; ignoring it", self.uri, kind, key
+            )
+            return False
+        return True
 
     def _manifest(self, kind: str, key: str) -> dict | None:
         try:
@@ -67,7 +94,7 @@ class SharedCache:
         """Download entry `key`'s files into the folder `dest` (created), each verified; their
         names, or None (and nothing usable in `dest`) if there is no entry that fits."""
         manifest = self._manifest(kind, key)
-        if manifest is None:
+        if not isinstance(manifest, dict) or not self._trusted(kind, key, manifest):
             return None
         if fingerprint is not None and manifest.get("fingerprint") != dict(fingerprint):
             log.warning(
@@ -76,6 +103,8 @@ class SharedCache:
             )  # fmt: skip
             return None
         try:
+            if not re.fullmatch(r"[0-9a-f]{16}", str(manifest["writer"])):
+                raise ValueError(f"writer {str(manifest['writer'])[:40]!r} is not a writer id")
             names = list(manifest["files"])
             for name in names:
                 parts = name.split("/")
@@ -110,6 +139,8 @@ class SharedCache:
                 self.fs.put_file(str(src / name), path)
                 listing[name] = {"size": (src / name).stat().st_size, "sha256": sha256_file(src / name)}
             manifest = {"fingerprint": dict(fingerprint or {}), "writer": writer, "files": listing}
+            if self.key is not None:
+                manifest["mac"] = self._mac(manifest)
             self.fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(manifest, indent=1).encode())  # last: the entry is whole
         except Exception as e:  # a full or read-only store: this node keeps its own
             log.warning("could not publish %s/%s to the shared compile cache (%s: %s)", kind, key, type(e).__name__, e)
@@ -119,5 +150,13 @@ class SharedCache:
 
 
 def shared_cache(config) -> SharedCache | None:
-    """The shared compile cache an `EngineConfig` names (None when it names none)."""
-    return SharedCache(config.compile_cache, config.source_options()) if config.compile_cache else None
+    """The shared compile cache an `EngineConfig` names (None when it names none), with the
+    key its `compile_cache_key` file holds."""
+    if not config.compile_cache:
+        return None
+    key = None
+    if config.compile_cache_key:
+        key = Path(config.compile_cache_key).expanduser().read_bytes().strip()
+        if len(key) < 16:
+            raise ValueError(f"compile_cache_key: {config.compile_cache_key} holds fewer than 16 bytes")
+    return SharedCache(config.compile_cache, config.source_options(), key)

@@ -21,13 +21,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plora_jax.limits import MAX_NAME_CHARS
 from plora_jax.lora.node_cache import AdapterNotFound, SourceUnavailable, is_remote, normalize_uri
 from plora_jax.lora.peft import AdapterError
 
 from .contract import ServingEngine
 from .protocol import ApiError
 
-NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # one path part a template may take
+NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}")  # one path part a template may take
 ENGINE_CALL_S = 30.0  # longest an endpoint waits for the engine's loop (then 503): a hung loop holds no thread
 
 

@@ -149,16 +149,16 @@ def test_a_name_without_an_object_is_not_found_and_a_store_gone_is_unavailable(s
 
 
 def test_a_demand_fetch_goes_ahead_of_prefetches_already_on_the_link(s3, tmp_path, monkeypatch):
-    """Two prefetches (background fetches) of large adapters start on a slow shared link; a
-    demand fetch started once they are moving bytes finishes first: the prefetches wait
-    between chunks while it runs, then finish."""
+    """Two prefetches (background fetches) start on a slow shared link; a demand fetch of an
+    adapter as large, started once they are moving bytes, finishes first: the prefetches wait
+    between chunks while it runs, then finish. (Without the link's turns it would finish last.)"""
     import threading
 
     from plora_jax.lora import node_cache as node_cache_module
 
     big = {n: write_peft_adapter(tmp_path / "src" / n, CFG, 64, seed=7 + i) for i, n in enumerate(("p1", "p2"))}
-    small = write_peft_adapter(tmp_path / "src" / "d", CFG, 8, seed=9)
-    uris = {n: s3.upload(f, f"link/{n}") for n, f in (*big.items(), ("d", small))}
+    same = write_peft_adapter(tmp_path / "src" / "d", CFG, 64, seed=9)  # as large: it wins only by its turn
+    uris = {n: s3.upload(f, f"link/{n}") for n, f in (*big.items(), ("d", same))}
     weights = (big["p1"] / "adapter_model.safetensors").stat().st_size
     monkeypatch.setattr(node_cache_module, "CHUNK_BYTES", 4096)  # many chunks: many turns on the link
     proxy = ThrottledProxy(s3.port, latency_s=0.01, bytes_per_s=weights / 1.5)  # a prefetch alone: ~1.5 s

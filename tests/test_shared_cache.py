@@ -20,6 +20,8 @@ from remote_store import S3Server
 from plora_jax.config import tiny
 from plora_jax.shared_cache import SharedCache
 
+KEY = b"0123456789abcdef0123456789abcdef"  # the nodes' shared secret (compile_cache_key)
+
 # A fresh process: a LoRA engine from a GGUF (warm-up on), one request; the plan's counters and
 # every backend compile the process ran (jax.monitoring, all threads).
 _START = """
@@ -30,10 +32,11 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda event, duration, **kw: compiles.append(event) if event == COMPILE else None
 )
 from plora_jax import Engine, SamplingParams
-gguf, cache, shared = sys.argv[1:]
+gguf, cache, shared, key = sys.argv[1:]
 engine = Engine.from_pretrained(
-    gguf, cache_dir=cache, compile_cache=shared, max_loras=2, lora_pool_pages=20, policy="lru", max_model_len=64,
-    num_kv_blocks=24, block_size=8, max_num_seqs=2, max_num_batched_tokens=16, max_prefill_seqs=1,
+    gguf, cache_dir=cache, compile_cache=shared, compile_cache_key=key, max_loras=2, lora_pool_pages=20,
+    policy="lru", max_model_len=64, num_kv_blocks=24, block_size=8, max_num_seqs=2, max_num_batched_tokens=16,
+    max_prefill_seqs=1,
 )
 engine.runner.plan.complete.wait()
 out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0))[0]
@@ -44,10 +47,9 @@ print(json.dumps({"compiled": stats["compiled"], "loaded": stats["loaded"], "pul
 """
 
 
-def start(gguf: Path, cache: Path, shared: Path) -> tuple[dict, str]:
-    out = subprocess.run(
-        [sys.executable, "-c", _START, str(gguf), str(cache), str(shared)], capture_output=True, text=True, check=True
-    )
+def start(gguf: Path, cache: Path, shared: Path | str, key: Path | str) -> tuple[dict, str]:
+    args = [str(gguf), str(cache), str(shared), str(key)]
+    out = subprocess.run([sys.executable, "-c", _START, *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
 
@@ -57,8 +59,9 @@ def test_a_fresh_node_with_a_warm_shared_cache_compiles_nothing(tmp_path):
     its own local caches, so this is also the check that a restart compiles nothing."""
     gguf = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf, config=tiny())
-    shared = tmp_path / "shared"
-    first, _ = start(gguf, tmp_path / "node1", shared)
+    shared, key = tmp_path / "shared", tmp_path / "cache.key"
+    key.write_text(KEY.decode())
+    first, _ = start(gguf, tmp_path / "node1", shared, key)
     assert first["compiled"] == first["executables"] > 0 and first["pulled"] == 0
     for kind in ("executables", "params", "kernels"):
         assert len(list((shared / kind).glob("*/manifest.json"))) == 1, kind
@@ -66,11 +69,13 @@ def test_a_fresh_node_with_a_warm_shared_cache_compiles_nothing(tmp_path):
     copy = tmp_path / "node2-model" / "tiny.gguf"  # another node's copy of the model: another inode
     copy.parent.mkdir()
     shutil.copyfile(gguf, copy)
-    fresh, _ = start(copy, tmp_path / "node2", shared)  # another node: its own caches are empty
+    fresh, _ = start(copy, tmp_path / "node2", shared, key)  # another node: its own caches are empty
     assert fresh["pulled"] == fresh["executables"] and fresh["loaded"] == fresh["executables"]
     assert fresh["compiled"] == 0 and fresh["process_compiles"] == 0, "a fresh node compiled something"
     assert fresh["tokens"] == first["tokens"]
     assert list((tmp_path / "node2" / "params").glob("*/COMPLETE")) and list((tmp_path / "node2").glob("kernels/*.so"))
+    restart, _ = start(gguf, tmp_path / "node1", "", "")  # a restart on the first node: its own cache only
+    assert restart["compiled"] == 0 and restart["pulled"] == 0 and restart["process_compiles"] == 0
 
 
 def test_a_shared_entry_for_another_environment_is_ignored_with_a_warning(tmp_path, caplog):
@@ -78,7 +83,7 @@ def test_a_shared_entry_for_another_environment_is_ignored_with_a_warning(tmp_pa
     from plora_jax.engine.compile_plan import ExecutableCache
 
     fingerprint = {"jax": "1", "model": "m"}
-    shared = SharedCache(str(tmp_path / "shared"))
+    shared = SharedCache(str(tmp_path / "shared"), key=KEY)
     (tmp_path / "built").mkdir()
     (tmp_path / "built" / "decode-1.xexe").write_bytes(b"payload")
     key = ExecutableCache(tmp_path / "node0", fingerprint).key
@@ -87,6 +92,34 @@ def test_a_shared_entry_for_another_environment_is_ignored_with_a_warning(tmp_pa
         cache = ExecutableCache(tmp_path / "node1", fingerprint, shared)
     assert cache.pulled == 0 and not list(cache.dir.glob("*.xexe"))
     assert "made for another configuration or environment" in caplog.text
+
+
+def test_code_is_pulled_only_from_entries_signed_with_our_key(tmp_path, caplog):
+    """Executables and kernels run as code: without a key they are never pulled, and an entry
+    written by someone without our key (unsigned, or signed with another) is ignored."""
+    (tmp_path / "built").mkdir()
+    (tmp_path / "built" / "decode-1.xexe").write_bytes(b"planted")
+    fingerprint, files = {"jax": "1"}, ["decode-1.xexe"]
+    SharedCache(str(tmp_path / "unsigned")).publish("executables", "k", fingerprint, tmp_path / "built", files)
+    other = SharedCache(str(tmp_path / "other"), key=b"another key, 16+ bytes")
+    other.publish("executables", "k", fingerprint, tmp_path / "built", files)
+    with caplog.at_level(logging.WARNING):
+        assert SharedCache(str(tmp_path / "unsigned")).pull("executables", "k", fingerprint, tmp_path / "a") is None
+        assert "without compile_cache_key" in caplog.text
+        for store in ("unsigned", "other"):
+            assert (
+                SharedCache(str(tmp_path / store), key=KEY).pull("executables", "k", fingerprint, tmp_path / "b")
+                is None
+            )
+        assert "not signed with our key" in caplog.text
+    ours = SharedCache(str(tmp_path / "ours"), key=KEY)
+    ours.publish("executables", "k", fingerprint, tmp_path / "built", files)
+    assert ours.pull("executables", "k", fingerprint, tmp_path / "c") == files
+    # A manifest rewritten by someone without the key (here: its writer id pointed elsewhere).
+    manifest = tmp_path / "ours" / "executables" / "k" / "manifest.json"
+    forged = json.loads(manifest.read_text()) | {"writer": "../../elsewhere"}
+    manifest.write_text(json.dumps(forged))
+    assert ours.pull("executables", "k", fingerprint, tmp_path / "d") is None
 
 
 def test_entries_are_verified_and_published_once_in_a_folder_or_a_bucket(tmp_path, caplog):
@@ -98,7 +131,7 @@ def test_entries_are_verified_and_published_once_in_a_folder_or_a_bucket(tmp_pat
     s3 = S3Server("shared")
     try:
         for uri, options in ((str(tmp_path / "shared"), None), ("s3://shared/cache", json.loads(s3.options()))):
-            cache = SharedCache(uri, options)
+            cache = SharedCache(uri, options, KEY)
             assert cache.pull("executables", "k1", {"jax": "1"}, tmp_path / "miss") is None  # nothing there yet
             assert cache.publish("executables", "k1", {"jax": "1"}, files, names)
             assert not cache.publish("executables", "k1", {"jax": "1"}, files, names)  # once: the first stays

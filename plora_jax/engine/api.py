@@ -503,7 +503,7 @@ class Engine:
         Returns {"added": [names], "errors": {name: why}}; already registered ones are skipped."""
         lora = self._lora()
         if is_remote(folder):  # fetched on this thread; the loop only inserts
-            found = lora.registry.scan_remote(str(folder))
+            found = lora.registry.scan_remote(str(folder), self.core.snapshot.adapters)
             added, errors = self.core.call(lambda: lora.insert_found(*found))
         else:
             added, errors = self.core.call(lambda: lora.scan(folder))

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -63,16 +64,28 @@ def is_remote(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?")  # a bucket, or host[:port]
+_PART = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")  # one path part: no '%', '?', '#', ':' or '..'
+
+
 def normalize_uri(uri: str) -> str:
-    """`uri` without a trailing slash; refused (AdapterError) if any part is empty, '.' or '..',
-    so a prefix check on the result is a containment check."""
+    """`uri` without a trailing slash; refused (AdapterError) unless it is `scheme://host/parts`
+    with a host of letters, digits, '.', '-' (and a port) and parts of letters, digits, '.', '_',
+    '~', '-' not starting with '.': no percent-escapes, queries, fragments or fsspec chains that
+    a store would resolve elsewhere, so a prefix check on the result is a containment check."""
     if len(uri) > MAX_PATH_CHARS or not uri.isprintable():
         raise AdapterError(f"adapter URI must be printable and at most {MAX_PATH_CHARS} characters")
     scheme, _, rest = uri.partition("://")
-    parts = rest.rstrip("/").split("/")
-    if not scheme.isalnum() or any(p in ("", ".", "..") for p in parts):
-        raise AdapterError(f"adapter URI {uri!r} has an empty, '.' or '..' part")
-    return f"{scheme}://{'/'.join(parts)}"
+    host, *parts = rest.rstrip("/").split("/")
+    if not scheme.isalnum() or not _HOST.fullmatch(host) or not all(_PART.fullmatch(p) for p in parts):
+        raise AdapterError(
+            f"adapter URI {uri[:80]!r} must be scheme://host/path with letters, digits and '._~-' in each part"
+        )
+    return f"{scheme}://{'/'.join([host, *parts])}"
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def _identity(st: os.stat_result) -> tuple:
@@ -134,6 +147,7 @@ class NodeCache:
         self._verified: dict[str, tuple] = {}  # file path -> identity this process hashed
         self.counters = dict.fromkeys(NODE_CACHE_COUNTERS, 0)
         self.link = Link()  # remote -> this node's disk
+        self._used = 0  # bytes in the cache as of this process's last eviction scan (stats)
         self.bytes_fetched = 0  # bytes_remote_to_disk
         self.fetch_s = 0.0  # seconds spent downloading
 
@@ -146,8 +160,8 @@ class NodeCache:
         protocol = uri.partition("://")[0]
         try:
             return fsspec.core.url_to_fs(uri, **self.options.get(protocol, {}))
-        except (ImportError, ValueError) as e:  # no implementation for the protocol installed
-            raise AdapterError(f"{protocol}:// adapter sources are not available here ({e})") from None
+        except Exception as e:  # no implementation for the protocol installed, or bad options
+            raise AdapterError(f"{protocol}:// adapter sources are not available here ({type(e).__name__})") from None
 
     def version(self, uri: str) -> tuple[str, tuple[int, ...]]:
         """The cache key of the store's current version of `uri`'s adapter, and its files' sizes."""
@@ -197,6 +211,7 @@ class NodeCache:
                     if time.time() - old.stat().st_mtime > STALE_TMP_S:
                         shutil.rmtree(old, ignore_errors=True)
             self._made = True
+            self._used = self.used_bytes()
         return objects, locks, tmp
 
     @contextlib.contextmanager
@@ -210,9 +225,23 @@ class NodeCache:
         uri = normalize_uri(uri)
         if key is None:
             key, sizes = self.version(uri)
+        name = uri.rsplit("/", 1)[-1]
+        try:
+            lock, folder = self._hold(uri, key, sizes, demand)
+        except OSError as e:  # a full disk, a cache folder that cannot be written
+            raise AdapterError(f"{name}: the node cache cannot hold it ({type(e).__name__}: {e.strerror})") from None
+        try:
+            yield folder
+        finally:
+            lock.close()  # lets the shared lock go
+
+    def _hold(self, uri: str, key: str, sizes: tuple[int, ...] | None, demand: bool):
+        """(the key's lock file, held shared; the entry's adapter folder), fetching it first if
+        it is missing or bad."""
         objects, locks, tmp = self._dirs()
         entry, name = objects / key, uri.rsplit("/", 1)[-1]
-        with open(locks / f"{key}.lock", "a+b") as lock:
+        lock = open(locks / f"{key}.lock", "a+b")  # noqa: SIM115 (held past this call: open() closes it)
+        try:
             while True:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per key: the others wait here
                 if self._valid(entry, name):
@@ -224,13 +253,18 @@ class NodeCache:
                             raise AdapterError(f"{name}: changed in the store since it was registered")
                     with self.link.use(demand):
                         self._download(uri, entry, name, sizes, tmp, demand)
+                    if self.version(uri)[0] != key:  # replaced while it was read: the bytes may be either
+                        shutil.rmtree(entry, ignore_errors=True)
+                        raise AdapterError(f"{name}: changed in the store during the fetch; try again")
                     self._count("node_cache_misses")
                     self._evict(objects, locks, keep=key)
                 os.utime(entry / MANIFEST)  # its last use
                 fcntl.flock(lock, fcntl.LOCK_SH)  # readers share; an evictor needs it free
                 if (entry / MANIFEST).exists():  # not evicted in the instant the lock was let go
-                    break
-            yield entry / name
+                    return lock, entry / name
+        except BaseException:
+            lock.close()
+            raise
 
     def _valid(self, entry: Path, name: str) -> bool:
         try:
@@ -268,6 +302,9 @@ class NodeCache:
             (work / MANIFEST).write_text(json.dumps({"uri": uri, "files": files}))
             shutil.rmtree(entry, ignore_errors=True)
             os.rename(work, entry)
+            with self._lock:  # hashed as they were written: the first read need not hash them again
+                for file in files:
+                    self._verified[str(entry / name / file)] = _identity((entry / name / file).stat())
         except AdapterError:
             raise
         except Exception as e:
@@ -283,18 +320,19 @@ class NodeCache:
         its turn on the link; its sha256."""
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            # Plain HTTP servers may ignore ranges (and answer the whole file): one GET there.
+            chunk = CHUNK_BYTES if not {"http", "https"} & set(_protocols(fs)) else max(size, 1)
 
             def part(start: int) -> None:
                 self.link.turn(demand)
-                end = min(start + CHUNK_BYTES, size)
-                # One chunk is the whole object: no range (some HTTP servers ignore ranges).
+                end = min(start + chunk, size)
                 data = fs.cat_file(path) if end - start == size else fs.cat_file(path, start=start, end=end)
                 if len(data) != end - start:
                     raise AdapterError(f"{dest.parent.name}/{dest.name}: changed in the store during the fetch")
                 os.pwrite(fd, data, start)
 
             with ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix="plora-fetch") as pool:
-                list(pool.map(part, range(0, size, CHUNK_BYTES)))
+                list(pool.map(part, range(0, size, chunk)))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -310,7 +348,7 @@ class NodeCache:
         total = sum(size for _, _, size in entries)
         for _, key, size in sorted(entries):
             if total <= self.budget:
-                return
+                break
             if key == keep:
                 continue
             with open(locks / f"{key}.lock", "a+b") as lock:
@@ -321,6 +359,8 @@ class NodeCache:
                 shutil.rmtree(objects / key, ignore_errors=True)
             total -= size
             self._count("node_cache_evictions")
+        with self._lock:
+            self._used = total  # as of this scan (other processes change it too)
 
     def clear(self) -> int:
         """Delete every entry nobody is reading (a benchmark's cold start for each policy it
@@ -342,6 +382,7 @@ class NodeCache:
             self.counters[counter] += 1
 
     def used_bytes(self) -> int:
+        """Bytes of every entry on disk now (a scan of the manifests)."""
         total = 0
         for manifest in (self.root / "objects").glob(f"*/{MANIFEST}"):
             with contextlib.suppress(OSError, ValueError, KeyError):
@@ -356,5 +397,5 @@ class NodeCache:
                 "node_cache_fetch_s": self.fetch_s,
                 "node_cache_link_yields": self.link.yielded,
                 "node_cache_budget": self.budget,
-                "node_cache_bytes": self.used_bytes(),
+                "node_cache_bytes": self._used,  # as of the last fetch or eviction (no scan per call)
             }

@@ -17,6 +17,7 @@ plus two fields the owner alone writes: the last load's time and error.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,19 +181,19 @@ class Registry:
             raise AdapterError(f"{MAX_ADAPTERS} adapters are registered, the most one engine holds", "name")
         self.entries[entry.name] = entry
 
-    def scan_remote(self, uri: str) -> tuple[list[AdapterEntry], dict[str, str]]:
+    def scan_remote(self, uri: str, registered: Collection[str] = ()) -> tuple[list[AdapterEntry], dict[str, str]]:
         """As `scan`, for a store's prefix: each adapter under it is fetched into the node cache
-        (its weights read later from there). Any thread: it does not touch `entries`."""
+        (its weights read later from there), skipping the names in `registered` (the caller's
+        snapshot). Any thread: it does not touch `entries`."""
         found, errors = [], {}
         for sub in self._node_cache().list(uri):
             name = sub.rsplit("/", 1)[-1]
-            existing = self.entries.get(name)
-            if existing is not None and existing.source == sub:
+            if name in registered:
                 continue
             try:
                 found.append(self.prepare(name, sub)[0])
-            except AdapterError as e:
-                errors[name] = str(e)
+            except Exception as e:  # a malformed adapter is refused, never the scan (nor a server start)
+                errors[name] = str(e) if isinstance(e, AdapterError) else f"{name}: {type(e).__name__}: {e}"
         return found, errors
 
     def scan(self, folder: str | Path) -> tuple[list[AdapterEntry], dict[str, str]]:

@@ -345,12 +345,15 @@ class Gateway:
         report_s: float = 1.0,
         admin_api_key: str | None = None,
     ):
+        from plora_jax.lora.node_cache import is_remote
         from serving.app import ServerState
         from serving.main import ServerConfig, served_name
         from serving.sources import AdapterSources
 
         self.engine = ClusterEngine(engine, model, engine_options, forecaster, report_s)
         for folder in adapter_dirs:
+            if is_remote(folder):  # the catalog validates adapters from local folders only
+                raise ValueError(f"adapter_dirs: {folder!r}: the cluster gateway reads local folders only")
             result = self.engine.add_adapter_dir(folder, at_start=True)
             for name, why in result["errors"].items():
                 log.warning("adapter %r refused: %s", name, why)
