@@ -69,7 +69,7 @@ def test_readme_tiers_example_runs(tmp_path, monkeypatch, capsys, smollm_path):
     from plora_jax.config import smollm2_135m
     from plora_jax.lora.peft import save_random_adapter
 
-    block = python_blocks(ADAPTERS_DOC)[1]
+    block = next(b for b in python_blocks(ADAPTERS_DOC) if "found = " in b)
     save_random_adapter(tmp_path / "adapters/sql-lora", smollm2_135m(), 16, ("q_proj", "v_proj"))
     save_random_adapter(tmp_path / "adapters/chat-lora", smollm2_135m(), 8, ("o_proj",), seed=1)
     (tmp_path / "adapters/broken").mkdir()
