@@ -40,6 +40,10 @@ MAX_LOGPROB_ENTRIES = 2**19
 # text the context could hold takes up to about a second here, so a flood of long prompts
 # queues here, not in front of admitted work.
 MAX_TOKENIZING = 64
+# Adapters being fetched from a store on first use at once (`--adapter-source`); past it, 429.
+# Each holds a thread of the resolver's pool while the store answers.
+MAX_RESOLVING = 8
+NOT_FOUND_TTL_S = 10.0  # a name the store did not hold answers 404 without asking again for this long
 
 # --- adapters -----------------------------------------------------------------------------------
 MAX_ADAPTERS = 100_000  # adapters registered at once in one engine or gateway

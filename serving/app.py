@@ -84,6 +84,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def lifespan(_: FastAPI):
         yield
         generate.close()
+        resolver.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="P-LoRA", version="0.1.0", separate_input_output_schemas=False, lifespan=lifespan)
     app.openapi = with_chunk_schemas(app)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plora_jax.limits import MAX_NAME_CHARS
+from plora_jax.limits import MAX_NAME_CHARS, MAX_RESOLVING, NOT_FOUND_TTL_S
 from plora_jax.lora.node_cache import AdapterNotFound, SourceUnavailable, is_remote, normalize_uri
 from plora_jax.lora.peft import AdapterError
 
@@ -93,26 +95,39 @@ class AdapterSources:
 
 
 class Resolver:
-    """Registers template adapters on first use (see the module's docstring)."""
+    """Registers template adapters on first use (see the module's docstring). Bounded: at most
+    `MAX_RESOLVING` names are fetched at once, on a pool of their own (429 past it), and a name
+    the store did not hold answers 404 for `NOT_FOUND_TTL_S` without asking the store again, so
+    a flood of made-up names costs the store one request each at most every few seconds."""
 
-    def __init__(self, engine: ServingEngine, sources: AdapterSources):
-        self.engine, self.sources = engine, sources
+    def __init__(self, engine: ServingEngine, sources: AdapterSources, clock=time.monotonic):
+        self.engine, self.sources, self.clock = engine, sources, clock
         self._fetches: dict[str, asyncio.Future] = {}  # name -> its registration (event loop only)
+        self._missing: dict[str, float] = {}  # name -> when the store said it has none (event loop only)
+        self.pool = ThreadPoolExecutor(max_workers=MAX_RESOLVING, thread_name_prefix="plora-resolve")
 
     def can_resolve(self, name: str) -> bool:
         return bool(self.sources.template) and NAME.fullmatch(name) is not None
 
     async def resolve(self, name: str) -> None:
-        """Register `name` from the template (ApiError 404, 503 or 400 if it cannot be)."""
+        """Register `name` from the template (ApiError 404, 429, 503 or 400 if it cannot be)."""
+        not_found = ApiError(404, f"the model '{name}' does not exist", "model", "model_not_found")
+        now = self.clock()
+        self._missing = {n: t for n, t in self._missing.items() if now - t < NOT_FOUND_TTL_S}
+        if name in self._missing:
+            raise not_found
         fetch = self._fetches.get(name)
         if fetch is None:
-            fetch = asyncio.ensure_future(asyncio.to_thread(self._register, name))
+            if len(self._fetches) >= MAX_RESOLVING:
+                raise ApiError(429, f"{MAX_RESOLVING} adapters are being fetched already; retry later", "model")
+            fetch = asyncio.get_running_loop().run_in_executor(self.pool, self._register, name)
             self._fetches[name] = fetch
             fetch.add_done_callback(lambda f: self._done(name, f))
         try:
             await asyncio.shield(fetch)  # a client that leaves does not cancel the others' fetch
         except AdapterNotFound:
-            raise ApiError(404, f"the model '{name}' does not exist", "model", "model_not_found") from None
+            self._missing[name] = self.clock()
+            raise not_found from None
         except SourceUnavailable as e:
             raise ApiError(503, f"adapter '{name}' could not be fetched: {e}", "model") from None
         except TimeoutError:

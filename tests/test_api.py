@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -513,3 +515,44 @@ def test_tokenization_past_its_queue_gets_429():
         asyncio.run(run())
     finally:
         release.set()  # never leave the tokenizing threads blocked
+
+
+def test_names_resolved_from_a_store_are_bounded_and_a_missing_one_is_remembered():
+    """--adapter-source over the fake engine: a name the store lacks is asked once, then 404
+    from memory for a while; past MAX_RESOLVING names in flight, a new name gets 429; the
+    fetches in flight complete and serve."""
+    from plora_jax.limits import MAX_RESOLVING
+    from plora_jax.lora.node_cache import AdapterNotFound
+
+    engine, _, app = make(sources=AdapterSources.of([], "s3://bucket/loras/{name}"))
+    asked: list[str] = []
+    release = threading.Event()
+
+    def add_adapter(name, path, timeout=None):
+        asked.append(name)
+        if name.startswith("missing"):
+            raise AdapterNotFound(f"{name}: no adapter at {path}")
+        assert release.wait(30)
+        engine.registered[name] = Path(str(path).replace("s3://", "/store/"))
+        return {"name": name}
+
+    engine.add_adapter = add_adapter
+
+    async def run():
+        for _ in range(3):  # the store is asked once
+            sent = await call_app(app, {"model": "missing-1", "prompt": PROMPT, "max_tokens": 2})
+            assert sent[0]["status"] == 404 and json.loads(sent[1]["body"])["error"]["code"] == "model_not_found"
+        assert asked == ["missing-1"]
+        calls = [
+            asyncio.create_task(call_app(app, {"model": f"lora-{i}", "prompt": PROMPT, "max_tokens": 2}))
+            for i in range(MAX_RESOLVING)
+        ]
+        await until(lambda: len(asked) == 1 + MAX_RESOLVING)  # every fetch is in the store's hands
+        over = await call_app(app, {"model": "lora-extra", "prompt": PROMPT, "max_tokens": 2})
+        assert over[0]["status"] == 429 and b"being fetched" in over[1]["body"]
+        release.set()
+        for sent in await asyncio.gather(*calls):
+            assert sent[0]["status"] == 200, sent
+        assert "lora-extra" not in asked
+
+    asyncio.run(run())
