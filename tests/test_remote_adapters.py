@@ -187,15 +187,13 @@ def test_a_demand_fetch_goes_ahead_of_prefetches_already_on_the_link(s3, tmp_pat
 
 _FETCH = textwrap.dedent(
     """
-    import json, os, sys, time
-    from pathlib import Path
+    import json, sys
     from plora_jax.config import tiny
     from plora_jax.lora.node_cache import NodeCache
     from plora_jax.lora.peft import parse_target_modules, read_adapter
 
-    root, uri, options, go = sys.argv[1:]
-    while not os.path.exists(go):
-        time.sleep(0.01)
+    root, uri, options = sys.argv[1:]
+    sys.stdin.readline()  # the test's "go", once both processes are up
     cache = NodeCache(root, 1 << 30, json.loads(options))
     with cache.open(uri) as folder:
         info, adapter = read_adapter("a", folder, tiny(), 64, parse_target_modules("all"))
@@ -209,15 +207,16 @@ def test_two_processes_asking_at_once_download_once_and_both_read_it(s3, store, 
     interleaving, the lock lets exactly one of them download."""
     _, uris = store
     proxy = ThrottledProxy(s3.port, latency_s=0.2, bytes_per_s=100e3)
-    go = tmp_path / "go"
-    args = [str(tmp_path / "node"), uris["a3"], s3.options(proxy.url), str(go)]
+    args = [str(tmp_path / "node"), uris["a3"], s3.options(proxy.url)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-c", _FETCH, *args]
     procs = [
-        subprocess.Popen([sys.executable, "-c", _FETCH, *args], stdout=subprocess.PIPE, text=True, env=env)
-        for _ in range(2)
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)
     ]
     try:
-        go.touch()
+        for p in procs:  # "go" to both, then wait for both
+            p.stdin.write("go\n")
+            p.stdin.flush()
         results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
     finally:
         proxy.stop()
