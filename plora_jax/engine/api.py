@@ -51,7 +51,7 @@ from ..models.loader import LoadedModel, load_model
 from ..models.registry import cache_root
 from ..pallas.attention import cpu as cpu_attention
 from ..policies import Policy, make_policy
-from ..shared_cache import shared_cache
+from ..shared_cache import SharedCache, shared_cache
 from ..tokenizer import Tokenizer
 from . import scoring
 from .core import AddRequest, Cancel, EngineCore
@@ -77,12 +77,12 @@ def _close_open_engines() -> None:
             log.exception("closing an engine at exit failed")
 
 
-def prepare_kernels(config: EngineConfig) -> None:
+def prepare_kernels(config: EngineConfig, shared: SharedCache | None = None) -> None:
     """Start building (or loading) the C++ attention kernel on a thread, if this engine may use
     it; the runner's own `ensure` then waits for that build instead of starting one."""
     if jax.default_backend() == "cpu" and config.attention_implementation in ("auto", "cpu"):
         kernels = cache_root(config.cache_dir) / "kernels"
-        args = (kernels, shared_cache(config))
+        args = (kernels, shared)
         threading.Thread(target=cpu_attention.ensure, args=args, name="plora-kernel-build", daemon=True).start()
 
 
@@ -204,10 +204,11 @@ class Engine:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
         config = EngineConfig(model=str(model), **overrides)
-        prepare_kernels(config)  # builds the CPU attention kernel (first start) while the model loads
+        shared = shared_cache(config)  # one for the kernel and the parameters
+        prepare_kernels(config, shared)  # builds the CPU attention kernel (first start) while the model loads
         loaded = load_model(
             config.model, resolve_dtype(config.dtype), config.cache_dir, config.param_cache, save_in_background=True,
-            shared=shared_cache(config),
+            shared=shared,
         )  # fmt: skip
         return cls(config, loaded, start=start, wait_ready=wait_ready)
 

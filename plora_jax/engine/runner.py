@@ -126,8 +126,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.block_size = config.block_size
         cfg = model_config
+        shared = shared_cache(config)  # one for the kernel and the executables
         if jax.default_backend() == "cpu" and config.attention_implementation in ("auto", "cpu") and cache_root:
-            cpu_attention.ensure(cache_root / "kernels", shared_cache(config))
+            cpu_attention.ensure(cache_root / "kernels", shared)
         self.attention_implementation = attention.resolve(
             config.attention_implementation,
             cfg.num_heads,
@@ -171,7 +172,7 @@ class ModelRunner:
             }
             if self.attention_implementation == "cpu":
                 extra["kernel"] = cpu_attention.kernel_key()
-            cache = ExecutableCache(cache_root, fingerprint(cfg, extra), shared_cache(config))
+            cache = ExecutableCache(cache_root, fingerprint(cfg, extra), shared)
         self.plan = CompilePlan(self.buckets, specs, cache)
         self._logprobs_of = jax.jit(logprobs_of)  # on a score step's logits (compiled per size on first use)
         self._lazy = not config.warmup  # build executables on first use instead of at warm-up

@@ -340,25 +340,14 @@ class NodeCache:
 
     def _evict(self, objects: Path, locks: Path, keep: str) -> None:
         """Delete least recently used entries nobody is reading until the cache fits its budget."""
-        entries = []
-        for manifest in objects.glob(f"*/{MANIFEST}"):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                size = sum(f["size"] for f in json.loads(manifest.read_text())["files"].values())
-                entries.append((manifest.stat().st_mtime, manifest.parent.name, size))
+        entries = self._entries(objects)
         total = sum(size for _, _, size in entries)
         for _, key, size in sorted(entries):
             if total <= self.budget:
                 break
-            if key == keep:
-                continue
-            with open(locks / f"{key}.lock", "a+b") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # being read or fetched by someone
-                    continue
-                shutil.rmtree(objects / key, ignore_errors=True)
-            total -= size
-            self._count("node_cache_evictions")
+            if key != keep and self._delete_if_unused(objects, locks, key):
+                total -= size
+                self._count("node_cache_evictions")
         with self._lock:
             self._used = total  # as of this scan (other processes change it too)
 
@@ -366,16 +355,31 @@ class NodeCache:
         """Delete every entry nobody is reading (a benchmark's cold start for each policy it
         replays); the number deleted."""
         objects, locks, _ = self._dirs()
-        deleted = 0
-        for entry in sorted(objects.iterdir()):
-            with open(locks / f"{entry.name}.lock", "a+b") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                shutil.rmtree(entry, ignore_errors=True)
-                deleted += 1
+        deleted = sum(self._delete_if_unused(objects, locks, entry.name) for entry in sorted(objects.iterdir()))
+        with self._lock:
+            self._used = self.used_bytes()
         return deleted
+
+    @staticmethod
+    def _delete_if_unused(objects: Path, locks: Path, key: str) -> bool:
+        """Delete entry `key` if nobody holds its lock (being read or fetched); whether it did."""
+        with open(locks / f"{key}.lock", "a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            shutil.rmtree(objects / key, ignore_errors=True)
+            return True
+
+    @staticmethod
+    def _entries(objects: Path) -> list[tuple[float, str, int]]:
+        """(last use, key, bytes) of every complete entry, from their manifests."""
+        entries = []
+        for manifest in objects.glob(f"*/{MANIFEST}"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                size = sum(f["size"] for f in json.loads(manifest.read_text())["files"].values())
+                entries.append((manifest.stat().st_mtime, manifest.parent.name, size))
+        return entries
 
     def _count(self, counter: str) -> None:
         with self._lock:
@@ -383,11 +387,7 @@ class NodeCache:
 
     def used_bytes(self) -> int:
         """Bytes of every entry on disk now (a scan of the manifests)."""
-        total = 0
-        for manifest in (self.root / "objects").glob(f"*/{MANIFEST}"):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                total += sum(f["size"] for f in json.loads(manifest.read_text())["files"].values())
-        return total
+        return sum(size for _, _, size in self._entries(self.root / "objects"))
 
     def stats(self) -> dict:
         with self._lock:
