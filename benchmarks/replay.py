@@ -29,9 +29,11 @@ start on demand and stop after `--keep-alive-s` (scale to zero with 0); the cost
 a warm engine. `--warmup-minutes N` (sim) replays the N trace minutes before `--start-minute`
 first and measures only the minutes after them (`plora_jax.serverless.workload`): steady state,
 with a warm pool and forecasters that have history, rather than a service's first minutes.
-`--adapter-store s3` (live) puts the adapters in moto's S3 server on 127.0.0.1 behind a link of
-`--store-latency-ms` and `--store-mb-s`; the engines register them from there, and every
-policy starts with empty node caches, so each adapter's first use fetches it over that link.
+`--adapter-store s3` puts the adapters in an object store: live, moto's S3 server on 127.0.0.1
+behind a link of `--store-latency-ms` and `--store-mb-s` (the engines register them from
+there); in both modes every policy starts with empty node caches, so each adapter's first use
+fetches it over that link (simulated: at the calibration's measured store link, unless the two
+flags are given) unless a policy fetched it ahead into the node cache.
 """
 
 from __future__ import annotations
@@ -74,11 +76,13 @@ class ReplayConfig:
     max_lora_rank: int = 64
     host_cache_mb: float = 4096.0
     adapter_dir: str = ""  # live: folder for the random adapters ("": a temporary folder)
-    adapter_store: str = (
-        ""  # live: "" (adapters in a local folder) | "s3": moto's S3 server on 127.0.0.1 behind a throttled link
-    )
-    store_latency_ms: float = 50.0  # adapter_store s3: first-byte latency of each response
-    store_mb_s: float = 100.0  # adapter_store s3: the link's bytes/s, shared by every fetch
+    # "" (adapters in a local folder) | "s3": live, moto's S3 server on 127.0.0.1 behind a
+    # throttled link; sim, every instance's node cache starts empty and fetches over the store link
+    adapter_store: str = ""
+    # The store link: first-byte latency of each response and bytes/s shared by every fetch. Live:
+    # the proxy's (0: 50 ms, 100 MB/s). Sim: 0 keeps the calibration's (measured by a live s3 replay).
+    store_latency_ms: float = 0.0
+    store_mb_s: float = 0.0
     compare: str = ""  # sim: a live replay JSON of the same workload; prints live/sim ratios
     json: str = ""  # write the results here
     plot: str = ""  # write the plots here (PNG)
@@ -221,20 +225,29 @@ def sim_config(cfg: ReplayConfig, layout: str, pool: tuple[int, int]):
         instances=cfg.instances,
         min_instances=cfg.min_instances,
         keep_alive_s=cfg.keep_alive_s,
+        adapter_store="store" if cfg.adapter_store else "disk",
     )
 
 
 def cost_profile(cfg: ReplayConfig, wcfg):
     """The cost profile a simulation runs on, and that `--load` takes capacity from: a profile on
-    paper (`--profile`, drawn for the workload's mean rank) or a calibration JSON."""
+    paper (`--profile`, drawn for the workload's mean rank) or a calibration JSON, with the store
+    link `--store-latency-ms` and `--store-mb-s` give, where they do."""
     if cfg.profile:
         from plora_jax.serverless.sim import profiles
 
         try:
-            return profiles.named(cfg.profile, mean_rank=sum(wcfg.ranks) / len(wcfg.ranks))[0]
+            profile = profiles.named(cfg.profile, mean_rank=sum(wcfg.ranks) / len(wcfg.ranks))[0]
         except ValueError as e:
             raise SystemExit(f"--profile: {e}") from None
-    return load_calibration(cfg.calibration)
+    else:
+        profile = load_calibration(cfg.calibration)
+    link = {}
+    if cfg.store_latency_ms > 0:
+        link["store_latency_s"] = cfg.store_latency_ms / 1e3
+    if cfg.store_mb_s > 0:
+        link["store_bytes_per_s"] = cfg.store_mb_s * 1e6
+    return dataclasses.replace(profile, **link) if link else profile
 
 
 def run(cfg: ReplayConfig, wcfg) -> dict:
@@ -244,6 +257,8 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
         raise SystemExit(f"--mode must be live or sim, got {cfg.mode!r}")
     if cfg.compare and cfg.mode != "sim":
         raise SystemExit("--compare: compares a simulation with a live run (use it with --mode sim)")
+    if cfg.adapter_store not in ("", "s3"):
+        raise SystemExit(f"--adapter-store: '' or s3, got {cfg.adapter_store!r}")
     if cfg.profile and cfg.mode != "sim":
         raise SystemExit("--profile: a cost profile on paper is for --mode sim")
     if wcfg.warmup_minutes and cfg.mode != "sim":  # the live replay's counters cover the whole run
@@ -334,11 +349,10 @@ def remote_store(cfg: ReplayConfig, adapter_dir: Path, node_cache: Path, stores:
     (a node cache in `node_cache`)."""
     from benchmarks.stores import S3Server, ThrottledProxy
 
-    if cfg.adapter_store != "s3":
-        raise SystemExit(f"--adapter-store: '' or s3, got {cfg.adapter_store!r}")
     s3 = S3Server("replay")
     stores.callback(s3.stop)
-    proxy = ThrottledProxy(s3.port, cfg.store_latency_ms / 1e3, cfg.store_mb_s * 1e6)
+    latency_s, rate = (cfg.store_latency_ms or 50.0) / 1e3, (cfg.store_mb_s or 100.0) * 1e6
+    proxy = ThrottledProxy(s3.port, latency_s, rate)
     stores.callback(proxy.stop)
     for folder in sorted(adapter_dir.iterdir()):
         if (folder / "adapter_config.json").is_file():

@@ -11,12 +11,16 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from plora_jax.metrics import adapter_mem_util, adapter_pool_fill, prefetch_precision, prefetch_recall
+from plora_jax.metrics import (
+    RESIDENCIES,
+    adapter_mem_util,
+    adapter_pool_fill,
+    prefetch_precision,
+    prefetch_recall,
+    tier_prefetch,
+)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-
-TIERS = ("disk", "host", "loading", "device")
 
 
 def engine_values(stats: dict) -> dict[str, tuple[str, float]]:
@@ -51,6 +55,15 @@ def engine_values(stats: dict) -> dict[str, tuple[str, float]]:
                 "Requests a finished prefetch served / those plus the cold starts",
                 prefetch_recall(stats),
             ),
+            **{
+                f"plora_{key}": (f"{key.replace('_', ' ').capitalize()} (plora_jax.metrics.tier_prefetch)", value)
+                for key, value in tier_prefetch(stats).items()
+            },
+            **{
+                f"plora_{key}": (f"{key.replace('_', ' ').capitalize()} (plora_jax.metrics.LinkFit)", stats[key])
+                for key in sorted(stats)
+                if key.startswith("link_")
+            },
         }
     if "node_cache_budget" in stats:  # the node tier: adapters fetched from object storage
         values |= {
@@ -69,7 +82,7 @@ RESIDENCY = ("plora_adapters", "Registered adapters by residency tier")  # a gau
 
 def tier_counts(stats: dict) -> dict[str, int]:
     """Registered adapters per residency tier ({} for an engine without adapters)."""
-    return {tier: stats[f"adapters_tier_{tier}"] for tier in TIERS if f"adapters_tier_{tier}" in stats}
+    return {tier: stats[f"adapters_tier_{tier}"] for tier in RESIDENCIES if f"adapters_tier_{tier}" in stats}
 
 
 IN_FLIGHT = ("plora_api_in_flight", "Choices the API admitted that have not ended (what the 429 rule counts)")

@@ -20,24 +20,28 @@ from plora_jax.policies import (
     Reactive,
     make_policy,
 )
-from plora_jax.policies.base import PoolView, rank_to_fit
+from plora_jax.policies.base import PoolView, fill_tiers, rank_to_fit
 
 SIZE = 100
 
 
-def view(now=0.0, on_device=(), queued=(), names="abcd", device_bytes=2 * SIZE, slots=4, host_bytes=0, **kw):
+def view(
+    now=0.0, on_device=(), queued=(), names="abcd", device_bytes=2 * SIZE, slots=4, host_bytes=0, disk_bytes=0, **kw
+):
     sizes = dict.fromkeys(names, SIZE) | kw.pop("sizes", {})
     return PoolView(
         now=now,
         registered=tuple(sizes),
         on_device=frozenset(on_device),
         on_host=frozenset(kw.pop("on_host", ())),
+        on_disk=frozenset(kw.pop("on_disk", ())),
         pinned=frozenset(kw.pop("pinned", ())),
         queued=tuple(queued),
         adapter_bytes=sizes,
         device_bytes=device_bytes,
         device_slots=slots,
         host_bytes=host_bytes,
+        disk_bytes=disk_bytes,
     )
 
 
@@ -209,6 +213,19 @@ def test_oracle_prefetches_the_next_arrivals_and_evicts_the_furthest():
     assert policy.next_arrival("a", 110.5) == pytest.approx(0.5)
     d = policy.decide(view(now=113.5, on_device="ab"))
     assert d.device == [] and d.priority == pytest.approx({"c": 1 / 37.5})  # a, b, d: never again
+
+
+def test_the_forecast_reaches_every_tier_as_deep_as_there_is_room():
+    """Ranked a..e: the device holds two, the host one more, the node cache one more; what a
+    tier already holds takes no room there and is not asked for again."""
+    v = view(names="abcde", host_bytes=SIZE, disk_bytes=SIZE, on_host="b")
+    assert fill_tiers(list("abcde"), v) == (["a", "b"], ["c"], ["d"])
+    v = view(names="abcde", host_bytes=SIZE, disk_bytes=SIZE, on_disk="d")
+    assert fill_tiers(list("abcde"), v) == (["a", "b"], ["c"], ["e"])
+    # The oracle fetches into the node cache what comes beyond its horizon, soonest first.
+    policy = Oracle([(1.0, "a"), (2.0, "b"), (3.0, "c"), (30.0, "e"), (20.0, "d")], interval_s=1.0, horizon_s=5.0)
+    d = policy.decide(view(names="abcde", host_bytes=SIZE, disk_bytes=SIZE))
+    assert (d.device, d.host, d.disk) == (["a", "b"], ["c"], ["d"])
 
 
 def test_forecasters_forget_an_adapter_as_if_they_had_never_seen_it():

@@ -20,6 +20,8 @@ from remote_store import HttpServer, S3Server, ThrottledProxy
 from plora_jax import Engine, SamplingParams
 from plora_jax.config import tiny
 from plora_jax.lora.node_cache import AdapterNotFound, NodeCache, SourceUnavailable
+from plora_jax.policies import Decision, Policy
+from plora_jax.policies.base import PoolView
 
 CFG = tiny()
 IDS = [5, 17, 3, 40, 22, 9, 11]
@@ -77,6 +79,46 @@ def test_an_adapter_only_in_the_bucket_serves_as_its_folder_does_and_is_fetched_
         assert stats["bytes_remote_to_disk"] == 0
     finally:
         restarted.close()
+
+
+class FetchAhead(Policy):
+    """Fetches `names` into the node cache at every decision; loads on demand otherwise."""
+
+    name = "fetch_ahead"
+
+    def __init__(self, *names: str):
+        super().__init__(interval_s=3600.0)
+        self.names = list(names)
+
+    def decide(self, view: PoolView) -> Decision:
+        return Decision(disk=[n for n in self.names if n not in view.on_disk])
+
+
+def test_a_policy_fetches_an_adapter_into_the_node_cache_ahead_of_its_request(s3, store, tmp_path):
+    """With the node cache emptied, the adapter is in the store tier; a decision's disk prefetch
+    fetches it on the store link (nothing onto the host or the device), so its request finds it
+    on the node's disk: a cold start from the disk tier, counted as a disk prefetch hit."""
+    _, uris = store
+    options = dict(node_cache_dir=str(tmp_path / "node"), adapter_source_options=s3.options(), host_cache_mb=0)
+    engine = tiny_lora_engine(CFG, **options)
+    try:
+        engine.add_adapter("remote", uris["a2"])
+        engine.reset_adapters(node_cache=True)
+        assert engine.adapters()[0]["residency"] == "store" and engine.stats()["node_cache_misses"] == 1
+        engine.set_policy(FetchAhead("remote"))
+        engine.core.step()  # the first step after adopting a policy decides: the fetch starts
+        engine.core.lora.drain()  # wait for it (a transfer thread's job, handed back here)
+        stats = engine.stats()
+        assert stats["disk_prefetch_issued"] == 1 and stats["node_cache_misses"] == 2  # registration's, then this
+        assert engine.adapters()[0]["residency"] == "disk" and stats["adapters_on_host"] == 0
+        assert stats["link_remote_to_disk_transfers"] == 2 and stats["link_remote_to_disk_bytes_per_s"] > 0
+        out = engine.generate([IDS], SamplingParams(max_tokens=2, temperature=0.0), adapters=["remote"])[0]
+        assert out.metrics.cold_start and out.metrics.adapter_tier == "disk"
+        stats = engine.stats()
+        assert stats["disk_prefetch_hits"] == 1 and stats["disk_prefetch_recall"] == 1.0
+        assert stats["node_cache_misses"] == 2 and stats["disk_hits"] == 1 and stats["store_misses"] == 0
+    finally:
+        engine.close()
 
 
 def test_an_http_source_serves_the_same_adapter(store, tmp_path):

@@ -9,26 +9,40 @@ from hypothesis import strategies as st
 from plora_jax.config import tiny
 from plora_jax.lora import HostCache, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
 from plora_jax.lora.host_cache import HostCopy
-from plora_jax.lora.transfer import DEMAND
+from plora_jax.lora.transfer import DEMAND, DISK, FETCH, HOST
 from plora_jax.policies import Decision
 
 PAGE_BYTES = 1000
 
 
-def make_core(num_pages=9, slots=4, max_rank=32, page_rows=8, layout="paged", host_budget=10**9, failure=None):
+def make_core(
+    num_pages=9, slots=4, max_rank=32, page_rows=8, layout="paged", host_budget=10**9, disk_budget=10**9, failure=None
+):
     clock = VirtualClock()
     registry = Registry(tiny(), "float32", max_rank, page_rows, ("q_proj",), layout, num_pages - 1, PAGE_BYTES)
     pages = PagePool(num_pages, slots + 1, max_rank // page_rows, layout)
     # A load takes 1 s plus 1 s per page; a copy already on the host takes half as long.
-    transfer = SimulatedTransfer(
-        clock, lambda job: (1.0 + job.entry.num_pages) * (0.5 if job.source else 1.0), failure=failure
-    )
-    core = Residency(registry, pages, HostCache(host_budget), transfer, clock)
+    transfer = SimulatedTransfer(clock, lambda job, stage: _seconds(job, stage), failure=failure)
+    core = Residency(registry, pages, HostCache(host_budget), HostCache(disk_budget), transfer, clock)
     return core, clock, transfer
 
 
-def register(core, name, rank):
-    core.insert(core.registry.entry(name, None, rank, ("q_proj",), live_bytes=rank * 100))
+def _seconds(job, stage):
+    """A load takes 1 s plus 1 s per page; a copy already on the host half as long; a fetch from
+    the store 10 s plus 10 s per page."""
+    if stage == FETCH:
+        return 10.0 * (1.0 + job.entry.num_pages)
+    return (1.0 + job.entry.num_pages) * (0.5 if job.source else 1.0)
+
+
+def register(core, name, rank, remote=False):
+    """A local adapter (on the node's disk), or with `remote` one only in its store."""
+    entry = core.registry.entry(name, None, rank, ("q_proj",), live_bytes=rank * 100)
+    if remote:
+        entry.source = f"store://{name}"
+        core.registry.insert(entry)  # as the simulator registers: the node cache starts empty
+    else:
+        core.insert(entry)
 
 
 def test_a_demand_load_takes_its_simulated_time_and_then_hits():
@@ -112,6 +126,72 @@ OPS = st.lists(
 )
 
 
+def test_an_adapter_only_in_its_store_is_fetched_once_then_loads_from_the_node():
+    """A demand load of a store-only adapter takes the store link first (20 s for 1 page) and
+    then its read (2 s); the node cache keeps it, so after the device and host copies are gone
+    the next load reads the node's disk (2 s), a cold start from the disk tier."""
+    core, clock, transfer = make_core(host_budget=0)
+    register(core, "a", 8, remote=True)
+    assert core.residency("a") == "store"
+    core.acquire("a")
+    assert transfer.next_finish() == 20.0  # the fetch; the read is queued behind it
+    clock.advance_to(22.0)
+    assert [j.name for j in core.collect()[0]] == ["a"] and core.tier("a") == "device"
+    stats = core.stats()
+    assert stats["store_misses"] == 1 and stats["bytes_remote_to_disk"] == 800
+    assert stats["adapter_transfer_s_from_store"] == 22.0
+    core.apply(Decision(evict=["a"]))
+    assert core.residency("a") == "disk"
+    core.acquire("a")
+    clock.advance_to(24.0)
+    assert [j.name for j in core.collect()[0]] == ["a"]
+    stats = core.stats()
+    assert (
+        stats["disk_hits"] == 1
+        and stats["bytes_remote_to_disk"] == 800
+        and stats["adapter_transfer_s_from_disk"] == 2.0
+    )
+
+
+def test_a_demand_fetch_starts_before_prefetches_queued_on_the_store_link():
+    """Three disk prefetches go onto the store link (one fetching, two queued); a demand load
+    queued later fetches as soon as the link frees, before the two, then reads; the prefetched
+    adapter's request finds it on the node's disk: a disk prefetch hit."""
+    core, clock, _ = make_core()
+    core.max_prefetch_inflight = 3
+    for name in ("p1", "p2", "p3", "d"):
+        register(core, name, 8, remote=True)
+    core.apply(Decision(disk=["p1", "p2", "p3"]))
+    assert sorted(core.disk_jobs) == ["p1", "p2", "p3"] and core.stats()["disk_prefetch_issued"] == 3
+    clock.advance_to(5.0)
+    core.acquire("d")  # p1 is fetching until 20 s
+    done = {}  # when each reached its tier
+    while core.loading or core.disk_jobs:
+        core.collect(block=True)
+        for name in ("p1", "p2", "p3", "d"):
+            if core.tier(name) != "store":
+                done.setdefault(name, clock())
+    assert done["p1"] == 20.0 and done["d"] == 42.0  # fetched 20-40 s, read 40-42 s
+    assert done["p2"] == 60.0 and done["p3"] == 80.0  # after the demand fetch
+    assert core.arrive("p2") == "disk"
+    stats = core.stats()
+    assert stats["disk_prefetch_used"] == 1 and stats["disk_prefetch_hits"] == 1
+    assert stats["store_misses"] == 1 and stats["disk_hits"] == 1
+
+
+def test_a_disk_prefetch_dropped_unused_is_wasted():
+    core, clock, _ = make_core(disk_budget=800)  # room for one rank-8 adapter
+    for name in ("a", "b"):
+        register(core, name, 8, remote=True)
+    core.apply(Decision(disk=["a"], priority={"a": 0.1}))
+    clock.advance_to(20.0)
+    core.collect()
+    core.apply(Decision(disk=["b"], priority={"a": 0.0, "b": 0.5}))  # "b" outranks "a": it makes room
+    stats = core.stats()
+    assert "a" not in core.disk and stats["disk_prefetch_wasted"] == 1 and stats["disk_prefetch_issued"] == 2
+    core.check()
+
+
 @settings(max_examples=60, deadline=None)
 @given(ops=OPS, layout=st.sampled_from(["paged", "contiguous"]), seed=st.integers(0, 3))
 def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, seed):
@@ -122,13 +202,13 @@ def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, se
     def failure(job):
         return RuntimeError("injected") if job.name in failing else None
 
-    core, clock, transfer = make_core(layout=layout, host_budget=3000, failure=failure)
+    core, clock, transfer = make_core(layout=layout, host_budget=3000, disk_budget=4000, failure=failure)
     submitted = []
     submit = transfer.submit
     transfer.submit = lambda job: submitted.append(job) or submit(job)
     ranks = [8, 16, 24, 32, 8, 16]
     for i, rank in enumerate(ranks):
-        register(core, f"a{i}", rank)
+        register(core, f"a{i}", rank, remote=i % 2 == 1)
     held: dict[str, int] = {}
     outcomes: dict[int, str] = {}
 
@@ -148,13 +228,13 @@ def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, se
             core.release(name)
             held[name] -= 1
         elif op == "prefetch":
-            core.apply(Decision(device=[name], host=[name], priority={name: value}))
+            core.apply(Decision(device=[name], host=[name], disk=[name], priority={name: value}))
         elif op == "evict":
             core.apply(Decision(evict=[name]))
         elif op == "remove" and name in core.entries and not held.get(name):
             core.remove(name)
         elif op == "readd" and name not in core.entries and name not in core.removing:
-            register(core, name, ranks[key])
+            register(core, name, ranks[key], remote=key % 2 == 1)
         elif op == "tick":
             clock.advance_to(clock() + 3.0 * value)
             collect()
@@ -167,14 +247,14 @@ def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, se
     for name, count in held.items():
         for _ in range(count):
             core.release(name)
-    while core.loading or core.host_jobs:
+    while core.loading or core.host_jobs or core.disk_jobs:
         collect(block=True)
     clock.advance_to(clock() + 1e6)  # jobs whose placement went meanwhile come back too (as stale)
     collect()
     assert transfer.next_finish() is None
     core.check()
     assert all(r.pins == 0 for r in core.pages.resident.values())
-    device_jobs = [j for j in submitted if j.kind != 2]
+    device_jobs = [j for j in submitted if j.kind not in (HOST, DISK)]
     committed = sum(outcomes.get(id(j)) == "committed" for j in device_jobs)
     failed = sum(j.error is not None for j in device_jobs)
     stats = core.stats()

@@ -57,7 +57,8 @@ class AdapterGate:
         by where its adapter is before anything its arrival triggers (a policy's prefetch)."""
         if request.adapter_counted or request.adapter not in self.core.entries:
             return
-        request.adapter_cold = not self.core.arrive(request.adapter)
+        request.adapter_tier = self.core.arrive(request.adapter)
+        request.adapter_cold = request.adapter_tier != "device"
         request.adapter_counted = True
 
     def acquire(self, request: Request) -> bool:

@@ -52,6 +52,7 @@ from ..config import EngineConfig
 from ..lora.manager import LoraManager
 from ..lora.peft import AdapterError, AdapterRemoved
 from ..lora.residency import RETIRED
+from ..metrics import RESIDENCIES
 from ..policies import Decision, Policy
 from . import scoring
 from .adapter_gate import AdapterGate
@@ -574,7 +575,7 @@ class EngineCore:
         adapters = on_device = on_host = frozenset()
         if self.lora is not None:
             stats.update(self.lora.stats(), stall_s=self.gate.stall_row_s, sync_load_s=self.gate.stall_s)
-            tiers = dict.fromkeys(("disk", "host", "loading", "device"), 0)
+            tiers = dict.fromkeys(RESIDENCIES, 0)
             for name in self.lora.entries:
                 tiers[self.lora.residency(name)] += 1
             stats.update({f"adapters_tier_{tier}": count for tier, count in tiers.items()})
@@ -648,6 +649,7 @@ class EngineCore:
         self._set_pool(self.lora.clear(self.runner.state.lora))
         if reset_node_cache:
             self.lora.node_cache.clear()
+            self.lora.disk.clear()
         if adapter_loads is not None:
             self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
             self.gate.sync = adapter_loads == "sync"

@@ -40,6 +40,7 @@ class RequestMetrics:
     e2e_s: float  # arrival -> finished
     adapter_wait_s: float = 0.0  # time spent waiting for the request's adapter to load
     cold_start: bool = False  # its adapter was not on the device when it first asked for it
+    adapter_tier: str = ""  # the fastest tier holding its adapter then (`plora_jax.metrics.TIERS`)
     num_preemptions: int = 0
 
 
@@ -224,6 +225,7 @@ class OutputProcessor:
             num_preemptions=request.num_preemptions,
             adapter_wait_s=request.adapter_wait,
             cold_start=request.adapter_cold,
+            adapter_tier=request.adapter_tier,
         )
         return RequestOutput(
             request_id=request.request_id,

@@ -66,6 +66,7 @@ class Request:
     adapter_wait_start: float | None = None
     adapter_counted: bool = False  # its arrival was counted (hit or cold start)
     adapter_cold: bool = False  # its adapter was not on the device when it arrived (a cold start)
+    adapter_tier: str = ""  # the fastest tier holding its adapter when it arrived (`metrics.TIERS`)
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

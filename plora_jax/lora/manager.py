@@ -50,10 +50,13 @@ class LoraManager(Residency):
             num_pages - 1, one_page, self.node_cache,
         )  # fmt: skip
         host = HostCache(int(config.host_cache_mb * 2**20))
+        disk = HostCache(self.node_cache.budget)  # this engine's view of the node cache
         # `_read` and `_issue` are looked up at each job, so a test may hold them.
         self._read = registry.read
-        transfer = ThreadTransfer(lambda *read: self._read(*read), lambda job, copy: self._issue(job, copy))
-        super().__init__(registry, pages, host, transfer, time.perf_counter, config.max_prefetch_inflight)
+        transfer = ThreadTransfer(
+            lambda *read: self._read(*read), lambda job, copy: self._issue(job, copy), registry.fetch
+        )
+        super().__init__(registry, pages, host, disk, transfer, time.perf_counter, config.max_prefetch_inflight)
         device = jax.devices()[0]
         self.stage_via_pinned = device.platform == "gpu" and "pinned_host" in {
             m.kind for m in device.addressable_memories()

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..limits import MAX_CONFIG_BYTES, MAX_PATH_CHARS
-from ..metrics import NODE_CACHE_COUNTERS
+from ..metrics import NODE_CACHE_COUNTERS, LinkFit
 from ..trusted_cache import private_dir, sha256_file
 from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 
@@ -150,6 +150,7 @@ class NodeCache:
         self._used = 0  # bytes in the cache as of this process's last eviction scan (stats)
         self.bytes_fetched = 0  # bytes_remote_to_disk
         self.fetch_s = 0.0  # seconds spent downloading
+        self.link_fit = LinkFit()  # the store link's latency and rate, from every fetch
 
     # --- the store ------------------------------------------------------------------------
     def _fs(self, uri: str):
@@ -311,9 +312,11 @@ class NodeCache:
             raise SourceUnavailable(f"{name}: fetching from the adapter store failed ({type(e).__name__})") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        seconds = time.perf_counter() - begun
         with self._lock:
             self.bytes_fetched += sum(sizes)
-            self.fetch_s += time.perf_counter() - begun
+            self.fetch_s += seconds
+            self.link_fit.add(sum(sizes), seconds)
 
     def _fetch(self, fs, path: str, dest: Path, size: int, demand: bool) -> str:
         """Copy `path` (`size` bytes) to `dest` with parallel ranged reads, each chunk taking
@@ -398,4 +401,5 @@ class NodeCache:
                 "node_cache_link_yields": self.link.yielded,
                 "node_cache_budget": self.budget,
                 "node_cache_bytes": self._used,  # as of the last fetch or eviction (no scan per call)
+                **self.link_fit.stats("remote_to_disk"),
             }

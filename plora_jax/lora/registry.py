@@ -169,6 +169,13 @@ class Registry:
             raise AdapterError(f"{entry.path.name}: changed since registration (rank {entry.rank} -> {adapter.rank})")
         return self._layout(adapter)
 
+    def fetch(self, entry: AdapterEntry) -> None:
+        """Bring a remote entry's registered version into the node cache, behind demand fetches
+        on the link (a policy's prefetch into the disk tier); nothing for a local folder."""
+        if entry.source is not None:
+            with self._node_cache().open(entry.source, entry.version, demand=False):
+                pass
+
     def _layout(self, adapter: LoraAdapter) -> HostCopy:
         a_pages, b_pages, _ = layout_pages(adapter, self.model_config, self.page_rows, self.dtype, self.modules)
         return HostCopy.of(a_pages, b_pages)

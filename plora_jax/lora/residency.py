@@ -6,17 +6,22 @@ the transfer thread) and simulated (a `VirtualClock`, a `SimulatedTransfer` whos
 come from a cost profile). `manager.LoraManager` adds the device side: staging and the donated
 commit into the device pool.
 
-Tiers: the registry (disk), the host cache (`host_cache.HostCache`) and the page allocator
-(`page_allocator.PagePool`, the device pool's bookkeeping).
+Tiers, slowest first: the adapter store (remote adapters, `AdapterEntry.source`), the node's
+disk (local folders, and the remote adapters in the node cache: `disk`, a byte-budgeted
+`HostCache` of sizes only, this owner's view of the shared `node_cache.NodeCache`, whose
+evictions by other processes it does not see), the host cache (`host_cache.HostCache`) and the
+page allocator (`page_allocator.PagePool`, the device pool's bookkeeping). `tier` names where
+an adapter is (`metrics.TIERS`).
 
 - `arrive` (a request reaches the engine): the hit and cold-start counters count it here, before
   any decision its arrival triggers, so a load started because it came is still its cold start.
 - `acquire` (a request's admission attempt): the adapter's slot, pinned, if it is on the device;
   else None, with a demand load started (pages reserved now, so placement is this thread's
   decision) or already in flight. A loading adapter is pinned, so loads cannot evict each other.
-- `apply` (a policy `Decision`): install its priorities (they order both tiers' evictions),
+- `apply` (a policy `Decision`): install its priorities (they order every tier's evictions),
   drop what it evicts, start device prefetches (which may only displace adapters of strictly
-  lower priority) and host reads, at most `max_prefetch_inflight` of each in flight.
+  lower priority), host reads and fetches into the node cache, at most `max_prefetch_inflight` of each in
+  flight.
 - `collect` (every step boundary): take back finished jobs. A job whose placement was removed
   meanwhile (its pages possibly reused) is dropped, never committed (`stale_dropped`); a failed
   demand load is reported so its requests fail. The jobs to commit are returned to the owner.
@@ -33,12 +38,12 @@ import itertools
 from collections.abc import Callable, Collection
 from types import MappingProxyType
 
-from ..metrics import ADAPTER_COUNTERS, adapter_mem_util, adapter_ratios
+from ..metrics import ADAPTER_COUNTERS, TIER_COLD_COUNTER, TRANSFER_SOURCES, LinkFit, adapter_mem_util, adapter_ratios
 from ..policies import Decision, PoolView
 from .host_cache import HostCache, HostCopy
 from .page_allocator import PagePool
 from .registry import AdapterEntry, Registry
-from .transfer import DEMAND, HOST, PREFETCH, Job, Transfer
+from .transfer import DEMAND, DISK, HOST, PREFETCH, Job, Transfer
 
 # A removed adapter's placement, while running requests still read it, is kept under its name
 # plus this and a number: no registered name contains a NUL, so the name is free for a new version.
@@ -51,26 +56,34 @@ class Residency:
         registry: Registry,
         pages: PagePool,
         host: HostCache,
+        disk: HostCache,
         transfer: Transfer,
         clock: Callable[[], float],
         max_prefetch_inflight: int = 2,
     ):
-        self.registry, self.pages, self.host, self.transfer, self.clock = registry, pages, host, transfer, clock
+        self.registry, self.pages, self.host, self.disk = registry, pages, host, disk
+        self.transfer, self.clock = transfer, clock
         self.max_prefetch_inflight = max_prefetch_inflight
         self.priority: dict[str, float] = {}  # eviction priority from the policy's last decision
-        pages.priority = host.priority = lambda name: self.priority.get(name, 0.0)
+        pages.priority = host.priority = disk.priority = lambda name: self.priority.get(name, 0.0)
         self.free_when_unused = False  # reactive: free an adapter when its last request finishes
         self.counters = dict.fromkeys(ADAPTER_COUNTERS, 0)
         self.load_seconds_total = 0.0  # committed device loads, from queued to committed
         # The transfer's own time on committed device loads (no queueing) and their device
-        # bytes, for copies staged from the host cache and for those read from the folder first.
-        self.transfer_s = {"host": 0.0, "disk": 0.0}
-        self.transfer_bytes = {"host": 0, "disk": 0}
+        # bytes, by where they staged from: the host cache, the node's disk, or the store first.
+        self.transfer_s = dict.fromkeys(TRANSFER_SOURCES, 0.0)
+        self.transfer_bytes = dict.fromkeys(TRANSFER_SOURCES, 0)
         self.committed_pages = 0  # pages of the device jobs handed back to commit, in all
+        # The links this core's jobs measure alone: host-only reads, copies from the host cache.
+        self.links = {"disk_to_host": LinkFit(), "host_to_device": LinkFit()}
         self.ready_at: dict[str, float] = {}  # when each adapter's last device load was handed back to commit
         self.loading: dict[str, Job] = {}  # device loads in flight
         self.host_jobs: dict[str, Job] = {}  # host-only reads in flight
-        self.prefetched: set[str] = set()  # placements made by a prefetch and not used yet
+        self.disk_jobs: dict[str, Job] = {}  # fetches into the node cache only, in flight
+        # Per tier, the adapters a prefetch brought there that no request has asked for yet.
+        self.prefetched: set[str] = set()  # device placements
+        self.prefetched_host: set[str] = set()
+        self.prefetched_disk: set[str] = set()
         self.removing: set[str] = set()  # retired keys of removed adapters that running requests still use
         self._seq = itertools.count()
         # Occupancy integrated over time (bytes x seconds), brought up to date before every
@@ -90,6 +103,8 @@ class Residency:
     def insert(self, entry: AdapterEntry, copy: HostCopy | None = None) -> AdapterEntry:
         """Register a prepared entry (and its host copy, if it was read)."""
         self.registry.insert(entry)
+        if entry.source is not None:  # `prepare` fetched it into the node cache
+            self.disk.put(entry.name, self._disk_copy(entry), self._busy())
         if copy is not None:
             self.host.put(entry.name, copy, self._busy())
         return entry
@@ -112,20 +127,37 @@ class Residency:
                 self.removing.add(retired)
             else:
                 self._evict(name)
-        self.host.drop(name)
-        self.host_jobs.pop(name, None)
-        self.prefetched.discard(name)
+        for tier in (self.host, self.disk):
+            tier.drop(name)
+        for jobs in (self.host_jobs, self.disk_jobs):
+            jobs.pop(name, None)
+        for prefetched in (self.prefetched, self.prefetched_host, self.prefetched_disk):
+            prefetched.discard(name)
         self.priority.pop(name, None)
         self.ready_at.pop(name, None)
         del self.entries[name]
         return retired
 
     def residency(self, name: str) -> str:
-        if name in self.loading:
-            return "loading"
-        if self.pages.get(name) is not None:
+        """`tier`, or "loading" while a device load is in flight."""
+        return "loading" if name in self.loading else self.tier(name)
+
+    def tier(self, name: str) -> str:
+        """The fastest tier holding `name` (`metrics.TIERS`; a device load in flight is not there yet)."""
+        if self.pages.get(name) is not None and name not in self.loading:
             return "device"
-        return "host" if name in self.host else "disk"
+        if name in self.host:
+            return "host"
+        return "disk" if self._on_node(name) else "store"
+
+    def _on_node(self, name: str) -> bool:
+        """On this node's disk: a local folder, or in the node cache as this owner last saw it."""
+        return self.entries[name].source is None or name in self.disk
+
+    @staticmethod
+    def _disk_copy(entry: AdapterEntry) -> HostCopy:
+        """The node cache's share of a remote adapter, as the disk tier counts it (sizes only)."""
+        return HostCopy(None, None, entry.live_bytes)
 
     def describe(self) -> list[dict]:
         return [
@@ -145,18 +177,36 @@ class Residency:
     def is_loading(self, name: str) -> bool:
         return name in self.loading
 
-    def arrive(self, name: str) -> bool:
+    def arrive(self, name: str) -> str:
         """Count a request for `name` as it reaches the engine (a hit or a cold start, before any
-        decision its arrival triggers); True if the adapter is on the device."""
-        on_device = self.pages.get(name) is not None and name not in self.loading
-        self.counters["device_hits" if on_device else "cold_starts"] += 1
-        if not on_device and name in self.host:
-            self.counters["host_hits"] += 1
-        if name in self.prefetched:
-            self.prefetched.discard(name)
-            self.counters["prefetch_used"] += 1
-            self.counters["prefetch_hits"] += on_device  # the prefetch finished in time
-        return on_device
+        decision its arrival triggers, by the tier it was found in); the tier."""
+        self._settle_prefetches()
+        tier = self.tier(name)
+        self.counters["device_hits" if tier == "device" else "cold_starts"] += 1
+        if tier != "device":
+            self.counters[TIER_COLD_COUNTER[tier]] += 1
+        # Per tier: a prefetch there was used, and in time if the adapter was there or above.
+        for prefix, prefetched, reached in (
+            ("", self.prefetched, tier == "device"),
+            ("host_", self.prefetched_host, tier in ("device", "host")),
+            ("disk_", self.prefetched_disk, tier != "store"),
+        ):
+            if name in prefetched:
+                prefetched.discard(name)
+                self.counters[f"{prefix}prefetch_used"] += 1
+                self.counters[f"{prefix}prefetch_hits"] += reached
+        return tier
+
+    def _settle_prefetches(self) -> None:
+        """Count as wasted the host and disk prefetches whose copy left its tier unused (the
+        tiers drop copies as they trim; device prefetches are counted as they are evicted)."""
+        for prefix, prefetched, tier, jobs in (
+            ("host_", self.prefetched_host, self.host, self.host_jobs),
+            ("disk_", self.prefetched_disk, self.disk, self.disk_jobs),
+        ):
+            gone = {n for n in prefetched if n not in tier and n not in jobs}
+            prefetched -= gone
+            self.counters[f"{prefix}prefetch_wasted"] += len(gone)
 
     def acquire(self, name: str, first: bool = True) -> int | None:
         """The adapter's slot, pinned, if it is on the device; else None, with its load started
@@ -196,8 +246,11 @@ class Residency:
         return True
 
     def _job(self, kind: int, name: str, entry: AdapterEntry, **placement) -> Job:
-        source = self.host.get(name)
-        return Job(kind, name, entry, started=self.clock(), seq=next(self._seq), source=source, **placement)
+        source = self.host.get(name) if kind != DISK else None
+        fetch = source is None and name not in self.host and not self._on_node(name)
+        return Job(
+            kind, name, entry, started=self.clock(), seq=next(self._seq), source=source, fetch=fetch, **placement
+        )
 
     def release(self, name: str, wanted: bool = False) -> None:
         """Unpin `name`; `wanted`: a waiting request needs it (reactive freeing skips it)."""
@@ -230,12 +283,14 @@ class Residency:
             registered=tuple(self.entries),
             on_device=frozenset(self.pages.resident),
             on_host=frozenset(self.host.copies),
+            on_disk=frozenset(n for n, e in self.entries.items() if e.source is None) | self.disk.copies.keys(),
             pinned=pinned,
             queued=queued,
             adapter_bytes=MappingProxyType({n: e.device_bytes for n, e in self.entries.items()}),
             device_bytes=(self.pages.num_pages - 1) * self.page_bytes,
             device_slots=self.pages.usable_slots,
             host_bytes=self.host.budget,
+            disk_bytes=self.disk.budget,
         )
 
     def apply(self, decision: Decision) -> None:
@@ -253,20 +308,33 @@ class Residency:
                 continue
             if self.start_load(name, prefetch=True, evict_below=self.priority.get(name, 0.0)):
                 inflight += 1
-        for name in decision.host:
-            if len(self.host_jobs) >= self.max_prefetch_inflight:
+        self._prefetch_into(HOST, decision.host)
+        self._prefetch_into(DISK, [n for n in decision.disk if n in self.entries and self.entries[n].source])
+
+    def _prefetch_into(self, kind: int, names: list[str]) -> None:
+        """Start reads into the host cache (`HOST`) or fetches into the node cache (`DISK`) of
+        `names`, in order, while fewer than `max_prefetch_inflight` of the kind are in flight,
+        each only if its tier can make room by dropping copies of lower priority."""
+        tier, jobs, prefetched, prefix = (
+            (self.host, self.host_jobs, self.prefetched_host, "host_")
+            if kind == HOST
+            else (self.disk, self.disk_jobs, self.prefetched_disk, "disk_")
+        )
+        for name in names:
+            if len(jobs) >= self.max_prefetch_inflight:
                 break
             entry = self.entries.get(name)
-            if entry is None or name in self.host or name in self.loading or name in self.host_jobs:
+            if entry is None or name in tier or self._busy() & {name}:
                 continue
-            if self.host.room(entry.host_bytes, self.priority.get(name, 0.0), self._busy()):
-                job = self._job(HOST, name, entry)
-                self.host_jobs[name] = job
-                self.counters["host_prefetch_issued"] += 1
+            nbytes = entry.host_bytes if kind == HOST else self._disk_copy(entry).nbytes
+            if tier.room(nbytes, self.priority.get(name, 0.0), self._busy()):
+                job = jobs[name] = self._job(kind, name, entry)
+                prefetched.add(name)
+                self.counters[f"{prefix}prefetch_issued"] += 1
                 self.transfer.submit(job)
 
     def _busy(self) -> set[str]:
-        return self.loading.keys() | self.host_jobs.keys()
+        return self.loading.keys() | self.host_jobs.keys() | self.disk_jobs.keys()
 
     # --- finished transfers -------------------------------------------------------------
     def collect(self, block: bool = False) -> tuple[list[Job], list[tuple[str, BaseException]]]:
@@ -274,7 +342,7 @@ class Residency:
         order, and the failed demand loads. With `block`, wait for one if any is in flight."""
         ready, failures = [], []
         while True:
-            job = self.transfer.finished(block=block and bool(self.loading or self.host_jobs))
+            job = self.transfer.finished(block=block and bool(self._busy()))
             if job is None:
                 return ready, failures
             block = False
@@ -284,12 +352,18 @@ class Residency:
                 job.entry.error = job.error
             elif current_entry:
                 self.counters["bytes_disk_to_host"] += job.bytes_disk
+                self.counters["bytes_remote_to_disk"] += job.bytes_remote
+                if job.entry.source is not None and job.source is None:  # read (so fetched) through the node cache
+                    self.disk.put(job.name, self._disk_copy(job.entry), self._busy() - {job.name})
                 copy = job.read or job.source
                 if copy is not None:  # the copy read (or used) stays if the budget allows
                     self.host.put(job.name, copy, self._busy() - {job.name})
-            if job.kind == HOST:
-                if self.host_jobs.get(job.name) is job:
-                    del self.host_jobs[job.name]
+            if job.kind in (HOST, DISK):
+                if job.kind == HOST and job.error is None and not job.fetch:
+                    self.links["disk_to_host"].add(job.bytes_disk, job.busy_s)
+                jobs = self.host_jobs if job.kind == HOST else self.disk_jobs
+                if jobs.get(job.name) is job:
+                    del jobs[job.name]
                 continue
             res = self.pages.get(job.name)
             current = current_entry and res is not None and res.generation == job.generation
@@ -308,7 +382,9 @@ class Residency:
             job.entry.load_s = self.clock() - job.started
             job.entry.error = None
             self.load_seconds_total += job.entry.load_s
-            tier = "host" if job.source is not None else "disk"
+            tier = "host" if job.source is not None else "store" if job.fetch else "disk"
+            if tier == "host":
+                self.links["host_to_device"].add(job.bytes_device, job.busy_s)
             self.transfer_s[tier] += job.busy_s
             self.transfer_bytes[tier] += job.bytes_device
             self.committed_pages += len(job.pages)
@@ -327,7 +403,7 @@ class Residency:
     def drain(self) -> list[Job]:
         """Wait for every transfer in flight; returns the device jobs to commit."""
         ready = []
-        while self.loading or self.host_jobs:
+        while self._busy():
             ready += self.collect(block=True)[0]
         return ready
 
@@ -338,12 +414,13 @@ class Residency:
         pinned = [n for n, r in self.pages.resident.items() if r.pins and n not in self.loading]
         if pinned:
             raise RuntimeError(f"adapters in use: {pinned}")
-        if self.loading or self.host_jobs:
+        if self._busy():
             raise RuntimeError("transfers in flight: drain() first")
         for name in list(self.pages.resident):
             self._evict(name)
         self.host.clear()
-        self.prefetched.clear()
+        for prefetched in (self.prefetched, self.prefetched_host, self.prefetched_disk):
+            prefetched.clear()
         self.priority = {}
 
     def drop_host_copy(self, name: str) -> None:
@@ -368,19 +445,22 @@ class Residency:
         placement in flight is a resident, pinned adapter."""
         self.pages.check()
         self.host.check()
-        assert set(self.host.copies) <= set(self.entries)
+        self.disk.check()
+        assert set(self.host.copies) <= set(self.entries) and set(self.disk.copies) <= set(self.entries)
         assert set(self.loading) <= set(self.pages.resident) and not self.removing & set(self.entries)
         assert all(self.pages.get(n).pins >= 1 for n in self.loading)
         assert all(r.pins >= 0 for r in self.pages.resident.values())
 
     def stats(self) -> dict:
         self._tick()
+        self._settle_prefetches()
         self.counters["host_evictions"] = self.host.evictions
         stats = {
             "adapters_registered": len(self.entries),
             "adapters_on_device": len(self.pages.resident) - len(self.removing),
             "adapters_retiring": len(self.removing),  # removed, their pages still read by running requests
             "adapters_on_host": len(self.host),
+            "adapters_in_node_cache": len(self.disk),  # remote ones, as this engine last saw the node cache
             "adapter_pages_used": self.pages.pages_used,
             "adapter_pages_total": self.pages.num_pages - 1,
             "adapter_page_bytes": self.page_bytes,
@@ -400,5 +480,6 @@ class Residency:
             "adapters_pinned": sum(1 for r in self.pages.resident.values() if r.pins),
             **self.counters,
             "lora_layout": self.pages.layout,
+            **{k: v for link, fit in self.links.items() for k, v in fit.stats(link).items()},
         }
         return stats | adapter_ratios(stats)

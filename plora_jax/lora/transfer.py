@@ -7,10 +7,15 @@ boundary. Everything a transfer produces travels in the job (`read`, `staged`, `
 so the owner of those (the engine loop) is their only writer.
 
 Kinds, in the order a transfer serves them: `DEMAND` (a request waits for it), `PREFETCH` (a
-policy's device prefetch), `HOST` (a policy's read into the host cache only).
+policy's device prefetch), `HOST` (a policy's read into the host cache only), `DISK` (a
+policy's fetch from the adapter store into the node cache only).
 
-Three channels, so a demand load never waits behind a prefetch or a host read, and a copy
-already in host memory never waits behind a read from disk:
+One queue per physical link, demand first on each, so a demand load never waits behind a
+prefetch queued on its link, and a copy already in host memory never waits behind a read:
+- store to node disk: a thread fetches `DISK` jobs into the node cache, below the loop's OS
+  priority. The fetches that device and host jobs need run inside their reads (below); all of
+  them share the node cache's `Link`, where a background fetch yields to a demand fetch
+  between chunks;
 - disk to host: a thread reads and lays out an adapter's folder, one job at a time, for the
   device jobs without a host copy and the host reads. Demand reads have their own thread at
   the loop's OS priority; prefetches and host reads share one below it (kind order), so on a
@@ -21,9 +26,11 @@ already in host memory never waits behind a read from disk:
   have landed (`jax.Array.is_ready`), so a loop with steps to run never waits on a copy; an
   idle loop waits for the oldest with `wait_landing`.
 
-`ThreadTransfer` is the live set; `SimulatedTransfer` runs the same three channels on a
-virtual clock, each job lasting `duration(job)` seconds (from a cost profile);
-`finished(block=True)` advances the clock to the next completion, as a blocking wait would.
+`ThreadTransfer` is the live set; `SimulatedTransfer` runs the same links on a virtual clock,
+each stage of a job lasting `duration(job, stage)` seconds (from a cost profile): a job whose
+adapter must come from the store (`Job.fetch`) takes the store link first, then the channel it
+would take from the node. `finished(block=True)` advances the clock to the next completion, as
+a blocking wait would.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from .registry import AdapterEntry
 
 log = logging.getLogger(__name__)
 
-DEMAND, PREFETCH, HOST = 0, 1, 2  # job kinds, in the order transfers serve them
+DEMAND, PREFETCH, HOST, DISK = 0, 1, 2, 3  # job kinds, in the order transfers serve them
+FETCH, LOAD = "fetch", "load"  # a simulated job's stages: from the store to the node; onwards to its tier
 
 
 @dataclass(eq=False)
@@ -58,11 +66,13 @@ class Job:
     started: float = 0.0  # clock time it was queued
     seq: int = 0  # queue order among jobs of one kind
     source: HostCopy | None = None  # the host copy to stage from; None: read the folder
+    fetch: bool = False  # not in the node cache as the owner last saw it: the store is read first
     # Results, written by the transfer before it hands the job back:
     read: HostCopy | None = None  # the copy read from the folder for this job
     staged: tuple | None = field(default=None, repr=False)  # the commit's arguments, on the device
     error: BaseException | None = None
     bytes_disk: int = 0
+    bytes_remote: int = 0  # fetched from the store for it (simulated; live, the node cache counts them)
     bytes_device: int = 0  # bytes copied to the device for it
     busy_s: float = 0.0  # seconds the transfer spent on it (not counting its wait in the queue)
 
@@ -77,29 +87,44 @@ class Transfer(Protocol):
     def close(self) -> None: ...
 
 
+# The reader threads: a job's lane is its link and, on the disk link, whether a request waits.
+DEMAND_LANE, BACKGROUND_LANE, STORE_LANE = "demand", "background", "store"
+_THREAD_NAMES = {
+    DEMAND_LANE: "plora-adapter-read",
+    BACKGROUND_LANE: "plora-adapter-read-background",
+    STORE_LANE: "plora-adapter-fetch",
+}
+
+
 class ThreadTransfer:
-    def __init__(self, read: Callable[[AdapterEntry, bool], HostCopy], issue: Callable[[Job, HostCopy], tuple]):
+    def __init__(
+        self,
+        read: Callable[[AdapterEntry, bool], HostCopy],
+        issue: Callable[[Job, HostCopy], tuple],
+        fetch: Callable[[AdapterEntry], None],
+    ):
         self.read = read  # disk to host (the thread): read(entry, demand)
         self.issue = issue  # host to device: the commit's arguments on the device, not waited on (the owner)
-        self._jobs = {demand: queue.PriorityQueue() for demand in (True, False)}  # per reader thread
+        self.fetch = fetch  # store to the node cache only (the store thread)
+        self._jobs = {lane: queue.PriorityQueue() for lane in _THREAD_NAMES}
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0  # on the threads and not yet handed back (owner thread only)
         self._landing: deque[Job] = deque()  # host-to-device copies issued, oldest first (owner only)
         self._ready: deque[Job] = deque()  # back from a thread with nothing to copy (owner only)
-        self._workers: dict[bool, threading.Thread] = {}
+        self._workers: dict[str, threading.Thread] = {}
         self.on_done: Callable[[], None] | None = None  # called on a worker after each read (wakes the owner)
 
     def submit(self, job: Job) -> None:
-        if job.kind != HOST and job.source is not None:
+        if job.kind not in (HOST, DISK) and job.source is not None:
             self._issue(job, job.source)  # already in host memory: straight to the device
             return
-        demand = job.kind == DEMAND
-        if demand not in self._workers:
-            name = "plora-adapter-read" + ("" if demand else "-background")
-            self._workers[demand] = threading.Thread(target=self._loop, args=(demand,), name=name, daemon=True)
-            self._workers[demand].start()
+        lane = STORE_LANE if job.kind == DISK else DEMAND_LANE if job.kind == DEMAND else BACKGROUND_LANE
+        if lane not in self._workers:
+            worker = threading.Thread(target=self._loop, args=(lane,), name=_THREAD_NAMES[lane], daemon=True)
+            self._workers[lane] = worker
+            worker.start()
         self._queued += 1
-        self._jobs[demand].put((job.kind, job.seq, job))
+        self._jobs[lane].put((job.kind, job.seq, job))
 
     @property
     def landing(self) -> bool:
@@ -136,8 +161,8 @@ class ThreadTransfer:
             self._take_read(self._done.get())
 
     def close(self) -> None:
-        for demand, worker in self._workers.items():
-            self._jobs[demand].put((-1, -1, None))
+        for lane, worker in self._workers.items():
+            self._jobs[lane].put((-1, -1, None))
             worker.join(timeout=30)
         self._landing.clear()
 
@@ -152,7 +177,7 @@ class ThreadTransfer:
     def _take_read(self, job: Job) -> None:
         """A job back from the thread: a device job's copy is issued now; the others are done."""
         self._queued -= 1
-        if job.kind != HOST and job.error is None:
+        if job.kind not in (HOST, DISK) and job.error is None:
             self._issue(job, job.read)
         else:
             self._ready.append(job)
@@ -180,21 +205,24 @@ class ThreadTransfer:
                     break
         job.busy_s += time.perf_counter() - begun
 
-    def _loop(self, demand: bool) -> None:
-        # Background reads below the loop's priority: on a host with few cores, reading and laying
+    def _loop(self, lane: str) -> None:
+        # Background work below the loop's priority: on a host with few cores, reading and laying
         # out an adapter would otherwise take CPU from the running steps (a prefetch only has to
         # finish before it is needed). A demand read has a request waiting: the loop's priority.
-        if not demand:
+        if lane != DEMAND_LANE:
             with contextlib.suppress(AttributeError, OSError):  # not on this platform or not permitted
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
-            _, _, job = self._jobs[demand].get()
+            _, _, job = self._jobs[lane].get()
             if job is None:
                 return
             begun = time.perf_counter()
             try:
-                job.read = self.read(job.entry, job.kind == DEMAND)
-                job.bytes_disk = job.entry.live_bytes
+                if job.kind == DISK:
+                    self.fetch(job.entry)
+                else:
+                    job.read = self.read(job.entry, job.kind == DEMAND)
+                    job.bytes_disk = job.entry.live_bytes
             except Exception as e:
                 log.warning("loading adapter %r failed: %s", job.name, e)
                 job.error = e
@@ -223,47 +251,55 @@ class VirtualClock:
 
 
 class _Channel:
-    """One simulated channel: jobs one at a time, the first queued in serving order first."""
+    """One simulated link: jobs one at a time, the first queued in serving order first."""
 
-    def __init__(self):
-        self.pending: list[Job] = []
+    def __init__(self, stage: str):
+        self.stage = stage  # what a job's time here is (`duration(job, stage)`)
+        self.pending: dict[Job, float] = {}  # job -> when it was queued here
         self.running: tuple[Job, float] | None = None  # (job, when it finishes)
         self.free_at = 0.0  # when it finished its last job
 
-    def start_next(self, duration: Callable[[Job], float]) -> None:
+    def start_next(self, duration: Callable[[Job, str], float]) -> None:
         if self.running is not None or not self.pending:
             return
         # The channel frees at free_at; of the jobs queued by then, the first in serving order
         # runs (if none was queued yet, the earliest to arrive).
-        start = max(self.free_at, min(j.started for j in self.pending))
-        ready = [j for j in self.pending if j.started <= start]
+        start = max(self.free_at, min(self.pending.values()))
+        ready = [j for j, queued in self.pending.items() if queued <= start]
         job = min(ready, key=lambda j: (j.kind, j.seq))
-        self.pending.remove(job)
-        job.busy_s = duration(job)
-        self.running = (job, start + job.busy_s)
+        del self.pending[job]
+        seconds = duration(job, self.stage)
+        job.busy_s += seconds
+        self.running = (job, start + seconds)
 
 
 class SimulatedTransfer:
     def __init__(
         self,
         clock: VirtualClock,
-        duration: Callable[[Job], float],
+        duration: Callable[[Job, str], float],
         failure: Callable[[Job], BaseException | None] | None = None,
     ):
         # `failure` (fault injection): the error a job ends with, or None for success.
         self.clock, self.duration, self.failure = clock, duration, failure
-        # Disk reads for demand loads, disk reads for the rest, copies from the host to the device.
-        self._demand, self._background, self._copy = _Channel(), _Channel(), _Channel()
-        self._channels = (self._demand, self._background, self._copy)
+        # The store link; disk reads for demand loads; disk reads for the rest; host-to-device copies.
+        self._store = _Channel(FETCH)
+        self._demand, self._background, self._copy = _Channel(LOAD), _Channel(LOAD), _Channel(LOAD)
+        self._channels = (self._store, self._demand, self._background, self._copy)
         self._done: deque[Job] = deque()
 
     def submit(self, job: Job) -> None:
         self._run_until(self.clock())  # an idle channel starts the job now, as the live ones would
+        self._queue(job, self._store if job.fetch or job.kind == DISK else self._onwards(job), self.clock())
+
+    def _onwards(self, job: Job) -> _Channel:
+        """The channel a job takes from the node (after its fetch, if it needed one)."""
         if job.kind != HOST and job.source is not None:
-            channel = self._copy
-        else:
-            channel = self._demand if job.kind == DEMAND else self._background
-        channel.pending.append(job)
+            return self._copy
+        return self._demand if job.kind == DEMAND else self._background
+
+    def _queue(self, job: Job, channel: _Channel, when: float) -> None:
+        channel.pending[job] = when
         channel.start_next(self.duration)
 
     def next_finish(self) -> float | None:
@@ -287,7 +323,7 @@ class SimulatedTransfer:
         pass
 
     def _run_until(self, now: float) -> None:
-        """Finish, in time order across the channels, every job that ends by `now`."""
+        """Finish, in time order across the channels, every stage that ends by `now`."""
         while True:
             for channel in self._channels:
                 channel.start_next(self.duration)
@@ -296,15 +332,20 @@ class SimulatedTransfer:
                 return
             channel = min(running, key=lambda c: c.running[1])
             job, end = channel.running
+            channel.free_at, channel.running = end, None
+            if channel is self._store:
+                job.bytes_remote = job.entry.live_bytes
+                if job.kind != DISK:  # fetched: on to its read or copy
+                    self._queue(job, self._onwards(job), end)
+                    continue
             job.error = self.failure(job) if self.failure is not None else None
-            if job.error is None:
+            if job.error is None and job.kind != DISK:
                 if job.source is None:  # read from "disk": the copy is as big as its pages
                     job.read = HostCopy(None, None, job.entry.host_bytes)
                     job.bytes_disk = job.entry.live_bytes
                 if job.kind != HOST:
                     job.bytes_device = job.entry.device_bytes
             self._done.append(job)
-            channel.free_at, channel.running = end, None
 
 
 def _leaves(tree) -> list:

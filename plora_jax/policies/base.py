@@ -2,11 +2,12 @@
 
 A policy watches the request log (`observe`: one call per arriving request, with its adapter and
 the time) and, at every arrival and every interval, looks at a `PoolView` of the tiers and
-returns a `Decision`: what to prefetch onto the device and into the host cache, what to drop
-now, and an eviction priority. The engine applies the decision on its loop thread; the policy
-never touches engine state, so the same policy object drives the live engine and the replay
-simulator (issue 8) alike. Policies read time only from `PoolView.now` and `observe`'s `now`:
-with a simulated clock they behave exactly as with the wall clock.
+returns a `Decision`: what to prefetch onto the device, into the host cache and into the
+node cache (from the adapter store), what to drop now, and an eviction priority. The engine
+applies the decision on its loop thread; the policy never touches engine state, so the same
+policy object drives the live engine and the replay simulator (issue 8) alike. Policies read
+time only from `PoolView.now` and `observe`'s `now`: with a simulated clock they behave exactly
+as with the wall clock.
 
 Eviction priority: when room is needed, unpinned adapters are evicted lowest priority first,
 least recently used first among equals; an adapter absent from `Decision.priority` has
@@ -28,12 +29,14 @@ class PoolView:
     registered: tuple[str, ...]  # every adapter_id that can be served
     on_device: frozenset[str]  # committed to the device pool or loading into it
     on_host: frozenset[str]  # with a page-laid-out copy in the host cache
+    on_disk: frozenset[str]  # on the node's disk: a local folder, or a remote adapter in the node cache
     pinned: frozenset[str]  # in use by admitted requests: never evicted
     queued: tuple[str, ...]  # adapters of waiting requests, in queue order (repeats kept)
     adapter_bytes: Mapping[str, int]  # device bytes one adapter occupies (its pages or region)
     device_bytes: int  # capacity of the device pool
     device_slots: int  # adapters the device can hold at once (page-table rows)
     host_bytes: int  # byte budget of the host cache
+    disk_bytes: int  # byte budget of the node cache (remote adapters on this node's disk)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Decision:
 
     device: list[str] = field(default_factory=list)  # prefetch onto the device, most wanted first
     host: list[str] = field(default_factory=list)  # prefetch into the host cache, most wanted first
+    disk: list[str] = field(default_factory=list)  # fetch from the store into the node cache, most wanted first
     evict: list[str] = field(default_factory=list)  # drop from the device now (if unpinned)
     priority: dict[str, float] = field(default_factory=dict)  # eviction priority (lowest goes first)
 
@@ -89,6 +93,20 @@ class Policy:
 
     def stats(self) -> dict:
         return {}
+
+
+def fill_tiers(ranked: list[str], view: PoolView) -> tuple[list[str], list[str], list[str]]:
+    """Tier by tier, fastest first, what a ranking of adapters (most wanted first) wants there:
+    (the device's wanted set, resident or not; the host reads; the node-cache fetches). The
+    device takes the greedy prefix that fits its bytes and slots; the host cache the next ones
+    not on the host that fit its budget; the node cache the next ones on neither that fit its.
+    So the forecast reaches as deep as there is room: its horizon (an interval, a minute) is
+    longer than any tier's load time, a store fetch included, so time never stops it first."""
+    wanted = rank_to_fit(ranked, view, view.device_bytes, view.device_slots)
+    rest = [n for n in ranked if n not in set(wanted) and n not in view.on_host]
+    host = rank_to_fit(rest, view, view.host_bytes, len(rest))
+    later = [n for n in rest if n not in set(host) and n not in view.on_disk]
+    return wanted, host, rank_to_fit(later, view, view.disk_bytes, len(later))
 
 
 def rank_to_fit(names, view: PoolView, budget_bytes: int, max_count: int) -> list[str]:

@@ -2,8 +2,10 @@
 
 Given the whole arrival schedule `(time, adapter)` on the policy clock (times relative to
 `origin`, which the replay sets when it starts), it prefetches the adapters whose next request
-falls within `horizon_s`, soonest first, as many as fit the device pool, and evicts the adapter
-whose next request is furthest away first (Belady's rule). Adapters never requested again rank
+falls within `horizon_s`, soonest first, as many as fit the device pool (the next ones into
+the host cache), fetches every other adapter it knows will come into the node cache, soonest
+first, as many as fit it (a clairvoyant's disk tier: the bound), and evicts the adapter whose
+next request is furthest away first (Belady's rule). Adapters never requested again rank
 lowest."""
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 
-from .base import Decision, Policy, PoolView, rank_to_fit
+from .base import Decision, Policy, PoolView, fill_tiers
 
 
 class Oracle(Policy):
@@ -53,14 +55,10 @@ class Oracle(Policy):
         soon = sorted(
             (a for a, w in upcoming.items() if w <= self.horizon_s and a not in set(queued)), key=upcoming.get
         )
-        wanted = rank_to_fit(queued + soon, view, view.device_bytes, view.device_slots)
-        wanted_set = set(wanted)
-        rest = [a for a in soon if a not in wanted_set and a not in view.on_host]
+        wanted, host, _ = fill_tiers(queued + soon, view)
+        later = sorted((a for a in upcoming if a not in {*queued, *soon}), key=upcoming.get)
+        disk = fill_tiers(queued + soon + later, view)[2]
         priority = {a: 1.0 / (1.0 + w) for a, w in upcoming.items()}  # nearer next use: kept longer
         for a in queued:
             priority[a] = 2.0
-        return Decision(
-            device=[a for a in wanted if a not in view.on_device],
-            host=rank_to_fit(rest, view, view.host_bytes, len(rest)),
-            priority=priority,
-        )
+        return Decision(device=[a for a in wanted if a not in view.on_device], host=host, disk=disk, priority=priority)

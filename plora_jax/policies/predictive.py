@@ -20,7 +20,8 @@ Decisions, at each call:
    adapters in and out every interval; adapters scoring under `min_score` are never prefetched;
 2. the greedy prefix that fits the device pool (bytes and slots) is the wanted set; what it holds
    that is not resident is prefetched, most wanted first; the next ones that fit the host budget
-   are read into the host cache;
+   are read into the host cache, and the next that fit the node cache fetched from their store
+   (`base.fill_tiers`);
 3. eviction priority: wanted adapters 1 + demand per byte (normalised), the rest demand per byte
    alone, so a prefetch only ever displaces an adapter outside the wanted set.
 """
@@ -35,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
-from .base import Decision, Policy, PoolView, rank_to_fit
+from .base import Decision, Policy, PoolView, fill_tiers
 
 log = logging.getLogger(__name__)
 
@@ -228,19 +229,13 @@ class Predictive(Policy):
             key=key,
             reverse=True,
         )
-        wanted = rank_to_fit(queued + forecast, view, view.device_bytes, view.device_slots)
-        wanted_set = set(wanted)
-        rest = [n for n in forecast if n not in wanted_set and n not in view.on_host]
+        wanted, host, disk = fill_tiers(queued + forecast, view)
         per_byte = {n: scores.get(n, 0.0) / max(1, sizes[n]) for n in scores if n in sizes}
         top = max(per_byte.values(), default=0.0) or 1.0
         priority = {n: v / top for n, v in per_byte.items()}
         for n in wanted:
             priority[n] = 1.0 + priority.get(n, 0.0)
-        return Decision(
-            device=[n for n in wanted if n not in view.on_device],
-            host=rank_to_fit(rest, view, view.host_bytes, len(rest)),
-            priority=priority,
-        )
+        return Decision(device=[n for n in wanted if n not in view.on_device], host=host, disk=disk, priority=priority)
 
     def stats(self) -> dict:
         with self._lock:

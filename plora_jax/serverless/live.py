@@ -30,7 +30,7 @@ from ..engine.api import freeze_heap
 from ..engine.sampling import SamplingParams
 from ..lora.node_cache import is_remote
 from ..lora.peft import save_random_adapter
-from ..metrics import ADAPTER_COUNTERS, adapter_mem_util
+from ..metrics import ADAPTER_COUNTERS, TRANSFER_SOURCES, adapter_mem_util
 from ..names import BASELINE_POLICY
 from .instances import InstanceLoad, keep_alive_expired, pick_instance
 from .report import RequestRecord, Run, summarize
@@ -313,7 +313,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
             records.append(
                 RequestRecord(
                     arrival, at + m.ttft_s, at + m.e2e_s, m.cold_start, m.adapter_wait_s, len(out.token_ids),
-                    instance_wait, lag, index,
+                    instance_wait, lag, index, m.adapter_tier,
                 )
             )  # fmt: skip
     finally:
@@ -345,10 +345,10 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
 
 _EXTRA = (
     *("compiles_after_warmup", "adapter_loads", "adapter_load_s_total"),
-    *(f"adapter_transfer_{what}_from_{tier}" for what in ("s", "bytes") for tier in ("host", "disk")),
+    *(f"adapter_transfer_{what}_from_{tier}" for what in ("s", "bytes") for tier in TRANSFER_SOURCES),
     *("policy_fallbacks", "adapter_live_byte_s", "adapter_reserved_byte_s", "stall_s"),
     # The remote link, when adapters come from a store (lora.node_cache; 0 for local folders).
-    *("node_cache_misses", "node_cache_hits", "bytes_remote_to_disk", "node_cache_fetch_s", "node_cache_link_yields"),
+    *("node_cache_misses", "node_cache_hits", "node_cache_fetch_s", "node_cache_link_yields"),
 )
 _COUNTED = (*ADAPTER_COUNTERS, *_EXTRA)  # what a replay reports as its engines' deltas
 
@@ -400,8 +400,10 @@ def calibrate(engine, instance_start_s: float, runs: list[Run] = ()) -> Calibrat
     must have recorded their steps): step terms fitted to the replays' steps and to timed runs
     here (decode at one row and a full batch, prefill at short and long chunks, the same with
     every row on an adapter, loaded first so no load is timed); loads' bytes per second from
-    the replays; `instance_start_s` is how long an engine took to start (construction and
-    warm-up, with whatever the parameter and compilation caches held)."""
+    the replays, and the store link's latency and rate from the node cache's fetches (the line
+    `metrics.LinkFit` fits), when adapters came from a store; `instance_start_s` is how long an
+    engine took to start (construction and warm-up, with whatever the parameter and compilation
+    caches held)."""
     rng = np.random.default_rng(0)
     vocab, rows = engine.model_config.vocab_size, engine.config.max_num_seqs
     greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -433,7 +435,14 @@ def calibrate(engine, instance_start_s: float, runs: list[Run] = ()) -> Calibrat
         *(total(f"adapter_transfer_{w}_from_{t}") for t in ("host", "disk") for w in ("s", "bytes"))
     )
     lags = [r.submit_lag_s for run in runs for r in run.records]
+    store = {}  # the store link's fitted line, when the replays fetched adapters from a store
+    if stats.get("link_remote_to_disk_bytes_per_s", 0) > 0:
+        store = dict(
+            store_latency_s=stats["link_remote_to_disk_latency_s"],
+            store_bytes_per_s=stats["link_remote_to_disk_bytes_per_s"],
+        )
     base = Calibration(
+        **store,
         request_overhead_s=float(np.mean(lags)) if lags else 0.0,
         load_base_s=0.0,
         h2d_bytes_per_s=h2d,

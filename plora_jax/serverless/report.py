@@ -8,7 +8,8 @@ its adapter. From those and the run's counters:
   device (0 when it already was); `adapter_wait_mean_s` is its mean over all completed requests;
 - cold-start latency, conditional (`cold_start_*_s`): median / mean / p99 of the adapter wait
   over the run's own cold starts. A policy that prefetches well keeps only the cold starts it
-  could not foresee, so this figure can rise while users wait less;
+  could not foresee, so this figure can rise while users wait less. By the tier the adapter
+  came from (`cold_from_{host,disk,store}` count them, `cold_from_{tier}_{median,mean}_s`);
 - cold-start latency, paired (`baseline_cold_*_s`, `pair`): median / mean / p99 of the adapter
   wait over the requests that were cold starts in the baseline's run of the same workload
   (`reactive_sync`), whatever they were in this run (0 when the adapter was resident). This
@@ -18,8 +19,9 @@ its adapter. From those and the run's counters:
 - TTFT mean / p99 over all requests (arrival to first token, queueing included);
 - throughput: completed requests and generated tokens per second, from the first arrival to the
   last completion;
-- adapter memory utilisation, prefetch precision and recall: as `plora_jax.metrics` defines them
-  (the one definition the engine and the server use too); utilisation is the run's time
+- adapter memory utilisation, prefetch precision and recall (the device's, and per tier the
+  host's and the disk's): as `plora_jax.metrics` defines them (the one definition the engine
+  and the server use too); utilisation is the run's time
   average (byte-seconds), the memory samples once per interval are for the plots only.
 """
 
@@ -44,6 +46,7 @@ class RequestRecord:
     instance_wait_s: float = 0.0  # waited for its instance to start (serverless)
     submit_lag_s: float = 0.0  # from arrival (or its instance's start) until the engine held it: the caller's hand-off
     request: int = -1  # its index in the workload's requests (pairs the same request across policies)
+    tier: str = ""  # the fastest tier holding its adapter when it arrived ("" without an adapter)
 
 
 @dataclass
@@ -94,7 +97,13 @@ def summarize(records: list[RequestRecord], counters: dict, mem_util: float, ext
         "bytes_host_to_device": int(counters.get("bytes_host_to_device", 0)),
         "bytes_disk_to_host": int(counters.get("bytes_disk_to_host", 0)),
         "stall_s": 0.0,
+        **metrics.tier_prefetch(counters),
+        **{k: int(counters.get(k, 0)) for k in ("disk_prefetch_issued", "bytes_remote_to_disk")},
     }
+    for tier in metrics.TIERS[1:]:
+        waits = [r.adapter_wait_s for r in done if r.cold and r.tier == tier]
+        latency = _latency(f"cold_from_{tier}", waits)
+        out |= {f"cold_from_{tier}": len(waits), **{k: v for k, v in latency.items() if not k.endswith("p99_s")}}
     return out | (extra or {})
 
 
@@ -165,7 +174,10 @@ COLUMNS = (
     ("prefetch_precision", "pf prec", "{:.2f}"),
     ("prefetch_recall", "pf recall", "{:.2f}"),
     ("bytes_host_to_device", "MB h2d", None),
-    ("node_cache_misses", "store fetches", "{:d}"),  # live: adapters fetched from their store (0 from folders)
+    ("cold_from_store_median_s", "store cold p50 s", "{:.3f}"),  # cold starts whose adapter was only in its store
+    ("disk_prefetch_issued", "store prefetches", "{:d}"),
+    ("disk_prefetch_precision", "store pf prec", "{:.2f}"),
+    ("disk_prefetch_recall", "store pf recall", "{:.2f}"),
     ("bytes_remote_to_disk", "MB store", None),
     ("compiles_after_warmup", "compiles", "{:d}"),  # the simulator compiles nothing: always 0
 )

@@ -24,8 +24,11 @@ What still differs from a live run:
   charged (live it runs on its own thread, or on the loop for the others);
 - host-side time outside the loop (tokenization on the caller's thread, streaming to clients)
   is not modelled: the replay submits token ids and reads no stream;
-- a transfer's duration is its bytes over a fitted rate: contention among several transfers,
-  or with steps beyond `transfer_step_s`, is not modelled;
+- a transfer's duration is its bytes over a fitted rate, one transfer at a time per link (the
+  store link, disk reads for demand loads, disk reads for the rest, host-to-device copies),
+  demand first among those queued; live, a demand fetch also overtakes a background fetch
+  already running on the store link (between its chunks), which the simulator does not;
+  contention with steps beyond `transfer_step_s` is not modelled;
 - with a calibration whose `disk_bytes_per_s` is 0, as a live one is, disk reads are inside
   the per-byte load cost and host reads take no time.
 """

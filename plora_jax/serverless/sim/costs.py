@@ -15,7 +15,10 @@ padded to the compiled buckets):
 non-negative least-squares fit of the recorded durations, so the profile holds what the engine
 spent per step on that machine, host work included. The load cost is `load_base_s` plus the
 bytes over `h2d_bytes_per_s` (plus over `disk_bytes_per_s` from disk; 0 means the disk read is
-inside the host-to-device rate, as in a live calibration, where loads are timed from the folder).
+inside the host-to-device rate, as in a calibration without host-only reads to time it). An
+adapter only in its store is fetched into the node cache first, over the store link:
+`store_latency_s` plus its bytes over `store_bytes_per_s` (`fetch_s`). A live calibration takes
+these from the links' measured lines (`metrics.LinkFit`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class Calibration:
     load_base_s: float = 0.01  # fixed cost of one adapter load (placement, commit)
     h2d_bytes_per_s: float = 2e9  # host to device copy
     disk_bytes_per_s: float = 5e8  # disk read into the host cache (0: already counted in h2d_bytes_per_s)
+    store_latency_s: float = 0.05  # one fetch from the adapter store into the node cache: its fixed cost
+    store_bytes_per_s: float = 1e8  # and its rate
     instance_start_s: float = 20.0  # an instance from zero to warm (params and executables from caches)
     bytes_per_rank: int = 0  # device bytes one rank row of an adapter occupies (all layers, projections)
     fit_steps: int = 0  # recorded steps the step terms were fitted to (0: not fitted)
@@ -79,6 +84,10 @@ class Calibration:
     def load_s(self, nbytes: int, on_host: bool) -> float:
         t = self.load_base_s + nbytes / self.h2d_bytes_per_s
         return t if on_host or self.disk_bytes_per_s <= 0 else t + nbytes / self.disk_bytes_per_s
+
+    def fetch_s(self, nbytes: int) -> float:
+        """One adapter's fetch from the store into the node cache."""
+        return self.store_latency_s + nbytes / self.store_bytes_per_s
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,7 @@ from ...engine.scheduler import Request, Scheduler, Status, StepPlan
 from ...engine.step_log import shape_of
 from ...lora import HostCache, Job, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
 from ...lora.host_cache import HostCopy
-from ...lora.transfer import HOST
+from ...lora.transfer import FETCH, HOST
 from ...policies import Policy
 
 
@@ -36,14 +36,18 @@ class SimInstance:
             None, "float32", c.max_lora_rank, c.page_rows, ("all",), c.layout, sim.config.pool_pages - 1, sim.page_bytes
         )
         for name, rank in sim.workload.ranks.items():
-            registry.insert(registry.entry(name, None, rank, ("all",), rank * cal.bytes_per_rank))
+            entry = registry.entry(name, None, rank, ("all",), rank * cal.bytes_per_rank)
+            if sim.config.adapter_store == "store":
+                entry.source = f"store://{name}"  # fetched into this instance's node cache on first use
+            registry.insert(entry)
         self.pages = PagePool(sim.config.pool_pages, c.max_loras + 1, cdiv(c.max_lora_rank, c.page_rows), c.layout)
         self.transfer = SimulatedTransfer(self.clock, self._transfer_s)
         host = HostCache(sim.config.host_cache_bytes)
         if sim.config.adapters_on_host:
             for name, entry in registry.entries.items():
                 host.put(name, HostCopy(None, None, entry.host_bytes))
-        self.core = Residency(registry, self.pages, host, self.transfer, self.clock, c.max_prefetch_inflight)
+        disk = HostCache(sim.config.node_cache_bytes)
+        self.core = Residency(registry, self.pages, host, disk, self.transfer, self.clock, c.max_prefetch_inflight)
         self.core.free_when_unused = policy.free_when_unused
         self.gate = AdapterGate(
             self.core,
@@ -64,8 +68,10 @@ class SimInstance:
         self.idle_since = 0.0
         self.stopped = False
 
-    def _transfer_s(self, job: Job) -> float:
+    def _transfer_s(self, job: Job, stage: str) -> float:
         cal = self.sim.calibration
+        if stage == FETCH:  # from the store into the node cache
+            return cal.fetch_s(job.entry.live_bytes)
         if job.kind == HOST:  # a read into the host cache only
             return job.entry.host_bytes / cal.disk_bytes_per_s if cal.disk_bytes_per_s > 0 else 0.0
         return cal.load_s(job.entry.device_bytes, on_host=job.source is not None)

@@ -44,7 +44,8 @@ class SimConfig:
     simulator reads the scheduling fields (`max_model_len`, `block_size`, `num_kv_blocks`,
     `max_num_seqs`, `max_num_batched_tokens`, `max_prefill_seqs`, `min_prefill_bucket`), the
     adapter pool's (`max_loras`, `lora_pool_pages`, `page_rows`, `max_lora_rank`, `layout`),
-    `host_cache_mb`, `max_prefetch_inflight` and `adapter_loads`."""
+    `host_cache_mb`, `node_cache_mb` (with `adapter_store`), `max_prefetch_inflight` and
+    `adapter_loads`."""
 
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lora_pool_pages=64, host_cache_mb=2.0**20))
     instances: int = 1  # most instances at once
@@ -52,8 +53,13 @@ class SimConfig:
     keep_alive_s: float = 600.0  # an idle instance above min_instances stops after this long
     prewarm: bool = True  # a forecasting policy may start an instance ahead of demand
     adapters_on_host: bool = False  # every adapter starts in the host cache (S-LoRA keeps them all in host memory)
+    # Where the adapters live: "disk" (local folders on every node) or "store" (an object store:
+    # each instance's node cache starts empty and a first use fetches over the store link).
+    adapter_store: str = "disk"
 
     def __post_init__(self):
+        if self.adapter_store not in ("disk", "store"):
+            raise ValueError(f"SimConfig.adapter_store must be 'disk' or 'store', got {self.adapter_store!r}")
         if self.engine.lora_pool_pages < 2:
             raise ValueError("SimConfig.engine.lora_pool_pages must be set (>= 2): the simulator sizes pools in pages")
 
@@ -64,6 +70,10 @@ class SimConfig:
     @property
     def host_cache_bytes(self) -> int:
         return int(self.engine.host_cache_mb * 2**20)
+
+    @property
+    def node_cache_bytes(self) -> int:
+        return int(self.engine.node_cache_mb * 2**20)
 
 
 @dataclass(eq=False)
@@ -192,6 +202,7 @@ class Simulator:
                     r.instance_wait,
                     self.calibration.request_overhead_s,
                     r.index,
+                    req.adapter_tier if req is not None else "",
                 )
             )
         return out
