@@ -15,7 +15,8 @@ decision its arrival triggers, so a load it set off is still its cold start) unl
   cache; `disk_`: fetches from the store into the node cache): `*prefetch_issued`: started;
   `*prefetch_used`: prefetched adapters that a request then asked for; `*prefetch_hits`: of
   those, the ones the request found in that tier or a faster one (the prefetch was in time);
-  `*prefetch_wasted`: prefetched adapters that left the tier before any request asked for them;
+  `*prefetch_wasted`: prefetched adapters that left the tier before any request asked for them
+  (`*prefetch_wasted_bytes`: the bytes they moved there: device, host-copy or file bytes);
 - `stale_dropped`: finished transfers dropped because their placement was removed meanwhile;
   `load_failures`: loads that raised; `host_evictions`: copies the host tier dropped;
 - `bytes_remote_to_disk`, `bytes_disk_to_host`, `bytes_host_to_device`: bytes moved between
@@ -76,7 +77,7 @@ TRANSFER_SOURCES = ("host", "disk", "store")  # where a device load staged from 
 
 ADAPTER_COUNTERS = (
     *("cold_starts", "device_hits", *TIER_COLD_COUNTER.values(), "stale_dropped", "load_failures"),
-    *(f"{p}prefetch_{what}" for p in PREFETCH_TIERS for what in ("issued", "used", "hits", "wasted")),
+    *(f"{p}prefetch_{what}" for p in PREFETCH_TIERS for what in ("issued", "used", "hits", "wasted", "wasted_bytes")),
     "host_evictions",
     *("bytes_remote_to_disk", "bytes_disk_to_host", "bytes_host_to_device"),
 )

@@ -189,6 +189,7 @@ def test_a_disk_prefetch_dropped_unused_is_wasted():
     core.apply(Decision(disk=["b"], priority={"a": 0.0, "b": 0.5}))  # "b" outranks "a": it makes room
     stats = core.stats()
     assert "a" not in core.disk and stats["disk_prefetch_wasted"] == 1 and stats["disk_prefetch_issued"] == 2
+    assert stats["disk_prefetch_wasted_bytes"] == 800
     core.check()
 
 

@@ -200,13 +200,14 @@ class Residency:
     def _settle_prefetches(self) -> None:
         """Count as wasted the host and disk prefetches whose copy left its tier unused (the
         tiers drop copies as they trim; device prefetches are counted as they are evicted)."""
-        for prefix, prefetched, tier, jobs in (
-            ("host_", self.prefetched_host, self.host, self.host_jobs),
-            ("disk_", self.prefetched_disk, self.disk, self.disk_jobs),
+        for prefix, prefetched, tier, jobs, size in (
+            ("host_", self.prefetched_host, self.host, self.host_jobs, lambda e: e.host_bytes),
+            ("disk_", self.prefetched_disk, self.disk, self.disk_jobs, lambda e: self._disk_copy(e).nbytes),
         ):
             gone = {n for n in prefetched if n not in tier and n not in jobs}
             prefetched -= gone
             self.counters[f"{prefix}prefetch_wasted"] += len(gone)
+            self.counters[f"{prefix}prefetch_wasted_bytes"] += sum(size(self.entries[n]) for n in gone)
 
     def acquire(self, name: str, first: bool = True) -> int | None:
         """The adapter's slot, pinned, if it is on the device; else None, with its load started
@@ -274,6 +275,7 @@ class Residency:
         if name in self.prefetched:
             self.prefetched.discard(name)
             self.counters["prefetch_wasted"] += 1
+            self.counters["prefetch_wasted_bytes"] += self.entries[name].device_bytes
 
     # --- policy decisions ---------------------------------------------------------------
     def view(self, now: float, queued: tuple[str, ...]) -> PoolView:

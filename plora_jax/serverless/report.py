@@ -98,7 +98,9 @@ def summarize(records: list[RequestRecord], counters: dict, mem_util: float, ext
         "bytes_disk_to_host": int(counters.get("bytes_disk_to_host", 0)),
         "stall_s": 0.0,
         **metrics.tier_prefetch(counters),
-        **{k: int(counters.get(k, 0)) for k in ("disk_prefetch_issued", "bytes_remote_to_disk")},
+        **{k: int(counters.get(k, 0)) for k in ("disk_prefetch_issued", "bytes_remote_to_disk", "bytes_disk_to_host")},
+        # Bytes moved by prefetches that no request used, over every tier.
+        "prefetch_wasted_bytes": int(sum(counters.get(f"{p}prefetch_wasted_bytes", 0) for p in metrics.PREFETCH_TIERS)),
     }
     for tier in metrics.TIERS[1:]:
         waits = [r.adapter_wait_s for r in done if r.cold and r.tier == tier]
@@ -179,6 +181,7 @@ COLUMNS = (
     ("disk_prefetch_precision", "store pf prec", "{:.2f}"),
     ("disk_prefetch_recall", "store pf recall", "{:.2f}"),
     ("bytes_remote_to_disk", "MB store", None),
+    ("prefetch_wasted_bytes", "MB pf wasted", None),
     ("compiles_after_warmup", "compiles", "{:d}"),  # the simulator compiles nothing: always 0
 )
 
