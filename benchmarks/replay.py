@@ -29,6 +29,7 @@ start on demand and stop after `--keep-alive-s` (scale to zero with 0); the cost
 a warm engine. `--warmup-minutes N` (sim) replays the N trace minutes before `--start-minute`
 first and measures only the minutes after them (`plora_jax.serverless.workload`): steady state,
 with a warm pool and forecasters that have history, rather than a service's first minutes.
+`--adapter-store host` (sim) starts every adapter in host memory, as S-LoRA keeps them.
 `--adapter-store s3` puts the adapters in an object store: live, moto's S3 server on 127.0.0.1
 behind a link of `--store-latency-ms` and `--store-mb-s` (the engines register them from
 there); in both modes every policy starts with empty node caches, so each adapter's first use
@@ -76,8 +77,9 @@ class ReplayConfig:
     max_lora_rank: int = 64
     host_cache_mb: float = 4096.0
     adapter_dir: str = ""  # live: folder for the random adapters ("": a temporary folder)
-    # "" (adapters in a local folder) | "s3": live, moto's S3 server on 127.0.0.1 behind a
-    # throttled link; sim, every instance's node cache starts empty and fetches over the store link
+    # Where adapters are at the start (the storage regime): "" (local folders on the node's disk) |
+    # "host" (sim: every adapter in host memory, as S-LoRA keeps them) | "s3" (an object store:
+    # live, moto's S3 server on 127.0.0.1 behind a throttled link; sim, the store link)
     adapter_store: str = ""
     # The store link: first-byte latency of each response and bytes/s shared by every fetch. Live:
     # the proxy's (0: 50 ms, 100 MB/s). Sim: 0 keeps the calibration's (measured by a live s3 replay).
@@ -225,7 +227,8 @@ def sim_config(cfg: ReplayConfig, layout: str, pool: tuple[int, int]):
         instances=cfg.instances,
         min_instances=cfg.min_instances,
         keep_alive_s=cfg.keep_alive_s,
-        adapter_store="store" if cfg.adapter_store else "disk",
+        adapter_store="store" if cfg.adapter_store == "s3" else "disk",
+        adapters_on_host=cfg.adapter_store == "host",
     )
 
 
@@ -257,8 +260,10 @@ def run(cfg: ReplayConfig, wcfg) -> dict:
         raise SystemExit(f"--mode must be live or sim, got {cfg.mode!r}")
     if cfg.compare and cfg.mode != "sim":
         raise SystemExit("--compare: compares a simulation with a live run (use it with --mode sim)")
-    if cfg.adapter_store not in ("", "s3"):
-        raise SystemExit(f"--adapter-store: '' or s3, got {cfg.adapter_store!r}")
+    if cfg.adapter_store not in ("", "host", "s3"):
+        raise SystemExit(f"--adapter-store: '', host or s3, got {cfg.adapter_store!r}")
+    if cfg.adapter_store == "host" and cfg.mode != "sim":
+        raise SystemExit("--adapter-store host: every adapter in host memory at the start is for --mode sim")
     if cfg.profile and cfg.mode != "sim":
         raise SystemExit("--profile: a cost profile on paper is for --mode sim")
     if wcfg.warmup_minutes and cfg.mode != "sim":  # the live replay's counters cover the whole run
@@ -389,7 +394,7 @@ def run_point(cfg: ReplayConfig, point: Point, layouts: list[str], policies: lis
                 probe.close()
             live.write_adapters(workload, model_config, adapter_dir, TARGETS)
             source = adapter_dir
-            if cfg.adapter_store:
+            if cfg.adapter_store == "s3":
                 source, remote = remote_store(cfg, adapter_dir, Path(tmp) / "node", stores)
                 make = lambda make=make, remote=remote, **kw: make(**(remote | kw))
             fleet = live.Fleet(

@@ -87,6 +87,7 @@ def summarize(records: list[RequestRecord], counters: dict, mem_util: float, ext
         **_latency("cold_start", cold),
         "adapter_wait_mean_s": float(np.mean([r.adapter_wait_s for r in done])) if done else 0.0,
         "ttft_mean_s": float(np.mean(ttft)) if ttft else 0.0,
+        "ttft_p90_s": _pct(ttft, 90),  # goodput's SLO figure (`uncertainty.goodput`)
         "ttft_p99_s": _pct(ttft, 99),
         "throughput_rps": len(done) / span,
         "throughput_tok_s": sum(r.output_tokens for r in done) / span,

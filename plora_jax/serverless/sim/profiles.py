@@ -21,13 +21,16 @@ How the step terms follow from the figures (bf16 weights, batch of `rows` decode
 - a page committed into the pool is read and written once on the device; a copy from the host
   runs on the DMA engines, so a transfer in flight adds nothing to a step;
 - loads: host to device at the PCIe link's achievable rate with pinned memory, disk to host at
-  an NVMe drive's sequential read rate halved for the file system and the safetensors parse.
+  an NVMe drive's sequential read rate halved for the file system and the safetensors parse;
+  from an object store (S3 Standard in the GPU's region), a first-byte latency and the rate of
+  the node cache's parallel ranged reads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...lora.node_cache import PARALLEL_READS
 from .costs import Calibration
 
 # Projection shapes (in, out) per layer, for adapter bytes.
@@ -100,6 +103,11 @@ H100_80GB = Device("h100-80gb", 3.35e12, 989e12, 80e9, 50e9)
 # A PCIe 4.0 NVMe drive reads about 7 GB/s sequentially (Samsung 980 PRO datasheet); half of
 # that is left after the file system and the safetensors parse and page layout.
 NVME_BYTES_PER_S = 3.5e9
+# Amazon S3 Standard from EC2 in the same region: 100-200 ms first-byte latency and about 85-90
+# MB/s per connection (AWS, "Best Practices Design Patterns: Optimizing Amazon S3 Performance",
+# 2019). The node cache reads PARALLEL_READS ranges of a file at once.
+STORE_LATENCY_S = 0.1
+STORE_BYTES_PER_S = PARALLEL_READS * 85e6
 MEM_EFFICIENCY = 0.7  # decode kernels reach about 70% of HBM bandwidth (vLLM and TensorRT-LLM reports)
 COMPUTE_EFFICIENCY = 0.5  # prefill matmuls reach about half of dense peak (MLPerf-class engines)
 LORA_EFFICIENCY = 0.1  # gathered multi-LoRA kernels (SGMV, MBGMM) run about a tenth of peak (Punica, S-LoRA)
@@ -135,6 +143,8 @@ def profile(model: ModelShape, device: Device, targets=ALL_PROJECTIONS, mean_ran
         load_base_s=LOAD_BASE_S,
         h2d_bytes_per_s=device.h2d_bytes_per_s,
         disk_bytes_per_s=NVME_BYTES_PER_S,
+        store_latency_s=STORE_LATENCY_S,
+        store_bytes_per_s=STORE_BYTES_PER_S,
         instance_start_s=INSTANCE_START_S,
         bytes_per_rank=per_rank,
     )
