@@ -1,9 +1,9 @@
 """The crossover (`plora_jax.serverless.crossover`): with loads that cost nothing every policy's
-gain over the synchronous baseline is exactly 1; with loads that cost a large share of a
-step's time, the clairvoyant oracle's simulated capacity gain is within 10% of the analytic
-G = 1 + C x p_c x t_sync."""
+gain over the synchronous baseline is exactly 1; with loads that cost several decode steps,
+the simulated gain is within 10% of the analytic G = 1 + C x p_c x t_sync. And the figures
+that carry their uncertainty: an interval over seeds, goodput by bisection."""
 
-import dataclasses
+import json
 
 import pytest
 
@@ -25,7 +25,7 @@ CAL = Calibration(
     request_overhead_s=0.0,
     bytes_per_rank=1000,
 )
-WORKLOAD = WorkloadConfig(adapters=24, minutes=4, ranks=(8, 16), token_scale=0.1, seed=1)
+WORKLOAD = WorkloadConfig(adapters=24, minutes=10, ranks=(8, 16), token_scale=0.1, seed=1)
 ENGINE = EngineConfig(max_num_seqs=16, max_loras=6, lora_pool_pages=9, page_rows=8, max_lora_rank=16)
 CONFIG = SimConfig(engine=ENGINE)
 
@@ -38,13 +38,16 @@ def test_loads_that_cost_nothing_leave_every_gain_at_one():
         assert gain["ttft_mean_change"] == pytest.approx(0.0, abs=1e-9), policy
 
 
-def test_a_costly_load_gives_the_oracle_about_the_analytic_gain():
-    link = crossover.Link(1e30, 0.25)  # 250 ms per load, whatever its size
-    point = crossover.run_point(WORKLOAD, link, CAL, CONFIG, ["oracle"])
+def test_a_costly_load_costs_the_baseline_what_the_analytic_gain_says():
+    """200 ms per load: the baseline's capacity (served per busy second, offered 30 x C) falls
+    to C / G, G = 1 + C x (its synchronous waits per request) x t_sync, within 10%; the oracle,
+    which hides its loads, gains about G (it also caches, so a little more is possible)."""
+    point = crossover.run_point(WORKLOAD, crossover.Link(1e30, 0.2), CAL, CONFIG, ["oracle"])
     g = point["analytic_gain"]
-    assert g > 1.3  # the stall is a large share of the baseline's time
+    assert g > 1.15 and point["t_sync_s"] == pytest.approx(0.2)
+    assert point["bound_gain"] == pytest.approx(g, rel=0.10)
     assert point["gains"]["oracle"]["capacity_ratio"] == pytest.approx(g, rel=0.10)
-    assert dataclasses.asdict(crossover.Link(1e9, 0.02)) == {"bytes_per_s": 1e9, "latency_s": 0.02}
+    assert point["gains"]["oracle"]["ttft_mean_change"] < -0.2
 
 
 def test_an_interval_over_seeds_matches_the_hand_computation():
@@ -69,3 +72,29 @@ def test_goodput_bisects_to_the_largest_rate_within_the_slo():
     assert goodput(p90, 1.0, 0.5, 8.0) == pytest.approx(3.08, rel=0.02)  # p90 = 1.0 at 3.08 req/s
     assert len(calls) < 12
     assert goodput(p90, 0.1, 0.5, 8.0) == 0.0 and goodput(p90, 100.0, 0.5, 8.0) == 8.0
+
+
+def test_the_crossover_benchmark_writes_every_point_and_its_plot(tmp_path, capsys):
+    from benchmarks import crossover as bench
+
+    out = tmp_path / "c.json"
+    argv = [
+        "--bandwidths-gb-s",
+        "1",
+        "--latencies-ms",
+        "1,100",
+        "--rank-mixes",
+        "8-16",
+        "--policies",
+        "lru",
+        "--seeds",
+        "2",
+    ]
+    argv += ["--adapters", "8", "--minutes", "3", "--json", str(out), "--plot", str(tmp_path / "c.png")]
+    assert bench.main(argv) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [p["link"]["latency_s"] for p in points] == [0.001, 0.1]
+    assert all(p["ranks"] == [8, 16] and set(p["gains"]) == {"reactive_sync", "lru"} for p in points)
+    lo, hi = points[1]["ci95"]["lru.capacity_ratio"]  # two seeds: an interval around their mean
+    assert points[1]["seeds"] == 2 and lo <= points[1]["gains"]["lru"]["capacity_ratio"] <= hi
+    assert (tmp_path / "c.png").stat().st_size > 0 and "| GB/s |" in capsys.readouterr().out

@@ -50,6 +50,7 @@ class AdapterGate:
         self.unservable: list[Request] = []  # asked for an adapter removed after they were accepted
         self.failures: Failures = []  # synchronous loads that failed inside schedule(), reported at the next poll
         self.stall_s = 0.0  # seconds spent in synchronous loads, in all
+        self.sync_waits = 0  # synchronous waits for a load (one per load a step waited on)
         self.stall_row_s = 0.0  # those seconds times the running requests each held up (`metrics`: stall_s)
 
     def arrive(self, request: Request) -> None:
@@ -78,6 +79,7 @@ class AdapterGate:
             began, held = self.clock(), self.running()
             failures = self.wait_for(request.adapter)
             self.stall_s += self.clock() - began
+            self.sync_waits += 1
             self.stall_row_s += (self.clock() - began) * held
             self.failures += failures  # the queue is not ours to edit inside schedule()
             if all(name != request.adapter for name, _ in failures):

@@ -60,7 +60,9 @@ class SimInstance:
         )
         self.scheduler = Scheduler.for_engine(c, sim.buckets.prefill[-1], self.gate, self.clock)
         sim.cores.append(self.core)
-        sim.gates.append(self.gate)
+        sim.engines.append(self)
+        self.held_s = 0.0  # seconds it had work (requests running or waiting), in all
+        self._held_since: float | None = None  # when its current stretch of work began
         self.in_flight: StepPlan | None = None  # the plan dispatched last, its tokens not read yet
         self.busy_until: float | None = None  # end of the plan in flight
         self._load_event: float | None = None  # the "load_done" event pushed and not yet run
@@ -75,6 +77,19 @@ class SimInstance:
         if job.kind == HOST:  # a read into the host cache only
             return job.entry.host_bytes / cal.disk_bytes_per_s if cal.disk_bytes_per_s > 0 else 0.0
         return cal.load_s(job.entry.device_bytes, on_host=job.source is not None)
+
+    def figures(self) -> dict:
+        """Its stall in row-seconds (`metrics`: stall_s), and its busy seconds: the time it had
+        requests running or waiting (steps, synchronous loads, and waits for asynchronous loads
+        with nothing else to run)."""
+        current = self.clock() - self._held_since if self._held_since is not None else 0.0
+        gate = self.gate
+        return {
+            "stall_row_s": gate.stall_row_s,
+            "sync_waits": gate.sync_waits,
+            "sync_wait_s": gate.stall_s,
+            "busy_s": self.held_s + current,
+        }
 
     # --- what the serverless rules read -------------------------------------------------
     @property
@@ -137,7 +152,7 @@ class SimInstance:
 
     def iterate(self, now: float) -> None:
         """One loop iteration at `now` (see the module docstring); repeats while it only reads."""
-        was_busy = self.busy()
+        was_busy, entered = self.busy(), now
         while True:
             self.at(now)
             committed = self.core.committed_pages
@@ -159,6 +174,11 @@ class SimInstance:
             if plan is not None or previous is None:
                 break
             now = self.clock()  # tokens read, nothing dispatched: the loop goes again at once
+        if self.busy() and self._held_since is None:
+            self._held_since = entered
+        elif not self.busy() and self._held_since is not None:
+            self.held_s += self.clock() - self._held_since
+            self._held_since = None
         if was_busy and not self.busy():  # only a busy loop going idle starts the keep-alive
             self.idle_since = self.clock()
             self.sim.instance_idle(self, self.idle_since)

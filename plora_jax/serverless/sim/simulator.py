@@ -76,6 +76,9 @@ class SimConfig:
         return int(self.engine.node_cache_mb * 2**20)
 
 
+SYNC_FIGURES = ("sync_waits", "sync_wait_s")  # the synchronous loads steps waited on, and their seconds
+
+
 @dataclass(eq=False)
 class SimRequest:
     index: int
@@ -102,7 +105,7 @@ class Simulator:
         self.page_bytes = config.engine.page_rows * calibration.bytes_per_rank
         self.buckets = Buckets.build(config.engine, config.engine.max_model_len, 0)  # the compiled step sizes
         self.cores: list[Residency] = []  # every instance's residency core, stopped ones included
-        self.gates: list = []  # every instance's adapter gate, likewise
+        self.engines: list[SimInstance] = []  # every instance, stopped ones included
         self.seq = itertools.count()
         self.events: list = []
         self.finished = self.failed = 0
@@ -167,7 +170,7 @@ class Simulator:
                 self.pool.expire(index, now)
             elif kind == "measure":
                 self.before = {id(core): core.stats() for core in self.cores}
-                self.before |= {id(gate): {"stall_row_s": gate.stall_row_s} for gate in self.gates}
+                self.before |= {id(engine): engine.figures() for engine in self.engines}
                 self.before[id(self.pool)] = self.instance_figures()
         return self
 
@@ -223,9 +226,16 @@ class Simulator:
             "instance_stops": self.since_measured(self.pool, instances, "stops"),
             "instance_start_wait_mean_s": float(np.mean(waits)) if waits else 0.0,
             "compiles_after_warmup": 0,
-            "stall_s": sum(self.since_measured(g, {"stall_row_s": g.stall_row_s}, "stall_row_s") for g in self.gates),
+            "stall_s": sum(self.since_measured(e, e.figures(), "stall_row_s") for e in self.engines),
+            "busy_s": (busy := sum(self.since_measured(e, e.figures(), "busy_s") for e in self.engines)),
+            **{
+                k: sum(self.since_measured(e, e.figures(), k) for e in self.engines)
+                for k in ("sync_waits", "sync_wait_s")
+            },
         }
         records = self.records()
+        # Requests served per second the engines were busy: capacity, however bursty the arrivals.
+        extra["served_per_busy_s"] = sum(r.finished is not None for r in records) / busy if busy else 0.0
         return Run(summarize(records, self.counters(), util, extra), records, memory)
 
     def counters(self) -> dict:
