@@ -77,11 +77,11 @@ def sim_config(cfg: CrossoverConfig, profile: str, wcfg):
     return SimConfig(engine=engine)
 
 
-def storage_marks(profile) -> dict[str, float]:
-    """Seconds one mean-rank adapter load takes from each storage tier, for the plot's axis."""
+def storage_marks(profile, mean_rank: float) -> dict[str, float]:
+    """Seconds one adapter of `mean_rank` takes to load from each storage tier (the plot's marks)."""
     from plora_jax.serverless.sim.profiles import NVME_BYTES_PER_S
 
-    nbytes = 27 * profile.bytes_per_rank
+    nbytes = mean_rank * profile.bytes_per_rank
     return {
         "host (PCIe)": profile.load_base_s + nbytes / profile.h2d_bytes_per_s,
         "NVMe": profile.load_base_s + nbytes / NVME_BYTES_PER_S,
@@ -177,7 +177,8 @@ def plot(points: list[dict], policies: list[str], path: str) -> None:
         ax.set(xlabel="C x waits per request x t_sync", ylabel="capacity / reactive_sync's", title=name)
         profile = profiles.named(name)[0]
         p_c, c = np.mean([p["waits_per_request"] for p in mine]), np.mean([p["capacity_rps"] for p in mine])
-        for label, seconds in storage_marks(profile).items():
+        ranks = [r for p in mine for r in p["ranks"]]
+        for label, seconds in storage_marks(profile, sum(ranks) / len(ranks)).items():
             ax.axvline(c * p_c * seconds, color="grey", lw=0.8)
             ax.text(c * p_c * seconds, ax.get_ylim()[1], label, rotation=90, va="top", fontsize=8)
         ax.legend(fontsize=8)

@@ -43,9 +43,12 @@ Per request (`serverless/report.py` computes them, live and simulated alike):
 
 Links (`LINKS`, `LinkFit`): every physical link's measured cost, `link_{name}_latency_s` and
 `link_{name}_bytes_per_s`, a line fitted through its transfers' (bytes, seconds): from the store
-the node cache's fetches, disk to host the host-only reads, host to device the loads staged
-from the host cache (their copy; the commit that follows is a step's). The replay's calibration
-takes the simulator's load costs from them.
+the node cache's fetches (file bytes), disk to host the host-only reads, host to device the
+loads staged from the host cache (the time to issue the copy, plus the wait when the loop
+blocked on it: a copy that landed before it was polled counts its issue only, so this line is
+a bound, not the link's rate). The replay's calibration takes the store link's latency and
+rate from its line; host-to-device and disk rates still come from the per-source totals
+(`adapter_transfer_*`).
 
 Ratios (each 0.0 when its denominator is 0):
 - adapter memory utilisation = live adapter bytes (at true rank) / device bytes reserved for

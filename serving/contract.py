@@ -38,7 +38,7 @@ class AdapterListing(TypedDict):
     name: str
     path: str  # the folder it was registered from (never shown to clients as is)
     rank: int
-    residency: str  # device | loading | host | disk (cluster: "cluster")
+    residency: str  # one of plora_jax.metrics.RESIDENCIES (cluster: "cluster")
 
 
 # A prompt's own log-probabilities (`prompt_logprobs`): token i + 1 under the distribution

@@ -376,7 +376,7 @@ class ModelCard(BaseModel):
     root: str | None
     parent: str | None = None  # adapters: the base model
     rank: int | None = None  # adapters: LoRA rank
-    residency: str | None = None  # adapters: where its weights are now (device, host, disk; cluster)
+    residency: str | None = None  # adapters: where its weights are now (`plora_jax.metrics.RESIDENCIES`; cluster)
 
 
 class ModelList(BaseModel):

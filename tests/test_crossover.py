@@ -1,6 +1,7 @@
 """The crossover (`plora_jax.serverless.crossover`): with loads that cost nothing every policy's
 gain over the synchronous baseline is exactly 1; with loads that cost several decode steps,
-the simulated gain is within 10% of the analytic G = 1 + C x p_c x t_sync. And the figures
+the simulated gain is within 10% of the analytic G = 1 + C x p_c x t_sync (p_c: the baseline's
+synchronous waits per request). And the figures
 that carry their uncertainty: an interval over seeds, goodput by bisection."""
 
 import json
@@ -39,7 +40,7 @@ def test_loads_that_cost_nothing_leave_every_gain_at_one():
 
 
 def test_a_costly_load_costs_the_baseline_what_the_analytic_gain_says():
-    """200 ms per load: the baseline's capacity (served per busy second, offered 30 x C) falls
+    """200 ms per load: the baseline's capacity (served per busy second, offered 1.5 x C) falls
     to C / G, G = 1 + C x (its synchronous waits per request) x t_sync, within 10%; the oracle,
     which hides its loads, gains about G (it also caches, so a little more is possible)."""
     point = crossover.run_point(WORKLOAD, crossover.Link(1e30, 0.2), CAL, CONFIG, ["oracle"])

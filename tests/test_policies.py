@@ -218,13 +218,16 @@ def test_oracle_prefetches_the_next_arrivals_and_evicts_the_furthest():
 def test_the_forecast_reaches_every_tier_as_deep_as_there_is_room():
     """Ranked a..e: the device holds two, the host one more, the node cache one more; what a
     tier already holds takes no room there and is not asked for again."""
-    v = view(names="abcde", host_bytes=SIZE, disk_bytes=SIZE, on_host="b")
+    v = view(names="abcde", host_bytes=SIZE, disk_bytes=SIZE)
     assert fill_tiers(list("abcde"), v) == (["a", "b"], ["c"], ["d"])
+    v = view(names="abcde", host_bytes=SIZE, disk_bytes=SIZE, on_host="c")  # c takes no host room
+    assert fill_tiers(list("abcde"), v) == (["a", "b"], ["d"], ["e"])
     v = view(names="abcde", host_bytes=SIZE, disk_bytes=SIZE, on_disk="d")
     assert fill_tiers(list("abcde"), v) == (["a", "b"], ["c"], ["e"])
-    # The oracle fetches into the node cache what comes beyond its horizon, soonest first.
+    # The oracle fetches into the node cache what comes beyond its horizon, soonest first, even
+    # where the host cache has room to spare (only what is within the horizon is read into it).
     policy = Oracle([(1.0, "a"), (2.0, "b"), (3.0, "c"), (30.0, "e"), (20.0, "d")], interval_s=1.0, horizon_s=5.0)
-    d = policy.decide(view(names="abcde", host_bytes=SIZE, disk_bytes=SIZE))
+    d = policy.decide(view(names="abcde", host_bytes=3 * SIZE, disk_bytes=SIZE))
     assert (d.device, d.host, d.disk) == (["a", "b"], ["c"], ["d"])
 
 

@@ -147,37 +147,6 @@ def test_simulator_reactive_lru_and_oracle_match_hand_computed_waits():
     assert sim.counters()["cold_starts"] == 1 and sim.counters()["prefetch_hits"] >= 2
 
 
-def test_adapters_in_a_store_cost_their_fetch_once_per_node_and_report_the_tier():
-    """Adapters only in their store: A's first load fetches (10 s on the store link) before its
-    2 s load; reactive frees it and no host cache keeps it, so its next request loads again
-    from the node cache (2 s). The records and the summary say which tier each came from."""
-    no_host = dataclasses.replace(CFG.engine, host_cache_mb=0.0)
-    store = dataclasses.replace(CFG, engine=no_host, adapter_store="store")
-    cal = dataclasses.replace(CAL, store_latency_s=10.0, store_bytes_per_s=1e30)
-    w = hand_workload([(0.0, "A"), (20.0, "A")])
-    run = simulate(w, "reactive", store, cal)
-    assert [(r.tier, r.adapter_wait_s) for r in run.records] == [("store", 12.0), ("disk", 2.0)]
-    m = run.summary
-    assert (m["cold_from_store"], m["cold_from_store_median_s"]) == (1, 12.0)
-    assert (m["cold_from_disk"], m["cold_from_disk_median_s"]) == (1, 2.0)
-    assert m["bytes_remote_to_disk"] == 8 * CAL.bytes_per_rank
-    local = simulate(w, "reactive", dataclasses.replace(CFG, engine=no_host), cal).records  # in local folders
-    assert [(r.tier, r.adapter_wait_s) for r in local] == [("disk", 2.0), ("disk", 2.0)]
-
-
-def test_a_link_fit_recovers_latency_and_rate_and_falls_back_to_one_rate():
-    from plora_jax.metrics import LinkFit
-
-    fit = LinkFit()
-    for nbytes in (1e6, 4e6, 9e6):
-        fit.add(nbytes, 0.05 + nbytes / 1e8)
-    assert fit.line() == pytest.approx((0.05, 1e8))
-    one = LinkFit()
-    one.add(2e6, 0.5)
-    one.add(2e6, 0.5)
-    assert one.line() == (0.0, 4e6) and LinkFit().line() == (0.0, 0.0)
-
-
 def test_simulator_sync_loads_stall_the_whole_batch():
     # B's request arrives while A decodes a long output: with async loads A keeps stepping; with
     # sync loads (S-LoRA) A's step waits the 2 s load too.

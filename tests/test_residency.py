@@ -2,6 +2,8 @@
 jobs take simulated time, hand-checked timing, and its invariants under random arrivals,
 finishes, decisions, failed and stale transfers (hypothesis)."""
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from plora_jax.lora import HostCache, PagePool, Registry, Residency, SimulatedTr
 from plora_jax.lora.host_cache import HostCopy
 from plora_jax.lora.transfer import DEMAND, DISK, FETCH, HOST
 from plora_jax.policies import Decision
+from plora_jax.serverless.sim import simulate
 
 PAGE_BYTES = 1000
 
@@ -284,3 +287,52 @@ def test_an_adapter_wait_ends_when_the_adapter_lands_not_when_the_request_is_adm
     gate.arrive(hit)
     assert not hit.adapter_cold and gate.acquire(hit) and hit.adapter_wait == 0.0
     assert core.stats()["device_hits"] == 1 and core.stats()["cold_starts"] == 1
+
+
+def test_a_demand_load_of_an_adapter_being_fetched_reads_it_when_that_fetch_lands():
+    """A disk prefetch is fetching "a" (0-20 s); a demand load at 5 s does not fetch it again:
+    it reads once that fetch lands (20-22 s), and the store's bytes are counted once."""
+    core, clock, _ = make_core()
+    register(core, "a", 8, remote=True)
+    core.apply(Decision(disk=["a"]))
+    clock.advance_to(5.0)
+    core.acquire("a")
+    assert not core.loading["a"].fetch and core.loading["a"].after is core.disk_jobs["a"]
+    ready = []
+    while core.loading or core.disk_jobs:
+        ready += [(job.name, clock()) for job in core.collect(block=True)[0]]
+    assert ready == [("a", 22.0)]
+    assert core.stats()["bytes_remote_to_disk"] == 800 and core.tier("a") == "device"
+
+
+def test_adapters_in_a_store_cost_their_fetch_once_per_node_and_report_the_tier():
+    """Adapters only in their store: A's first load fetches (10 s on the store link) before its
+    2 s load; reactive frees it and no host cache keeps it, so its next request loads again
+    from the node cache (2 s). The records and the summary say which tier each came from."""
+    from test_replay import CAL, CFG, hand_workload  # the replay tests' round costs and workload
+
+    no_host = dataclasses.replace(CFG.engine, host_cache_mb=0.0)
+    store = dataclasses.replace(CFG, engine=no_host, adapter_store="store")
+    cal = dataclasses.replace(CAL, store_latency_s=10.0, store_bytes_per_s=1e30)
+    w = hand_workload([(0.0, "A"), (20.0, "A")])
+    run = simulate(w, "reactive", store, cal)
+    assert [(r.tier, r.adapter_wait_s) for r in run.records] == [("store", 12.0), ("disk", 2.0)]
+    m = run.summary
+    assert (m["cold_from_store"], m["cold_from_store_median_s"]) == (1, 12.0)
+    assert (m["cold_from_disk"], m["cold_from_disk_median_s"]) == (1, 2.0)
+    assert m["bytes_remote_to_disk"] == 8 * CAL.bytes_per_rank
+    local = simulate(w, "reactive", dataclasses.replace(CFG, engine=no_host), cal).records  # in local folders
+    assert [(r.tier, r.adapter_wait_s) for r in local] == [("disk", 2.0), ("disk", 2.0)]
+
+
+def test_a_link_fit_recovers_latency_and_rate_and_falls_back_to_one_rate():
+    from plora_jax.metrics import LinkFit
+
+    fit = LinkFit()
+    for nbytes in (1e6, 4e6, 9e6):
+        fit.add(nbytes, 0.05 + nbytes / 1e8)
+    assert fit.line() == pytest.approx((0.05, 1e8))
+    one = LinkFit()
+    one.add(2e6, 0.5)
+    one.add(2e6, 0.5)
+    assert one.line() == (0.0, 4e6) and LinkFit().line() == (0.0, 0.0)

@@ -550,7 +550,7 @@ class Engine:
         return self.core.snapshot.on_device
 
     def adapters(self, timeout: float | None = None) -> list[dict]:
-        """Every registered adapter: name, path, rank, target_modules, residency (device/host/disk),
+        """Every registered adapter: name, path, rank, target_modules, residency (`metrics.RESIDENCIES`),
         pages, bytes. `timeout`: seconds to wait for the loop (TimeoutError after)."""
         if self.core.lora is None:
             return []

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..limits import MAX_CONFIG_BYTES, MAX_PATH_CHARS
-from ..metrics import NODE_CACHE_COUNTERS, LinkFit
+from ..metrics import LINKS, NODE_CACHE_COUNTERS, LinkFit
 from ..trusted_cache import private_dir, sha256_file
 from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 
@@ -401,5 +401,5 @@ class NodeCache:
                 "node_cache_link_yields": self.link.yielded,
                 "node_cache_budget": self.budget,
                 "node_cache_bytes": self._used,  # as of the last fetch or eviction (no scan per call)
-                **self.link_fit.stats("remote_to_disk"),
+                **self.link_fit.stats(LINKS[0]),
             }

@@ -38,7 +38,15 @@ import itertools
 from collections.abc import Callable, Collection
 from types import MappingProxyType
 
-from ..metrics import ADAPTER_COUNTERS, TIER_COLD_COUNTER, TRANSFER_SOURCES, LinkFit, adapter_mem_util, adapter_ratios
+from ..metrics import (
+    ADAPTER_COUNTERS,
+    LINKS,
+    TIER_COLD_COUNTER,
+    TRANSFER_SOURCES,
+    LinkFit,
+    adapter_mem_util,
+    adapter_ratios,
+)
 from ..policies import Decision, PoolView
 from .host_cache import HostCache, HostCopy
 from .page_allocator import PagePool
@@ -75,7 +83,7 @@ class Residency:
         self.transfer_bytes = dict.fromkeys(TRANSFER_SOURCES, 0)
         self.committed_pages = 0  # pages of the device jobs handed back to commit, in all
         # The links this core's jobs measure alone: host-only reads, copies from the host cache.
-        self.links = {"disk_to_host": LinkFit(), "host_to_device": LinkFit()}
+        self.links = {link: LinkFit() for link in LINKS[1:]}  # LINKS[0], the store's: the node cache's
         self.ready_at: dict[str, float] = {}  # when each adapter's last device load was handed back to commit
         self.loading: dict[str, Job] = {}  # device loads in flight
         self.host_jobs: dict[str, Job] = {}  # host-only reads in flight
@@ -248,9 +256,11 @@ class Residency:
 
     def _job(self, kind: int, name: str, entry: AdapterEntry, **placement) -> Job:
         source = self.host.get(name) if kind != DISK else None
-        fetch = source is None and name not in self.host and not self._on_node(name)
+        pending = self.disk_jobs.get(name) if kind != DISK else None  # a fetch of it already in flight
+        fetch = kind == DISK or (source is None and pending is None and not self._on_node(name))
+        seq = next(self._seq)
         return Job(
-            kind, name, entry, started=self.clock(), seq=next(self._seq), source=source, fetch=fetch, **placement
+            kind, name, entry, started=self.clock(), seq=seq, source=source, fetch=fetch, after=pending, **placement
         )
 
     def release(self, name: str, wanted: bool = False) -> None:
@@ -285,7 +295,7 @@ class Residency:
             registered=tuple(self.entries),
             on_device=frozenset(self.pages.resident),
             on_host=frozenset(self.host.copies),
-            on_disk=frozenset(n for n, e in self.entries.items() if e.source is None) | self.disk.copies.keys(),
+            on_disk=frozenset(n for n, e in self.entries.items() if e.source is None).union(self.disk.copies),
             pinned=pinned,
             queued=queued,
             adapter_bytes=MappingProxyType({n: e.device_bytes for n, e in self.entries.items()}),

@@ -67,6 +67,10 @@ class Job:
     seq: int = 0  # queue order among jobs of one kind
     source: HostCopy | None = None  # the host copy to stage from; None: read the folder
     fetch: bool = False  # not in the node cache as the owner last saw it: the store is read first
+    # A fetch of the same adapter into the node cache already in flight: this job reads once it
+    # lands instead of fetching again (live, the node cache's lock on the key does the same).
+    after: Job | None = field(default=None, repr=False)
+    ended: float | None = None  # when a simulated transfer finished it
     # Results, written by the transfer before it hands the job back:
     read: HostCopy | None = None  # the copy read from the folder for this job
     staged: tuple | None = field(default=None, repr=False)  # the commit's arguments, on the device
@@ -287,9 +291,13 @@ class SimulatedTransfer:
         self._demand, self._background, self._copy = _Channel(LOAD), _Channel(LOAD), _Channel(LOAD)
         self._channels = (self._store, self._demand, self._background, self._copy)
         self._done: deque[Job] = deque()
+        self._after: dict[Job, list[Job]] = {}  # fetch in flight -> the jobs that read once it lands
 
     def submit(self, job: Job) -> None:
         self._run_until(self.clock())  # an idle channel starts the job now, as the live ones would
+        if job.after is not None and job.after.ended is None:
+            self._after.setdefault(job.after, []).append(job)
+            return
         self._queue(job, self._store if job.fetch or job.kind == DISK else self._onwards(job), self.clock())
 
     def _onwards(self, job: Job) -> _Channel:
@@ -303,7 +311,7 @@ class SimulatedTransfer:
         channel.start_next(self.duration)
 
     def next_finish(self) -> float | None:
-        """When the next job finishes (None if none is queued)."""
+        """When the next stage of a job ends (None if none is queued): a job's end, or its fetch's."""
         self._run_until(self.clock())
         if self._done:
             return self.clock()
@@ -335,6 +343,8 @@ class SimulatedTransfer:
             channel.free_at, channel.running = end, None
             if channel is self._store:
                 job.bytes_remote = job.entry.live_bytes
+                for waiting in self._after.pop(job, ()):  # they read what this fetch brought
+                    self._queue(waiting, self._onwards(waiting), end)
                 if job.kind != DISK:  # fetched: on to its read or copy
                     self._queue(job, self._onwards(job), end)
                     continue
@@ -345,6 +355,7 @@ class SimulatedTransfer:
                     job.bytes_disk = job.entry.live_bytes
                 if job.kind != HOST:
                     job.bytes_device = job.entry.device_bytes
+            job.ended = end
             self._done.append(job)
 
 

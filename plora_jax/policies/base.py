@@ -95,18 +95,22 @@ class Policy:
         return {}
 
 
-def fill_tiers(ranked: list[str], view: PoolView) -> tuple[list[str], list[str], list[str]]:
+def fill_tiers(ranked: list[str], view: PoolView, later: list[str] = ()) -> tuple[list[str], list[str], list[str]]:
     """Tier by tier, fastest first, what a ranking of adapters (most wanted first) wants there:
     (the device's wanted set, resident or not; the host reads; the node-cache fetches). The
     device takes the greedy prefix that fits its bytes and slots; the host cache the next ones
-    not on the host that fit its budget; the node cache the next ones on neither that fit its.
-    So the forecast reaches as deep as there is room: its horizon (an interval, a minute) is
-    longer than any tier's load time, a store fetch included, so time never stops it first."""
+    not on the host that fit its budget; the node cache the rest, then `later` (wanted on the
+    node only), those on no faster tier nor its own, as far as its budget goes. So the forecast
+    reaches as deep as there is room: its horizon (an interval, a minute) is longer than any
+    tier's load time, a store fetch included, so time never stops it first."""
     wanted = rank_to_fit(ranked, view, view.device_bytes, view.device_slots)
-    rest = [n for n in ranked if n not in set(wanted) and n not in view.on_host]
+    chosen = set(wanted)
+    rest = [n for n in ranked if n not in chosen and n not in view.on_host]
     host = rank_to_fit(rest, view, view.host_bytes, len(rest))
-    later = [n for n in rest if n not in set(host) and n not in view.on_disk]
-    return wanted, host, rank_to_fit(later, view, view.disk_bytes, len(later))
+    chosen.update(host)
+    placed = view.on_device | view.on_host | view.on_disk
+    fetch = [n for n in dict.fromkeys((*rest, *later)) if n not in chosen and n not in placed]
+    return wanted, host, rank_to_fit(fetch, view, view.disk_bytes, len(fetch))
 
 
 def rank_to_fit(names, view: PoolView, budget_bytes: int, max_count: int) -> list[str]:

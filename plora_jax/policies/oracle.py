@@ -52,12 +52,11 @@ class Oracle(Policy):
                 if wait is not None:
                     upcoming[adapter] = wait
         queued = [n for n in dict.fromkeys(view.queued) if n in view.adapter_bytes]
-        soon = sorted(
-            (a for a, w in upcoming.items() if w <= self.horizon_s and a not in set(queued)), key=upcoming.get
-        )
-        wanted, host, _ = fill_tiers(queued + soon, view)
-        later = sorted((a for a in upcoming if a not in {*queued, *soon}), key=upcoming.get)
-        disk = fill_tiers(queued + soon + later, view)[2]
+        queued_set = set(queued)
+        soon = sorted((a for a, w in upcoming.items() if w <= self.horizon_s and a not in queued_set), key=upcoming.get)
+        known = queued_set | set(soon)
+        later = sorted((a for a in upcoming if a not in known), key=upcoming.get)
+        wanted, host, disk = fill_tiers(queued + soon, view, later)
         priority = {a: 1.0 / (1.0 + w) for a, w in upcoming.items()}  # nearer next use: kept longer
         for a in queued:
             priority[a] = 2.0

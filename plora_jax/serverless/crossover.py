@@ -2,9 +2,10 @@
 
 Every policy is compared with S-LoRA's synchronous loads (`reactive_sync`): a load of b bytes
 over a link of B bytes/s with a fixed cost L holds the whole loop for t_sync = L + b / B. With
-p_c cold starts per request in the baseline and a capacity of C requests/s when nothing stalls,
-the baseline spends about C x p_c x t_sync of every second stalled, so a policy that hides every
-load can gain at most
+p_c loads per request that the baseline's steps wait on (its synchronous waits: a cold request
+whose adapter is already loading for another waits for that load, not one of its own) and a
+capacity of C requests/s when nothing stalls, the baseline spends about C x p_c x t_sync of
+every second stalled, so a policy that hides every load can gain at most
 
     G = 1 + C x p_c x t_sync
 
@@ -13,8 +14,8 @@ forecast does; a fetch from object storage (hundreds of milliseconds) gives it r
 
 `run_point` measures one link (bandwidth, latency) on one workload. Capacity is requests served
 per second the engine had work (`served_per_busy_s`), offered `saturation` x the profile's
-capacity, so that batches are full (the trace is bursty: at 1.5 x its quiet minutes leave the
-engine idle). C is the baseline's capacity with loads that cost nothing (a reference run); p_c
+capacity (the trace is bursty: its quiet minutes leave the engine idle, and they do not count).
+C is the baseline's capacity with loads that cost nothing (a reference run); p_c
 and t_sync are the baseline's at this link. `bound_gain`, C over the baseline's capacity at
 this link, is what hiding every load would gain, measured; the analytic G predicts it. Each
 policy's capacity ratio and its mean-TTFT change at a stable load (`load` x C, on the same
@@ -38,6 +39,8 @@ from ..names import BASELINE_POLICY
 from .sim import Calibration, SimConfig, simulate
 from .sweep import capacity_rps, scale_to_load
 from .workload import Workload, WorkloadConfig, generate
+
+HOLDS_EVERY_ADAPTER_MB = float(2**20)  # a host cache no workload here outgrows (sizes only: nothing is allocated)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ def run_point(
     t_sync = link.seconds(mean_load_bytes(base, profile.bytes_per_rank, config.engine.page_rows))
     # An asynchronous engine waits for a copy only where it costs less than the step it would miss.
     wait = t_sync <= profile.decode_base_s + profile.step_base_s
-    config = replace(config, adapters_on_host=True, engine=replace(config.engine, wait_host_copies=wait))
+    engine = replace(config.engine, wait_host_copies=wait, host_cache_mb=HOLDS_EVERY_ADAPTER_MB)
+    config = replace(config, adapters_on_host=True, engine=engine)
     offered = capacity_rps(profile, base, config.engine)  # for the saturated runs' arrival rate only
     _, saturated = scale_to_load(workload_config, base, saturation, offered, config.instances)
     run = lambda workload, policy, cal: simulate(workload, policy, config, cal, predictor_checkpoint).summary

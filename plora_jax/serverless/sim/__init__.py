@@ -27,7 +27,10 @@ What still differs from a live run:
 - a transfer's duration is its bytes over a fitted rate, one transfer at a time per link (the
   store link, disk reads for demand loads, disk reads for the rest, host-to-device copies),
   demand first among those queued; live, a demand fetch also overtakes a background fetch
-  already running on the store link (between its chunks), which the simulator does not;
+  already running on the store link (between its chunks), which the simulator does not; live,
+  the fetch a load needs runs inside its read, so it holds that read lane meanwhile, where the
+  simulator frees the read channel until the fetch ends; a fetch costs the adapter's bytes at
+  the model's dtype (the live line is fitted on file bytes);
   contention with steps beyond `transfer_step_s` is not modelled;
 - with a calibration whose `disk_bytes_per_s` is 0, as a live one is, disk reads are inside
   the per-byte load cost and host reads take no time.

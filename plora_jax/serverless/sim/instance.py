@@ -46,6 +46,11 @@ class SimInstance:
         if sim.config.adapters_on_host:
             for name, entry in registry.entries.items():
                 host.put(name, HostCopy(None, None, entry.host_bytes))
+            if len(host) < len(registry.entries):
+                raise ValueError(
+                    f"SimConfig.adapters_on_host: a host cache of {c.host_cache_mb:g} MB holds {len(host)} "
+                    f"of the {len(registry.entries)} adapters"
+                )
         disk = HostCache(sim.config.node_cache_bytes)
         self.core = Residency(registry, self.pages, host, disk, self.transfer, self.clock, c.max_prefetch_inflight)
         self.core.free_when_unused = policy.free_when_unused
@@ -78,11 +83,12 @@ class SimInstance:
             return job.entry.host_bytes / cal.disk_bytes_per_s if cal.disk_bytes_per_s > 0 else 0.0
         return cal.load_s(job.entry.device_bytes, on_host=job.source is not None)
 
-    def figures(self) -> dict:
+    def figures(self, now: float | None = None) -> dict:
         """Its stall in row-seconds (`metrics`: stall_s), and its busy seconds: the time it had
         requests running or waiting (steps, synchronous loads, and waits for asynchronous loads
-        with nothing else to run)."""
-        current = self.clock() - self._held_since if self._held_since is not None else 0.0
+        with nothing else to run), up to `now` (the simulator's time: this clock may lag it)."""
+        now = max(self.clock(), now) if now is not None else self.clock()
+        current = now - self._held_since if self._held_since is not None else 0.0
         gate = self.gate
         return {
             "stall_row_s": gate.stall_row_s,

@@ -170,12 +170,12 @@ class Simulator:
                 self.pool.expire(index, now)
             elif kind == "measure":
                 self.before = {id(core): core.stats() for core in self.cores}
-                self.before |= {id(engine): engine.figures() for engine in self.engines}
+                self.before |= {id(engine): engine.figures(self.now) for engine in self.engines}
                 self.before[id(self.pool)] = self.instance_figures()
         return self
 
     def since_measured(self, owner, stats: dict, key: str) -> float:
-        """`stats[key]` of `owner` (a core or a gate) less its value when measuring began."""
+        """`stats[key]` of `owner` (a core or an engine) less its value when measuring began."""
         return stats[key] - self.before.get(id(owner), {}).get(key, 0)
 
     def instance_figures(self) -> dict:
@@ -228,10 +228,7 @@ class Simulator:
             "compiles_after_warmup": 0,
             "stall_s": sum(self.since_measured(e, e.figures(), "stall_row_s") for e in self.engines),
             "busy_s": (busy := sum(self.since_measured(e, e.figures(), "busy_s") for e in self.engines)),
-            **{
-                k: sum(self.since_measured(e, e.figures(), k) for e in self.engines)
-                for k in ("sync_waits", "sync_wait_s")
-            },
+            **{k: sum(self.since_measured(e, e.figures(), k) for e in self.engines) for k in SYNC_FIGURES},
         }
         records = self.records()
         # Requests served per second the engines were busy: capacity, however bursty the arrivals.
