@@ -25,6 +25,24 @@ def write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps(payload, indent=1))
 
 
+def config_and_workload(cls, doc: str, argv=None, exclude: tuple[str, ...] = ()):
+    """A benchmark's frozen config `cls` and a `WorkloadConfig` (less the fields in `exclude`),
+    both from the command line; a bad workload setting exits naming it."""
+    import argparse
+
+    from plora_jax.cli import add_dataclass_args, dataclass_from_args
+    from plora_jax.serverless.workload import WorkloadConfig
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_dataclass_args(parser, cls, title=cls.__name__)
+    add_dataclass_args(parser, WorkloadConfig, title="workload", exclude=exclude)
+    args = parser.parse_args(argv)
+    try:
+        return dataclass_from_args(cls, args), dataclass_from_args(WorkloadConfig, args, exclude=exclude)
+    except ValueError as e:
+        raise SystemExit(f"workload: {e}") from None
+
+
 def run_clients(client, concurrency: int) -> float:
     """Run `client()` on `concurrency` threads at once (closed-loop clients); returns the wall
     seconds until the last one returns."""

@@ -17,12 +17,10 @@ marked on the axis.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, replace
 
-from benchmarks.common import machine, write_json
-from plora_jax.cli import add_dataclass_args, dataclass_from_args
+from benchmarks.common import config_and_workload, machine, write_json
 
 
 @dataclass(frozen=True)
@@ -188,18 +186,7 @@ def plot(points: list[dict], policies: list[str], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from plora_jax.serverless.workload import WorkloadConfig
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_dataclass_args(parser, CrossoverConfig, title="crossover")
-    add_dataclass_args(parser, WorkloadConfig, title="workload", exclude=("ranks",))
-    args = parser.parse_args(argv)
-    cfg = dataclass_from_args(CrossoverConfig, args)
-    try:
-        wcfg = dataclass_from_args(WorkloadConfig, args, exclude=("ranks",))
-    except ValueError as e:
-        raise SystemExit(f"workload: {e}") from None
-    run(cfg, wcfg)
+    run(*config_and_workload(CrossoverConfig, __doc__, argv, exclude=("ranks",)))
     return 0
 
 

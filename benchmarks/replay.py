@@ -39,7 +39,6 @@ flags are given) unless a policy fetched it ahead into the node cache.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -48,8 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import machine, write_json
-from plora_jax.cli import add_dataclass_args, dataclass_from_args
+from benchmarks.common import config_and_workload, machine, write_json
 from plora_jax.names import LORA_LAYOUTS, REPLAY_POLICIES
 
 ALL_POLICIES = ",".join(REPLAY_POLICIES)
@@ -531,18 +529,7 @@ def plot_sweep(blocks: list[dict], layout: str, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from plora_jax.serverless.workload import WorkloadConfig
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_dataclass_args(parser, ReplayConfig, title="replay")
-    add_dataclass_args(parser, WorkloadConfig, title="workload")
-    args = parser.parse_args(argv)
-    cfg = dataclass_from_args(ReplayConfig, args)
-    try:
-        wcfg = dataclass_from_args(WorkloadConfig, args)
-    except ValueError as e:
-        raise SystemExit(f"workload: {e}") from None
-    run(cfg, wcfg)
+    run(*config_and_workload(ReplayConfig, __doc__, argv))
     return 0
 
 

@@ -44,7 +44,7 @@ def add_dataclass_args(
         flag = "--" + f.name.replace("_", "-")
         tp = unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{comments.get(f.name, '')} (default: {default})".strip()
+        help_text = f"{comments.get(f.name, '')} (default: {default})".strip().replace("%", "%%")  # argparse formats it
         if tp is bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text

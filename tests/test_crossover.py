@@ -99,3 +99,6 @@ def test_the_crossover_benchmark_writes_every_point_and_its_plot(tmp_path, capsy
     lo, hi = points[1]["ci95"]["lru.capacity_ratio"]  # two seeds: an interval around their mean
     assert points[1]["seeds"] == 2 and lo <= points[1]["gains"]["lru"]["capacity_ratio"] <= hi
     assert (tmp_path / "c.png").stat().st_size > 0 and "| GB/s |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:  # its help prints (a "%" in a field comment once broke it)
+        bench.main(["--help"])
+    assert done.value.code == 0 and "95% intervals" in capsys.readouterr().out
