@@ -403,11 +403,11 @@ def test_live_instances_start_from_zero_and_stop_after_keep_alive(tmp_path):
         run = replay_live(w, "lru", fleet)
     s = run.summary
     assert s["completed"] == s["requests"] == 6
-    # The burst needs two instances whatever the timing; the late request starts a third only if
-    # both had stopped after their keep-alive (so on a slow machine, where the burst may still be
-    # running at t=15 s, the count is 2 and the stops fewer).
+    # The burst needs two instances whatever the timing; with at most two at once, every start
+    # after those two follows a stop after a keep-alive (how many depends on the machine: a loaded
+    # one may stop an instance between the burst's requests and start it again).
     assert s["instance_starts"] >= 2 and s["instance_start_wait_mean_s"] > 0
-    assert s["instance_starts"] == 2 + (s["instance_stops"] == 2)
+    assert s["instance_starts"] <= 2 + s["instance_stops"]
     first, late = min(run.records, key=lambda r: r.arrival), max(run.records, key=lambda r: r.arrival)
     assert first.instance_wait_s > 0 and first.first_token - first.arrival >= first.instance_wait_s
     assert (late.instance_wait_s > 0) == (s["instance_starts"] == 3)
