@@ -20,8 +20,8 @@ an adapter is (`metrics.TIERS`).
   decision) or already in flight. A loading adapter is pinned, so loads cannot evict each other.
 - `apply` (a policy `Decision`): install its priorities (they order every tier's evictions),
   drop what it evicts, start device prefetches (which may only displace adapters of strictly
-  lower priority), host reads and fetches into the node cache, at most `max_prefetch_inflight` of each in
-  flight.
+  lower priority), host reads and fetches into the node cache, at most
+  `max_prefetch_inflight` of each in flight.
 - `collect` (every step boundary): take back finished jobs. A job whose placement was removed
   meanwhile (its pages possibly reused) is dropped, never committed (`stale_dropped`); a failed
   demand load is reported so its requests fail. The jobs to commit are returned to the owner.
@@ -321,11 +321,12 @@ class Residency:
             if self.start_load(name, prefetch=True, evict_below=self.priority.get(name, 0.0)):
                 inflight += 1
         self._prefetch_into(HOST, decision.host)
-        self._prefetch_into(DISK, [n for n in decision.disk if n in self.entries and self.entries[n].source])
+        self._prefetch_into(DISK, decision.disk)
 
     def _prefetch_into(self, kind: int, names: list[str]) -> None:
         """Start reads into the host cache (`HOST`) or fetches into the node cache (`DISK`) of
-        `names`, in order, while fewer than `max_prefetch_inflight` of the kind are in flight,
+        `names` (remote ones only, for the node cache), in order, while fewer than
+        `max_prefetch_inflight` of the kind are in flight,
         each only if its tier can make room by dropping copies of lower priority."""
         tier, jobs, prefetched, prefix = (
             (self.host, self.host_jobs, self.prefetched_host, "host_")
@@ -336,8 +337,8 @@ class Residency:
             if len(jobs) >= self.max_prefetch_inflight:
                 break
             entry = self.entries.get(name)
-            if entry is None or name in tier or self._busy() & {name}:
-                continue
+            if entry is None or name in tier or name in self._busy() or (kind == DISK and entry.source is None):
+                continue  # unknown, there already, on its way, or a local folder (nothing to fetch)
             nbytes = entry.host_bytes if kind == HOST else self._disk_copy(entry).nbytes
             if tier.room(nbytes, self.priority.get(name, 0.0), self._busy()):
                 job = jobs[name] = self._job(kind, name, entry)
