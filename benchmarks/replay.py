@@ -74,6 +74,10 @@ class ReplayConfig:
     page_rows: int = 8
     max_lora_rank: int = 64
     host_cache_mb: float = 4096.0
+    # "separate": the adapter pool is memory beside a full KV cache | "unified": adapter pages are
+    # paid in KV blocks (S-LoRA's one pool; the pool budget then only caps the page table). The
+    # simulator needs a profile or a calibration with kv_bytes_per_token for it.
+    adapter_memory: str = "separate"
     adapter_dir: str = ""  # live: folder for the random adapters ("": a temporary folder)
     # Where adapters are at the start (the storage regime): "" (local folders on the node's disk) |
     # "host" (sim: every adapter in host memory, as S-LoRA keeps them) | "s3" (an object store:
@@ -183,6 +187,7 @@ def engine_settings(cfg: ReplayConfig, layout: str, pool: tuple[int, int]) -> di
         max_lora_rank=cfg.max_lora_rank,
         host_cache_mb=cfg.host_cache_mb,
         layout=layout,
+        adapter_memory=cfg.adapter_memory,
         policy="reactive",  # the replay sets each policy itself
         max_model_len=1024,
     )

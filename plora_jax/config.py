@@ -21,6 +21,7 @@ import numpy as np
 
 from .names import (
     ADAPTER_LOADS,
+    ADAPTER_MEMORY,
     ATTENTION_IMPLEMENTATIONS,
     CONFIG_POLICIES,
     DTYPES,
@@ -117,6 +118,10 @@ class ModelConfig:
         per_layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+    def kv_block_bytes(self, block_size: int, itemsize: int) -> int:
+        """Device bytes of one KV block of `block_size` tokens: K and V in every layer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * block_size * itemsize
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -224,6 +229,9 @@ class EngineConfig:
     policy_interval_s: float = 60.0  # seconds between policy decisions and forecaster runs
     max_prefetch_inflight: int = 2  # device prefetches queued on the transfer thread at once
     adapter_loads: str = "async"  # "async": loads overlap steps | "sync": a step waits for its missing adapter (S-LoRA)
+    # "separate": the adapter pool is memory of its own, beside the KV cache (vLLM) | "unified":
+    # one budget, the KV blocks: an adapter's pages take the blocks they are worth (S-LoRA).
+    adapter_memory: str = "separate"
     # async: a demand load copied from the host cache is waited for at admission (one copy to the
     # device, never a read from disk), so its request joins the step being planned, not the next.
     wait_host_copies: bool = True
@@ -258,6 +266,7 @@ class EngineConfig:
         if self.policy_interval_s <= 0 or self.host_cache_mb < 0 or self.max_prefetch_inflight < 1:
             raise ValueError("policy_interval_s must be > 0, host_cache_mb >= 0 and max_prefetch_inflight >= 1")
         check_name("adapter_loads", self.adapter_loads, ADAPTER_LOADS)
+        check_name("adapter_memory", self.adapter_memory, ADAPTER_MEMORY)
         if self.node_cache_mb <= 0:
             raise ValueError(f"node_cache_mb must be > 0, got {self.node_cache_mb}")
         self.source_options()  # valid JSON of the right shape

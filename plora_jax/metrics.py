@@ -82,6 +82,7 @@ ADAPTER_COUNTERS = (
     *("cold_starts", "device_hits", *TIER_COLD_COUNTER.values(), "stale_dropped", "load_failures"),
     *(f"{p}prefetch_{what}" for p in PREFETCH_TIERS for what in ("issued", "used", "hits", "wasted", "wasted_bytes")),
     "host_evictions",
+    "kv_reclaims",  # adapters evicted because the KV cache needed their blocks (one memory budget)
     *("bytes_remote_to_disk", "bytes_disk_to_host", "bytes_host_to_device"),
 )
 

@@ -15,10 +15,13 @@ LORA_IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 LORA_LAYOUTS = ("paged", "contiguous")
 # Adapter loads: "async" (loads overlap steps) | "sync" (a step waits for its adapter, as S-LoRA).
 ADAPTER_LOADS = ("async", "sync")
+# Adapter memory: "separate" (a pool beside the KV cache) | "unified" (pages paid in KV blocks, as S-LoRA).
+ADAPTER_MEMORY = ("separate", "unified")
 # Residency policies an `EngineConfig` can name (`plora_jax.policies.POLICIES` maps them to
-# classes); the oracle needs future arrivals, so it is set through `Engine.set_policy` only.
-CONFIG_POLICIES = ("reactive", "lru", "lookahead", "histogram", "predictive")
-POLICY_NAMES = (*CONFIG_POLICIES, "oracle")
+# classes); the oracles need future arrivals, so they are set through `Engine.set_policy` only.
+CONFIG_POLICIES = ("reactive", "lru", "lookahead", "histogram", "predictive", "slora", "slora_prefetch")
+ORACLES = ("oracle", "causal_oracle")
+POLICY_NAMES = (*CONFIG_POLICIES, *ORACLES)
 # The replay's S-LoRA baseline: reactive with synchronous loads; then every policy.
 BASELINE_POLICY = "reactive_sync"
 REPLAY_POLICIES = (BASELINE_POLICY, *POLICY_NAMES)

@@ -402,3 +402,26 @@ def test_default_policy_runs_the_shipped_lstm(tmp_path):
         assert 0.0 < policy.forecaster.predict()["a"] < 1.0
     finally:
         engine.close()
+
+
+def test_one_memory_budget_an_unused_adapter_gives_its_blocks_to_the_kv_cache(tmp_path):
+    """adapter_memory="unified": a rank-8 adapter page (64 KiB here) is worth 8 KV blocks (8 KiB).
+    With 16 usable blocks, the adapter kept resident by lru leaves 8; two base-model requests of
+    5 blocks each need 10, so the second one's admission evicts the adapter for its blocks, and
+    the adapter's next request reloads it and generates the same tokens."""
+    engine = make_engine(policy="lru", adapter_memory="unified", max_lora_rank=8, max_model_len=128, num_kv_blocks=17)
+    try:
+        write_peft_adapter(tmp_path / "a", CFG, rank=8, seed=1)
+        engine.add_adapter("a", tmp_path / "a")
+        first = engine.generate([PROMPT], GREEDY, adapters=["a"])[0]
+        stats = engine.stats()
+        assert stats["adapter_kv_blocks"] == stats["kv_blocks_used"] == 8 and residency(engine, "a") == "device"
+        long = [list(range(1, 71)), list(range(2, 72))]  # 70 + 4 tokens: 5 blocks each
+        engine.generate(long, GREEDY)
+        stats = engine.stats()
+        assert stats["kv_reclaims"] == 1 and stats["adapter_kv_blocks"] == 0 and residency(engine, "a") != "device"
+        assert engine.generate([PROMPT], GREEDY, adapters=["a"])[0].token_ids == first.token_ids
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="beside its adapter's 8"):
+        make_engine(adapter_memory="unified", max_lora_rank=8, max_model_len=128, num_kv_blocks=16)

@@ -97,6 +97,11 @@ class AdapterGate:
         job = self.core.loading.get(name)
         return job is not None and (self.sync or (self.wait_host and job.source is not None))
 
+    def reclaim(self, num_blocks: int) -> bool:
+        """Scheduler callback, short of KV blocks: evict unused adapters for theirs (a unified
+        budget); whether `num_blocks` are free now."""
+        return self.core.reclaim(num_blocks)
+
     def release(self, request: Request) -> None:
         """Scheduler callback: unpin the request's adapter."""
         name = request.adapter

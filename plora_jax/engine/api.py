@@ -57,6 +57,7 @@ from . import scoring
 from .core import AddRequest, Cancel, EngineCore
 from .errors import EngineDead
 from .inputs import InputProcessor
+from .kv_blocks import BlockAllocator, check_capacity
 from .outputs import RequestFailed, RequestHandle, RequestOutput
 from .runner import ModelRunner, resolve_dtype
 from .sampling import Logprobs, SamplingParams
@@ -127,15 +128,11 @@ class Engine:
         }
         self.dtype = resolve_dtype(config.dtype)
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
-        bs = config.block_size
-        max_blocks = -(-self.max_model_len // bs)
-        if max_blocks > config.num_kv_blocks - 1:
-            raise ValueError(
-                f"num_kv_blocks={config.num_kv_blocks} cannot hold one sequence of max_model_len="
-                f"{self.max_model_len} ({max_blocks} blocks of {bs}); raise num_kv_blocks"
-            )
         root = cache_root(config.cache_dir)
-        lora = LoraManager(self.model_config, config, self.dtype) if config.max_loras > 0 else None
+        blocks = BlockAllocator(config.num_kv_blocks)  # the scheduler's; the adapter pool's too when unified
+        lora = LoraManager(self.model_config, config, self.dtype, blocks) if config.max_loras > 0 else None
+        adapter_blocks = lora.pages.kv.blocks_for(lora.max_pages) if lora and lora.pages.kv else 0
+        check_capacity(config.num_kv_blocks, config.block_size, self.max_model_len, adapter_blocks)
         self.base_params = loaded.params
         self._runner = ModelRunner(
             self.model_config,
@@ -158,7 +155,7 @@ class Engine:
             lambda: self.core.snapshot.adapters,
         )
         policy = make_policy(config.policy, config.policy_interval_s, config.predictor_checkpoint) if lora else None
-        self.core = EngineCore(config, self._runner, self._inputs, lora, policy)
+        self.core = EngineCore(config, self._runner, self._inputs, lora, policy, blocks)
         self._warmer: threading.Thread | None = None
         self._closed = False
         self._scoring_lock = threading.Lock()  # one prompt_logprobs session at a time (they hold KV blocks)

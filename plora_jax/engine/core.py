@@ -58,6 +58,7 @@ from . import scoring
 from .adapter_gate import AdapterGate
 from .errors import EngineBusy, EngineDead  # noqa: F401 (EngineBusy: re-exported)
 from .inputs import InputProcessor
+from .kv_blocks import BlockAllocator
 from .outputs import OutputProcessor, StreamEvent
 from .runner import Launched, ModelRunner
 from .scheduler import Request, Scheduler, Status
@@ -127,6 +128,7 @@ class EngineCore:
         inputs: InputProcessor,
         lora: LoraManager | None,
         policy: Policy | None,
+        blocks: BlockAllocator | None = None,
     ):
         self.config = config
         self.runner = runner
@@ -144,7 +146,7 @@ class EngineCore:
                 lambda: len(self.scheduler.running),
                 config.wait_host_copies,
             )
-        self.scheduler = Scheduler.for_engine(config, runner.buckets.prefill[-1], self.gate)
+        self.scheduler = Scheduler.for_engine(config, runner.buckets.prefill[-1], self.gate, blocks=blocks)
         self.policy: Policy | None = None
         self._policy_warned = False
         self._next_decision = 0.0  # time.monotonic() of the next interval decision
@@ -555,6 +557,7 @@ class EngineCore:
 
     def _publish_snapshot(self) -> None:
         s, c = self.scheduler, self._counters
+        itemsize = np.dtype(self.runner.dtype).itemsize
         loop_compiles = compile_stats.compiles_on_thread(self._owner)
         stats = {
             "loop_compiles": loop_compiles,
@@ -564,6 +567,7 @@ class EngineCore:
             "waiting": len(s.waiting),
             "kv_blocks_used": s.blocks.num_used,
             "kv_blocks_total": s.blocks.num_blocks - 1,
+            "kv_block_bytes": self.runner.model_config.kv_block_bytes(s.block_size, itemsize),
             "num_preemptions": s.num_preemptions,
             "steps": c.steps,
             "decode_steps": c.decode_steps,
@@ -652,7 +656,11 @@ class EngineCore:
             self.lora.disk.clear()
         if adapter_loads is not None:
             self.config = dataclasses.replace(self.config, adapter_loads=adapter_loads)
-            self.gate.sync = adapter_loads == "sync"
+            self._set_sync()
+
+    def _set_sync(self) -> None:
+        """Loads are synchronous when the config says so or the policy is S-LoRA's."""
+        self.gate.sync = self.config.adapter_loads == "sync" or (self.policy is not None and self.policy.sync_loads)
 
     # --- residency policy -------------------------------------------------------------------
     def adopt_policy(self, policy: Policy) -> None:
@@ -660,6 +668,7 @@ class EngineCore:
             self.policy.close()
         self.policy = policy
         self.lora.free_when_unused = policy.free_when_unused
+        self._set_sync()
         self._policy_warned = False
         self._next_decision = 0.0
         policy.start()

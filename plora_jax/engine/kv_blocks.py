@@ -15,6 +15,19 @@ class OutOfBlocks(RuntimeError):
     """Not enough free KV blocks for the request (the caller waits, preempts or rejects)."""
 
 
+def check_capacity(num_kv_blocks: int, block_size: int, max_model_len: int, adapter_blocks: int = 0) -> None:
+    """Refuse a KV cache that cannot hold one sequence of `max_model_len` tokens beside
+    `adapter_blocks` (its adapter's blocks, with one budget for KV and adapters): that request
+    could never run, whatever else finished or was evicted."""
+    need = -(-max_model_len // block_size)
+    if need + adapter_blocks > num_kv_blocks - 1:
+        beside = f" beside its adapter's {adapter_blocks} (adapter_memory='unified')" if adapter_blocks else ""
+        raise ValueError(
+            f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len={max_model_len} "
+            f"({need} blocks of {block_size}){beside}; raise num_kv_blocks"
+        )
+
+
 class BlockAllocator:
     def __init__(self, num_blocks: int):
         if num_blocks < 2:

@@ -17,6 +17,9 @@ invariant for a prefilled request is `num_computed == num_tokens - 1` (every tok
 newest has its K/V in the cache). A request found finished when its tokens are read may have
 one more token in flight; that result is dropped.
 
+With one device-memory budget for KV and adapters, a request short of blocks first has the
+adapter tiers evict unused adapters for theirs (`reclaim`); only then does it wait or preempt.
+
 When a decode cannot get a block, the most recently admitted running request is preempted by
 recompute: its blocks and slot are freed and it returns to the front of the queue; when it is
 admitted again, its prompt plus the tokens generated so far are prefilled anew. Sampling keys
@@ -134,9 +137,15 @@ class Scheduler:
         release_adapter=None,
         clock: Callable[[], float] = time.perf_counter,
         arrive_adapter=None,
+        blocks: BlockAllocator | None = None,
+        reclaim: Callable[[int], bool] | None = None,
     ):
         self.clock = clock  # the engine's wall clock, or a simulator's virtual one
-        self.blocks = BlockAllocator(num_kv_blocks)
+        # The KV blocks: given when the adapter pool shares their budget, which then holds some.
+        self.blocks = blocks if blocks is not None else BlockAllocator(num_kv_blocks)
+        if self.blocks.num_blocks != num_kv_blocks:
+            raise ValueError(f"the block allocator has {self.blocks.num_blocks} blocks, num_kv_blocks={num_kv_blocks}")
+        self._reclaim = reclaim  # reclaim(n): evict unused adapters until n blocks are free; whether they are
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -151,10 +160,18 @@ class Scheduler:
         self._arrive_adapter = arrive_adapter  # as a request is queued (counts its hit or cold start)
 
     @classmethod
-    def for_engine(cls, config, max_num_batched_tokens: int, gate=None, clock: Callable[[], float] = time.perf_counter):
+    def for_engine(
+        cls,
+        config,
+        max_num_batched_tokens: int,
+        gate=None,
+        clock: Callable[[], float] = time.perf_counter,
+        blocks: BlockAllocator | None = None,
+    ):
         """The scheduler of an engine with `config` (an `EngineConfig`), its prefill chunk the
         largest prefill bucket, admitting adapters through `gate` (an `AdapterGate`, or None
-        without LoRA): the live engine's and each simulated instance's."""
+        without LoRA), its KV blocks `blocks` (shared with the adapter pool under a unified
+        budget; None: its own): the live engine's and each simulated instance's."""
         return cls(
             config.num_kv_blocks,
             config.block_size,
@@ -165,6 +182,8 @@ class Scheduler:
             gate and gate.release,
             clock,
             gate and gate.arrive,
+            blocks,
+            gate and gate.reclaim,
         )
 
     # --- queue --------------------------------------------------------------------------
@@ -214,7 +233,7 @@ class Scheduler:
         need = cdiv(num_tokens, self.block_size) - len(request.blocks)
         if need <= 0:
             return True
-        if need > self.blocks.num_free:
+        if need > self.blocks.num_free and not (self._reclaim and self._reclaim(need)):
             return False
         request.blocks += self.blocks.allocate(need)
         return True

@@ -39,8 +39,11 @@ class Scoring:
         allocator, bs = core.scheduler.blocks, core.config.block_size
         try:
             for ids, adapter in zip(seqs, adapters, strict=True):
+                need = cdiv(len(ids), bs)
+                if need > allocator.num_free and core.gate is not None:
+                    core.gate.reclaim(need)  # unused adapters give back their blocks (a unified budget)
                 try:
-                    self.tables.append(allocator.allocate(cdiv(len(ids), bs)))
+                    self.tables.append(allocator.allocate(need))
                 except OutOfBlocks as e:
                     raise EngineBusy(f"scoring: the KV cache is busy ({e}); retry when fewer requests run") from None
                 probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)

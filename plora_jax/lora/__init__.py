@@ -19,7 +19,7 @@ jobs and never write shared state.
 from .device_pool import LoraBatch, LoraPool, commit_adapter, commit_bucket, page_bytes
 from .host_cache import HostCache, HostCopy
 from .manager import LoraManager
-from .page_allocator import PagePool, Resident
+from .page_allocator import KvShare, PagePool, Resident
 from .peft import TARGET_MODULES, AdapterError, inspect_adapter, load_adapter, save_random_adapter
 from .registry import AdapterEntry, Registry
 from .residency import Residency
@@ -32,6 +32,7 @@ __all__ = [
     "HostCache",
     "HostCopy",
     "Job",
+    "KvShare",
     "LoraBatch",
     "LoraManager",
     "LoraPool",

@@ -26,7 +26,7 @@ from ..trusted_cache import cache_root
 from .device_pool import LoraPool, commit_adapter, commit_bucket, page_bytes
 from .host_cache import HostCache, HostCopy
 from .node_cache import NodeCache
-from .page_allocator import PagePool
+from .page_allocator import BlockSource, KvShare, PagePool
 from .peft import AdapterError, parse_target_modules
 from .registry import AdapterEntry, Registry
 from .residency import Residency
@@ -34,7 +34,9 @@ from .transfer import Job, ThreadTransfer
 
 
 class LoraManager(Residency):
-    def __init__(self, model_config: ModelConfig, config: EngineConfig, dtype):
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, dtype, kv_blocks: BlockSource | None = None):
+        """`kv_blocks`: the scheduler's KV block allocator, which the pool's pages are paid from
+        under `adapter_memory="unified"` (None: the pool is memory of its own)."""
         self.model_config = model_config
         self.dtype = np.dtype(dtype)
         self.page_rows = config.page_rows
@@ -42,7 +44,12 @@ class LoraManager(Residency):
         self.modules = parse_target_modules(config.lora_target_modules)
         one_page = page_bytes(model_config, config.page_rows, self.dtype.itemsize, self.modules)
         num_pages = config.lora_pool_pages or max(2, int(config.lora_pool_mb * 2**20) // one_page)
-        pages = PagePool(num_pages, config.max_loras + 1, self.max_pages, config.layout)
+        kv = None
+        if config.adapter_memory == "unified":
+            if kv_blocks is None:
+                raise ValueError('adapter_memory="unified" needs the KV block allocator (kv_blocks)')
+            kv = KvShare(kv_blocks, one_page, model_config.kv_block_bytes(config.block_size, self.dtype.itemsize))
+        pages = PagePool(num_pages, config.max_loras + 1, self.max_pages, config.layout, kv)
         node_root = config.node_cache_dir or cache_root(config.cache_dir) / "adapters"
         self.node_cache = NodeCache(node_root, int(config.node_cache_mb * 2**20), config.source_options())
         registry = Registry(

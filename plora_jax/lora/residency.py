@@ -28,6 +28,8 @@ an adapter is (`metrics.TIERS`).
 - `release` (a request ends): unpin; under `free_when_unused` (reactive, and the fallback when
   a forecaster fails) the adapter is freed once nobody uses or waits for it. An adapter removed
   while requests run keeps its pages until the last of them finishes.
+- `reclaim` (the scheduler is short of KV blocks, with one budget for KV and adapters): evict
+  unpinned adapters, lowest priority first, so the KV cache gets their blocks (`kv_reclaims`).
 
 Counters and ratios are `plora_jax.metrics`'s.
 """
@@ -275,6 +277,17 @@ class Residency:
         elif self.free_when_unused and not wanted:
             self._evict(name)
 
+    def reclaim(self, num_blocks: int) -> bool:
+        """Evict unpinned adapters until `num_blocks` KV blocks are free (`PagePool.reclaim`);
+        whether they are. Without a unified budget adapters hold no blocks: False."""
+        if self.pages.kv is None:
+            return False
+        self._tick()
+        for name in self.pages.reclaim(num_blocks):
+            self.counters["kv_reclaims"] += 1
+            self._evicted(name)
+        return self.pages.kv.blocks.num_free >= num_blocks
+
     def _evict(self, name: str) -> None:
         self._tick()
         self.pages.evict(name)
@@ -299,7 +312,7 @@ class Residency:
             pinned=pinned,
             queued=queued,
             adapter_bytes=MappingProxyType({n: e.device_bytes for n, e in self.entries.items()}),
-            device_bytes=(self.pages.num_pages - 1) * self.page_bytes,
+            device_bytes=self.pages.capacity_pages * self.page_bytes,
             device_slots=self.pages.usable_slots,
             host_bytes=self.host.budget,
             disk_bytes=self.disk.budget,
@@ -480,6 +493,7 @@ class Residency:
             "adapter_live_bytes": self.pages.live_bytes,
             "adapter_reserved_bytes": self.pages.pages_used * self.page_bytes,
             "adapter_pool_bytes": self.pages.num_pages * self.page_bytes,
+            "adapter_kv_blocks": self.pages.kv_blocks_held,  # KV blocks adapters hold (a unified budget)
             "adapter_live_byte_s": self.live_byte_seconds,
             "adapter_reserved_byte_s": self.reserved_byte_seconds,
             "host_cache_bytes": self.host.used,

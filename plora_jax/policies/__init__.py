@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..names import BASELINE_POLICY, POLICY_NAMES
+from ..names import BASELINE_POLICY, ORACLES, POLICY_NAMES
 from .base import Decision, Policy, PoolView
 from .histogram import Histogram
 from .lookahead import Lookahead
 from .lru import Lru
-from .oracle import Oracle
+from .oracle import CausalOracle, Oracle
 from .predictive import EwmaForecaster, Forecaster, Predictive, PredictorUnavailable, make_forecaster
 from .reactive import Reactive
+from .slora import Slora, SloraPrefetch
 
-POLICIES = {cls.name: cls for cls in (Reactive, Lru, Lookahead, Histogram, Predictive, Oracle)}
+POLICIES = {
+    cls.name: cls
+    for cls in (Reactive, Lru, Lookahead, Histogram, Predictive, Slora, SloraPrefetch, Oracle, CausalOracle)
+}
 assert tuple(POLICIES) == POLICY_NAMES, "plora_jax.names.POLICY_NAMES lists every policy class, in order"
 
 
 def make_policy(name: str, interval_s: float = 60.0, predictor_checkpoint: str | None = None, **options) -> Policy:
-    """A policy by name; `oracle` needs `arrivals=` (the future), which only a benchmark knows.
+    """A policy by name; the oracles need `arrivals=` (the future), which only a benchmark knows.
     `predictive` forecasts with `make_forecaster(predictor_checkpoint)` unless given `forecaster=`."""
     if name not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {name!r}")
@@ -34,13 +38,13 @@ def replay_policy(
     minute_of_day: Callable[[], float],
     predictor_checkpoint: str = "",
 ) -> Policy:
-    """A trace replay's policy `name`. `reactive_sync` (the S-LoRA baseline) is `reactive`: the
-    engine, not the policy, makes its loads synchronous. The oracle is given the replay's
-    `arrivals`; `predictive` forecasts with the LSTM (or "ewma"), its time of day read from
-    `minute_of_day()` (the trace's clock, which a replay may compress)."""
+    """A trace replay's policy `name`. `reactive_sync` is `reactive` with the engine's loads
+    synchronous (`adapter_loads`). The oracles are given the replay's `arrivals`; `predictive`
+    forecasts with the LSTM (or "ewma"), its time of day read from `minute_of_day()` (the
+    trace's clock, which a replay may compress)."""
     base = "reactive" if name == BASELINE_POLICY else name
-    if base == "oracle":
-        return make_policy("oracle", interval_s, arrivals=arrivals)
+    if base in ORACLES:
+        return make_policy(base, interval_s, arrivals=arrivals)
     if base == "predictive":
         if predictor_checkpoint == "ewma":
             return make_policy("predictive", interval_s, forecaster=EwmaForecaster())
@@ -51,8 +55,16 @@ def replay_policy(
     return make_policy(base, interval_s)
 
 
+def adapter_loads(name: str) -> str:
+    """How a replay's engine loads adapters under policy `name`: "sync" for `reactive_sync` and
+    the policies whose `sync_loads` is set (S-LoRA's), else "async"."""
+    base = "reactive" if name == BASELINE_POLICY else name
+    return "sync" if name == BASELINE_POLICY or POLICIES[base].sync_loads else "async"
+
+
 __all__ = [
     "POLICIES",
+    "CausalOracle",
     "Decision",
     "EwmaForecaster",
     "Forecaster",
@@ -65,6 +77,9 @@ __all__ = [
     "Predictive",
     "PredictorUnavailable",
     "Reactive",
+    "Slora",
+    "SloraPrefetch",
+    "adapter_loads",
     "make_forecaster",
     "make_policy",
     "replay_policy",

@@ -33,7 +33,7 @@ class PoolView:
     pinned: frozenset[str]  # in use by admitted requests: never evicted
     queued: tuple[str, ...]  # adapters of waiting requests, in queue order (repeats kept)
     adapter_bytes: Mapping[str, int]  # device bytes one adapter occupies (its pages or region)
-    device_bytes: int  # capacity of the device pool
+    device_bytes: int  # what adapters can hold on the device (one KV budget: its free and adapter-held blocks)
     device_slots: int  # adapters the device can hold at once (page-table rows)
     host_bytes: int  # byte budget of the host cache
     disk_bytes: int  # byte budget of the node cache (remote adapters on this node's disk)
@@ -55,6 +55,7 @@ class Policy:
 
     name = "base"
     free_when_unused = False  # evict an adapter as soon as its last request finishes
+    sync_loads = False  # a step waits for a missing adapter's load (S-LoRA), whatever the engine's adapter_loads
 
     def __init__(self, interval_s: float = 60.0):
         if interval_s <= 0:

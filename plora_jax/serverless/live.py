@@ -31,7 +31,7 @@ from ..engine.sampling import SamplingParams
 from ..lora.node_cache import is_remote
 from ..lora.peft import save_random_adapter
 from ..metrics import ADAPTER_COUNTERS, TRANSFER_SOURCES, adapter_mem_util
-from ..names import BASELINE_POLICY
+from ..policies import adapter_loads
 from .instances import InstanceLoad, keep_alive_expired, pick_instance
 from .report import RequestRecord, Run, summarize
 from .sim import Calibration
@@ -153,7 +153,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
             f"replay_live: warmup_minutes is {workload.config.warmup_minutes}; a measured window after "
             "a warm-up is for the simulator"
         )
-    loads = "sync" if policy == BASELINE_POLICY else "async"
+    loads = adapter_loads(policy)
     interval = workload.config.seconds_per_minute
     lock = threading.Lock()
     slots = [_Slot(e) for e in fleet.warm] + [_Slot() for _ in range(fleet.instances - len(fleet.warm))]
@@ -449,5 +449,6 @@ def calibrate(engine, instance_start_s: float, runs: list[Run] = ()) -> Calibrat
         disk_bytes_per_s=disk,
         instance_start_s=instance_start_s,
         bytes_per_rank=int(stats.get("adapter_page_bytes", 0) // engine.config.page_rows),
+        kv_bytes_per_token=int(stats["kv_block_bytes"] // engine.config.block_size),
     )
     return fit(steps, base, source="live engine on this machine (plora_jax.serverless.live.calibrate)")

@@ -73,6 +73,7 @@ class Calibration:
     store_bytes_per_s: float = 1e8  # and its rate
     instance_start_s: float = 20.0  # an instance from zero to warm (params and executables from caches)
     bytes_per_rank: int = 0  # device bytes one rank row of an adapter occupies (all layers, projections)
+    kv_bytes_per_token: int = 0  # device bytes of one token's K and V (all layers): what a KV block costs
     fit_steps: int = 0  # recorded steps the step terms were fitted to (0: not fitted)
     fit_outliers: int = 0  # recorded steps left out of the fit (over OUTLIER_MADS off)
     fit_error: float = 0.0  # the fit's mean absolute error over its steps / their mean duration

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from ...buckets import cdiv
 from ...engine.adapter_gate import AdapterGate
+from ...engine.kv_blocks import BlockAllocator
 from ...engine.outputs import OutputProcessor
 from ...engine.scheduler import Request, Scheduler, Status, StepPlan
 from ...engine.step_log import shape_of
-from ...lora import HostCache, Job, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
+from ...lora import HostCache, Job, KvShare, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
 from ...lora.host_cache import HostCopy
 from ...lora.transfer import FETCH, HOST
 from ...policies import Policy
@@ -40,7 +41,10 @@ class SimInstance:
             if sim.config.adapter_store == "store":
                 entry.source = f"store://{name}"  # fetched into this instance's node cache on first use
             registry.insert(entry)
-        self.pages = PagePool(sim.config.pool_pages, c.max_loras + 1, cdiv(c.max_lora_rank, c.page_rows), c.layout)
+        blocks = BlockAllocator(c.num_kv_blocks)  # the scheduler's; the adapter pool's too when unified
+        kv = KvShare(blocks, sim.page_bytes, c.block_size * cal.kv_bytes_per_token)
+        max_pages = cdiv(c.max_lora_rank, c.page_rows)
+        self.pages = PagePool(sim.config.pool_pages, c.max_loras + 1, max_pages, c.layout, kv if sim.unified else None)
         self.transfer = SimulatedTransfer(self.clock, self._transfer_s)
         host = HostCache(sim.config.host_cache_bytes)
         if sim.config.adapters_on_host:
@@ -59,11 +63,11 @@ class SimInstance:
             self.clock,
             lambda: self.scheduler.waiting,
             self._wait_for,
-            c.adapter_loads == "sync",
+            c.adapter_loads == "sync" or policy.sync_loads,
             lambda: len(self.scheduler.running),
             c.wait_host_copies,
         )
-        self.scheduler = Scheduler.for_engine(c, sim.buckets.prefill[-1], self.gate, self.clock)
+        self.scheduler = Scheduler.for_engine(c, sim.buckets.prefill[-1], self.gate, self.clock, blocks)
         sim.cores.append(self.core)
         sim.engines.append(self)
         self.held_s = 0.0  # seconds it had work (requests running or waiting), in all

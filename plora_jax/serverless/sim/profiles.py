@@ -147,6 +147,7 @@ def profile(model: ModelShape, device: Device, targets=ALL_PROJECTIONS, mean_ran
         store_bytes_per_s=STORE_BYTES_PER_S,
         instance_start_s=INSTANCE_START_S,
         bytes_per_rank=per_rank,
+        kv_bytes_per_token=model.kv_bytes_per_token,
     )
 
 

@@ -22,14 +22,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ...buckets import cdiv
 from ...config import EngineConfig
 from ...engine.compile_plan import Buckets
+from ...engine.kv_blocks import check_capacity
 from ...engine.sampling import SamplingParams
 from ...engine.scheduler import Request
 from ...lora import Residency
+from ...lora.page_allocator import kv_blocks_for
 from ...metrics import ADAPTER_COUNTERS, adapter_mem_util, adapter_pool_fill
-from ...names import BASELINE_POLICY
-from ...policies import Policy
+from ...policies import Policy, adapter_loads
 from ..instances import InstancePool
 from ..report import RequestRecord, Run, summarize
 from ..workload import TraceRequest, Workload, request_lengths, workload_policy
@@ -44,8 +46,8 @@ class SimConfig:
     simulator reads the scheduling fields (`max_model_len`, `block_size`, `num_kv_blocks`,
     `max_num_seqs`, `max_num_batched_tokens`, `max_prefill_seqs`, `min_prefill_bucket`), the
     adapter pool's (`max_loras`, `lora_pool_pages`, `page_rows`, `max_lora_rank`, `layout`),
-    `host_cache_mb`, `node_cache_mb` (with `adapter_store`), `max_prefetch_inflight` and
-    `adapter_loads`."""
+    `host_cache_mb`, `node_cache_mb` (with `adapter_store`), `max_prefetch_inflight`,
+    `adapter_loads` and `adapter_memory`."""
 
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lora_pool_pages=64, host_cache_mb=2.0**20))
     instances: int = 1  # most instances at once
@@ -103,7 +105,15 @@ class Simulator:
         self.interval_s = interval_s if interval_s is not None else workload.config.seconds_per_minute
         self.adapter_names = tuple(workload.ranks)
         self.page_bytes = config.engine.page_rows * calibration.bytes_per_rank
+        self.unified = config.engine.adapter_memory == "unified"  # adapter pages paid in KV blocks
+        if self.unified and calibration.kv_bytes_per_token <= 0:
+            raise ValueError('adapter_memory="unified" needs calibration.kv_bytes_per_token > 0 (a KV block\'s cost)')
         self.buckets = Buckets.build(config.engine, config.engine.max_model_len, 0)  # the compiled step sizes
+        e = config.engine
+        max_pages = cdiv(e.max_lora_rank, e.page_rows)
+        block_bytes = e.block_size * calibration.kv_bytes_per_token
+        adapter_blocks = kv_blocks_for(max_pages, self.page_bytes, block_bytes) if self.unified else 0
+        check_capacity(e.num_kv_blocks, e.block_size, e.max_model_len, adapter_blocks)
         self.cores: list[Residency] = []  # every instance's residency core, stopped ones included
         self.engines: list[SimInstance] = []  # every instance, stopped ones included
         self.seq = itertools.count()
@@ -253,7 +263,7 @@ def simulate(
     predictor_checkpoint: str = "",
 ) -> Run:
     """Replay `workload` under `policy` in simulation."""
-    if policy == BASELINE_POLICY:
+    if adapter_loads(policy) == "sync":
         config = replace(config, engine=replace(config.engine, adapter_loads="sync"))
     interval = workload.config.seconds_per_minute
     sim: Simulator | None = None  # the factory runs inside sim.run(), after the assignment below
