@@ -21,6 +21,7 @@ from plora_jax.policies import (
     make_policy,
 )
 from plora_jax.policies.base import PoolView, fill_tiers, rank_to_fit
+from plora_jax.policies.retention import GapHazard
 
 SIZE = 100
 
@@ -46,7 +47,10 @@ def view(
 
 
 def test_registry_and_rank_to_fit():
-    assert set(POLICIES) == {"reactive", "lru", "lookahead", "histogram", "predictive", "oracle"}
+    assert set(POLICIES) == {
+        *("reactive", "lru", "lookahead", "histogram", "predictive", "slora", "slora_prefetch"),
+        *("oracle", "causal_oracle"),
+    }
     assert make_policy("lru", interval_s=2.0).interval_s == 2.0
     with pytest.raises(ValueError, match="policy must be one of"):
         make_policy("fifo")
@@ -158,6 +162,43 @@ def test_predictive_takes_the_top_forecast_that_fits_with_hysteresis():
     assert policy.decide(view(queued="d")).device == ["d", "a"]
 
 
+def test_the_gap_hazard_is_the_chance_of_a_return_given_the_idle_time():
+    hazard = GapHazard(horizon_s=5.0)
+    for t in (0.0, 10.0, 20.0, 34.0):  # gaps 10, 10, 14
+        hazard.observe("a", t)
+    # idle 2 s: every gap is longer; those within 2 + 5 = 7 s: none
+    assert hazard.probability("a", 36.0) == 0.0
+    # idle 6 s: the three gaps are longer; 10, 10 within 11 s: 2 of 3
+    assert hazard.probability("a", 40.0) == pytest.approx(2 / 3)
+    # idle 11 s: only the 14 s gap is longer, and within 16 s: 1
+    assert hazard.probability("a", 45.0) == 1.0
+    assert hazard.probability("a", 49.0) == 0.0  # idle 15 s: longer than every gap it has shown
+    hazard.observe("b", 0.0)
+    hazard.observe("b", 1.0)
+    assert hazard.probability("b", 1.5) == 0.0  # one gap: no distribution yet
+    hazard.forget("a")
+    assert hazard.scores(40.0) == {}
+
+
+def test_predictive_keeps_an_adapter_that_returns_over_one_whose_burst_ended():
+    """a returns every 10 intervals; b had a burst 3 intervals ago. The one-interval forecast
+    ranks b above a; retention (a horizon of 10 intervals) ranks a first for eviction."""
+    forecaster = FixedForecaster({"a": 0.05, "b": 0.3})
+    with_retention = Predictive(forecaster, interval_s=1.0, retention_intervals=10.0)
+    without = Predictive(forecaster, interval_s=1.0, retention_intervals=0)
+    for policy in (with_retention, without):
+        for t in (0.0, 10.0, 20.0, 30.0):
+            policy.observe("a", t)
+        for t in (35.0, 35.1, 35.2, 35.3):
+            policy.observe("b", t)
+        policy.step()
+    v = view(now=38.0, on_device="ab", slots=0, device_bytes=0)  # nothing wanted: priority alone
+    kept = with_retention.decide(v).priority
+    assert kept["a"] == pytest.approx(1.0) and kept["b"] == pytest.approx(0.3)  # a: back within 10: 1
+    alone = without.decide(v).priority
+    assert alone["a"] < alone["b"]
+
+
 def test_predictive_raises_when_the_forecaster_fails_and_recovers():
     forecaster = FixedForecaster({"a": 0.9})
     policy = Predictive(forecaster, interval_s=1.0)
@@ -209,10 +250,10 @@ def test_oracle_prefetches_the_next_arrivals_and_evicts_the_furthest():
     policy.set_origin(100.0)
     d = policy.decide(view(now=108.0, on_device="c"))
     assert d.device == ["a", "b"]  # next in 2 s and 4 s; "d" (5 s) does not fit two slots' bytes
-    assert d.priority == pytest.approx({"a": 1 / 3, "b": 1 / 5, "c": 1 / 43, "d": 1 / 6})
+    assert d.priority == {"a": 4.0, "b": 3.0, "d": 2.0, "c": 1.0}  # used soonest: kept longest
     assert policy.next_arrival("a", 110.5) == pytest.approx(0.5)
     d = policy.decide(view(now=113.5, on_device="ab"))
-    assert d.device == [] and d.priority == pytest.approx({"c": 1 / 37.5})  # a, b, d: never again
+    assert d.device == [] and d.priority == {"c": 1.0}  # a, b, d: never again
 
 
 def test_the_forecast_reaches_every_tier_as_deep_as_there_is_room():

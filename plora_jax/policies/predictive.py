@@ -22,8 +22,12 @@ Decisions, at each call:
    that is not resident is prefetched, most wanted first; the next ones that fit the host budget
    are read into the host cache, and the next that fit the node cache fetched from their store
    (`base.fill_tiers`);
-3. eviction priority: wanted adapters 1 + demand per byte (normalised), the rest demand per byte
-   alone, so a prefetch only ever displaces an adapter outside the wanted set.
+3. eviction priority: wanted adapters 1 + value per byte (normalised), the rest value per byte
+   alone, so a prefetch only ever displaces an adapter outside the wanted set. An adapter's
+   value is the larger of its forecast and its retention score (`retention.GapHazard`: the
+   probability, from its own gaps between arrivals, that it returns within
+   `retention_intervals` intervals), so an adapter that returns on a schedule longer than one
+   interval is not evicted for one whose burst has ended.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 from .base import Decision, Policy, PoolView, fill_tiers
+from .retention import GapHazard
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +110,13 @@ class Predictive(Policy):
         stall_intervals: float = 3.0,
         min_stall_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        retention_intervals: float = 10.0,
     ):
         self.forecaster = forecaster if forecaster is not None else EwmaForecaster()
         super().__init__(interval_s)
+        # Eviction looks this far ahead for adapters that return (0: the forecast alone); the
+        # loop thread alone reads and writes it, as it observes arrivals and decides.
+        self.retention = GapHazard(retention_intervals * interval_s) if retention_intervals > 0 else None
         self.hysteresis, self.min_score = hysteresis, min_score
         # A forecast later than this is a stall (never sooner than min_stall_s: the first run compiles).
         self.stall_s = max(stall_intervals * interval_s, min_stall_s)
@@ -132,8 +141,12 @@ class Predictive(Policy):
         if adapter is not None:
             with self._lock:
                 self._pending[adapter] += 1
+            if self.retention is not None:
+                self.retention.observe(adapter, now)
 
     def forget(self, adapter: str) -> None:
+        if self.retention is not None:
+            self.retention.forget(adapter)
         with self._lock:
             self._forgotten.add(adapter)
             self._pending.pop(adapter, None)
@@ -230,7 +243,10 @@ class Predictive(Policy):
             reverse=True,
         )
         wanted, host, disk = fill_tiers(queued + forecast, view)
-        per_byte = {n: scores.get(n, 0.0) / max(1, sizes[n]) for n in scores if n in sizes}
+        keep = self.retention.scores(view.now) if self.retention is not None else {}
+        named = dict.fromkeys([*scores, *keep])  # in a fixed order: a set's would vary between runs
+        value = {n: max(scores.get(n, 0.0), keep.get(n, 0.0)) for n in named if n in sizes}
+        per_byte = {n: v / max(1, sizes[n]) for n, v in value.items()}
         top = max(per_byte.values(), default=0.0) or 1.0
         priority = {n: v / top for n, v in per_byte.items()}
         for n in wanted:
