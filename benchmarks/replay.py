@@ -49,6 +49,7 @@ from pathlib import Path
 
 from benchmarks.common import config_and_workload, machine, write_json
 from plora_jax.names import LORA_LAYOUTS, REPLAY_POLICIES
+from plora_jax.policies.retention import RETENTION_INTERVALS
 
 ALL_POLICIES = ",".join(REPLAY_POLICIES)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,6 +79,7 @@ class ReplayConfig:
     # paid in KV blocks (S-LoRA's one pool; the pool budget then only caps the page table). The
     # simulator needs a profile or a calibration with kv_bytes_per_token for it.
     adapter_memory: str = "separate"
+    retention_intervals: float = RETENTION_INTERVALS  # predictive's horizon for returning adapters (0: forecast alone)
     adapter_dir: str = ""  # live: folder for the random adapters ("": a temporary folder)
     # Where adapters are at the start (the storage regime): "" (local folders on the node's disk) |
     # "host" (sim: every adapter in host memory, as S-LoRA keeps them) | "s3" (an object store:
@@ -188,6 +190,7 @@ def engine_settings(cfg: ReplayConfig, layout: str, pool: tuple[int, int]) -> di
         host_cache_mb=cfg.host_cache_mb,
         layout=layout,
         adapter_memory=cfg.adapter_memory,
+        retention_intervals=cfg.retention_intervals,
         policy="reactive",  # the replay sets each policy itself
         max_model_len=1024,
     )
@@ -413,8 +416,9 @@ def run_point(cfg: ReplayConfig, point: Point, layouts: list[str], policies: lis
                 for policy in policies:
                     start = time.perf_counter()
                     runs[layout][policy] = live.replay_live(
-                        workload, policy, fleet, cfg.predictor_checkpoint, point.workload_config.seed
-                    )
+                        workload, policy, fleet, cfg.predictor_checkpoint, point.workload_config.seed,
+                        cfg.retention_intervals,
+                    )  # fmt: skip
                     print(f"  {layout}/{policy}: {time.perf_counter() - start:.0f} s", flush=True)
                 if calibration is None and fleet.warm:  # the cost profile, from this layout's runs
                     start_s = sum(fleet.start_s) / len(fleet.start_s)

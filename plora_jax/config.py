@@ -30,6 +30,7 @@ from .names import (
     ROPE_KINDS,
     check_name,
 )
+from .policies.retention import RETENTION_INTERVALS
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,9 @@ class EngineConfig:
     # device, never a read from disk), so its request joins the step being planned, not the next.
     wait_host_copies: bool = True
     predictor_checkpoint: str = ""  # predictive's forecaster: "" shipped LSTM, a checkpoint folder, or "ewma"
+    # predictive's eviction also values adapters its gap history expects back within this many
+    # intervals (0, the default: the one-interval forecast alone; plora_jax/policies/retention.py)
+    retention_intervals: float = RETENTION_INTERVALS
     # Liveness: a hung device step or transfer (a first-use compile counts too).
     step_timeout_s: float = 120.0  # readiness (/health) says "stalled" (503) when one loop iteration runs longer
 
@@ -267,6 +271,8 @@ class EngineConfig:
             raise ValueError("policy_interval_s must be > 0, host_cache_mb >= 0 and max_prefetch_inflight >= 1")
         check_name("adapter_loads", self.adapter_loads, ADAPTER_LOADS)
         check_name("adapter_memory", self.adapter_memory, ADAPTER_MEMORY)
+        if self.retention_intervals < 0:
+            raise ValueError(f"retention_intervals must be >= 0, got {self.retention_intervals}")
         if self.node_cache_mb <= 0:
             raise ValueError(f"node_cache_mb must be > 0, got {self.node_cache_mb}")
         self.source_options()  # valid JSON of the right shape

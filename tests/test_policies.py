@@ -162,39 +162,37 @@ def test_predictive_takes_the_top_forecast_that_fits_with_hysteresis():
     assert policy.decide(view(queued="d")).device == ["d", "a"]
 
 
-def test_the_gap_hazard_is_the_chance_of_a_return_given_the_idle_time():
-    hazard = GapHazard(horizon_s=5.0)
-    for t in (0.0, 10.0, 20.0, 34.0):  # gaps 10, 10, 14
+def test_the_gap_hazard_expects_a_return_from_the_gaps_not_outlasted():
+    hazard = GapHazard(horizon_s=5.0, min_gap_s=1.0)
+    for t in (0.0, 10.0, 20.0, 34.0, 34.5):  # gaps 10, 10, 14; 0.5 is inside a burst: not one
         hazard.observe("a", t)
-    # idle 2 s: every gap is longer; those within 2 + 5 = 7 s: none
-    assert hazard.probability("a", 36.0) == 0.0
-    # idle 6 s: the three gaps are longer; 10, 10 within 11 s: 2 of 3
-    assert hazard.probability("a", 40.0) == pytest.approx(2 / 3)
-    # idle 11 s: only the 14 s gap is longer, and within 16 s: 1
-    assert hazard.probability("a", 45.0) == 1.0
-    assert hazard.probability("a", 49.0) == 0.0  # idle 15 s: longer than every gap it has shown
+    # idle 1.5 s: every gap is longer: (8.5 + 8.5 + 12.5) / 3
+    assert hazard.expected_wait("a", 36.0) == pytest.approx(29.5 / 3)
+    assert hazard.expected_wait("a", 45.0) == pytest.approx(3.5)  # idle 10.5 s: only the 14 s gap is left
+    assert hazard.expected_wait("a", 49.0) is None  # idle 14.5 s: longer than every gap it has shown
+    assert hazard.waits(45.0) == {"a": pytest.approx(3.5)} and hazard.waits(36.0) == {}  # 9.8 s: past 5
     hazard.observe("b", 0.0)
-    hazard.observe("b", 1.0)
-    assert hazard.probability("b", 1.5) == 0.0  # one gap: no distribution yet
+    hazard.observe("b", 2.0)
+    assert hazard.expected_wait("b", 2.5) is None  # one gap: no distribution yet
     hazard.forget("a")
-    assert hazard.scores(40.0) == {}
+    assert hazard.waits(45.0) == {}
 
 
-def test_predictive_keeps_an_adapter_that_returns_over_one_whose_burst_ended():
+def test_predictive_retention_keeps_an_adapter_that_returns_over_one_whose_burst_ended():
     """a returns every 10 intervals; b had a burst 3 intervals ago. The one-interval forecast
-    ranks b above a; retention (a horizon of 10 intervals) ranks a first for eviction."""
+    ranks b above a for eviction; retention (10 intervals) expects a back in 2 and ranks it first."""
     forecaster = FixedForecaster({"a": 0.05, "b": 0.3})
     with_retention = Predictive(forecaster, interval_s=1.0, retention_intervals=10.0)
-    without = Predictive(forecaster, interval_s=1.0, retention_intervals=0)
+    without = Predictive(forecaster, interval_s=1.0)  # the default: retention off
+    assert without.retention is None
     for policy in (with_retention, without):
-        for t in (0.0, 10.0, 20.0, 30.0):
-            policy.observe("a", t)
-        for t in (35.0, 35.1, 35.2, 35.3):
-            policy.observe("b", t)
+        for t in (0.0, 10.0, 20.0, 30.0, 35.0, 35.1, 35.2, 35.3):  # b's burst: a's arrivals then b's
+            policy.observe("a" if t <= 30.0 else "b", t)
         policy.step()
     v = view(now=38.0, on_device="ab", slots=0, device_bytes=0)  # nothing wanted: priority alone
     kept = with_retention.decide(v).priority
-    assert kept["a"] == pytest.approx(1.0) and kept["b"] == pytest.approx(0.3)  # a: back within 10: 1
+    back_in_2 = 1 - np.exp(-1 / 2)  # a's chance of a request next interval at a mean wait of 2
+    assert kept["a"] == pytest.approx(1.0) and kept["b"] == pytest.approx(0.3 / back_in_2)
     alone = without.decide(v).priority
     assert alone["a"] < alone["b"]
 

@@ -184,7 +184,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("predictor")
     train_trace = synthetic_trace(90, 600, seed=0)
     val_trace = synthetic_trace(30, 600, seed=7)
-    config = TrainConfig(epochs=6, steps_per_epoch=150, batch_size=64, learning_rate=5e-3, warmup_steps=20, patience=10)
+    config = TrainConfig(epochs=3, steps_per_epoch=100, batch_size=64, learning_rate=5e-3, warmup_steps=20, patience=10)
     windows = WindowConfig(window=64, stride=16, burn_in=8, num_buckets=64)
     history = train([train_trace], [val_trace], out, windows, ModelConfig(), config, progress=False)
     return out, history
@@ -204,7 +204,7 @@ def test_training_lowers_the_loss_and_resumes(trained):
         out,
         WindowConfig(window=64, stride=16, burn_in=8, num_buckets=64),
         ModelConfig(),
-        TrainConfig(epochs=6, steps_per_epoch=150, patience=10),
+        TrainConfig(epochs=3, steps_per_epoch=100, patience=10),
         progress=False,
     )
     assert again.train_loss == history.train_loss

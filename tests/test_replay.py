@@ -223,6 +223,9 @@ def test_a_warm_up_fills_the_pool_and_is_left_out_of_every_figure():
     # scaled to zero: the instance started at 0 stops in the warm-up; A at 100 starts it again
     scaled = simulate(w, "lru", sim_config(min_instances=0, keep_alive_s=10.0), CAL).summary
     assert (scaled["instance_starts"], scaled["instance_stops"], scaled["instance_start_wait_mean_s"]) == (1, 1, 5.0)
+    # a prefetch issued in the warm-up is neither used nor wasted in the measured window
+    oracle = simulate(w, "oracle", CFG, CAL).summary
+    assert oracle["prefetch_issued"] >= 1 and 0.0 < oracle["prefetch_precision"] <= 1.0
     # the same three requests from an empty pool: all cold
     cold = simulate(hand_workload([(t - 100.0, a) for t, a in measured]), "lru", CFG, CAL)
     assert [r.cold for r in cold.records] == [True] * 3 and cold.summary["cold_starts"] == 3

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plora_jax.config import tiny
-from plora_jax.lora import HostCache, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
+from plora_jax.engine.kv_blocks import BlockAllocator
+from plora_jax.lora import HostCache, KvShare, PagePool, Registry, Residency, SimulatedTransfer, VirtualClock
 from plora_jax.lora.host_cache import HostCopy
 from plora_jax.lora.transfer import DEMAND, DISK, FETCH, HOST
 from plora_jax.policies import Decision
@@ -19,11 +20,22 @@ PAGE_BYTES = 1000
 
 
 def make_core(
-    num_pages=9, slots=4, max_rank=32, page_rows=8, layout="paged", host_budget=10**9, disk_budget=10**9, failure=None
+    num_pages=9,
+    slots=4,
+    max_rank=32,
+    page_rows=8,
+    layout="paged",
+    host_budget=10**9,
+    disk_budget=10**9,
+    failure=None,
+    kv_blocks=0,
 ):
+    """`kv_blocks` > 0: one budget with a KV cache of that many blocks of 400 bytes (a page of
+    1,000 bytes is worth 3)."""
     clock = VirtualClock()
     registry = Registry(tiny(), "float32", max_rank, page_rows, ("q_proj",), layout, num_pages - 1, PAGE_BYTES)
-    pages = PagePool(num_pages, slots + 1, max_rank // page_rows, layout)
+    kv = KvShare(BlockAllocator(kv_blocks), PAGE_BYTES, 400) if kv_blocks else None
+    pages = PagePool(num_pages, slots + 1, max_rank // page_rows, layout, kv)
     # A load takes 1 s plus 1 s per page; a copy already on the host takes half as long.
     transfer = SimulatedTransfer(clock, lambda job, stage: _seconds(job, stage), failure=failure)
     core = Residency(registry, pages, HostCache(host_budget), HostCache(disk_budget), transfer, clock)
@@ -121,7 +133,7 @@ def test_a_placement_evicted_in_flight_is_dropped_and_never_committed():
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["arrive", "finish", "prefetch", "evict", "remove", "readd", "tick", "wait"]),
+        st.sampled_from(["arrive", "finish", "prefetch", "evict", "remove", "readd", "tick", "wait", "reclaim"]),
         st.integers(0, 5),
         st.floats(0.0, 1.0),
     ),
@@ -197,16 +209,21 @@ def test_a_disk_prefetch_dropped_unused_is_wasted():
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=OPS, layout=st.sampled_from(["paged", "contiguous"]), seed=st.integers(0, 3))
-def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, seed):
+@given(
+    ops=OPS, layout=st.sampled_from(["paged", "contiguous"]), seed=st.integers(0, 3), kv_blocks=st.sampled_from([0, 30])
+)
+def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, seed, kv_blocks):
     """No page leaks or is owned twice, pins never go negative or release a pinned adapter,
-    every device job is either committed, dropped as stale or failed, exactly once."""
+    every device job is either committed, dropped as stale or failed, exactly once; with one
+    budget for KV and adapters, no KV block leaks either (reclaims drawn among the rest)."""
     failing = {f"a{seed}"}  # this adapter's transfers fail
 
     def failure(job):
         return RuntimeError("injected") if job.name in failing else None
 
-    core, clock, transfer = make_core(layout=layout, host_budget=3000, disk_budget=4000, failure=failure)
+    core, clock, transfer = make_core(
+        layout=layout, host_budget=3000, disk_budget=4000, failure=failure, kv_blocks=kv_blocks
+    )
     submitted = []
     submit = transfer.submit
     transfer.submit = lambda job: submitted.append(job) or submit(job)
@@ -244,7 +261,12 @@ def test_invariants_under_random_operations_on_the_virtual_clock(ops, layout, se
             collect()
         elif op == "wait":
             collect(block=True)
+        elif op == "reclaim":
+            freed = core.reclaim(int(1 + 20 * value))
+            assert freed == (kv_blocks > 0 and core.pages.kv.blocks.num_free >= int(1 + 20 * value))
         core.check()
+        if kv_blocks:
+            assert core.pages.kv.blocks.num_free + core.pages.kv_blocks_held == kv_blocks - 1
         for n, count in held.items():
             if count:
                 assert core.pages.get(n) is not None and core.pages.get(n).pins >= count, n

@@ -207,6 +207,13 @@ class Residency:
                 self.counters[f"{prefix}prefetch_hits"] += reached
         return tier
 
+    def track_prefetches_from_now(self) -> None:
+        """Count only prefetches issued from now on (a measured window after a warm-up): one
+        issued before is neither used nor wasted inside the window, so precision stays <= 1."""
+        self.prefetched.clear()
+        self.prefetched_host.clear()
+        self.prefetched_disk.clear()
+
     def _settle_prefetches(self) -> None:
         """Count as wasted the host and disk prefetches whose copy left its tier unused (the
         tiers drop copies as they trim; device prefetches are counted as they are evicted)."""

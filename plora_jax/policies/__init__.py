@@ -12,6 +12,7 @@ from .lru import Lru
 from .oracle import CausalOracle, Oracle
 from .predictive import EwmaForecaster, Forecaster, Predictive, PredictorUnavailable, make_forecaster
 from .reactive import Reactive
+from .retention import RETENTION_INTERVALS
 from .slora import Slora, SloraPrefetch
 
 POLICIES = {
@@ -21,13 +22,22 @@ POLICIES = {
 assert tuple(POLICIES) == POLICY_NAMES, "plora_jax.names.POLICY_NAMES lists every policy class, in order"
 
 
-def make_policy(name: str, interval_s: float = 60.0, predictor_checkpoint: str | None = None, **options) -> Policy:
+def make_policy(
+    name: str,
+    interval_s: float = 60.0,
+    predictor_checkpoint: str | None = None,
+    retention_intervals: float = RETENTION_INTERVALS,
+    **options,
+) -> Policy:
     """A policy by name; the oracles need `arrivals=` (the future), which only a benchmark knows.
-    `predictive` forecasts with `make_forecaster(predictor_checkpoint)` unless given `forecaster=`."""
+    `predictive` forecasts with `make_forecaster(predictor_checkpoint)` unless given
+    `forecaster=`, and keeps returning adapters over `retention_intervals` (the others ignore it)."""
     if name not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {name!r}")
-    if name == "predictive" and "forecaster" not in options:
-        options["forecaster"] = make_forecaster(predictor_checkpoint or "", interval_s)
+    if name == "predictive":
+        options.setdefault("retention_intervals", retention_intervals)
+        if "forecaster" not in options:
+            options["forecaster"] = make_forecaster(predictor_checkpoint or "", interval_s)
     return POLICIES[name](interval_s=interval_s, **options)
 
 
@@ -37,21 +47,24 @@ def replay_policy(
     arrivals: list[tuple[float, str]],
     minute_of_day: Callable[[], float],
     predictor_checkpoint: str = "",
+    retention_intervals: float = RETENTION_INTERVALS,
 ) -> Policy:
     """A trace replay's policy `name`. `reactive_sync` is `reactive` with the engine's loads
     synchronous (`adapter_loads`). The oracles are given the replay's `arrivals`; `predictive`
     forecasts with the LSTM (or "ewma"), its time of day read from `minute_of_day()` (the
-    trace's clock, which a replay may compress)."""
+    trace's clock, which a replay may compress), keeping returning adapters over
+    `retention_intervals`."""
     base = "reactive" if name == BASELINE_POLICY else name
     if base in ORACLES:
         return make_policy(base, interval_s, arrivals=arrivals)
     if base == "predictive":
         if predictor_checkpoint == "ewma":
-            return make_policy("predictive", interval_s, forecaster=EwmaForecaster())
-        from ..predictor.forecaster import LstmForecaster  # flax and orbax: only when used
+            forecaster = EwmaForecaster()
+        else:
+            from ..predictor.forecaster import LstmForecaster  # flax and orbax: only when used
 
-        forecaster = LstmForecaster(predictor_checkpoint or None, interval_minutes=1.0, minute_of_day=minute_of_day)
-        return make_policy("predictive", interval_s, forecaster=forecaster)
+            forecaster = LstmForecaster(predictor_checkpoint or None, interval_minutes=1.0, minute_of_day=minute_of_day)
+        return make_policy("predictive", interval_s, forecaster=forecaster, retention_intervals=retention_intervals)
     return make_policy(base, interval_s)
 
 

@@ -24,10 +24,10 @@ Decisions, at each call:
    (`base.fill_tiers`);
 3. eviction priority: wanted adapters 1 + value per byte (normalised), the rest value per byte
    alone, so a prefetch only ever displaces an adapter outside the wanted set. An adapter's
-   value is the larger of its forecast and its retention score (`retention.GapHazard`: the
-   probability, from its own gaps between arrivals, that it returns within
-   `retention_intervals` intervals), so an adapter that returns on a schedule longer than one
-   interval is not evicted for one whose burst has ended.
+   value is its forecast, or, with `retention_intervals` > 0, the chance of a request next
+   interval that its own gaps imply if they expect it back sooner (`retention.GapHazard`), so
+   that an adapter returning on a schedule longer than one interval is not evicted for one
+   whose burst has ended. Off by default: measured, it does not pay (`retention`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 from .base import Decision, Policy, PoolView, fill_tiers
-from .retention import GapHazard
+from .retention import RETENTION_INTERVALS, GapHazard
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,13 @@ class Predictive(Policy):
         stall_intervals: float = 3.0,
         min_stall_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
-        retention_intervals: float = 10.0,
+        retention_intervals: float = RETENTION_INTERVALS,
     ):
         self.forecaster = forecaster if forecaster is not None else EwmaForecaster()
         super().__init__(interval_s)
         # Eviction looks this far ahead for adapters that return (0: the forecast alone); the
         # loop thread alone reads and writes it, as it observes arrivals and decides.
-        self.retention = GapHazard(retention_intervals * interval_s) if retention_intervals > 0 else None
+        self.retention = GapHazard(retention_intervals * interval_s, interval_s) if retention_intervals > 0 else None
         self.hysteresis, self.min_score = hysteresis, min_score
         # A forecast later than this is a stall (never sooner than min_stall_s: the first run compiles).
         self.stall_s = max(stall_intervals * interval_s, min_stall_s)
@@ -243,15 +243,24 @@ class Predictive(Policy):
             reverse=True,
         )
         wanted, host, disk = fill_tiers(queued + forecast, view)
-        keep = self.retention.scores(view.now) if self.retention is not None else {}
-        named = dict.fromkeys([*scores, *keep])  # in a fixed order: a set's would vary between runs
-        value = {n: max(scores.get(n, 0.0), keep.get(n, 0.0)) for n in named if n in sizes}
-        per_byte = {n: v / max(1, sizes[n]) for n, v in value.items()}
+        # Eviction: the sooner of the forecast's next arrival and retention's (its own gaps).
+        returns = self.retention.waits(view.now) if self.retention is not None else {}
+        named = dict.fromkeys([*scores, *returns])  # in a fixed order: a set's would vary between runs
+        soonest = {n: self._soonest(scores.get(n, 0.0), returns.get(n)) for n in named if n in sizes}
+        per_byte = {n: v / max(1, sizes[n]) for n, v in soonest.items()}
         top = max(per_byte.values(), default=0.0) or 1.0
         priority = {n: v / top for n, v in per_byte.items()}
         for n in wanted:
             priority[n] = 1.0 + priority.get(n, 0.0)
         return Decision(device=[n for n in wanted if n not in view.on_device], host=host, disk=disk, priority=priority)
+
+    def _soonest(self, score: float, wait_s: float | None) -> float:
+        """An adapter's value for eviction, as a chance of a request next interval: its forecast
+        `score`, or, if its own gaps expect it back sooner (`wait_s`, retention's), the chance
+        that a Poisson stream with that mean wait brings one."""
+        if wait_s is None:
+            return score
+        return max(score, 1.0 - math.exp(-self.interval_s / max(wait_s, 1e-9)))
 
     def stats(self) -> dict:
         with self._lock:

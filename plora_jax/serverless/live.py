@@ -146,8 +146,16 @@ class _Slot:
         return len(self.pending) + sum(not h.finished for h in self.handles)
 
 
-def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpoint: str = "", seed: int = 0) -> Run:
-    """Run `workload` under `policy` on `fleet` (see the module docstring)."""
+def replay_live(
+    workload: Workload,
+    policy: str,
+    fleet: Fleet,
+    predictor_checkpoint: str = "",
+    seed: int = 0,
+    retention_intervals: float | None = None,
+) -> Run:
+    """Run `workload` under `policy` on `fleet` (see the module docstring); `retention_intervals`:
+    predictive's (None: its default)."""
     if workload.config.warmup_minutes:  # the engines' counters would cover the warm-up too
         raise ValueError(
             f"replay_live: warmup_minutes is {workload.config.warmup_minutes}; a measured window after "
@@ -159,7 +167,7 @@ def replay_live(workload: Workload, policy: str, fleet: Fleet, predictor_checkpo
     slots = [_Slot(e) for e in fleet.warm] + [_Slot() for _ in range(fleet.instances - len(fleet.warm))]
     origin = time.monotonic()  # replay time 0; set again just before the first request
     clock = lambda: time.monotonic() - origin
-    make_policy = lambda: workload_policy(policy, workload, interval, clock, predictor_checkpoint)
+    make_policy = lambda: workload_policy(policy, workload, interval, clock, predictor_checkpoint, retention_intervals)
     rng = np.random.default_rng(seed)
     start_times, start_waits, submitted, steps = [], [], [], []
     counted: list[dict] = []  # counters of every engine that ran, as deltas over this replay

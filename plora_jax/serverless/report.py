@@ -99,7 +99,7 @@ def summarize(records: list[RequestRecord], counters: dict, mem_util: float, ext
         "bytes_disk_to_host": int(counters.get("bytes_disk_to_host", 0)),
         "stall_s": 0.0,
         **metrics.tier_prefetch(counters),
-        **{k: int(counters.get(k, 0)) for k in ("disk_prefetch_issued", "bytes_remote_to_disk")},
+        **{k: int(counters.get(k, 0)) for k in ("disk_prefetch_issued", "bytes_remote_to_disk", "kv_reclaims")},
         # Bytes moved by prefetches that no request used, over every tier.
         "prefetch_wasted_bytes": int(sum(counters.get(f"{p}prefetch_wasted_bytes", 0) for p in metrics.PREFETCH_TIERS)),
     }

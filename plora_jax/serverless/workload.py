@@ -277,11 +277,20 @@ def request_lengths(trace: TraceRequest, max_model_len: int) -> tuple[int, int]:
     return prompt, max(1, min(trace.output_tokens, max_model_len - prompt - 1))
 
 
-def workload_policy(name: str, workload: Workload, interval_s: float, clock, predictor_checkpoint: str = ""):
+def workload_policy(
+    name: str,
+    workload: Workload,
+    interval_s: float,
+    clock,
+    predictor_checkpoint: str = "",
+    retention_intervals: float | None = None,
+):
     """`policies.replay_policy` for `workload`: one policy interval per trace minute, the
-    forecaster's time of day following the trace clock (`clock()`: seconds since the start)."""
+    forecaster's time of day following the trace clock (`clock()`: seconds since the start);
+    `retention_intervals` None: the policy's default."""
     from ..policies import replay_policy
 
     spm = workload.config.seconds_per_minute
     minute = lambda: workload.first_minute + clock() / spm
-    return replay_policy(name, interval_s, workload.arrivals(), minute, predictor_checkpoint)
+    keep = {} if retention_intervals is None else {"retention_intervals": retention_intervals}
+    return replay_policy(name, interval_s, workload.arrivals(), minute, predictor_checkpoint, **keep)

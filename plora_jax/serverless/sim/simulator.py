@@ -10,7 +10,8 @@ same `report.Run` a live replay gives.
 With a warm-up (`WorkloadConfig.warmup_minutes`) the run replays it like any other minutes and
 measures only what follows: the records of requests arriving from `Workload.measured_from_s`
 on, and every counter, byte-second, stall and instance start as its change since then (a snapshot
-of the figures at that moment).
+of the figures at that moment); a prefetch issued in the warm-up counts as neither used nor
+wasted in the window.
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ class Simulator:
                 self.before = {id(core): core.stats() for core in self.cores}
                 self.before |= {id(engine): engine.figures(self.now) for engine in self.engines}
                 self.before[id(self.pool)] = self.instance_figures()
+                for core in self.cores:
+                    core.track_prefetches_from_now()
         return self
 
     def since_measured(self, owner, stats: dict, key: str) -> float:
@@ -267,6 +270,7 @@ def simulate(
         config = replace(config, engine=replace(config.engine, adapter_loads="sync"))
     interval = workload.config.seconds_per_minute
     sim: Simulator | None = None  # the factory runs inside sim.run(), after the assignment below
-    factory = lambda: workload_policy(policy, workload, interval, lambda: sim.now, predictor_checkpoint)
+    keep = config.engine.retention_intervals
+    factory = lambda: workload_policy(policy, workload, interval, lambda: sim.now, predictor_checkpoint, keep)
     sim = Simulator(workload, factory, config, calibration, interval)
     return sim.run().result()
