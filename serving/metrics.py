@@ -42,6 +42,8 @@ def engine_values(stats: dict) -> dict[str, tuple[str, float]]:
     if "adapter_pool_bytes" in stats:
         values |= {
             "plora_adapters_pinned": ("Device adapters in use by running requests", stats.get("adapters_pinned")),
+            "plora_adapter_kv_blocks": ("KV blocks adapters hold (one memory budget)", stats.get("adapter_kv_blocks")),
+            "plora_kv_reclaims": ("Adapters evicted for the KV cache's blocks", stats.get("kv_reclaims")),
             "plora_adapter_pool_utilisation": (
                 "Live adapter bytes at true rank / device bytes reserved for resident adapters",
                 adapter_mem_util(stats.get("adapter_live_bytes", 0), stats.get("adapter_reserved_bytes", 0)),

@@ -89,9 +89,9 @@ CAL = Calibration(
 )
 
 
-def sim_config(num_kv_blocks=1024, max_model_len=4096, memory="unified", **kw):
+def sim_config(num_kv_blocks=1024, max_model_len=4096, memory="unified", max_num_seqs=4, **kw):
     engine = EngineConfig(
-        max_num_seqs=4,
+        max_num_seqs=max_num_seqs,
         max_loras=4,
         lora_pool_pages=3,
         page_rows=8,
@@ -116,6 +116,10 @@ def run(rows, policy, config):
     factory = lambda: workload_policy(policy, w, 100.0, lambda: sim.now)
     sim = Simulator(w, factory, config, CAL, interval_s=100.0)
     sim.run()
+    for engine in sim.engines:  # every KV block is free, a request's, or an adapter's
+        blocks = engine.scheduler.blocks
+        held = sum(len(r.blocks) for r in engine.scheduler.running) + engine.pages.kv_blocks_held
+        assert blocks.num_free + held == blocks.num_blocks - 1
     return sim
 
 
@@ -164,8 +168,19 @@ def test_slora_frees_down_to_the_running_batch_and_loads_synchronously():
 def test_slora_reads_every_adapter_into_host_memory():
     sim = run([(0.0, "A", 4, 1)], "slora", sim_config())
     assert set(sim.engines[0].core.host.copies) == {"A", "B", "C"}
-    # slora_prefetch also loads the adapters of queued requests ahead of their admission
-    assert set(run([(0.0, "A", 4, 1)], "slora_prefetch", sim_config()).engines[0].core.host.copies) == {"A", "B", "C"}
+
+
+def test_slora_prefetch_loads_a_queued_requests_adapter_before_its_admission():
+    # One decode row: B (0.5) queues behind A, which decodes until 9. slora loads B at its
+    # admission, synchronously; slora_prefetch loads it while B waits, so B's admission waits
+    # on nothing and its first token comes 2 s sooner.
+    rows, config = [(0.0, "A", 4, 6), (0.5, "B", 4, 1)], sim_config(max_num_seqs=1)
+    slora, ahead = run(rows, "slora", config), run(rows, "slora_prefetch", config)
+    # slora waits on both loads; slora_prefetch on A's alone (in flight when A is admitted at 0)
+    assert slora.engines[0].gate.sync_waits == 2 and ahead.engines[0].gate.sync_waits == 1
+    assert ahead.counters()["prefetch_issued"] == 2  # A's and B's, each as its request queued
+    b_slora, b_ahead = slora.records()[1], ahead.records()[1]
+    assert b_slora.first_token - b_ahead.first_token == pytest.approx(2.0)
 
 
 def test_the_causal_oracle_never_holds_an_adapter_before_its_first_arrival():
@@ -213,3 +228,40 @@ def test_a_config_names_the_memory_mode_and_the_simulator_needs_a_block_cost():
         EngineConfig(adapter_memory="shared")
     with pytest.raises(ValueError, match="kv_bytes_per_token"):
         Simulator(workload([]), lambda: None, sim_config(), dataclasses.replace(CAL, kv_bytes_per_token=0))
+
+
+def test_a_request_waiting_for_memory_keeps_its_place_in_the_queue():
+    # 7 usable blocks. A's request (20 + 6 tokens: 2 blocks) runs with its adapter (3): 2 free.
+    # B's adapter needs 3: it waits for memory. C (adapter A, resident; 1 block) could run at
+    # once, but would take what B waits for: it waits behind B. When A ends, B goes first.
+    rows = [(0.0, "A", 20, 6), (0.5, "B", 4, 1), (0.6, "A", 4, 1)]
+    sim = run(rows, "lru", sim_config(num_kv_blocks=8, max_model_len=64))
+    a, b, c = sim.records()
+    assert a.finished <= b.first_token < c.first_token
+    # a separate pool has room for B's adapter: B and C run beside A
+    separate = run(rows, "lru", sim_config(num_kv_blocks=8, max_model_len=64, memory="separate")).records()
+    assert separate[1].first_token < a.finished and separate[2].first_token < a.finished
+
+
+def test_the_kv_cache_takes_a_prefetch_in_flight_before_it_preempts_a_request():
+    from plora_jax.engine.adapter_gate import AdapterGate
+    from plora_jax.lora import HostCache, Registry, Residency, SimulatedTransfer, VirtualClock
+    from plora_jax.policies import Decision
+
+    clock = VirtualClock()
+    blocks = BlockAllocator(10)  # 9 usable; a one-page adapter takes 3
+    registry = Registry(None, "float32", 8, 8, ("all",), "paged", 8, PAGE)
+    for name in "ab":
+        registry.insert(registry.entry(name, None, 8, ("all",), 8000))
+    pages = PagePool(9, 5, 1, "paged", KvShare(blocks, PAGE, BLOCK))
+    transfer = SimulatedTransfer(clock, lambda job, stage: 5.0)
+    core = Residency(registry, pages, HostCache(10**9), HostCache(10**9), transfer, clock)
+    gate = AdapterGate(core, clock, lambda: [], lambda name: [])
+    core.apply(Decision(device=["a", "b"]))  # two prefetches in flight: 6 blocks
+    assert core.is_loading("a") and core.is_loading("b") and blocks.num_free == 3
+    assert gate.reclaim(5) and blocks.num_free >= 5 and core.stats()["kv_reclaims"] == 1
+    assert core.counters["prefetch_wasted"] == 1  # the cancelled copy is stale when it lands
+    clock.advance_to(10.0)
+    ready, _ = core.collect()
+    assert len(ready) == 1 and core.stats()["stale_dropped"] == 1
+    pages.check()

@@ -102,11 +102,20 @@ class AdapterGate:
         budget); whether `num_blocks` are free now."""
         return self.core.reclaim(num_blocks)
 
+    def waits_for_memory(self, request: Request) -> bool:
+        """Scheduler callback after `acquire` refused: whether the request's adapter could not be
+        placed for device memory it shares with the KV cache (neither placed nor loading)."""
+        core, name = self.core, request.adapter
+        placed = core.pages.get(name) is not None or core.is_loading(name)
+        return core.pages.kv is not None and name in core.entries and not placed
+
     def release(self, request: Request) -> None:
         """Scheduler callback: unpin the request's adapter."""
         name = request.adapter
-        # Only reactive freeing asks whether a waiting request needs the adapter: skip the queue scan otherwise.
-        wanted = self.core.free_when_unused and any(r.adapter == name and r is not request for r in self.waiting())
+        # Only reactive freeing asks whether a waiting request needs the adapter: skip the queue
+        # scan otherwise. The request itself counts while it is queued: its admission fell
+        # through (no KV blocks) and it will ask again.
+        wanted = self.core.free_when_unused and any(r.adapter == name for r in self.waiting())
         self.core.release(name, wanted)
         request.adapter_slot = 0
 

@@ -131,8 +131,9 @@ class Engine:
         root = cache_root(config.cache_dir)
         blocks = BlockAllocator(config.num_kv_blocks)  # the scheduler's; the adapter pool's too when unified
         lora = LoraManager(self.model_config, config, self.dtype, blocks) if config.max_loras > 0 else None
-        adapter_blocks = lora.pages.kv.blocks_for(lora.max_pages) if lora and lora.pages.kv else 0
-        check_capacity(config.num_kv_blocks, config.block_size, self.max_model_len, adapter_blocks)
+        check_capacity(
+            config.num_kv_blocks, config.block_size, self.max_model_len, lora.pages.max_charge if lora else 0
+        )
         self.base_params = loaded.params
         self._runner = ModelRunner(
             self.model_config,

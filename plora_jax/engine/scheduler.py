@@ -19,6 +19,8 @@ one more token in flight; that result is dropped.
 
 With one device-memory budget for KV and adapters, a request short of blocks first has the
 adapter tiers evict unused adapters for theirs (`reclaim`); only then does it wait or preempt.
+A request whose adapter cannot be placed for lack of that memory waits in arrival order, as one
+waiting for blocks does: a later request would take what it waits for.
 
 When a decode cannot get a block, the most recently admitted running request is preempted by
 recompute: its blocks and slot are freed and it returns to the front of the queue; when it is
@@ -139,6 +141,7 @@ class Scheduler:
         arrive_adapter=None,
         blocks: BlockAllocator | None = None,
         reclaim: Callable[[int], bool] | None = None,
+        waits_for_memory: Callable[[Request], bool] | None = None,
     ):
         self.clock = clock  # the engine's wall clock, or a simulator's virtual one
         # The KV blocks: given when the adapter pool shares their budget, which then holds some.
@@ -146,6 +149,8 @@ class Scheduler:
         if self.blocks.num_blocks != num_kv_blocks:
             raise ValueError(f"the block allocator has {self.blocks.num_blocks} blocks, num_kv_blocks={num_kv_blocks}")
         self._reclaim = reclaim  # reclaim(n): evict unused adapters until n blocks are free; whether they are
+        # waits_for_memory(request): its adapter could not be placed for room it shares with KV
+        self._waits_for_memory = waits_for_memory
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -184,6 +189,7 @@ class Scheduler:
             gate and gate.arrive,
             blocks,
             gate and gate.reclaim,
+            gate and gate.waits_for_memory,
         )
 
     # --- queue --------------------------------------------------------------------------
@@ -293,7 +299,9 @@ class Scheduler:
             ids = req.prefill_ids if not admitting else req.prompt_ids + req.output_ids
             chunk = min(len(ids) - req.num_computed, budget)
             if admitting and req.adapter is not None and not self._acquire_adapter(req):
-                continue  # its adapter is loading (or waits for room): later requests may go first
+                if self._waits_for_memory is not None and self._waits_for_memory(req):
+                    break  # one budget with the KV cache: later requests would take the blocks it waits for
+                continue  # its adapter is loading (or waits for a slot): later requests may go first
             if not self._grow(req, req.num_computed + chunk):
                 if admitting:
                     if req.adapter_slot:

@@ -39,6 +39,13 @@ class Scoring:
         allocator, bs = core.scheduler.blocks, core.config.block_size
         try:
             for ids, adapter in zip(seqs, adapters, strict=True):
+                # The adapter first, pinned: with one budget for KV and adapters, the reclaim
+                # below may then evict only adapters nobody here holds.
+                probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
+                probe.adapter_counted = True  # scoring is not traffic: no hit or cold start counted
+                while adapter is not None and not core.gate.acquire(probe):
+                    _wait_for_adapter(core, adapter)
+                self.probes.append(probe)
                 need = cdiv(len(ids), bs)
                 if need > allocator.num_free and core.gate is not None:
                     core.gate.reclaim(need)  # unused adapters give back their blocks (a unified budget)
@@ -46,11 +53,6 @@ class Scoring:
                     self.tables.append(allocator.allocate(need))
                 except OutOfBlocks as e:
                     raise EngineBusy(f"scoring: the KV cache is busy ({e}); retry when fewer requests run") from None
-                probe = Request("logits", ids, SamplingParams(), 0, frozenset(), len(ids), adapter=adapter)
-                probe.adapter_counted = True  # scoring is not traffic: no hit or cold start counted
-                while adapter is not None and not core.gate.acquire(probe):
-                    _wait_for_adapter(core, adapter)
-                self.probes.append(probe)
         except BaseException:
             self.close()
             raise

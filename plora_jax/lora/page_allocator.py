@@ -157,6 +157,11 @@ class PagePool:
             return 0
         return self.kv.blocks_for(num_pages if self.layout == "paged" else self.max_pages)
 
+    @property
+    def max_charge(self) -> int:
+        """KV blocks the largest adapter takes (0 without a unified budget)."""
+        return self._charge(self.max_pages)
+
     def _room(self) -> tuple[int, int, int]:
         """Free (slots, pages, KV blocks) now."""
         return len(self._free_slots), len(self._free_pages), self.kv.blocks.num_free if self.kv else 0

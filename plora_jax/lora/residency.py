@@ -285,12 +285,24 @@ class Residency:
             self._evict(name)
 
     def reclaim(self, num_blocks: int) -> bool:
-        """Evict unpinned adapters until `num_blocks` KV blocks are free (`PagePool.reclaim`);
-        whether they are. Without a unified budget adapters hold no blocks: False."""
+        """Evict unpinned adapters until `num_blocks` KV blocks are free (`PagePool.reclaim`),
+        device prefetches still loading too if idle adapters are not enough; whether they are.
+        Without a unified budget adapters hold no blocks: False."""
         if self.pages.kv is None:
             return False
         self._tick()
-        for name in self.pages.reclaim(num_blocks):
+        evicted = self.pages.reclaim(num_blocks)
+        if not evicted and self.pages.kv.blocks.num_free < num_blocks:
+            # Not enough from idle adapters: speculative loads in flight may go too (a copy still
+            # landing is then stale and dropped), rather than a running request being preempted.
+            prefetching = [n for n, job in self.loading.items() if job.kind == PREFETCH]
+            for name in prefetching:
+                self.pages.unpin(name)  # the load's own pin
+            evicted = self.pages.reclaim(num_blocks)
+            for name in prefetching:
+                if name not in evicted:
+                    self.pages.pin(name)
+        for name in evicted:
             self.counters["kv_reclaims"] += 1
             self._evicted(name)
         return self.pages.kv.blocks.num_free >= num_blocks

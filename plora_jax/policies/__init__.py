@@ -71,8 +71,11 @@ def replay_policy(
 def adapter_loads(name: str) -> str:
     """How a replay's engine loads adapters under policy `name`: "sync" for `reactive_sync` and
     the policies whose `sync_loads` is set (S-LoRA's), else "async"."""
-    base = "reactive" if name == BASELINE_POLICY else name
-    return "sync" if name == BASELINE_POLICY or POLICIES[base].sync_loads else "async"
+    if name == BASELINE_POLICY:
+        return "sync"
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {name!r}")
+    return "sync" if POLICIES[name].sync_loads else "async"
 
 
 __all__ = [

@@ -18,7 +18,7 @@ fewer than `MIN_GAPS` gaps there is no distribution yet. This is the residual-li
 idle-time histogram Shahrad et al. (ATC'20) keep per function. `Predictive` ranks eviction by
 the sooner of this wait and the one its forecast implies.
 
-Measured (docs/serverless.md, "Retention"), it does not pay on the Azure trace: the adapters
+Measured (the retention paragraph of docs/serverless.md), it does not pay on the Azure trace: the adapters
 predictive misses return after gaps too irregular for their own few gaps to time, so it is off
 by default (`RETENTION_INTERVALS` 0).
 

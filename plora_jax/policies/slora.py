@@ -3,8 +3,8 @@ claims are taken against.
 
 S-LoRA reads every adapter into host memory when it starts, so a cold start is one copy from
 host to device. An adapter is placed when a request needing it is admitted, and the whole
-batch waits for that copy (synchronous loads). Its memory is freed as soon as no running
-request uses it; S-LoRA's one memory pool then gives it to the KV cache. `slora_prefetch` is
+batch waits for that copy (synchronous loads). Its memory is freed as soon as no running or
+waiting request uses it; S-LoRA's one memory pool then gives it to the KV cache. `slora_prefetch` is
 its `--prefetch`: the adapters of the requests waiting in the queue load ahead of their
 admission, while demand loads stay synchronous.
 

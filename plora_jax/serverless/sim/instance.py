@@ -42,9 +42,9 @@ class SimInstance:
                 entry.source = f"store://{name}"  # fetched into this instance's node cache on first use
             registry.insert(entry)
         blocks = BlockAllocator(c.num_kv_blocks)  # the scheduler's; the adapter pool's too when unified
-        kv = KvShare(blocks, sim.page_bytes, c.block_size * cal.kv_bytes_per_token)
+        kv = KvShare(blocks, sim.page_bytes, sim.kv_block_bytes) if sim.unified else None
         max_pages = cdiv(c.max_lora_rank, c.page_rows)
-        self.pages = PagePool(sim.config.pool_pages, c.max_loras + 1, max_pages, c.layout, kv if sim.unified else None)
+        self.pages = PagePool(sim.config.pool_pages, c.max_loras + 1, max_pages, c.layout, kv)
         self.transfer = SimulatedTransfer(self.clock, self._transfer_s)
         host = HostCache(sim.config.host_cache_bytes)
         if sim.config.adapters_on_host:

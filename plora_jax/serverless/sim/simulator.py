@@ -111,9 +111,9 @@ class Simulator:
             raise ValueError('adapter_memory="unified" needs calibration.kv_bytes_per_token > 0 (a KV block\'s cost)')
         self.buckets = Buckets.build(config.engine, config.engine.max_model_len, 0)  # the compiled step sizes
         e = config.engine
+        self.kv_block_bytes = e.block_size * calibration.kv_bytes_per_token
         max_pages = cdiv(e.max_lora_rank, e.page_rows)
-        block_bytes = e.block_size * calibration.kv_bytes_per_token
-        adapter_blocks = kv_blocks_for(max_pages, self.page_bytes, block_bytes) if self.unified else 0
+        adapter_blocks = kv_blocks_for(max_pages, self.page_bytes, self.kv_block_bytes) if self.unified else 0
         check_capacity(e.num_kv_blocks, e.block_size, e.max_model_len, adapter_blocks)
         self.cores: list[Residency] = []  # every instance's residency core, stopped ones included
         self.engines: list[SimInstance] = []  # every instance, stopped ones included
