@@ -421,6 +421,12 @@ def test_one_memory_budget_an_unused_adapter_gives_its_blocks_to_the_kv_cache(tm
         stats = engine.stats()
         assert stats["kv_reclaims"] == 1 and stats["adapter_kv_blocks"] == 0 and residency(engine, "a") != "device"
         assert engine.generate([PROMPT], GREEDY, adapters=["a"])[0].token_ids == first.token_ids
+        # S-LoRA's policy makes the engine's loads synchronous whatever adapter_loads says
+        assert not engine.core.gate.sync
+        engine.set_policy("slora")
+        assert engine.core.gate.sync
+        assert engine.generate([PROMPT], GREEDY, adapters=["a"])[0].token_ids == first.token_ids
+        assert engine.stats()["adapter_kv_blocks"] == 0  # freed once unused
     finally:
         engine.close()
     with pytest.raises(ValueError, match="beside its adapter's 8"):

@@ -7,12 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 from test_policies import view
+from test_replay import CAL as HAND_COSTS
 
 from plora_jax.config import EngineConfig
 from plora_jax.engine.kv_blocks import BlockAllocator, check_capacity
 from plora_jax.lora import KvShare, PagePool
 from plora_jax.policies import POLICIES, CausalOracle, Oracle, adapter_loads
-from plora_jax.serverless.sim import Calibration, SimConfig, Simulator, simulate
+from plora_jax.serverless.sim import SimConfig, Simulator, simulate
 from plora_jax.serverless.workload import TraceRequest, Workload, WorkloadConfig, workload_policy
 
 # An adapter page is 1,000 bytes and a KV block 400 (16 tokens of 25 bytes): a one-page
@@ -73,20 +74,9 @@ def test_check_capacity_counts_the_adapter_beside_the_longest_sequence():
 
 
 # --- the simulator on one budget -----------------------------------------------------------
-# Three adapters of rank 8 (one page of 1,000 bytes, 3 KV blocks); a step takes 1 s, a load 2 s.
-CAL = Calibration(
-    step_base_s=1.0,
-    decode_base_s=0.0,
-    decode_row_s=0.0,
-    prefill_base_s=0.0,
-    prefill_token_s=0.0,
-    load_base_s=2.0,
-    h2d_bytes_per_s=1e30,
-    disk_bytes_per_s=0.0,
-    instance_start_s=5.0,
-    bytes_per_rank=125,
-    kv_bytes_per_token=25,
-)
+# test_replay's hand-made costs (three adapters of rank 8, one page of 1,000 bytes; a step 1 s,
+# a load 2 s) and a KV token of 25 bytes: a block of 16 tokens is 400 bytes, a page 3 blocks.
+CAL = dataclasses.replace(HAND_COSTS, kv_bytes_per_token=25)
 
 
 def sim_config(num_kv_blocks=1024, max_model_len=4096, memory="unified", max_num_seqs=4, **kw):
