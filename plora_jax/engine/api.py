@@ -155,7 +155,7 @@ class Engine:
             lora is not None,
             lambda: self.core.snapshot.adapters,
         )
-        policy = make_policy(*self._policy_settings(config.policy)) if lora else None
+        policy = self._make_policy(config.policy) if lora else None
         self.core = EngineCore(config, self._runner, self._inputs, lora, policy, blocks)
         self._warmer: threading.Thread | None = None
         self._closed = False
@@ -456,17 +456,22 @@ class Engine:
             raise ValueError("this engine serves no adapters (max_loras=0)")
         return self.core.lora
 
-    def _policy_settings(self, name: str) -> tuple:
-        """`make_policy`'s arguments for the policy `name` under this engine's config."""
+    def _make_policy(self, name: str) -> Policy:
+        """The policy `name` under this engine's config."""
         c = self.config
-        return name, c.policy_interval_s, c.predictor_checkpoint, c.retention_intervals
+        return make_policy(
+            name,
+            interval_s=c.policy_interval_s,
+            predictor_checkpoint=c.predictor_checkpoint,
+            retention_intervals=c.retention_intervals,
+        )
 
     def set_policy(self, policy: Policy | str) -> None:
         """Replace the residency policy (a name from `plora_jax.policies.POLICIES`, or a policy
         object such as `Oracle(arrivals)`); the old one is closed."""
         self._lora()
         if isinstance(policy, str):
-            policy = make_policy(*self._policy_settings(policy))
+            policy = self._make_policy(policy)
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a policy name or a plora_jax.policies.Policy, got {type(policy)}")
         self.core.call(lambda: self.core.adopt_policy(policy))

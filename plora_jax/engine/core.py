@@ -166,6 +166,8 @@ class EngineCore:
         self.busy_since: float | None = None  # time.monotonic() the current iteration or call began
         self.scoring: set = set()  # open scoring sessions (scoring.Scoring): they pin adapters across calls
         self._counters = _Counters()
+        itemsize = np.dtype(runner.dtype).itemsize  # a KV block's bytes: constant, published with the stats
+        self._kv_block_bytes = runner.model_config.kv_block_bytes(config.block_size, itemsize)
         self._created = time.perf_counter()
         compile_stats.install()
         if lora is not None:
@@ -557,7 +559,6 @@ class EngineCore:
 
     def _publish_snapshot(self) -> None:
         s, c = self.scheduler, self._counters
-        itemsize = np.dtype(self.runner.dtype).itemsize
         loop_compiles = compile_stats.compiles_on_thread(self._owner)
         stats = {
             "loop_compiles": loop_compiles,
@@ -567,7 +568,7 @@ class EngineCore:
             "waiting": len(s.waiting),
             "kv_blocks_used": s.blocks.num_used,
             "kv_blocks_total": s.blocks.num_blocks - 1,
-            "kv_block_bytes": self.runner.model_config.kv_block_bytes(s.block_size, itemsize),
+            "kv_block_bytes": self._kv_block_bytes,
             "num_preemptions": s.num_preemptions,
             "steps": c.steps,
             "decode_steps": c.decode_steps,

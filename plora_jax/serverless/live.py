@@ -32,6 +32,7 @@ from ..lora.node_cache import is_remote
 from ..lora.peft import save_random_adapter
 from ..metrics import ADAPTER_COUNTERS, TRANSFER_SOURCES, adapter_mem_util
 from ..policies import adapter_loads
+from ..policies.retention import RETENTION_INTERVALS
 from .instances import InstanceLoad, keep_alive_expired, pick_instance
 from .report import RequestRecord, Run, summarize
 from .sim import Calibration
@@ -152,10 +153,10 @@ def replay_live(
     fleet: Fleet,
     predictor_checkpoint: str = "",
     seed: int = 0,
-    retention_intervals: float | None = None,
+    retention_intervals: float = RETENTION_INTERVALS,
 ) -> Run:
     """Run `workload` under `policy` on `fleet` (see the module docstring); `retention_intervals`:
-    predictive's (None: its default)."""
+    predictive's."""
     if workload.config.warmup_minutes:  # the engines' counters would cover the warm-up too
         raise ValueError(
             f"replay_live: warmup_minutes is {workload.config.warmup_minutes}; a measured window after "

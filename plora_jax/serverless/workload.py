@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plora_jax.policies.retention import RETENTION_INTERVALS
 from plora_jax.predictor.traces import Trace, TraceError, read_trace, sample_popularity
 
 ARRIVALS = ("poisson", "uniform")
@@ -283,14 +284,12 @@ def workload_policy(
     interval_s: float,
     clock,
     predictor_checkpoint: str = "",
-    retention_intervals: float | None = None,
+    retention_intervals: float = RETENTION_INTERVALS,
 ):
     """`policies.replay_policy` for `workload`: one policy interval per trace minute, the
-    forecaster's time of day following the trace clock (`clock()`: seconds since the start);
-    `retention_intervals` None: the policy's default."""
+    forecaster's time of day following the trace clock (`clock()`: seconds since the start)."""
     from ..policies import replay_policy
 
     spm = workload.config.seconds_per_minute
     minute = lambda: workload.first_minute + clock() / spm
-    keep = {} if retention_intervals is None else {"retention_intervals": retention_intervals}
-    return replay_policy(name, interval_s, workload.arrivals(), minute, predictor_checkpoint, **keep)
+    return replay_policy(name, interval_s, workload.arrivals(), minute, predictor_checkpoint, retention_intervals)
